@@ -1,0 +1,64 @@
+//! Errors of the store crate. Every variant names the object that failed.
+
+use std::path::PathBuf;
+
+use crate::ChunkId;
+
+/// Result alias for store operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the store.
+///
+/// Corruption (`Corrupt*`) is kept apart from I/O (`Io`): a corrupt object
+/// will never read correctly again, an I/O error may be transient.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("{path}: {op} failed: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("chunk {id} is missing from the store")]
+    ChunkMissing { id: ChunkId },
+    #[error("chunk {id} is corrupt: {reason}")]
+    CorruptChunk { id: ChunkId, reason: String },
+    #[error("{path} is corrupt: {reason}")]
+    CorruptFile { path: PathBuf, reason: String },
+    #[error("{path} is not a blockvault store (no {marker})")]
+    NotAStore { path: PathBuf, marker: &'static str },
+    #[error("{path} already holds a blockvault store")]
+    AlreadyExists { path: PathBuf },
+    #[error("{path}: store format version {found} is not supported (this build reads {supported})")]
+    UnsupportedVersion {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error("backup {id} already exists in the store")]
+    BackupExists { id: u64 },
+    #[error("backup {id} is not in the store")]
+    BackupMissing { id: u64 },
+    #[error("invalid setting {key}: {reason}")]
+    InvalidSetting { key: &'static str, reason: String },
+    #[error("writer is poisoned by an earlier failed write; refusing further writes")]
+    Poisoned,
+}
+
+impl Error {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// True when the error means the stored data is damaged (as opposed to an
+    /// I/O failure or a missing object).
+    pub fn is_corruption(&self) -> bool {
+        matches!(self, Error::CorruptChunk { .. } | Error::CorruptFile { .. })
+    }
+}

@@ -1,0 +1,143 @@
+//! On-disk formats of the store.
+//!
+//! ==========================  DO NOT MODIFY  ==========================
+//! Every constant and layout in this file is part of the store format.
+//! Stores written by every released version must stay readable: a change
+//! here needs a new format version and a reader for the old one.
+//! ======================================================================
+//!
+//! All integers are little-endian.
+//!
+//! Chunk object (`chunks/<first 4 hex digits>/<64 hex digits>`):
+//!
+//! | bytes  | field                                         |
+//! |--------|-----------------------------------------------|
+//! | 0..4   | magic `BVCK`                                  |
+//! | 4      | chunk format version (1)                      |
+//! | 5      | codec: 0 = stored raw, 1 = zstd               |
+//! | 6..8   | reserved, zero                                |
+//! | 8..12  | plaintext length (u32)                        |
+//! | 12..16 | payload length (u32)                          |
+//! | 16..20 | crc32 (IEEE) of the payload                   |
+//! | 20..24 | crc32 (IEEE) of bytes 0..20                   |
+//! | 24..   | payload                                       |
+//!
+//! The chunk id is the blake3 hash of the plaintext, so a reader checks the
+//! header crc, then the payload crc (before decompressing untrusted bytes),
+//! then decompresses and checks the length and the hash.
+//!
+//! Block map (`backups/<id>.blockmap`):
+//!
+//! | bytes          | field                                        |
+//! |----------------|----------------------------------------------|
+//! | 0..8           | magic `BVBLKMAP`                             |
+//! | 8..12          | block map format version (1)                 |
+//! | 12..16         | block size in bytes (u32, power of two)      |
+//! | 16..24         | image size in bytes (u64)                    |
+//! | 24..32         | block count (u64) = ceil(image size / block) |
+//! | 32..32+32n     | one 32-byte chunk id per block; 32 zero bytes mean an all-zero block |
+//! | last 32 bytes  | blake3 of every byte before it               |
+//!
+//! The last block may be shorter than the block size; its chunk then holds
+//! only the bytes inside the image.
+
+use crate::error::{Error, Result};
+use crate::ChunkId;
+
+/// Magic of a chunk object.
+pub const CHUNK_MAGIC: [u8; 4] = *b"BVCK";
+/// Version of the chunk object layout.
+pub const CHUNK_VERSION: u8 = 1;
+/// Size of the chunk header.
+pub const CHUNK_HEADER_LEN: usize = 24;
+/// Codec byte: payload is the plaintext.
+pub const CODEC_RAW: u8 = 0;
+/// Codec byte: payload is one zstd frame.
+pub const CODEC_ZSTD: u8 = 1;
+
+/// Magic of a block map.
+pub const BLOCKMAP_MAGIC: [u8; 8] = *b"BVBLKMAP";
+/// Version of the block map layout.
+pub const BLOCKMAP_VERSION: u32 = 1;
+/// Size of the block map header.
+pub const BLOCKMAP_HEADER_LEN: usize = 32;
+
+/// Version of the manifest JSON document.
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// Version of the store layout (`blockvault-store.json`).
+pub const STORE_VERSION: u32 = 1;
+/// Name of the file that marks a directory as a store.
+pub const STORE_MARKER: &str = "blockvault-store.json";
+
+/// Smallest and largest allowed block sizes.
+pub const MIN_BLOCK_SIZE: u32 = 64 * 1024;
+pub const MAX_BLOCK_SIZE: u32 = 4 * 1024 * 1024;
+/// Default block size.
+pub const DEFAULT_BLOCK_SIZE: u32 = 4 * 1024 * 1024;
+
+/// Parsed chunk header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkHeader {
+    pub codec: u8,
+    pub plain_len: u32,
+    pub payload_len: u32,
+    pub payload_crc: u32,
+}
+
+impl ChunkHeader {
+    pub fn encode(&self) -> [u8; CHUNK_HEADER_LEN] {
+        let mut h = [0u8; CHUNK_HEADER_LEN];
+        h[0..4].copy_from_slice(&CHUNK_MAGIC);
+        h[4] = CHUNK_VERSION;
+        h[5] = self.codec;
+        h[8..12].copy_from_slice(&self.plain_len.to_le_bytes());
+        h[12..16].copy_from_slice(&self.payload_len.to_le_bytes());
+        h[16..20].copy_from_slice(&self.payload_crc.to_le_bytes());
+        let hcrc = crc32fast::hash(&h[0..20]);
+        h[20..24].copy_from_slice(&hcrc.to_le_bytes());
+        h
+    }
+
+    /// Parses and checks a header; `id` only names the chunk in errors.
+    pub fn decode(id: &ChunkId, h: &[u8]) -> Result<Self> {
+        let corrupt = |reason: String| Error::CorruptChunk { id: *id, reason };
+        if h.len() < CHUNK_HEADER_LEN {
+            return Err(corrupt(format!("truncated: {} bytes, header needs {CHUNK_HEADER_LEN}", h.len())));
+        }
+        if h[0..4] != CHUNK_MAGIC {
+            return Err(corrupt("bad magic".into()));
+        }
+        let hcrc = u32::from_le_bytes(h[20..24].try_into().unwrap());
+        if crc32fast::hash(&h[0..20]) != hcrc {
+            return Err(corrupt("header checksum mismatch".into()));
+        }
+        if h[4] != CHUNK_VERSION {
+            return Err(corrupt(format!("unsupported chunk version {}", h[4])));
+        }
+        let codec = h[5];
+        if codec != CODEC_RAW && codec != CODEC_ZSTD {
+            return Err(corrupt(format!("unknown codec {codec}")));
+        }
+        Ok(ChunkHeader {
+            codec,
+            plain_len: u32::from_le_bytes(h[8..12].try_into().unwrap()),
+            payload_len: u32::from_le_bytes(h[12..16].try_into().unwrap()),
+            payload_crc: u32::from_le_bytes(h[16..20].try_into().unwrap()),
+        })
+    }
+}
+
+/// Checks that a block size is allowed.
+///
+/// # Errors
+/// `InvalidSetting` naming `block-size` when it is not a power of two in 64 KiB..=4 MiB.
+pub fn check_block_size(bs: u32) -> Result<()> {
+    if !bs.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&bs) {
+        return Err(Error::InvalidSetting {
+            key: "block-size",
+            reason: format!("{bs} is not a power of two between 64 KiB and 4 MiB"),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,58 @@
+//! The manifest: the self-describing record of one backup in the store.
+
+use serde::{Deserialize, Serialize};
+
+use crate::BackupId;
+
+/// Counters of one backup run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BackupStats {
+    /// Bytes read from the source.
+    pub read_bytes: u64,
+    /// Blocks read and hashed.
+    pub read_blocks: u64,
+    /// Blocks found to be all zeros (read, or known as holes or discards).
+    pub zero_blocks: u64,
+    /// Blocks taken from the parent block map without reading.
+    pub inherited_blocks: u64,
+    /// Blocks read whose chunk the store already had.
+    pub dedup_blocks: u64,
+    /// Chunks this backup added to the store.
+    pub new_chunks: u64,
+    /// Stored (compressed, framed) bytes of the new chunks.
+    pub new_bytes: u64,
+    /// Plaintext bytes of the new chunks.
+    pub new_plain_bytes: u64,
+    /// True when the backup read every allocated extent instead of a diff.
+    pub full_read: bool,
+    /// Wall time of the backup in milliseconds.
+    pub duration_ms: u64,
+}
+
+/// One backup as the store knows it. Written as JSON after the block map;
+/// its presence means the backup is complete and every chunk it references
+/// is durable.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Manifest format version (`format::MANIFEST_VERSION`).
+    pub format: u32,
+    pub id: BackupId,
+    pub image: String,
+    /// The source as configured, e.g. `file:/srv/disk.img` or `rbd:pool/img`.
+    pub source: String,
+    /// RFC 3339 UTC time when the backup started.
+    pub created: String,
+    /// RFC 3339 UTC time when the backup's data was complete.
+    pub finished: String,
+    pub parent: Option<BackupId>,
+    pub image_size: u64,
+    pub block_size: u32,
+    /// blake3 of the encoded block map file, hex.
+    pub blockmap_blake3: String,
+    /// Name of the RBD snapshot the backup was read from, if any.
+    #[serde(default)]
+    pub snapshot: Option<String>,
+    #[serde(default)]
+    pub stats: BackupStats,
+}

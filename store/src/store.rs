@@ -1,0 +1,521 @@
+//! The local directory store.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use rustix::fs::FlockOperation;
+use serde::{Deserialize, Serialize};
+
+use crate::blockmap::BlockMap;
+use crate::chunk::{self, EncodedChunk};
+use crate::error::{Error, Result};
+use crate::format::{self, STORE_MARKER, STORE_VERSION};
+use crate::manifest::Manifest;
+use crate::{BackupId, ChunkId};
+
+/// The store's own record of its format and settings (`blockvault-store.json`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoreMeta {
+    pub format: u32,
+    /// Random id; the catalog records it to catch a catalog paired with the wrong store.
+    pub uuid: String,
+    pub created: String,
+    /// Hash of chunk plaintexts.
+    pub hash: String,
+    /// Codec of chunk payloads.
+    pub codec: String,
+    /// Block size given to images that do not set their own.
+    pub default_block_size: u32,
+}
+
+/// Options for [`Store::init`].
+#[derive(Clone, Debug)]
+pub struct InitOptions {
+    pub default_block_size: u32,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions { default_block_size: format::DEFAULT_BLOCK_SIZE }
+    }
+}
+
+/// A content-addressed chunk store with the block maps and manifests of
+/// every backup, in one directory.
+pub struct Store {
+    root: PathBuf,
+    meta: StoreMeta,
+    /// Chunk directories that received a rename since the last `sync`.
+    dirty_dirs: Mutex<HashSet<PathBuf>>,
+    tmp_seq: AtomicU64,
+    poisoned: AtomicBool,
+}
+
+/// A held lock; released on drop.
+#[derive(Debug)]
+pub struct StoreLock {
+    _file: File,
+}
+
+fn fsync_dir(path: &Path) -> Result<()> {
+    let d = File::open(path).map_err(|e| Error::io("open directory", path, e))?;
+    d.sync_all().map_err(|e| Error::io("fsync directory", path, e))
+}
+
+/// Writes `bytes` to `path` atomically and durably: a temp file beside it,
+/// fsync, rename, fsync of the directory.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().expect("path has a parent");
+    let tmp = dir.join(format!(
+        ".{}.tmp.{}",
+        path.file_name().unwrap().to_string_lossy(),
+        std::process::id()
+    ));
+    let mut f = File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
+    f.write_all(bytes).map_err(|e| Error::io("write", &tmp, e))?;
+    f.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
+    drop(f);
+    fs::rename(&tmp, path).map_err(|e| Error::io("rename", path, e))?;
+    fsync_dir(dir)
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>> {
+    fs::read(path).map_err(|e| Error::io("read", path, e))
+}
+
+impl Store {
+    /// Creates a new, empty store at `path` (the directory may exist if empty).
+    ///
+    /// # Errors
+    /// `AlreadyExists` when `path` already holds a store; `Io` when it cannot be created.
+    pub fn init(path: &Path, opts: &InitOptions) -> Result<Store> {
+        format::check_block_size(opts.default_block_size)?;
+        if path.join(STORE_MARKER).exists() {
+            return Err(Error::AlreadyExists { path: path.to_path_buf() });
+        }
+        fs::create_dir_all(path).map_err(|e| Error::io("create directory", path, e))?;
+        for sub in ["chunks", "backups", "tmp", "locks"] {
+            let p = path.join(sub);
+            fs::create_dir_all(&p).map_err(|e| Error::io("create directory", &p, e))?;
+        }
+        let uuid = format!("{:032x}", rand::random::<u128>());
+        let meta = StoreMeta {
+            format: STORE_VERSION,
+            uuid,
+            created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            hash: "blake3".into(),
+            codec: "zstd".into(),
+            default_block_size: opts.default_block_size,
+        };
+        let json = serde_json::to_vec_pretty(&meta).expect("meta serialises");
+        write_atomic(&path.join(STORE_MARKER), &json)?;
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fsync_dir(parent)?;
+        }
+        Store::open(path)
+    }
+
+    /// Opens an existing store.
+    ///
+    /// # Errors
+    /// `NotAStore` when the marker file is missing, `UnsupportedVersion` for a newer format.
+    pub fn open(path: &Path) -> Result<Store> {
+        let marker = path.join(STORE_MARKER);
+        let bytes = match fs::read(&marker) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Err(Error::NotAStore { path: path.to_path_buf(), marker: STORE_MARKER })
+            }
+            Err(e) => return Err(Error::io("read", &marker, e)),
+        };
+        let meta: StoreMeta = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::CorruptFile { path: marker.clone(), reason: e.to_string() })?;
+        if meta.format != STORE_VERSION {
+            return Err(Error::UnsupportedVersion { path: marker, found: meta.format, supported: STORE_VERSION });
+        }
+        Ok(Store {
+            root: path.to_path_buf(),
+            meta,
+            dirty_dirs: Mutex::new(HashSet::new()),
+            tmp_seq: AtomicU64::new(0),
+            poisoned: AtomicBool::new(false),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn meta(&self) -> &StoreMeta {
+        &self.meta
+    }
+
+    // ---- locks -------------------------------------------------------
+
+    fn lock_file(&self, name: &str, op: FlockOperation) -> Result<Option<StoreLock>> {
+        let path = self.root.join("locks").join(name);
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io("open lock", &path, e))?;
+        match rustix::fs::flock(f.as_fd(), op) {
+            Ok(()) => Ok(Some(StoreLock { _file: f })),
+            Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+            Err(e) => Err(Error::io("lock", &path, e.into())),
+        }
+    }
+
+    /// The store lock, shared: held by every backup, prune and restore.
+    /// GC takes it exclusive for its sweep (see the crate docs).
+    ///
+    /// # Errors
+    /// `Io` when the lock file cannot be opened.
+    pub fn lock_shared(&self) -> Result<StoreLock> {
+        Ok(self.lock_file("store.lock", FlockOperation::LockShared)?.expect("blocking lock"))
+    }
+
+    /// The store lock, exclusive (blocking).
+    ///
+    /// # Errors
+    /// `Io` when the lock file cannot be opened.
+    pub fn lock_exclusive(&self) -> Result<StoreLock> {
+        Ok(self.lock_file("store.lock", FlockOperation::LockExclusive)?.expect("blocking lock"))
+    }
+
+    /// The store lock, exclusive, without waiting: `None` when anyone holds it.
+    ///
+    /// # Errors
+    /// `Io` when the lock file cannot be opened.
+    pub fn try_lock_exclusive(&self) -> Result<Option<StoreLock>> {
+        self.lock_file("store.lock", FlockOperation::NonBlockingLockExclusive)
+    }
+
+    /// A named exclusive lock (e.g. one per image), without waiting:
+    /// `None` when another process holds it. `name` must be a safe file name.
+    ///
+    /// # Errors
+    /// `Io` when the lock file cannot be opened.
+    pub fn try_lock_named(&self, name: &str) -> Result<Option<StoreLock>> {
+        debug_assert!(!name.contains('/'));
+        self.lock_file(&format!("{name}.lock"), FlockOperation::NonBlockingLockExclusive)
+    }
+
+    /// Removes temp files left by crashed writers. Only safe while no other
+    /// writer runs, so it takes the store lock exclusive without waiting and
+    /// does nothing when it cannot.
+    ///
+    /// # Errors
+    /// `Io` when a temp file cannot be removed.
+    pub fn clean_tmp(&self) -> Result<usize> {
+        let Some(_guard) = self.try_lock_exclusive()? else { return Ok(0) };
+        let dir = self.root.join("tmp");
+        let mut n = 0;
+        for e in fs::read_dir(&dir).map_err(|e| Error::io("read directory", &dir, e))? {
+            let e = e.map_err(|e| Error::io("read directory", &dir, e))?;
+            fs::remove_file(e.path()).map_err(|err| Error::io("remove", e.path(), err))?;
+            n += 1;
+        }
+        let bdir = self.root.join("backups");
+        for e in fs::read_dir(&bdir).map_err(|e| Error::io("read directory", &bdir, e))? {
+            let e = e.map_err(|e| Error::io("read directory", &bdir, e))?;
+            if e.file_name().to_string_lossy().starts_with('.') {
+                fs::remove_file(e.path()).map_err(|err| Error::io("remove", e.path(), err))?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    // ---- chunks ------------------------------------------------------
+
+    /// Path of a chunk object: `chunks/<4 hex>/<64 hex>`.
+    pub fn chunk_path(&self, id: &ChunkId) -> PathBuf {
+        let h = id.to_hex();
+        self.root.join("chunks").join(&h[..4]).join(h)
+    }
+
+    /// True when the store holds the chunk.
+    ///
+    /// # Errors
+    /// `Io` on anything but "not found".
+    pub fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
+        let p = self.chunk_path(id);
+        match fs::symlink_metadata(&p) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io("stat", &p, e)),
+        }
+    }
+
+    /// Stores a chunk durably unless the store already has it; an existing
+    /// chunk is never rewritten. Returns true when it was written.
+    /// The chunk's directory entry is made durable by the next [`Store::sync`].
+    ///
+    /// After a failed write the store refuses further writes (it is poisoned):
+    /// a half-done write must not be followed by a commit.
+    ///
+    /// # Errors
+    /// `Io` on a failed write, fsync or rename; `Poisoned` after one.
+    pub fn put_chunk(&self, chunk: &EncodedChunk) -> Result<bool> {
+        if self.poisoned.load(Ordering::Relaxed) {
+            return Err(Error::Poisoned);
+        }
+        let res = self.put_chunk_inner(chunk);
+        if res.is_err() {
+            self.poisoned.store(true, Ordering::Relaxed);
+        }
+        res
+    }
+
+    fn put_chunk_inner(&self, chunk: &EncodedChunk) -> Result<bool> {
+        let dest = self.chunk_path(&chunk.id);
+        if self.has_chunk(&chunk.id)? {
+            return Ok(false);
+        }
+        let dir = dest.parent().unwrap();
+        if !dir.exists() {
+            match fs::create_dir(dir) {
+                Ok(()) => {
+                    // the new shard directory itself must survive a crash
+                    fsync_dir(&self.root.join("chunks"))?;
+                }
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::io("create directory", dir, e)),
+            }
+        }
+        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.root.join("tmp").join(format!("{}-{}-{}", std::process::id(), seq, chunk.id));
+        let mut f = File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
+        f.write_all(&chunk.bytes).map_err(|e| Error::io("write", &tmp, e))?;
+        f.sync_data().map_err(|e| Error::io("fsync", &tmp, e))?;
+        drop(f);
+        fs::rename(&tmp, &dest).map_err(|e| Error::io("rename", &dest, e))?;
+        self.dirty_dirs.lock().unwrap().insert(dir.to_path_buf());
+        Ok(true)
+    }
+
+    /// Makes every chunk written since the last call durable (fsyncs the
+    /// directories that received them).
+    ///
+    /// # Errors
+    /// `Io` when a directory fsync fails; the store is then poisoned.
+    pub fn sync(&self) -> Result<()> {
+        if self.poisoned.load(Ordering::Relaxed) {
+            return Err(Error::Poisoned);
+        }
+        let dirs: Vec<PathBuf> = self.dirty_dirs.lock().unwrap().drain().collect();
+        for d in dirs {
+            if let Err(e) = fsync_dir(&d) {
+                self.poisoned.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a chunk's stored bytes (header and payload), unverified.
+    ///
+    /// # Errors
+    /// `ChunkMissing` when absent, `Io` otherwise.
+    pub fn read_chunk_raw(&self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
+        let p = self.chunk_path(id);
+        let mut f = match File::open(&p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Err(Error::ChunkMissing { id: *id }),
+            Err(e) => return Err(Error::io("open", &p, e)),
+        };
+        out.clear();
+        f.read_to_end(out).map_err(|e| Error::io("read", &p, e))?;
+        Ok(())
+    }
+
+    /// Reads, checks and decompresses a chunk into `out`; `scratch` holds the
+    /// stored bytes. Never returns data that does not hash to `id`.
+    ///
+    /// # Errors
+    /// `ChunkMissing`, `CorruptChunk` or `Io`.
+    pub fn load_chunk(&self, id: &ChunkId, scratch: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<()> {
+        self.read_chunk_raw(id, scratch)?;
+        chunk::decode_into(id, scratch, out)
+    }
+
+    /// Every chunk id in the store, with its stored size and mtime.
+    ///
+    /// # Errors
+    /// `Io` when a directory cannot be read.
+    pub fn list_chunks(&self) -> Result<Vec<(ChunkId, u64, std::time::SystemTime)>> {
+        let mut out = Vec::new();
+        let cdir = self.root.join("chunks");
+        for shard in fs::read_dir(&cdir).map_err(|e| Error::io("read directory", &cdir, e))? {
+            let shard = shard.map_err(|e| Error::io("read directory", &cdir, e))?;
+            let sp = shard.path();
+            if !sp.is_dir() {
+                continue;
+            }
+            for ent in fs::read_dir(&sp).map_err(|e| Error::io("read directory", &sp, e))? {
+                let ent = ent.map_err(|e| Error::io("read directory", &sp, e))?;
+                let name = ent.file_name();
+                let Ok(id) = name.to_string_lossy().parse::<ChunkId>() else { continue };
+                let md = ent.metadata().map_err(|e| Error::io("stat", ent.path(), e))?;
+                out.push((id, md.len(), md.modified().map_err(|e| Error::io("stat", ent.path(), e))?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes a chunk (GC only).
+    ///
+    /// # Errors
+    /// `Io` on anything but "not found".
+    pub fn remove_chunk(&self, id: &ChunkId) -> Result<()> {
+        let p = self.chunk_path(id);
+        match fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("remove", &p, e)),
+        }
+    }
+
+    /// Marks a chunk as recently used (updates its mtime), so that a GC
+    /// running concurrently with the backup that reuses it keeps it.
+    ///
+    /// # Errors
+    /// `ChunkMissing` when it vanished, `Io` otherwise.
+    pub fn touch_chunk(&self, id: &ChunkId) -> Result<()> {
+        let p = self.chunk_path(id);
+        let f = match File::options().append(true).open(&p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Err(Error::ChunkMissing { id: *id }),
+            Err(e) => return Err(Error::io("open", &p, e)),
+        };
+        f.set_modified(std::time::SystemTime::now()).map_err(|e| Error::io("touch", &p, e))
+    }
+
+    // ---- backups -----------------------------------------------------
+
+    fn backup_path(&self, id: BackupId, ext: &str) -> PathBuf {
+        self.root.join("backups").join(format!("{:012}.{ext}", id.0))
+    }
+
+    /// Commits a backup to the store: makes pending chunks durable, then
+    /// writes the block map, then the manifest (each atomically). Once this
+    /// returns, the backup is restorable from the store alone.
+    ///
+    /// # Errors
+    /// `BackupExists` when the id is taken; `Io` on any failed write.
+    pub fn write_backup(&self, manifest: &mut Manifest, map: &BlockMap) -> Result<()> {
+        let mpath = self.backup_path(manifest.id, "json");
+        if mpath.exists() {
+            return Err(Error::BackupExists { id: manifest.id.0 });
+        }
+        self.sync()?;
+        let enc = map.encode();
+        manifest.blockmap_blake3 = blake3::hash(&enc).to_hex().to_string();
+        manifest.image_size = map.image_size();
+        manifest.block_size = map.block_size();
+        write_atomic(&self.backup_path(manifest.id, "blockmap"), &enc)?;
+        let json = serde_json::to_vec_pretty(manifest).expect("manifest serialises");
+        write_atomic(&mpath, &json)
+    }
+
+    /// True when the store holds the backup's manifest.
+    pub fn has_backup(&self, id: BackupId) -> bool {
+        self.backup_path(id, "json").exists()
+    }
+
+    /// Reads a backup's manifest.
+    ///
+    /// # Errors
+    /// `BackupMissing`, `CorruptFile` or `Io`.
+    pub fn read_manifest(&self, id: BackupId) -> Result<Manifest> {
+        let p = self.backup_path(id, "json");
+        let bytes = match fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Err(Error::BackupMissing { id: id.0 }),
+            Err(e) => return Err(Error::io("read", &p, e)),
+        };
+        let m: Manifest = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::CorruptFile { path: p.clone(), reason: e.to_string() })?;
+        if m.format != format::MANIFEST_VERSION {
+            return Err(Error::UnsupportedVersion { path: p, found: m.format, supported: format::MANIFEST_VERSION });
+        }
+        if m.id != id {
+            return Err(Error::CorruptFile { path: p, reason: format!("manifest names backup {}", m.id) });
+        }
+        Ok(m)
+    }
+
+    /// Reads a backup's block map and checks it against the manifest.
+    ///
+    /// # Errors
+    /// `BackupMissing`, `CorruptFile` or `Io`.
+    pub fn read_blockmap(&self, manifest: &Manifest) -> Result<BlockMap> {
+        let p = self.backup_path(manifest.id, "blockmap");
+        let bytes = match fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Err(Error::BackupMissing { id: manifest.id.0 }),
+            Err(e) => return Err(Error::io("read", &p, e)),
+        };
+        if blake3::hash(&bytes).to_hex().as_str() != manifest.blockmap_blake3 {
+            return Err(Error::CorruptFile { path: p, reason: "block map does not match its manifest's checksum".into() });
+        }
+        let map = BlockMap::decode(&p, &bytes)?;
+        if map.image_size() != manifest.image_size || map.block_size() != manifest.block_size {
+            return Err(Error::CorruptFile { path: p, reason: "block map geometry differs from its manifest".into() });
+        }
+        Ok(map)
+    }
+
+    /// Ids of every backup whose manifest is in the store, ascending.
+    ///
+    /// # Errors
+    /// `Io` when the directory cannot be read.
+    pub fn list_backups(&self) -> Result<Vec<BackupId>> {
+        let dir = self.root.join("backups");
+        let mut ids = Vec::new();
+        for e in fs::read_dir(&dir).map_err(|e| Error::io("read directory", &dir, e))? {
+            let e = e.map_err(|e| Error::io("read directory", &dir, e))?;
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if let Some(stem) = name.strip_suffix(".json") {
+                if let Ok(n) = stem.parse::<u64>() {
+                    ids.push(BackupId(n));
+                }
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Removes a backup from the store: manifest first (so a crash leaves at
+    /// worst an unreferenced block map), then the block map. Its chunks stay
+    /// until GC.
+    ///
+    /// # Errors
+    /// `Io` on a failed removal.
+    pub fn remove_backup(&self, id: BackupId) -> Result<()> {
+        for ext in ["json", "blockmap"] {
+            let p = self.backup_path(id, ext);
+            match fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("remove", &p, e)),
+            }
+        }
+        fsync_dir(&self.root.join("backups"))
+    }
+
+    /// Reads the whole of a small metadata file relative to the store root.
+    ///
+    /// # Errors
+    /// `Io`.
+    pub fn read_meta_file(&self, rel: &str) -> Result<Vec<u8>> {
+        read_file(&self.root.join(rel))
+    }
+}
