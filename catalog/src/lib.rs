@@ -1,1 +1,669 @@
+#![forbid(unsafe_code)]
+//! # blockvault-catalog
+//!
+//! The SQLite catalog: images, RBD snapshots, backups with their parent
+//! chains and state, and per-backup stats. It is an index over the store,
+//! never the only copy of anything needed to restore: `rebuild` recreates it
+//! from the store's manifests.
+//!
+//! A backup row goes `running` → `committed` (after its chunks, block map
+//! and manifest are durable in the store) or `running` → `failed`.
+//! The catalog never opens chunks.
 
+mod error;
+mod schema;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use blockvault_store::{BackupId, BackupStats, Manifest};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+pub use error::{Error, Result};
+
+/// Schema version this build writes.
+pub const SCHEMA_VERSION: i64 = schema::MIGRATIONS.len() as i64;
+
+/// State of a backup row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackupState {
+    Running,
+    Committed,
+    Failed,
+}
+
+impl BackupState {
+    fn as_str(self) -> &'static str {
+        match self {
+            BackupState::Running => "running",
+            BackupState::Committed => "committed",
+            BackupState::Failed => "failed",
+        }
+    }
+    fn parse(s: &str) -> Self {
+        match s {
+            "running" => BackupState::Running,
+            "committed" => BackupState::Committed,
+            _ => BackupState::Failed,
+        }
+    }
+}
+
+/// One image row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageRow {
+    pub id: i64,
+    pub name: String,
+    pub source: String,
+    pub block_size: u32,
+    pub created: String,
+}
+
+/// One backup row, with its image's name and its stats.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackupRow {
+    pub id: BackupId,
+    pub image_id: i64,
+    pub image: String,
+    pub parent: Option<BackupId>,
+    pub state: BackupState,
+    pub created: String,
+    pub finished: Option<String>,
+    pub image_size: u64,
+    pub block_size: u32,
+    pub snapshot: Option<String>,
+    pub error: Option<String>,
+    pub verify_state: String,
+    pub protected: bool,
+    pub pid: Option<u32>,
+    pub stats: Option<BackupStats>,
+}
+
+/// State of a blockvault-created RBD snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotState {
+    /// Recorded before `rbd snap create`; may or may not exist on the cluster.
+    Intent,
+    /// Exists on the cluster.
+    Present,
+    /// Deleted from the cluster (demoted).
+    Removed,
+}
+
+impl SnapshotState {
+    fn as_str(self) -> &'static str {
+        match self {
+            SnapshotState::Intent => "intent",
+            SnapshotState::Present => "present",
+            SnapshotState::Removed => "removed",
+        }
+    }
+    fn parse(s: &str) -> Self {
+        match s {
+            "intent" => SnapshotState::Intent,
+            "present" => SnapshotState::Present,
+            _ => SnapshotState::Removed,
+        }
+    }
+}
+
+/// One snapshot row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotRow {
+    pub id: i64,
+    pub image_id: i64,
+    pub name: String,
+    pub backup_id: Option<BackupId>,
+    pub state: SnapshotState,
+    pub created: String,
+}
+
+/// The catalog handle. One per process; not shared across threads.
+pub struct Catalog {
+    conn: Connection,
+    path: PathBuf,
+}
+
+const BACKUP_COLS: &str = "b.id, b.image_id, i.name, b.parent_id, b.state, b.created, b.finished, \
+     b.image_size, b.block_size, b.snapshot_name, b.error, b.verify_state, b.protected, b.pid, \
+     s.read_bytes, s.read_blocks, s.zero_blocks, s.inherited_blocks, s.dedup_blocks, s.new_chunks, \
+     s.new_bytes, s.new_plain_bytes, s.full_read, s.duration_ms";
+const BACKUP_FROM: &str =
+    "FROM backups b JOIN images i ON i.id = b.image_id LEFT JOIN backup_stats s ON s.backup_id = b.id";
+
+fn backup_from_row(r: &Row<'_>) -> rusqlite::Result<BackupRow> {
+    let stats = match r.get::<_, Option<i64>>(14)? {
+        None => None,
+        Some(read_bytes) => Some(BackupStats {
+            read_bytes: read_bytes as u64,
+            read_blocks: r.get::<_, i64>(15)? as u64,
+            zero_blocks: r.get::<_, i64>(16)? as u64,
+            inherited_blocks: r.get::<_, i64>(17)? as u64,
+            dedup_blocks: r.get::<_, i64>(18)? as u64,
+            new_chunks: r.get::<_, i64>(19)? as u64,
+            new_bytes: r.get::<_, i64>(20)? as u64,
+            new_plain_bytes: r.get::<_, i64>(21)? as u64,
+            full_read: r.get::<_, i64>(22)? != 0,
+            duration_ms: r.get::<_, i64>(23)? as u64,
+        }),
+    };
+    Ok(BackupRow {
+        id: BackupId(r.get::<_, i64>(0)? as u64),
+        image_id: r.get(1)?,
+        image: r.get(2)?,
+        parent: r.get::<_, Option<i64>>(3)?.map(|p| BackupId(p as u64)),
+        state: BackupState::parse(&r.get::<_, String>(4)?),
+        created: r.get(5)?,
+        finished: r.get(6)?,
+        image_size: r.get::<_, i64>(7)? as u64,
+        block_size: r.get::<_, i64>(8)? as u32,
+        snapshot: r.get(9)?,
+        error: r.get(10)?,
+        verify_state: r.get(11)?,
+        protected: r.get::<_, i64>(12)? != 0,
+        pid: r.get::<_, Option<i64>>(13)?.map(|p| p as u32),
+        stats,
+    })
+}
+
+fn image_from_row(r: &Row<'_>) -> rusqlite::Result<ImageRow> {
+    Ok(ImageRow {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        source: r.get(2)?,
+        block_size: r.get::<_, i64>(3)? as u32,
+        created: r.get(4)?,
+    })
+}
+
+fn snapshot_from_row(r: &Row<'_>) -> rusqlite::Result<SnapshotRow> {
+    Ok(SnapshotRow {
+        id: r.get(0)?,
+        image_id: r.get(1)?,
+        name: r.get(2)?,
+        backup_id: r.get::<_, Option<i64>>(3)?.map(|b| BackupId(b as u64)),
+        state: SnapshotState::parse(&r.get::<_, String>(4)?),
+        created: r.get(5)?,
+    })
+}
+
+/// Current UTC time as stored in the catalog and manifests.
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+impl Catalog {
+    fn err(&self, source: rusqlite::Error) -> Error {
+        Error::Sqlite { path: self.path.clone(), source }
+    }
+
+    /// Opens (creating if needed) the catalog at `path` and migrates it.
+    ///
+    /// # Errors
+    /// `Sqlite` when it cannot be opened, `TooNew` for a newer schema.
+    pub fn open(path: &Path) -> Result<Catalog> {
+        let sq = |source| Error::Sqlite { path: path.to_path_buf(), source };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|source| Error::Io { op: "create directory", path: dir.to_path_buf(), source })?;
+        }
+        let conn = Connection::open(path).map_err(sq)?;
+        conn.busy_timeout(Duration::from_secs(30)).map_err(sq)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(sq)?;
+        // FULL: a committed backup row survives power loss, not just a crash.
+        conn.pragma_update(None, "synchronous", "FULL").map_err(sq)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(sq)?;
+        let mut cat = Catalog { conn, path: path.to_path_buf() };
+        cat.migrate()?;
+        Ok(cat)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn migrate(&mut self) -> Result<()> {
+        let version: i64 = self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        if version > SCHEMA_VERSION {
+            return Err(Error::TooNew { path: self.path.clone(), found: version, supported: SCHEMA_VERSION });
+        }
+        for (i, step) in schema::MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = self.conn.transaction().map_err(|e| Error::Sqlite { path: self.path.clone(), source: e })?;
+            tx.execute_batch(step).map_err(|e| Error::Sqlite { path: self.path.clone(), source: e })?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)
+                .map_err(|e| Error::Sqlite { path: self.path.clone(), source: e })?;
+            tx.commit().map_err(|e| Error::Sqlite { path: self.path.clone(), source: e })?;
+        }
+        Ok(())
+    }
+
+    /// Ties the catalog to a store, or checks that it is tied to this one.
+    ///
+    /// # Errors
+    /// `WrongStore` when the catalog was made for another store.
+    pub fn bind_store(&self, store_uuid: &str) -> Result<()> {
+        let cur: Option<String> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'store_uuid'", [], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))?;
+        match cur {
+            Some(u) if u == store_uuid => Ok(()),
+            Some(u) => Err(Error::WrongStore { path: self.path.clone(), catalog_store: u, store: store_uuid.into() }),
+            None => {
+                self.conn
+                    .execute("INSERT INTO meta (key, value) VALUES ('store_uuid', ?1)", [store_uuid])
+                    .map_err(|e| self.err(e))?;
+                Ok(())
+            }
+        }
+    }
+
+    // ---- images ------------------------------------------------------
+
+    /// Looks an image up by name.
+    ///
+    /// # Errors
+    /// `Sqlite`.
+    pub fn image(&self, name: &str) -> Result<Option<ImageRow>> {
+        self.conn
+            .query_row("SELECT id, name, source, block_size, created FROM images WHERE name = ?1", [name], image_from_row)
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Every image, by name.
+    ///
+    /// # Errors
+    /// `Sqlite`.
+    pub fn images(&self) -> Result<Vec<ImageRow>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id, name, source, block_size, created FROM images ORDER BY name")
+            .map_err(|e| self.err(e))?;
+        let rows = st.query_map([], image_from_row).map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(|e| self.err(e))
+    }
+
+    /// Returns the image, creating it with `source` and `block_size` when
+    /// new. An existing image keeps its block size; its source is updated.
+    ///
+    /// # Errors
+    /// `Sqlite`.
+    pub fn ensure_image(&self, name: &str, source: &str, block_size: u32) -> Result<ImageRow> {
+        if let Some(img) = self.image(name)? {
+            if img.source != source {
+                self.conn
+                    .execute("UPDATE images SET source = ?1 WHERE id = ?2", params![source, img.id])
+                    .map_err(|e| self.err(e))?;
+            }
+            return Ok(ImageRow { source: source.into(), ..img });
+        }
+        self.conn
+            .execute(
+                "INSERT INTO images (name, source, block_size, created) VALUES (?1, ?2, ?3, ?4)",
+                params![name, source, block_size as i64, now_rfc3339()],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(self.image(name)?.expect("just inserted"))
+    }
+
+    // ---- backups -----------------------------------------------------
+
+    /// Records a new running backup and returns its id. `min_id` lets the
+    /// caller skip ids that the store already holds.
+    ///
+    /// # Errors
+    /// `Sqlite`.
+    pub fn begin_backup(
+        &self,
+        image_id: i64,
+        parent: Option<BackupId>,
+        block_size: u32,
+        created: &str,
+        min_id: u64,
+    ) -> Result<BackupId> {
+        let id = (self.max_backup_id()? + 1).max(min_id);
+        self.conn
+            .execute(
+                "INSERT INTO backups (id, image_id, parent_id, state, created, block_size, pid)
+                 VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6)",
+                params![id as i64, image_id, parent.map(|p| p.0 as i64), created, block_size as i64, std::process::id()],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(BackupId(id))
+    }
+
+    /// Marks a backup committed, with the figures from its manifest. Called
+    /// only after the manifest is durable in the store.
+    ///
+    /// # Errors
+    /// `Sqlite`.
+    pub fn commit_backup(&mut self, m: &Manifest) -> Result<()> {
+        let path = self.path.clone();
+        let sq = |source| Error::Sqlite { path: path.clone(), source };
+        let tx = self.conn.transaction().map_err(sq)?;
+        tx.execute(
+            "UPDATE backups SET state = 'committed', finished = ?2, image_size = ?3, block_size = ?4,
+             snapshot_name = ?5, parent_id = ?6, error = NULL WHERE id = ?1",
+            params![
+                m.id.0 as i64,
+                m.finished,
+                m.image_size as i64,
+                m.block_size as i64,
+                m.snapshot,
+                m.parent.map(|p| p.0 as i64)
+            ],
+        )
+        .map_err(sq)?;
+        insert_stats(&tx, m.id, &m.stats).map_err(sq)?;
+        tx.commit().map_err(sq)
+    }
+
+    /// Marks a backup failed, recording why.
+    ///
+    /// # Errors
+    /// `Sqlite`.
+    pub fn fail_backup(&self, id: BackupId, error: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE backups SET state = 'failed', finished = ?2, error = ?3 WHERE id = ?1 AND state = 'running'",
+                params![id.0 as i64, now_rfc3339(), error],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Removes a backup row (prune).
+    ///
+    /// # Errors
+    /// `Sqlite`.
+    pub fn delete_backup(&self, id: BackupId) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM backups WHERE id = ?1", [id.0 as i64])
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Sets a backup's verify state (`ok` or `invalid`).
+    ///
+    /// # Errors
+    /// `Sqlite`.
+    pub fn set_verify_state(&self, id: BackupId, state: &str) -> Result<()> {
+        self.conn
+            .execute("UPDATE backups SET verify_state = ?2 WHERE id = ?1", params![id.0 as i64, state])
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Protects or unprotects a backup from pruning.
+    ///
+    /// # Errors
+    /// `Sqlite`.
+    pub fn set_protected(&self, id: BackupId, protected: bool) -> Result<()> {
+        self.conn
+            .execute("UPDATE backups SET protected = ?2 WHERE id = ?1", params![id.0 as i64, protected as i64])
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    fn query_backups(&self, filter: &str, p: &[&dyn rusqlite::ToSql]) -> Result<Vec<BackupRow>> {
+        let sql = format!("SELECT {BACKUP_COLS} {BACKUP_FROM} {filter}");
+        let mut st = self.conn.prepare(&sql).map_err(|e| self.err(e))?;
+        let rows = st.query_map(p, backup_from_row).map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(|e| self.err(e))
+    }
+
+    /// One backup by id, in any state.
+    ///
+    /// # Errors
+    /// `Sqlite`.
+    pub fn backup(&self, id: BackupId) -> Result<Option<BackupRow>> {
+        Ok(self.query_backups("WHERE b.id = ?1", &[&(id.0 as i64)])?.pop())
+    }
+
+    /// Committed backups, of one image or of all, oldest first.
+    ///
+    /// # Errors
+    /// `Sqlite`.
+    pub fn committed_backups(&self, image: Option<&str>) -> Result<Vec<BackupRow>> {
+        match image {
+            Some(name) => self.query_backups(
+                "WHERE b.state = 'committed' AND i.name = ?1 ORDER BY b.id",
+                &[&name],
+            ),
+            None => self.query_backups("WHERE b.state = 'committed' ORDER BY b.id", &[]),
+        }
+    }
+
+    /// Every backup of an image in the given state, oldest first.
+    ///
+    /// # Errors
+    /// `Sqlite`.
+    pub fn backups_in_state(&self, image_id: i64, state: BackupState) -> Result<Vec<BackupRow>> {
+        self.query_backups(
+            "WHERE b.image_id = ?1 AND b.state = ?2 ORDER BY b.id",
+            &[&image_id, &state.as_str()],
+        )
+    }
+
+    /// The newest committed backup of an image that is not marked invalid.
+    ///
+    /// # Errors
+    /// `Sqlite`.
+    pub fn latest_valid_backup(&self, image_id: i64) -> Result<Option<BackupRow>> {
+        Ok(self
+            .query_backups(
+                "WHERE b.image_id = ?1 AND b.state = 'committed' AND b.verify_state != 'invalid'
+                 ORDER BY b.id DESC LIMIT 1",
+                &[&image_id],
+            )?
+            .pop())
+    }
+
+    /// Highest backup id the catalog has ever handed out.
+    ///
+    /// # Errors
+    /// `Sqlite`.
+    pub fn max_backup_id(&self) -> Result<u64> {
+        let a: i64 = self
+            .conn
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM backups", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        let b: i64 = self
+            .conn
+            .query_row("SELECT COALESCE(seq, 0) FROM sqlite_sequence WHERE name = 'backups'", [], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))?
+            .unwrap_or(0);
+        Ok(a.max(b) as u64)
+    }
+
+    /// Inserts a committed backup from its manifest (catalog rebuild).
+    ///
+    /// # Errors
+    /// `Sqlite`.
+    pub fn import_manifest(&mut self, m: &Manifest) -> Result<()> {
+        let img = self.ensure_image(&m.image, &m.source, m.block_size)?;
+        let path = self.path.clone();
+        let sq = |source| Error::Sqlite { path: path.clone(), source };
+        let tx = self.conn.transaction().map_err(sq)?;
+        tx.execute(
+            "INSERT INTO backups (id, image_id, parent_id, state, created, finished, image_size, block_size, snapshot_name)
+             VALUES (?1, ?2, ?3, 'committed', ?4, ?5, ?6, ?7, ?8)",
+            params![
+                m.id.0 as i64,
+                img.id,
+                m.parent.map(|p| p.0 as i64),
+                m.created,
+                m.finished,
+                m.image_size as i64,
+                m.block_size as i64,
+                m.snapshot
+            ],
+        )
+        .map_err(sq)?;
+        insert_stats(&tx, m.id, &m.stats).map_err(sq)?;
+        tx.commit().map_err(sq)
+    }
+
+    /// Number of backup rows, any state.
+    ///
+    /// # Errors
+    /// `Sqlite`.
+    pub fn backup_count(&self) -> Result<u64> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM backups", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        Ok(n as u64)
+    }
+
+    // ---- snapshots ---------------------------------------------------
+
+    /// Records the intent to create an RBD snapshot, before creating it, so
+    /// that a crash between the two is found and cleaned up by the next run.
+    ///
+    /// # Errors
+    /// `Sqlite`.
+    pub fn snapshot_intent(&self, image_id: i64, name: &str, backup: BackupId) -> Result<i64> {
+        self.conn
+            .execute(
+                "INSERT INTO snapshots (image_id, name, backup_id, state, created) VALUES (?1, ?2, ?3, 'intent', ?4)",
+                params![image_id, name, backup.0 as i64, now_rfc3339()],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Sets a snapshot's state.
+    ///
+    /// # Errors
+    /// `Sqlite`.
+    pub fn set_snapshot_state(&self, id: i64, state: SnapshotState) -> Result<()> {
+        let removed = (state == SnapshotState::Removed).then(now_rfc3339);
+        self.conn
+            .execute(
+                "UPDATE snapshots SET state = ?2, removed = COALESCE(?3, removed) WHERE id = ?1",
+                params![id, state.as_str(), removed],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Snapshots of an image (all states), oldest first.
+    ///
+    /// # Errors
+    /// `Sqlite`.
+    pub fn snapshots(&self, image_id: i64) -> Result<Vec<SnapshotRow>> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT id, image_id, name, backup_id, state, created FROM snapshots WHERE image_id = ?1 ORDER BY id",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st.query_map([image_id], snapshot_from_row).map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(|e| self.err(e))
+    }
+}
+
+fn insert_stats(tx: &rusqlite::Transaction<'_>, id: BackupId, s: &BackupStats) -> rusqlite::Result<usize> {
+    tx.execute(
+        "INSERT OR REPLACE INTO backup_stats (backup_id, read_bytes, read_blocks, zero_blocks, inherited_blocks,
+         dedup_blocks, new_chunks, new_bytes, new_plain_bytes, full_read, duration_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        params![
+            id.0 as i64,
+            s.read_bytes as i64,
+            s.read_blocks as i64,
+            s.zero_blocks as i64,
+            s.inherited_blocks as i64,
+            s.dedup_blocks as i64,
+            s.new_chunks as i64,
+            s.new_bytes as i64,
+            s.new_plain_bytes as i64,
+            s.full_read as i64,
+            s.duration_ms as i64
+        ],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(id: u64, image: &str, parent: Option<u64>) -> Manifest {
+        Manifest {
+            format: 1,
+            id: BackupId(id),
+            image: image.into(),
+            source: format!("file:/{image}"),
+            created: "2026-11-21T10:00:00Z".into(),
+            finished: "2026-11-21T10:00:05Z".into(),
+            parent: parent.map(BackupId),
+            image_size: 1 << 20,
+            block_size: 65536,
+            blockmap_blake3: String::new(),
+            snapshot: None,
+            stats: BackupStats { new_bytes: 42, ..Default::default() },
+        }
+    }
+
+    #[test]
+    fn lifecycle_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.sqlite");
+        let mut c = Catalog::open(&p).unwrap();
+        c.bind_store("u1").unwrap();
+        let img = c.ensure_image("vm", "file:/vm", 65536).unwrap();
+        let id = c.begin_backup(img.id, None, 65536, "2026-11-21T10:00:00Z", 0).unwrap();
+        assert_eq!(c.backups_in_state(img.id, BackupState::Running).unwrap().len(), 1);
+        assert!(c.committed_backups(None).unwrap().is_empty());
+        let mut m = manifest(id.0, "vm", None);
+        m.source = "file:/vm".into();
+        c.commit_backup(&m).unwrap();
+        let id2 = c.begin_backup(img.id, Some(id), 65536, "2026-11-21T11:00:00Z", 0).unwrap();
+        c.fail_backup(id2, "boom").unwrap();
+        drop(c);
+        let c = Catalog::open(&p).unwrap();
+        assert!(matches!(c.bind_store("u2"), Err(Error::WrongStore { .. })));
+        let list = c.committed_backups(Some("vm")).unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].stats.as_ref().unwrap().new_bytes, 42);
+        assert_eq!(c.backup(id2).unwrap().unwrap().state, BackupState::Failed);
+        assert_eq!(c.backup(id2).unwrap().unwrap().error.as_deref(), Some("boom"));
+        // ids are never reused, even after a delete
+        c.delete_backup(id2).unwrap();
+        assert_eq!(c.max_backup_id().unwrap(), id2.0);
+        let id3 = c.begin_backup(img.id, Some(id), 65536, "x", 0).unwrap();
+        assert!(id3.0 > id2.0);
+        let id4 = c.begin_backup(img.id, Some(id), 65536, "x", 100).unwrap();
+        assert_eq!(id4.0, 100);
+    }
+
+    #[test]
+    fn import_and_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Catalog::open(&dir.path().join("c.sqlite")).unwrap();
+        c.import_manifest(&manifest(7, "a", None)).unwrap();
+        c.import_manifest(&manifest(9, "a", Some(7))).unwrap();
+        let l = c.committed_backups(Some("a")).unwrap();
+        assert_eq!(l.iter().map(|b| b.id.0).collect::<Vec<_>>(), vec![7, 9]);
+        assert_eq!(l[1].parent, Some(BackupId(7)));
+        let img = c.image("a").unwrap().unwrap();
+        let s = c.snapshot_intent(img.id, "blockvault-x", BackupId(9)).unwrap();
+        c.set_snapshot_state(s, SnapshotState::Present).unwrap();
+        let snaps = c.snapshots(img.id).unwrap();
+        assert_eq!(snaps[0].state, SnapshotState::Present);
+        assert_eq!(c.schema_version_for_test(), SCHEMA_VERSION);
+    }
+
+    impl Catalog {
+        fn schema_version_for_test(&self) -> i64 {
+            self.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap()
+        }
+    }
+}
