@@ -1,1 +1,33 @@
-fn main() { println!("stub"); }
+//! blockvault: incremental, deduplicating backups of Ceph RBD images and
+//! local disk images.
+
+mod backup;
+mod cli;
+mod config;
+mod context;
+mod logging;
+mod pipeline;
+mod progress;
+mod rbd;
+mod rbd_backup;
+mod rebuild;
+mod restore;
+mod retention;
+mod schedule;
+mod source;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    logging::init(&args.global);
+    match cli::run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -262,6 +262,16 @@ impl Catalog {
         }
     }
 
+    /// Folds the WAL into the main database file.
+    ///
+    /// # Errors
+    /// `Sqlite`.
+    pub fn checkpoint(&self) -> Result<()> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(|e| self.err(e))
+    }
+
     // ---- images ------------------------------------------------------
 
     /// Looks an image up by name.

@@ -97,11 +97,12 @@ pub fn decode_into(id: &ChunkId, bytes: &[u8], out: &mut Vec<u8>) -> Result<()> 
     match h.codec {
         CODEC_RAW => out.extend_from_slice(payload),
         _ => {
-            out.reserve(h.plain_len as usize);
-            zstd::bulk::decompress_to_buffer(payload, out).map_err(|e| Error::CorruptChunk {
+            out.resize(h.plain_len as usize, 0);
+            let n = zstd::bulk::decompress_to_buffer(payload, &mut out[..]).map_err(|e| Error::CorruptChunk {
                 id: *id,
                 reason: format!("zstd decompression failed: {e}"),
             })?;
+            out.truncate(n);
         }
     }
     if out.len() != h.plain_len as usize {
@@ -182,5 +183,19 @@ mod tests {
                 prop_assert!(!is_zero(&v));
             }
         }
+    }
+}
+#[cfg(test)]
+mod big_tests {
+    use super::*;
+    #[test]
+    fn four_mib_partly_zero() {
+        let mut data = vec![0u8; 4 << 20];
+        blake3::Hasher::new().update(b"s").finalize_xof().fill(&mut data[..2 << 20]);
+        let id = ChunkId::of(&data);
+        let enc = encode(&data, id, 3, None).unwrap();
+        let mut out = Vec::new();
+        decode_into(&id, &enc.bytes, &mut out).unwrap();
+        assert_eq!(out, data);
     }
 }

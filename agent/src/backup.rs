@@ -1,0 +1,198 @@
+//! One backup of one image: plan, pipeline, commit.
+
+use std::collections::HashSet;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use blockvault_catalog::{now_rfc3339, BackupState};
+use blockvault_store::{format::MANIFEST_VERSION, BackupId, BlockMap, Manifest};
+use tracing::{info, info_span, warn};
+
+use crate::config::{ImageConfig, Source};
+use crate::context::Ctx;
+use crate::pipeline::{self, PipelineOptions, Progress};
+use crate::source::file::FileSource;
+use crate::source::{BlockAction, ImageSource};
+
+/// A committed parent backup, with its verified block map.
+pub struct Parent {
+    pub manifest: Manifest,
+    pub map: BlockMap,
+}
+
+/// The work a source hands the generic commit path.
+pub struct Prepared<'a> {
+    pub source: &'a dyn ImageSource,
+    pub actions: Vec<BlockAction>,
+    /// The new block map, inherited entries already filled in.
+    pub map: BlockMap,
+    pub full_read: bool,
+    pub snapshot: Option<String>,
+}
+
+/// File name of the per-image lock.
+pub fn image_lock_name(image: &str) -> String {
+    format!("image-{image}")
+}
+
+/// Rolls stale `running` rows of an image forward or back. Must be called
+/// with the image lock held: then no other process is running this image,
+/// so every `running` row was left by a crash.
+///
+/// A row whose manifest is in the store is complete (the manifest is written
+/// only after every chunk and the block map are durable): it is committed.
+/// Any other is marked failed; its chunks are left to GC.
+///
+/// # Errors
+/// Catalog or store errors.
+pub fn recover_stale(ctx: &mut Ctx, image_id: i64) -> Result<Vec<BackupId>> {
+    let mut failed = Vec::new();
+    for b in ctx.catalog.backups_in_state(image_id, BackupState::Running)? {
+        if ctx.store.has_backup(b.id) {
+            match ctx.store.read_manifest(b.id).and_then(|m| ctx.store.read_blockmap(&m).map(|_| m)) {
+                Ok(m) => {
+                    warn!(backup = b.id.0, image = %b.image, "found an interrupted backup that is complete in the store: committing it");
+                    ctx.catalog.commit_backup(&m)?;
+                    continue;
+                }
+                Err(e) => {
+                    warn!(backup = b.id.0, error = %e, "interrupted backup has an unreadable manifest: removing it from the store");
+                    ctx.store.remove_backup(b.id)?;
+                }
+            }
+        }
+        warn!(backup = b.id.0, image = %b.image, "marking interrupted backup as failed");
+        ctx.catalog.fail_backup(b.id, "interrupted: the process running it died")?;
+        failed.push(b.id);
+    }
+    Ok(failed)
+}
+
+/// Loads the newest valid committed backup of an image as a parent; one whose
+/// manifest or block map does not read back is not used (with a warning).
+///
+/// # Errors
+/// Catalog errors.
+pub fn load_parent(ctx: &Ctx, image_id: i64) -> Result<Option<Parent>> {
+    let Some(row) = ctx.catalog.latest_valid_backup(image_id)? else { return Ok(None) };
+    let loaded = ctx.store.read_manifest(row.id).and_then(|m| ctx.store.read_blockmap(&m).map(|map| (m, map)));
+    match loaded {
+        Ok((manifest, map)) => Ok(Some(Parent { manifest, map })),
+        Err(e) => {
+            warn!(backup = row.id.0, error = %e, "parent backup does not read back from the store; not using it as a base");
+            Ok(None)
+        }
+    }
+}
+
+/// Backs up one configured image. Returns the committed manifest.
+///
+/// # Errors
+/// Any failure; the backup row is then marked failed and nothing is committed.
+pub fn backup_image(ctx: &mut Ctx, img: &ImageConfig, progress: &dyn Progress, cancel: &AtomicBool) -> Result<Manifest> {
+    let span = info_span!("backup", image = %img.name);
+    let _e = span.enter();
+    // temp files of crashed writers go first, while no one else writes
+    ctx.store.clean_tmp()?;
+    let _store_lock = ctx.store.lock_shared()?;
+    let Some(_image_lock) = ctx.store.try_lock_named(&image_lock_name(&img.name))? else {
+        anyhow::bail!("another backup of image '{}' is running", img.name);
+    };
+    match &img.source {
+        Source::File(path) => {
+            let src = FileSource::open(path).with_context(|| format!("image '{}'", img.name))?;
+            let block_size = img.block_size(&ctx.cfg.defaults).unwrap_or(ctx.store.meta().default_block_size);
+            let image = ctx.catalog.ensure_image(&img.name, &img.source.to_string(), block_size)?;
+            recover_stale(ctx, image.id)?;
+            if image.block_size != block_size {
+                warn!(configured = block_size, kept = image.block_size, "block size of an image is fixed at its first backup; keeping the existing one");
+            }
+            let parent = load_parent(ctx, image.id)?;
+            let actions = src.plan(image.block_size)?;
+            let map = BlockMap::new_zeroed(src.size(), image.block_size);
+            let prepared = Prepared { source: &src, actions, map, full_read: true, snapshot: None };
+            commit(ctx, img, image.id, parent.as_ref(), prepared, progress, cancel, |_, _| Ok(()))
+        }
+        Source::Rbd { .. } => crate::rbd_backup::backup(ctx, img, progress, cancel),
+    }
+}
+
+/// Runs the pipeline for a prepared plan and commits the result: store
+/// first (chunks, block map, manifest), then the catalog row.
+/// `on_begin` runs once the backup id is allocated (RBD: snapshot intent).
+///
+/// # Errors
+/// Any failure; the backup row is then marked failed.
+#[allow(clippy::too_many_arguments)]
+pub fn commit(
+    ctx: &mut Ctx,
+    img: &ImageConfig,
+    image_id: i64,
+    parent: Option<&Parent>,
+    mut p: Prepared<'_>,
+    progress: &dyn Progress,
+    cancel: &AtomicBool,
+    on_begin: impl FnOnce(&mut Ctx, BackupId) -> Result<()>,
+) -> Result<Manifest> {
+    let started = Instant::now();
+    let created = now_rfc3339();
+    let min_id = ctx.store.list_backups()?.last().map(|b| b.0 + 1).unwrap_or(1);
+    let block_size = p.map.block_size();
+    let id = ctx.catalog.begin_backup(image_id, parent.map(|p| p.manifest.id), block_size, &created, min_id)?;
+    info!(backup = id.0, parent = ?parent.map(|p| p.manifest.id.0), source = %p.source.describe(), size = p.source.size(), "backup started");
+    let result = (|| -> Result<Manifest> {
+        on_begin(ctx, id)?;
+        let known: HashSet<_> = parent.map(|p| p.map.chunk_ids().copied().collect()).unwrap_or_default();
+        let opts = PipelineOptions {
+            workers: ctx.cfg.workers(),
+            readers: ctx.cfg.store.readers,
+            compression_level: ctx.cfg.store.compression_level,
+        };
+        let mut stats = pipeline::run(&ctx.store, p.source, &p.actions, &mut p.map, &known, &opts, progress, cancel)?;
+        stats.full_read = p.full_read;
+        stats.duration_ms = started.elapsed().as_millis() as u64;
+        let mut manifest = Manifest {
+            format: MANIFEST_VERSION,
+            id,
+            image: img.name.clone(),
+            source: img.source.to_string(),
+            created: created.clone(),
+            finished: now_rfc3339(),
+            parent: parent.map(|p| p.manifest.id),
+            image_size: p.map.image_size(),
+            block_size,
+            blockmap_blake3: String::new(),
+            snapshot: p.snapshot.clone(),
+            stats,
+        };
+        ctx.store
+            .write_backup(&mut manifest, &p.map)
+            .with_context(|| format!("writing backup {id} to store {}", ctx.store.root().display()))?;
+        ctx.catalog.commit_backup(&manifest)?;
+        Ok(manifest)
+    })();
+    match result {
+        Ok(m) => {
+            let s = &m.stats;
+            info!(
+                backup = id.0,
+                read_bytes = s.read_bytes,
+                new_chunks = s.new_chunks,
+                new_bytes = s.new_bytes,
+                dedup_blocks = s.dedup_blocks,
+                zero_blocks = s.zero_blocks,
+                inherited_blocks = s.inherited_blocks,
+                duration_ms = s.duration_ms,
+                "backup committed"
+            );
+            Ok(m)
+        }
+        Err(e) => {
+            if let Err(e2) = ctx.catalog.fail_backup(id, &format!("{e:#}")) {
+                warn!(backup = id.0, error = %e2, "could not mark backup failed in the catalog");
+            }
+            Err(e.context(format!("backup {id} of image '{}' failed", img.name)))
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! The command line. One file per subcommand under `cli/`.
+
+mod backup;
+mod catalog;
+mod init;
+mod list;
+mod restore;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{Config, DEFAULT_CONFIG};
+
+#[derive(Parser, Debug)]
+#[command(name = "blockvault", version, about = "Incremental, deduplicating backups of Ceph RBD images and disk images")]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug)]
+pub struct GlobalArgs {
+    /// Config file.
+    #[arg(long, short = 'c', global = true, env = "BLOCKVAULT_CONFIG", default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// More logging (-v debug, -vv trace). BLOCKVAULT_LOG takes a tracing filter.
+    #[arg(long, short = 'v', global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only warnings and errors.
+    #[arg(long, short = 'q', global = true)]
+    pub quiet: bool,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "auto")]
+    pub log_format: LogFormat,
+    /// Never draw a progress bar.
+    #[arg(long, global = true)]
+    pub no_progress: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    /// Text.
+    Auto,
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create the store and the catalog named by the config.
+    Init(init::InitArgs),
+    /// Back up configured images now.
+    Backup(backup::BackupArgs),
+    /// List committed backups.
+    List(list::ListArgs),
+    /// Restore a backup to a file or block device.
+    Restore(restore::RestoreArgs),
+    /// Catalog maintenance.
+    #[command(subcommand)]
+    Catalog(catalog::CatalogCommand),
+}
+
+pub fn load_config(g: &GlobalArgs) -> Result<Config> {
+    Config::load(&g.config)
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    let g = &cli.global;
+    match cli.command {
+        Command::Init(a) => init::run(g, a),
+        Command::Backup(a) => backup::run(g, a),
+        Command::List(a) => list::run(g, a),
+        Command::Restore(a) => restore::run(g, a),
+        Command::Catalog(c) => catalog::run(g, c),
+    }
+}
+
+/// Splits `IMAGE[@ID]`.
+pub fn parse_backup_ref(s: &str) -> Result<(String, Option<u64>)> {
+    match s.rsplit_once('@') {
+        None => Ok((s.to_string(), None)),
+        Some((img, id)) => {
+            let id = id
+                .parse::<u64>()
+                .map_err(|_| anyhow::anyhow!("'{s}': the backup id after '@' must be a number"))?;
+            Ok((img.to_string(), Some(id)))
+        }
+    }
+}

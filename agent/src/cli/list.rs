@@ -1,0 +1,89 @@
+use std::process::ExitCode;
+
+use anyhow::Result;
+use blockvault_catalog::BackupRow;
+use clap::Args;
+use serde_json::json;
+
+use super::{load_config, GlobalArgs};
+use crate::context::Ctx;
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    /// Only this image.
+    pub image: Option<String>,
+    /// JSON output: an array of backups.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The JSON form of a backup. Only fields the store also records, so a
+/// catalog rebuilt from the store lists the same.
+pub fn backup_json(b: &BackupRow) -> serde_json::Value {
+    let s = b.stats.clone().unwrap_or_default();
+    json!({
+        "id": b.id.0,
+        "image": b.image,
+        "parent": b.parent.map(|p| p.0),
+        "created": b.created,
+        "finished": b.finished,
+        "size": b.image_size,
+        "block_size": b.block_size,
+        "snapshot": b.snapshot,
+        "new_bytes": s.new_bytes,
+        "new_chunks": s.new_chunks,
+        "new_plain_bytes": s.new_plain_bytes,
+        "read_bytes": s.read_bytes,
+        "zero_blocks": s.zero_blocks,
+        "dedup_blocks": s.dedup_blocks,
+        "inherited_blocks": s.inherited_blocks,
+        "full_read": s.full_read,
+        "duration_ms": s.duration_ms,
+    })
+}
+
+pub fn run(g: &GlobalArgs, a: ListArgs) -> Result<ExitCode> {
+    let cfg = load_config(g)?;
+    let ctx = Ctx::open(cfg)?;
+    if let Some(name) = &a.image {
+        if ctx.catalog.image(name)?.is_none() && ctx.cfg.image(name).is_err() {
+            anyhow::bail!("image '{name}' is neither configured nor in the catalog");
+        }
+    }
+    let rows = ctx.catalog.committed_backups(a.image.as_deref())?;
+    if a.json {
+        let v: Vec<_> = rows.iter().map(backup_json).collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{:>6}  {:<20} {:<21} {:>12} {:>12} {:>6}  {}", "ID", "IMAGE", "CREATED", "SIZE", "NEW", "PARENT", "SNAPSHOT");
+    for b in &rows {
+        let s = b.stats.clone().unwrap_or_default();
+        println!(
+            "{:>6}  {:<20} {:<21} {:>12} {:>12} {:>6}  {}",
+            b.id.0,
+            b.image,
+            b.created,
+            human(b.image_size),
+            human(s.new_bytes),
+            b.parent.map(|p| p.0.to_string()).unwrap_or_else(|| "-".into()),
+            b.snapshot.as_deref().unwrap_or("-")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn human(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}

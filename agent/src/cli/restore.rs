@@ -1,0 +1,57 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use blockvault_catalog::BackupState;
+use blockvault_store::BackupId;
+use clap::Args;
+
+use super::{load_config, parse_backup_ref, GlobalArgs};
+use crate::context::Ctx;
+use crate::progress::Bar;
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// IMAGE or IMAGE@BACKUP_ID (the latest backup by default).
+    pub backup: String,
+    /// Target: a file path, or a block device (needs --force).
+    #[arg(long)]
+    pub to: String,
+    /// Overwrite an existing, non-empty target.
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub fn run(g: &GlobalArgs, a: RestoreArgs) -> Result<ExitCode> {
+    let cfg = load_config(g)?;
+    let ctx = Ctx::open(cfg)?;
+    let (image, id) = parse_backup_ref(&a.backup)?;
+    let row = match id {
+        Some(id) => {
+            let row = ctx.catalog.backup(BackupId(id))?;
+            match row {
+                Some(r) if r.image == image && r.state == BackupState::Committed => r,
+                Some(r) if r.image == image => bail!("backup {id} of image '{image}' is {:?}, not committed: nothing to restore", r.state),
+                _ => bail!("backup {id} does not exist for image '{image}' (see `blockvault list {image}`)"),
+            }
+        }
+        None => match ctx.catalog.committed_backups(Some(&image))?.pop() {
+            Some(r) => r,
+            None => bail!("image '{image}' has no committed backup"),
+        },
+    };
+    let manifest = ctx.store.read_manifest(row.id)?;
+    let threads = ctx.cfg.workers() * 2;
+    let bar = Bar::new(manifest.image_size, &image, !g.no_progress);
+    let res = if a.to.starts_with("rbd:") {
+        crate::rbd_backup::restore(&ctx, &manifest, &a.to, a.force, threads, &bar)
+    } else {
+        let to = PathBuf::from(a.to.strip_prefix("file:").unwrap_or(&a.to));
+        crate::restore::restore_to_path(&ctx.store, &manifest, &to, a.force, threads, &bar)
+            .with_context(|| format!("restoring backup {} of image '{image}' to {}", row.id, to.display()))
+    };
+    bar.finish();
+    res?;
+    println!("restored backup {} of image '{image}' ({} bytes) to {}", row.id, manifest.image_size, a.to);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,200 @@
+//! Restoring a backup to a file or block device.
+//!
+//! Every chunk is verified (header and payload checksums, then the blake3 of
+//! the plaintext against its id) before a byte of it is written. Regular
+//! files are written to a temp file beside the target and renamed over it
+//! only when complete, so a failed restore never leaves a file that looks
+//! whole. Zero blocks, and zero 4 KiB pages inside blocks, are left as
+//! holes.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use anyhow::{bail, Context, Result};
+use blockvault_store::{chunk, BlockMap, Manifest, Store};
+
+use crate::pipeline::Progress;
+
+/// Granularity of holes punched inside a restored block.
+const PAGE: usize = 4096;
+
+/// Where restored bytes go.
+pub trait RestoreTarget: Sync {
+    /// Writes `data` at `offset`.
+    ///
+    /// # Errors
+    /// I/O errors.
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()>;
+    /// Makes `[offset, offset+len)` read as zeros. Targets that start out
+    /// zeroed (a new sparse file) do nothing.
+    ///
+    /// # Errors
+    /// I/O errors.
+    fn zero(&self, offset: u64, len: u64) -> std::io::Result<()>;
+}
+
+struct FileTarget {
+    file: File,
+    /// The target starts out all zeros (new sparse file).
+    fresh: bool,
+}
+
+impl RestoreTarget for FileTarget {
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.file.write_all_at(data, offset)
+    }
+    fn zero(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        if self.fresh {
+            return Ok(());
+        }
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64) as usize;
+            self.file.write_all_at(&zeros[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Writes the non-zero pages of `data` (a block at `offset`), and zeroes the
+/// zero pages unless the target is fresh.
+fn write_sparse(t: &dyn RestoreTarget, offset: u64, data: &[u8]) -> std::io::Result<()> {
+    let mut i = 0;
+    while i < data.len() {
+        let zero = chunk::is_zero(&data[i..(i + PAGE).min(data.len())]);
+        let mut j = i;
+        while j < data.len() && chunk::is_zero(&data[j..(j + PAGE).min(data.len())]) == zero {
+            j = (j + PAGE).min(data.len());
+        }
+        if zero {
+            t.zero(offset + i as u64, (j - i) as u64)?;
+        } else {
+            t.write_at(offset + i as u64, &data[i..j])?;
+        }
+        i = j;
+    }
+    Ok(())
+}
+
+/// Restores `map` into `target` with `threads` parallel readers.
+///
+/// # Errors
+/// The first chunk or write error, naming the chunk, the block and the backup.
+pub fn restore_map(
+    store: &Store,
+    manifest: &Manifest,
+    map: &BlockMap,
+    target: &dyn RestoreTarget,
+    threads: usize,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let next = AtomicUsize::new(0);
+    let abort = AtomicBool::new(false);
+    let first_err: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    let what = format!("backup {} of image '{}'", manifest.id, manifest.image);
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                let (mut raw, mut plain) = (Vec::new(), Vec::new());
+                loop {
+                    let b = next.fetch_add(1, Ordering::Relaxed);
+                    if b >= map.len() || abort.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let (off, len) = map.block_range(b);
+                    let r = match map.get(b) {
+                        None => target.zero(off, len as u64).with_context(|| format!("zeroing block {b} at offset {off}")),
+                        Some(id) => store
+                            .load_chunk(&id, &mut raw, &mut plain)
+                            .with_context(|| format!("{what}: block {b} (offset {off}) cannot be restored"))
+                            .and_then(|()| {
+                                if plain.len() != len {
+                                    bail!("{what}: chunk {id} holds {} bytes, block {b} needs {len}", plain.len());
+                                }
+                                write_sparse(target, off, &plain).with_context(|| format!("writing block {b} at offset {off}"))
+                            }),
+                    };
+                    match r {
+                        Ok(()) => progress.advance(len as u64),
+                        Err(e) => {
+                            abort.store(true, Ordering::Relaxed);
+                            first_err.lock().unwrap().get_or_insert(e);
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    match first_err.into_inner().unwrap() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Restores a backup to a path: a regular file (new, or replaced with
+/// `force`) or an existing block device (only with `force`).
+///
+/// # Errors
+/// When the target exists without `force`, or any chunk or write fails.
+pub fn restore_to_path(
+    store: &Store,
+    manifest: &Manifest,
+    to: &Path,
+    force: bool,
+    threads: usize,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let map = store.read_blockmap(manifest)?;
+    let md = std::fs::metadata(to).ok();
+    let is_dev = md.as_ref().is_some_and(|m| m.file_type().is_block_device());
+    if let Some(md) = &md {
+        if md.is_dir() {
+            bail!("restore target {} is a directory", to.display());
+        }
+        if (is_dev || md.len() > 0) && !force {
+            bail!("restore target {} already exists and is not empty (use --force to overwrite it)", to.display());
+        }
+    }
+    if is_dev {
+        let file = OpenOptions::new().write(true).open(to).with_context(|| format!("opening {}", to.display()))?;
+        let dev_size = rustix::fs::seek(&file, rustix::fs::SeekFrom::End(0)).map_err(std::io::Error::from)?;
+        if dev_size < map.image_size() {
+            bail!("block device {} has {dev_size} bytes, backup {} needs {}", to.display(), manifest.id, map.image_size());
+        }
+        let t = FileTarget { file, fresh: false };
+        restore_map(store, manifest, &map, &t, threads, progress)?;
+        t.file.sync_all().with_context(|| format!("fsync of {}", to.display()))?;
+        return Ok(());
+    }
+    let dir = match to.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = to.file_name().with_context(|| format!("restore target {} has no file name", to.display()))?;
+    let tmp = dir.join(format!(".{}.blockvault-partial", name.to_string_lossy()));
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    let res = (|| -> Result<()> {
+        file.set_len(map.image_size()).with_context(|| format!("sizing {}", tmp.display()))?;
+        let t = FileTarget { file, fresh: true };
+        restore_map(store, manifest, &map, &t, threads, progress)?;
+        t.file.sync_all().with_context(|| format!("fsync of {}", tmp.display()))?;
+        std::fs::rename(&tmp, to).with_context(|| format!("renaming {} to {}", tmp.display(), to.display()))?;
+        File::open(&dir).and_then(|d| d.sync_all()).with_context(|| format!("fsync of {}", dir.display()))?;
+        Ok(())
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
+}
