@@ -1,1 +1,7 @@
+//! Integration tests: the `blockvault` binary on real files (and, in
+//! `rbd`, on a real Ceph cluster).
 
+mod common;
+mod crash;
+mod errors;
+mod roundtrip;
