@@ -23,12 +23,13 @@ pub struct Parent {
 
 /// The work a source hands the generic commit path.
 pub struct Prepared<'a> {
-    pub source: &'a dyn ImageSource,
+    pub source: Box<dyn ImageSource + 'a>,
     pub actions: Vec<BlockAction>,
     /// The new block map, inherited entries already filled in.
     pub map: BlockMap,
     pub full_read: bool,
     pub snapshot: Option<String>,
+    pub rbd: Option<blockvault_store::RbdInfo>,
 }
 
 /// File name of the per-image lock.
@@ -111,45 +112,45 @@ pub fn backup_image(ctx: &mut Ctx, img: &ImageConfig, progress: &dyn Progress, c
             let parent = load_parent(ctx, image.id)?;
             let actions = src.plan(image.block_size)?;
             let map = BlockMap::new_zeroed(src.size(), image.block_size);
-            let prepared = Prepared { source: &src, actions, map, full_read: true, snapshot: None };
-            commit(ctx, img, image.id, parent.as_ref(), prepared, progress, cancel, |_, _| Ok(()))
+            run_backup(ctx, img, image.id, parent.as_ref(), image.block_size, progress, cancel, move |_, _| {
+                Ok(Prepared { source: Box::new(src), actions, map, full_read: true, snapshot: None, rbd: None })
+            })
         }
         Source::Rbd { .. } => crate::rbd_backup::backup(ctx, img, progress, cancel),
     }
 }
 
-/// Runs the pipeline for a prepared plan and commits the result: store
+/// Allocates a backup id, lets `prepare` build the plan (RBD: snapshot
+/// intent, snapshot, diff), runs the pipeline and commits the result: store
 /// first (chunks, block map, manifest), then the catalog row.
-/// `on_begin` runs once the backup id is allocated (RBD: snapshot intent).
 ///
 /// # Errors
 /// Any failure; the backup row is then marked failed.
 #[allow(clippy::too_many_arguments)]
-pub fn commit(
+pub fn run_backup<'s>(
     ctx: &mut Ctx,
     img: &ImageConfig,
     image_id: i64,
     parent: Option<&Parent>,
-    mut p: Prepared<'_>,
+    block_size: u32,
     progress: &dyn Progress,
     cancel: &AtomicBool,
-    on_begin: impl FnOnce(&mut Ctx, BackupId) -> Result<()>,
+    prepare: impl FnOnce(&mut Ctx, BackupId) -> Result<Prepared<'s>>,
 ) -> Result<Manifest> {
     let started = Instant::now();
     let created = now_rfc3339();
     let min_id = ctx.store.list_backups()?.last().map(|b| b.0 + 1).unwrap_or(1);
-    let block_size = p.map.block_size();
     let id = ctx.catalog.begin_backup(image_id, parent.map(|p| p.manifest.id), block_size, &created, min_id)?;
-    info!(backup = id.0, parent = ?parent.map(|p| p.manifest.id.0), source = %p.source.describe(), size = p.source.size(), "backup started");
     let result = (|| -> Result<Manifest> {
-        on_begin(ctx, id)?;
+        let mut p = prepare(ctx, id)?;
+        info!(backup = id.0, parent = ?parent.map(|p| p.manifest.id.0), source = %p.source.describe(), size = p.source.size(), "backup started");
         let known: HashSet<_> = parent.map(|p| p.map.chunk_ids().copied().collect()).unwrap_or_default();
         let opts = PipelineOptions {
             workers: ctx.cfg.workers(),
             readers: ctx.cfg.store.readers,
             compression_level: ctx.cfg.store.compression_level,
         };
-        let mut stats = pipeline::run(&ctx.store, p.source, &p.actions, &mut p.map, &known, &opts, progress, cancel)?;
+        let mut stats = pipeline::run(&ctx.store, &*p.source, &p.actions, &mut p.map, &known, &opts, progress, cancel)?;
         stats.full_read = p.full_read;
         stats.duration_ms = started.elapsed().as_millis() as u64;
         let mut manifest = Manifest {
@@ -165,6 +166,7 @@ pub fn commit(
             blockmap_blake3: String::new(),
             snapshot: p.snapshot.clone(),
             stats,
+            rbd: p.rbd.clone(),
         };
         ctx.store
             .write_backup(&mut manifest, &p.map)
@@ -183,6 +185,7 @@ pub fn commit(
                 dedup_blocks = s.dedup_blocks,
                 zero_blocks = s.zero_blocks,
                 inherited_blocks = s.inherited_blocks,
+                full_read = s.full_read,
                 duration_ms = s.duration_ms,
                 "backup committed"
             );

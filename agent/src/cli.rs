@@ -5,6 +5,7 @@ mod catalog;
 mod init;
 mod list;
 mod restore;
+mod snapshots;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -61,6 +62,8 @@ pub enum Command {
     List(list::ListArgs),
     /// Restore a backup to a file or block device.
     Restore(restore::RestoreArgs),
+    /// RBD snapshots per image: blockvault's, and foreign ones (never touched).
+    Snapshots(snapshots::SnapshotsArgs),
     /// Catalog maintenance.
     #[command(subcommand)]
     Catalog(catalog::CatalogCommand),
@@ -78,6 +81,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::List(a) => list::run(g, a),
         Command::Restore(a) => restore::run(g, a),
         Command::Catalog(c) => catalog::run(g, c),
+        Command::Snapshots(a) => snapshots::run(g, a),
     }
 }
 

@@ -619,6 +619,7 @@ mod tests {
             blockmap_blake3: String::new(),
             snapshot: None,
             stats: BackupStats { new_bytes: 42, ..Default::default() },
+            rbd: None,
         }
     }
 

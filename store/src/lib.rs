@@ -58,5 +58,5 @@ pub use blockmap::BlockMap;
 pub use chunk::EncodedChunk;
 pub use error::{Error, Result};
 pub use id::{BackupId, ChunkId};
-pub use manifest::{BackupStats, Manifest};
+pub use manifest::{BackupStats, Manifest, RbdInfo};
 pub use store::{InitOptions, Store, StoreLock, StoreMeta};

@@ -55,4 +55,16 @@ pub struct Manifest {
     pub snapshot: Option<String>,
     #[serde(default)]
     pub stats: BackupStats,
+    /// Geometry of an RBD source, so a restore to RBD can recreate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rbd: Option<RbdInfo>,
+}
+
+/// What a restore to RBD needs to recreate the source image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RbdInfo {
+    /// RBD feature bits of the source image.
+    pub features: u64,
+    /// Object size of the source image in bytes.
+    pub object_size: u64,
 }

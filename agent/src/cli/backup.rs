@@ -20,23 +20,15 @@ pub struct BackupArgs {
 
 pub fn run(g: &GlobalArgs, a: BackupArgs) -> Result<ExitCode> {
     let cfg = load_config(g)?;
-    let names: Vec<String> = if a.all {
-        cfg.images.iter().map(|i| i.name.clone()).collect()
-    } else {
-        a.images.clone()
-    };
-    if names.is_empty() {
+    if !a.all && a.images.is_empty() {
         bail!("name at least one image to back up, or use --all");
     }
-    // check every name before starting any work
-    for n in &names {
-        cfg.image(n)?;
-    }
+    let images = select_images(&cfg, &a.images, a.all)?;
+    let names: Vec<String> = images.iter().map(|i| i.name.clone()).collect();
     let mut ctx = Ctx::open(cfg)?;
     let cancel = AtomicBool::new(false);
     let mut failures = 0;
-    for n in &names {
-        let img = ctx.cfg.image(n)?.clone();
+    for (n, img) in names.iter().zip(images) {
         let bar = Bar::new(0, n, !g.no_progress);
         match crate::backup::backup_image(&mut ctx, &img, &bar, &cancel) {
             Ok(m) => {
@@ -60,4 +52,27 @@ pub fn run(g: &GlobalArgs, a: BackupArgs) -> Result<ExitCode> {
         bail!("{failures} of {} backups failed", names.len());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The configured images to work on: all of them, or the named ones (checked
+/// before any work starts). Glob sources are expanded only when needed.
+///
+/// # Errors
+/// When a name is not configured, or a glob cannot be expanded.
+pub fn select_images(cfg: &crate::config::Config, names: &[String], all: bool) -> Result<Vec<crate::config::ImageConfig>> {
+    let plain = |n: &String| cfg.images.iter().find(|i| &i.name == n && !i.source.is_glob()).cloned();
+    if !all && names.iter().all(|n| plain(n).is_some()) {
+        return Ok(names.iter().filter_map(plain).collect());
+    }
+    let expanded = crate::rbd_backup::expand_images(cfg)?;
+    if all {
+        return Ok(expanded);
+    }
+    names
+        .iter()
+        .map(|n| match expanded.iter().find(|i| &i.name == n) {
+            Some(i) => Ok(i.clone()),
+            None => cfg.image(n).cloned(),
+        })
+        .collect()
 }
