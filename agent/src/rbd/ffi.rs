@@ -1,0 +1,832 @@
+//! Raw access to librados and librbd, loaded at run time.
+//!
+//! All of blockvault's `unsafe` code for Ceph lives in this module. The
+//! libraries are opened with `dlopen` (via `libloading`) on first use and
+//! never unloaded, so the binary builds and runs on machines without Ceph;
+//! only RBD operations fail there, with an error naming the missing library
+//! and its Debian package.
+//!
+//! The `extern "C"` signatures are written by hand from Ceph 16 (Pacific)'s
+//! `rados/librados.h` and `rbd/librbd.h`; every symbol used exists since
+//! Ceph 14 (Nautilus).
+//!
+//! The handle types here own their C handle and close it on drop, and each
+//! keeps its parent alive: an [`Image`] holds an `Arc` of its [`IoCtx`], an
+//! `IoCtx` one of its [`Rados`]. Configuration setters exist only on the
+//! unconnected [`RadosConfig`], so a connected handle cannot be reconfigured.
+//! Errors are returned as a positive [`Errno`]; `super` (rbd.rs) adds the
+//! operation and object names.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+use std::any::Any;
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::fmt;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::ptr::{self, NonNull};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use libloading::Library;
+
+/// Linux errno values used here (Ceph runs on Linux only).
+pub const ENOENT: i32 = 2;
+pub const EIO: i32 = 5;
+pub const EINVAL: i32 = 22;
+pub const ERANGE: i32 = 34;
+pub const ECANCELED: i32 = 125;
+
+/// Largest byte count passed to one librbd read/write/discard call: librbd
+/// returns the byte count as an `int` internally.
+const MAX_IO: usize = 1 << 30;
+/// Largest length one `rbd_discard` call accepts here (librbd: `INT_MAX`).
+pub const MAX_DISCARD: u64 = 1 << 30;
+
+/// A positive errno value returned (negated) by librados or librbd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Errno(pub i32);
+
+fn check(r: c_int) -> Result<c_int, Errno> {
+    if r < 0 {
+        Err(Errno(-r))
+    } else {
+        Ok(r)
+    }
+}
+
+fn check_size(r: isize) -> Result<usize, Errno> {
+    if r < 0 {
+        Err(Errno(i32::try_from(-r).unwrap_or(EIO)))
+    } else {
+        Ok(r.unsigned_abs())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// C types (librados.h / librbd.h)
+
+type RadosT = *mut c_void;
+type IoCtxT = *mut c_void;
+type ImageT = *mut c_void;
+type ImageOptionsT = *mut c_void;
+/// `int (*cb)(uint64_t, size_t, int, void *)` of `rbd_diff_iterate2`.
+type DiffCallback = extern "C" fn(u64, usize, c_int, *mut c_void) -> c_int;
+
+/// `rbd_image_spec_t`
+#[repr(C)]
+struct RbdImageSpec {
+    id: *mut c_char,
+    name: *mut c_char,
+}
+
+/// `rbd_snap_info_t`
+#[repr(C)]
+struct RbdSnapInfo {
+    id: u64,
+    size: u64,
+    name: *const c_char,
+}
+
+/// `rbd_image_info_t` (`RBD_MAX_BLOCK_NAME_SIZE` 24, `RBD_MAX_IMAGE_NAME_SIZE` 96)
+#[repr(C)]
+struct RbdImageInfo {
+    size: u64,
+    obj_size: u64,
+    num_objs: u64,
+    order: c_int,
+    block_name_prefix: [c_char; 24],
+    parent_pool: i64,
+    parent_name: [c_char; 96],
+}
+
+/// `RBD_IMAGE_OPTION_*`
+const RBD_IMAGE_OPTION_FORMAT: c_int = 0;
+const RBD_IMAGE_OPTION_FEATURES: c_int = 1;
+const RBD_IMAGE_OPTION_ORDER: c_int = 2;
+const RBD_IMAGE_OPTION_STRIPE_UNIT: c_int = 3;
+const RBD_IMAGE_OPTION_STRIPE_COUNT: c_int = 4;
+
+// ---------------------------------------------------------------------------
+// Loading
+
+/// The function table, filled from the two libraries. The `Library` values
+/// are kept (in a static, never dropped) so the pointers stay valid.
+struct Api {
+    _rados_lib: Library,
+    _rbd_lib: Library,
+    rados_create: unsafe extern "C" fn(*mut RadosT, *const c_char) -> c_int,
+    rados_conf_read_file: unsafe extern "C" fn(RadosT, *const c_char) -> c_int,
+    rados_conf_parse_env: unsafe extern "C" fn(RadosT, *const c_char) -> c_int,
+    rados_conf_set: unsafe extern "C" fn(RadosT, *const c_char, *const c_char) -> c_int,
+    rados_connect: unsafe extern "C" fn(RadosT) -> c_int,
+    rados_shutdown: unsafe extern "C" fn(RadosT),
+    rados_cluster_fsid: unsafe extern "C" fn(RadosT, *mut c_char, usize) -> c_int,
+    rados_ioctx_create: unsafe extern "C" fn(RadosT, *const c_char, *mut IoCtxT) -> c_int,
+    rados_ioctx_destroy: unsafe extern "C" fn(IoCtxT),
+    rados_ioctx_set_namespace: unsafe extern "C" fn(IoCtxT, *const c_char),
+    rbd_version: unsafe extern "C" fn(*mut c_int, *mut c_int, *mut c_int),
+    rbd_list2: unsafe extern "C" fn(IoCtxT, *mut RbdImageSpec, *mut usize) -> c_int,
+    rbd_image_spec_list_cleanup: unsafe extern "C" fn(*mut RbdImageSpec, usize),
+    rbd_image_options_create: unsafe extern "C" fn(*mut ImageOptionsT),
+    rbd_image_options_destroy: unsafe extern "C" fn(ImageOptionsT),
+    rbd_image_options_set_uint64: unsafe extern "C" fn(ImageOptionsT, c_int, u64) -> c_int,
+    rbd_create4: unsafe extern "C" fn(IoCtxT, *const c_char, u64, ImageOptionsT) -> c_int,
+    rbd_remove: unsafe extern "C" fn(IoCtxT, *const c_char) -> c_int,
+    rbd_open: unsafe extern "C" fn(IoCtxT, *const c_char, *mut ImageT, *const c_char) -> c_int,
+    rbd_open_read_only:
+        unsafe extern "C" fn(IoCtxT, *const c_char, *mut ImageT, *const c_char) -> c_int,
+    rbd_close: unsafe extern "C" fn(ImageT) -> c_int,
+    rbd_stat: unsafe extern "C" fn(ImageT, *mut RbdImageInfo, usize) -> c_int,
+    rbd_get_size: unsafe extern "C" fn(ImageT, *mut u64) -> c_int,
+    rbd_get_features: unsafe extern "C" fn(ImageT, *mut u64) -> c_int,
+    rbd_get_flags: unsafe extern "C" fn(ImageT, *mut u64) -> c_int,
+    rbd_get_id: unsafe extern "C" fn(ImageT, *mut c_char, usize) -> c_int,
+    rbd_snap_list: unsafe extern "C" fn(ImageT, *mut RbdSnapInfo, *mut c_int) -> c_int,
+    rbd_snap_list_end: unsafe extern "C" fn(*mut RbdSnapInfo),
+    rbd_snap_create: unsafe extern "C" fn(ImageT, *const c_char) -> c_int,
+    rbd_snap_remove: unsafe extern "C" fn(ImageT, *const c_char) -> c_int,
+    rbd_diff_iterate2: unsafe extern "C" fn(
+        ImageT,
+        *const c_char,
+        u64,
+        u64,
+        u8,
+        u8,
+        DiffCallback,
+        *mut c_void,
+    ) -> c_int,
+    rbd_read2: unsafe extern "C" fn(ImageT, u64, usize, *mut c_char, c_int) -> isize,
+    rbd_write2: unsafe extern "C" fn(ImageT, u64, usize, *const c_char, c_int) -> isize,
+    rbd_discard: unsafe extern "C" fn(ImageT, u64, u64) -> c_int,
+    rbd_resize: unsafe extern "C" fn(ImageT, u64) -> c_int,
+    rbd_flush: unsafe extern "C" fn(ImageT) -> c_int,
+}
+
+/// Why librados/librbd could not be used at all.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadError {
+    /// The shared object, e.g. `librbd.so.1`.
+    pub library: &'static str,
+    /// The Debian package that provides it.
+    pub package: &'static str,
+    /// The missing symbol, when the library loaded but is too old.
+    pub symbol: Option<&'static str>,
+    /// The dynamic loader's message.
+    pub detail: String,
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.symbol {
+            None => write!(
+                f,
+                "cannot load {} (install the Debian package {}): {}",
+                self.library, self.package, self.detail
+            ),
+            Some(sym) => write!(
+                f,
+                "{} has no {} (too old: blockvault needs Ceph 14 or newer; upgrade the package {}): {}",
+                self.library, sym, self.package, self.detail
+            ),
+        }
+    }
+}
+
+const RADOS_LIB: &str = "librados.so.2";
+const RADOS_PKG: &str = "librados2";
+const RBD_LIB: &str = "librbd.so.1";
+const RBD_PKG: &str = "librbd1";
+
+fn open_library(library: &'static str, package: &'static str) -> Result<Library, LoadError> {
+    // SAFETY: librados/librbd's initialisers only set up C++ statics and are
+    // safe to run on any thread; the library is never unloaded (see `api`).
+    unsafe { Library::new(library) }.map_err(|e| LoadError {
+        library,
+        package,
+        symbol: None,
+        detail: e.to_string(),
+    })
+}
+
+impl Api {
+    fn load() -> Result<Api, LoadError> {
+        let rados = open_library(RADOS_LIB, RADOS_PKG)?;
+        let rbd = open_library(RBD_LIB, RBD_PKG)?;
+        // Looks a symbol up; the field it is assigned to gives its type,
+        // which must match the C declaration (checked by hand against the
+        // Ceph 16 headers).
+        macro_rules! sym {
+            ($lib:ident, $libname:expr, $pkg:expr, $name:ident) => {{
+                let name = concat!(stringify!($name), "\0");
+                // SAFETY: the type is the one declared in librados.h/librbd.h;
+                // the pointer is only used while the library stays loaded,
+                // which is forever (the `Library` lives in this `Api`, which
+                // lives in a static).
+                match unsafe { $lib.get(name.as_bytes()) } {
+                    Ok(s) => *s,
+                    Err(e) => {
+                        return Err(LoadError {
+                            library: $libname,
+                            package: $pkg,
+                            symbol: Some(stringify!($name)),
+                            detail: e.to_string(),
+                        })
+                    }
+                }
+            }};
+        }
+        macro_rules! rados {
+            ($name:ident) => {
+                sym!(rados, RADOS_LIB, RADOS_PKG, $name)
+            };
+        }
+        macro_rules! rbd {
+            ($name:ident) => {
+                sym!(rbd, RBD_LIB, RBD_PKG, $name)
+            };
+        }
+        Ok(Api {
+            rados_create: rados!(rados_create),
+            rados_conf_read_file: rados!(rados_conf_read_file),
+            rados_conf_parse_env: rados!(rados_conf_parse_env),
+            rados_conf_set: rados!(rados_conf_set),
+            rados_connect: rados!(rados_connect),
+            rados_shutdown: rados!(rados_shutdown),
+            rados_cluster_fsid: rados!(rados_cluster_fsid),
+            rados_ioctx_create: rados!(rados_ioctx_create),
+            rados_ioctx_destroy: rados!(rados_ioctx_destroy),
+            rados_ioctx_set_namespace: rados!(rados_ioctx_set_namespace),
+            rbd_version: rbd!(rbd_version),
+            rbd_list2: rbd!(rbd_list2),
+            rbd_image_spec_list_cleanup: rbd!(rbd_image_spec_list_cleanup),
+            rbd_image_options_create: rbd!(rbd_image_options_create),
+            rbd_image_options_destroy: rbd!(rbd_image_options_destroy),
+            rbd_image_options_set_uint64: rbd!(rbd_image_options_set_uint64),
+            rbd_create4: rbd!(rbd_create4),
+            rbd_remove: rbd!(rbd_remove),
+            rbd_open: rbd!(rbd_open),
+            rbd_open_read_only: rbd!(rbd_open_read_only),
+            rbd_close: rbd!(rbd_close),
+            rbd_stat: rbd!(rbd_stat),
+            rbd_get_size: rbd!(rbd_get_size),
+            rbd_get_features: rbd!(rbd_get_features),
+            rbd_get_flags: rbd!(rbd_get_flags),
+            rbd_get_id: rbd!(rbd_get_id),
+            rbd_snap_list: rbd!(rbd_snap_list),
+            rbd_snap_list_end: rbd!(rbd_snap_list_end),
+            rbd_snap_create: rbd!(rbd_snap_create),
+            rbd_snap_remove: rbd!(rbd_snap_remove),
+            rbd_diff_iterate2: rbd!(rbd_diff_iterate2),
+            rbd_read2: rbd!(rbd_read2),
+            rbd_write2: rbd!(rbd_write2),
+            rbd_discard: rbd!(rbd_discard),
+            rbd_resize: rbd!(rbd_resize),
+            rbd_flush: rbd!(rbd_flush),
+            _rados_lib: rados,
+            _rbd_lib: rbd,
+        })
+    }
+}
+
+/// Loads both libraries on first call; later calls return the same result.
+fn api() -> Result<&'static Api, LoadError> {
+    static API: OnceLock<Result<Api, LoadError>> = OnceLock::new();
+    API.get_or_init(Api::load).as_ref().map_err(Clone::clone)
+}
+
+/// librbd's version triple (1.16.0 for Ceph 16), loading the libraries if needed.
+pub fn librbd_version() -> Result<(i32, i32, i32), LoadError> {
+    let api = api()?;
+    let (mut major, mut minor, mut extra) = (0, 0, 0);
+    // SAFETY: three valid out-pointers.
+    unsafe { (api.rbd_version)(&mut major, &mut minor, &mut extra) };
+    Ok((major, minor, extra))
+}
+
+/// Copies a C string owned by librados/librbd (not freed here).
+///
+/// # Safety
+/// `p` is null or points to a NUL-terminated string valid for this call.
+unsafe fn string_from(p: *const c_char) -> String {
+    if p.is_null() {
+        return String::new();
+    }
+    // SAFETY: per the contract above.
+    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}
+
+fn opt_ptr(s: Option<&CStr>) -> *const c_char {
+    s.map_or(ptr::null(), CStr::as_ptr)
+}
+
+// ---------------------------------------------------------------------------
+// Cluster handles
+
+/// An owned `rados_t`, shut down on drop.
+struct RawRados {
+    api: &'static Api,
+    h: NonNull<c_void>,
+}
+
+// SAFETY: a rados_t is not tied to the thread that created it.
+unsafe impl Send for RawRados {}
+
+impl Drop for RawRados {
+    fn drop(&mut self) {
+        // SAFETY: h came from rados_create and is shut down exactly once;
+        // every IoCtx (and through it every Image) holds an Arc of the
+        // connected Rados, so none outlives this.
+        unsafe { (self.api.rados_shutdown)(self.h.as_ptr()) };
+    }
+}
+
+/// A cluster handle that is not connected yet: configuration can be read
+/// and changed, then [`RadosConfig::connect`] turns it into a [`Rados`].
+/// Dropping it releases the handle.
+pub struct RadosConfig {
+    raw: RawRados,
+}
+
+/// Failure of [`RadosConfig::create`].
+#[derive(Clone, Debug)]
+pub enum CreateError {
+    /// The libraries could not be loaded.
+    Load(LoadError),
+    /// `rados_create` failed.
+    Errno(Errno),
+}
+
+impl RadosConfig {
+    /// `rados_create(id)`: a handle for the client `client.<id>`.
+    pub fn create(id: &CStr) -> Result<RadosConfig, CreateError> {
+        let api = api().map_err(CreateError::Load)?;
+        let mut h: RadosT = ptr::null_mut();
+        // SAFETY: valid out-pointer and NUL-terminated id.
+        let r = unsafe { (api.rados_create)(&mut h, id.as_ptr()) };
+        check(r).map_err(CreateError::Errno)?;
+        let h = NonNull::new(h).ok_or(CreateError::Errno(Errno(EIO)))?;
+        Ok(RadosConfig { raw: RawRados { api, h } })
+    }
+
+    /// `rados_conf_read_file`: `None` searches Ceph's default locations.
+    pub fn read_file(&mut self, path: Option<&CStr>) -> Result<(), Errno> {
+        // SAFETY: live unconnected handle; path is null or NUL-terminated.
+        check(unsafe { (self.raw.api.rados_conf_read_file)(self.raw.h.as_ptr(), opt_ptr(path)) })
+            .map(drop)
+    }
+
+    /// `rados_conf_parse_env(NULL)`: applies `CEPH_ARGS`.
+    pub fn parse_env(&mut self) -> Result<(), Errno> {
+        // SAFETY: live unconnected handle; null selects CEPH_ARGS.
+        check(unsafe { (self.raw.api.rados_conf_parse_env)(self.raw.h.as_ptr(), ptr::null()) })
+            .map(drop)
+    }
+
+    /// `rados_conf_set(option, value)`.
+    pub fn set(&mut self, option: &CStr, value: &CStr) -> Result<(), Errno> {
+        // SAFETY: live unconnected handle; NUL-terminated strings.
+        check(unsafe {
+            (self.raw.api.rados_conf_set)(self.raw.h.as_ptr(), option.as_ptr(), value.as_ptr())
+        })
+        .map(drop)
+    }
+
+    /// `rados_connect`. On failure the handle is shut down.
+    pub fn connect(self) -> Result<Rados, Errno> {
+        // SAFETY: live handle, connected at most once (self is consumed).
+        check(unsafe { (self.raw.api.rados_connect)(self.raw.h.as_ptr()) })?;
+        Ok(Rados { raw: self.raw })
+    }
+}
+
+/// A connected cluster handle.
+pub struct Rados {
+    raw: RawRados,
+}
+
+// SAFETY: a connected rados_t may be used from several threads at once
+// (librados is thread-safe; configuration cannot be changed through `Rados`).
+unsafe impl Sync for Rados {}
+
+impl Rados {
+    /// `rados_cluster_fsid`.
+    pub fn fsid(&self) -> Result<String, Errno> {
+        let mut buf = [0 as c_char; 64];
+        // SAFETY: connected handle; buf is writable for its length (≥ 37 as required).
+        check(unsafe { (self.raw.api.rados_cluster_fsid)(self.raw.h.as_ptr(), buf.as_mut_ptr(), buf.len()) })?;
+        // make sure it is terminated whatever librados wrote
+        buf[buf.len() - 1] = 0;
+        // SAFETY: NUL-terminated buffer.
+        Ok(unsafe { string_from(buf.as_ptr()) })
+    }
+
+    /// `rados_ioctx_create(pool)` then, with `namespace`, `rados_ioctx_set_namespace`.
+    pub fn ioctx(self: &Arc<Self>, pool: &CStr, namespace: Option<&CStr>) -> Result<IoCtx, Errno> {
+        let api = self.raw.api;
+        let mut h: IoCtxT = ptr::null_mut();
+        // SAFETY: connected handle, NUL-terminated pool name, valid out-pointer.
+        check(unsafe { (api.rados_ioctx_create)(self.raw.h.as_ptr(), pool.as_ptr(), &mut h) })?;
+        let h = NonNull::new(h).ok_or(Errno(EIO))?;
+        let ioctx = IoCtx { api, h, _rados: Arc::clone(self) };
+        if let Some(ns) = namespace {
+            // SAFETY: fresh ioctx not yet shared with any other thread.
+            unsafe { (api.rados_ioctx_set_namespace)(ioctx.h.as_ptr(), ns.as_ptr()) };
+        }
+        Ok(ioctx)
+    }
+}
+
+/// An owned `rados_ioctx_t` (a pool, optionally a namespace in it),
+/// destroyed on drop; keeps its cluster connected.
+pub struct IoCtx {
+    api: &'static Api,
+    h: NonNull<c_void>,
+    _rados: Arc<Rados>,
+}
+
+// SAFETY: I/O through an ioctx is thread-safe in librados; the only
+// non-thread-safe calls (namespace, snapshot read context) are made once in
+// `Rados::ioctx` before the IoCtx is shared, and never again.
+unsafe impl Send for IoCtx {}
+// SAFETY: as above.
+unsafe impl Sync for IoCtx {}
+
+impl Drop for IoCtx {
+    fn drop(&mut self) {
+        // SAFETY: h came from rados_ioctx_create and is destroyed once; every
+        // Image opened through it holds an Arc of this IoCtx.
+        unsafe { (self.api.rados_ioctx_destroy)(self.h.as_ptr()) };
+    }
+}
+
+/// RAII for `rbd_image_options_t`.
+struct ImageOptions {
+    api: &'static Api,
+    h: ImageOptionsT,
+}
+
+impl ImageOptions {
+    fn new(api: &'static Api) -> ImageOptions {
+        let mut h: ImageOptionsT = ptr::null_mut();
+        // SAFETY: valid out-pointer.
+        unsafe { (api.rbd_image_options_create)(&mut h) };
+        ImageOptions { api, h }
+    }
+
+    fn set(&mut self, opt: c_int, value: u64) -> Result<(), Errno> {
+        // SAFETY: live options handle.
+        check(unsafe { (self.api.rbd_image_options_set_uint64)(self.h, opt, value) }).map(drop)
+    }
+}
+
+impl Drop for ImageOptions {
+    fn drop(&mut self) {
+        // SAFETY: created by rbd_image_options_create, destroyed once.
+        unsafe { (self.api.rbd_image_options_destroy)(self.h) };
+    }
+}
+
+impl IoCtx {
+    /// `rbd_list2`: the names of the images in the pool/namespace.
+    pub fn list_images(&self) -> Result<Vec<String>, Errno> {
+        let mut cap: usize = 64;
+        loop {
+            let mut specs: Vec<RbdImageSpec> = Vec::with_capacity(cap);
+            let mut n = cap;
+            // SAFETY: specs has room for `n` entries; librbd writes at most n.
+            let r = unsafe { (self.api.rbd_list2)(self.h.as_ptr(), specs.as_mut_ptr(), &mut n) };
+            if r == -ERANGE && n > cap {
+                cap = n + 16; // images may be created meanwhile
+                continue;
+            }
+            check(r)?;
+            let n = n.min(cap);
+            // SAFETY: on success librbd filled the first n entries.
+            unsafe { specs.set_len(n) };
+            // SAFETY: the names are NUL-terminated strings owned by librbd.
+            let names = specs.iter().map(|s| unsafe { string_from(s.name) }).collect();
+            // SAFETY: frees exactly the n entries librbd allocated, once.
+            unsafe { (self.api.rbd_image_spec_list_cleanup)(specs.as_mut_ptr(), n) };
+            return Ok(names);
+        }
+    }
+
+    /// `rbd_create4`: a format-2 image with the given features, object size
+    /// order (`None`: the cluster default) and optional fancy striping
+    /// `(stripe_unit, stripe_count)`.
+    pub fn create_image(
+        &self,
+        name: &CStr,
+        size: u64,
+        order: Option<u8>,
+        features: u64,
+        stripe: Option<(u64, u64)>,
+    ) -> Result<(), Errno> {
+        let mut opts = ImageOptions::new(self.api);
+        opts.set(RBD_IMAGE_OPTION_FORMAT, 2)?;
+        opts.set(RBD_IMAGE_OPTION_FEATURES, features)?;
+        if let Some(order) = order {
+            opts.set(RBD_IMAGE_OPTION_ORDER, u64::from(order))?;
+        }
+        if let Some((unit, count)) = stripe {
+            opts.set(RBD_IMAGE_OPTION_STRIPE_UNIT, unit)?;
+            opts.set(RBD_IMAGE_OPTION_STRIPE_COUNT, count)?;
+        }
+        // SAFETY: live ioctx and options, NUL-terminated name.
+        check(unsafe { (self.api.rbd_create4)(self.h.as_ptr(), name.as_ptr(), size, opts.h) }).map(drop)
+    }
+
+    /// `rbd_remove` (fails with ENOTEMPTY while the image has snapshots).
+    pub fn remove_image(&self, name: &CStr) -> Result<(), Errno> {
+        // SAFETY: live ioctx, NUL-terminated name.
+        check(unsafe { (self.api.rbd_remove)(self.h.as_ptr(), name.as_ptr()) }).map(drop)
+    }
+
+    /// `rbd_open` (`read_only` false) or `rbd_open_read_only`, at `snap` or the head.
+    pub fn open_image(
+        self: &Arc<Self>,
+        name: &CStr,
+        snap: Option<&CStr>,
+        read_only: bool,
+    ) -> Result<Image, Errno> {
+        let open = if read_only { self.api.rbd_open_read_only } else { self.api.rbd_open };
+        let mut h: ImageT = ptr::null_mut();
+        // SAFETY: live ioctx, NUL-terminated strings (snap may be null), valid out-pointer.
+        check(unsafe { open(self.h.as_ptr(), name.as_ptr(), &mut h, opt_ptr(snap)) })?;
+        let h = NonNull::new(h).ok_or(Errno(EIO))?;
+        Ok(Image { api: self.api, h, _ioctx: Arc::clone(self) })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Images
+
+/// An open `rbd_image_t`, closed on drop; keeps its IoCtx alive.
+pub struct Image {
+    api: &'static Api,
+    h: NonNull<c_void>,
+    _ioctx: Arc<IoCtx>,
+}
+
+// SAFETY: librbd image handles are internally locked: reads, writes,
+// discards, flushes, stat, snapshot create/remove/list and diff iteration may
+// run concurrently from several threads on one handle. The only call that is
+// not safe concurrently, rbd_close, needs `&mut self` (Drop).
+unsafe impl Send for Image {}
+// SAFETY: as above.
+unsafe impl Sync for Image {}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        // SAFETY: h came from rbd_open*, is closed exactly once, no borrow of
+        // self is left; the IoCtx is still alive (held by self._ioctx).
+        let r = unsafe { (self.api.rbd_close)(self.h.as_ptr()) };
+        if r < 0 {
+            tracing::warn!(errno = -r, "rbd_close failed");
+        }
+    }
+}
+
+/// What [`Image::stat`] reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stat {
+    pub size: u64,
+    pub obj_size: u64,
+    pub num_objs: u64,
+    pub order: i32,
+}
+
+/// A snapshot as `rbd_snap_list` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snap {
+    pub id: u64,
+    pub name: String,
+    pub size: u64,
+}
+
+/// The state the diff trampoline shares with `Image::diff_iterate`.
+struct DiffState<F> {
+    cb: F,
+    /// The callback returned false.
+    stopped: bool,
+    /// The callback panicked; re-raised on the calling thread.
+    panic: Option<Box<dyn Any + Send>>,
+}
+
+/// Returned to librbd to stop the iteration (librbd stops on a negative value).
+const DIFF_ABORT: c_int = -ECANCELED;
+
+/// The `extern "C"` callback handed to `rbd_diff_iterate2`. It never
+/// unwinds: a panic of the Rust callback is caught, stored, and the
+/// iteration aborted. Calls are serialised by the mutex, so even a librbd
+/// that called back from several threads could not run `F` concurrently.
+extern "C" fn diff_trampoline<F>(off: u64, len: usize, exists: c_int, arg: *mut c_void) -> c_int
+where
+    F: FnMut(u64, u64, bool) -> bool + Send,
+{
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: arg is the `&Mutex<DiffState<F>>` that `Image::diff_iterate`
+        // passed to rbd_diff_iterate2; it lives on that call's stack until
+        // rbd_diff_iterate2 returns, and librbd only calls back before that.
+        let state = unsafe { &*(arg as *const Mutex<DiffState<F>>) };
+        let Ok(mut guard) = state.lock() else {
+            return DIFF_ABORT;
+        };
+        let st = &mut *guard;
+        if st.stopped || st.panic.is_some() {
+            return DIFF_ABORT;
+        }
+        match catch_unwind(AssertUnwindSafe(|| (st.cb)(off, len as u64, exists != 0))) {
+            Ok(true) => 0,
+            Ok(false) => {
+                st.stopped = true;
+                DIFF_ABORT
+            }
+            Err(payload) => {
+                st.panic = Some(payload);
+                DIFF_ABORT
+            }
+        }
+    }));
+    outcome.unwrap_or(DIFF_ABORT)
+}
+
+impl Image {
+    /// `rbd_stat`.
+    pub fn stat(&self) -> Result<Stat, Errno> {
+        let mut info = RbdImageInfo {
+            size: 0,
+            obj_size: 0,
+            num_objs: 0,
+            order: 0,
+            block_name_prefix: [0; 24],
+            parent_pool: 0,
+            parent_name: [0; 96],
+        };
+        // SAFETY: open image, info is a correctly laid out rbd_image_info_t of the given size.
+        check(unsafe {
+            (self.api.rbd_stat)(self.h.as_ptr(), &mut info, std::mem::size_of::<RbdImageInfo>())
+        })?;
+        Ok(Stat { size: info.size, obj_size: info.obj_size, num_objs: info.num_objs, order: info.order })
+    }
+
+    fn get_u64(&self, f: unsafe extern "C" fn(ImageT, *mut u64) -> c_int) -> Result<u64, Errno> {
+        let mut v = 0u64;
+        // SAFETY: f is one of rbd_get_size/features/flags: open image, valid out-pointer.
+        check(unsafe { f(self.h.as_ptr(), &mut v) })?;
+        Ok(v)
+    }
+
+    /// `rbd_get_size`: the size of the open snapshot, or of the head.
+    pub fn size(&self) -> Result<u64, Errno> {
+        self.get_u64(self.api.rbd_get_size)
+    }
+
+    /// `rbd_get_features`.
+    pub fn features(&self) -> Result<u64, Errno> {
+        self.get_u64(self.api.rbd_get_features)
+    }
+
+    /// `rbd_get_flags` (for the open snapshot or head).
+    pub fn flags(&self) -> Result<u64, Errno> {
+        self.get_u64(self.api.rbd_get_flags)
+    }
+
+    /// `rbd_get_id`: the image's internal id (stable across renames).
+    pub fn id(&self) -> Result<String, Errno> {
+        let mut len = 64;
+        loop {
+            let mut buf = vec![0 as c_char; len];
+            // SAFETY: open image, buf writable for len bytes.
+            let r = unsafe { (self.api.rbd_get_id)(self.h.as_ptr(), buf.as_mut_ptr(), len) };
+            if r == -ERANGE && len < 1 << 16 {
+                len *= 4;
+                continue;
+            }
+            check(r)?;
+            buf[len - 1] = 0;
+            // SAFETY: NUL-terminated buffer.
+            return Ok(unsafe { string_from(buf.as_ptr()) });
+        }
+    }
+
+    /// `rbd_snap_list`: all snapshots, oldest first.
+    pub fn snaps(&self) -> Result<Vec<Snap>, Errno> {
+        let mut cap: c_int = 16;
+        loop {
+            let mut infos: Vec<RbdSnapInfo> = Vec::with_capacity(cap as usize);
+            let mut max = cap;
+            // SAFETY: infos has room for `max` entries; librbd writes at most that many.
+            let r = unsafe { (self.api.rbd_snap_list)(self.h.as_ptr(), infos.as_mut_ptr(), &mut max) };
+            if r == -ERANGE && max > cap {
+                cap = max + 8; // snapshots may be created meanwhile
+                continue;
+            }
+            let n = check(r)? as usize;
+            if n >= cap as usize {
+                return Err(Errno(EIO)); // no room for the terminator: cannot happen
+            }
+            // SAFETY: librbd zeroed all `cap` entries and filled the first n
+            // plus a terminator (name NULL).
+            unsafe { infos.set_len(n + 1) };
+            let snaps = infos[..n]
+                .iter()
+                // SAFETY: names are NUL-terminated strings owned by librbd.
+                .map(|s| Snap { id: s.id, size: s.size, name: unsafe { string_from(s.name) } })
+                .collect();
+            // SAFETY: frees the names of this list (up to the terminator), once.
+            unsafe { (self.api.rbd_snap_list_end)(infos.as_mut_ptr()) };
+            return Ok(snaps);
+        }
+    }
+
+    /// `rbd_snap_create`.
+    pub fn snap_create(&self, name: &CStr) -> Result<(), Errno> {
+        // SAFETY: open image, NUL-terminated name.
+        check(unsafe { (self.api.rbd_snap_create)(self.h.as_ptr(), name.as_ptr()) }).map(drop)
+    }
+
+    /// `rbd_snap_remove`.
+    pub fn snap_remove(&self, name: &CStr) -> Result<(), Errno> {
+        // SAFETY: open image, NUL-terminated name.
+        check(unsafe { (self.api.rbd_snap_remove)(self.h.as_ptr(), name.as_ptr()) }).map(drop)
+    }
+
+    /// `rbd_diff_iterate2`. `cb(offset, len, exists)` returns whether to go
+    /// on; returning false ends the iteration early with `Ok`. A panic in
+    /// `cb` aborts the iteration and is re-raised here.
+    pub fn diff_iterate<F>(
+        &self,
+        from_snap: Option<&CStr>,
+        offset: u64,
+        len: u64,
+        include_parent: bool,
+        whole_object: bool,
+        cb: F,
+    ) -> Result<(), Errno>
+    where
+        F: FnMut(u64, u64, bool) -> bool + Send,
+    {
+        let state = Mutex::new(DiffState { cb, stopped: false, panic: None });
+        let arg = &state as *const Mutex<DiffState<F>> as *mut c_void;
+        // SAFETY: open image; from_snap is null or NUL-terminated; the
+        // trampoline matches librbd's callback type and `arg` points to
+        // `state`, which outlives the call.
+        let r = unsafe {
+            (self.api.rbd_diff_iterate2)(
+                self.h.as_ptr(),
+                opt_ptr(from_snap),
+                offset,
+                len,
+                u8::from(include_parent),
+                u8::from(whole_object),
+                diff_trampoline::<F>,
+                arg,
+            )
+        };
+        let st = state.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(payload) = st.panic {
+            resume_unwind(payload);
+        }
+        if st.stopped {
+            return Ok(());
+        }
+        check(r).map(drop)
+    }
+
+    /// One `rbd_read2` call of at most 1 GiB: the number of bytes read
+    /// (fewer than asked at the end of the image).
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
+        let len = buf.len().min(MAX_IO);
+        // SAFETY: open image; buf is writable for len bytes.
+        check_size(unsafe { (self.api.rbd_read2)(self.h.as_ptr(), offset, len, buf.as_mut_ptr().cast(), 0) })
+    }
+
+    /// One `rbd_write2` call of at most 1 GiB: the number of bytes written.
+    pub fn write(&self, offset: u64, buf: &[u8]) -> Result<usize, Errno> {
+        let len = buf.len().min(MAX_IO);
+        // SAFETY: open image; buf is readable for len bytes and librbd copies
+        // it before returning (synchronous call).
+        check_size(unsafe { (self.api.rbd_write2)(self.h.as_ptr(), offset, len, buf.as_ptr().cast(), 0) })
+    }
+
+    /// One `rbd_discard` call; `len` must be at most [`MAX_DISCARD`]
+    /// (librbd refuses more than `INT_MAX`).
+    pub fn discard(&self, offset: u64, len: u64) -> Result<(), Errno> {
+        if len > MAX_DISCARD {
+            return Err(Errno(EINVAL));
+        }
+        // SAFETY: open image.
+        check(unsafe { (self.api.rbd_discard)(self.h.as_ptr(), offset, len) }).map(drop)
+    }
+
+    /// `rbd_resize`.
+    pub fn resize(&self, size: u64) -> Result<(), Errno> {
+        // SAFETY: open image.
+        check(unsafe { (self.api.rbd_resize)(self.h.as_ptr(), size) }).map(drop)
+    }
+
+    /// `rbd_flush`.
+    pub fn flush(&self) -> Result<(), Errno> {
+        // SAFETY: open image.
+        check(unsafe { (self.api.rbd_flush)(self.h.as_ptr()) }).map(drop)
+    }
+}
