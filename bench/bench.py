@@ -36,6 +36,13 @@ PASSWORD = "blockvault-bench"  # throwaway repositories only
 T0 = time.monotonic()
 
 
+BUDGET_S = None   # seconds for the whole run (--budget), None = unlimited
+
+
+def budget_left():
+    return float("inf") if BUDGET_S is None else BUDGET_S - (time.monotonic() - T0)
+
+
 def log(msg):
     el = time.monotonic() - T0
     print("[bench %3d:%02d] %s" % (el // 60, el % 60, msg), file=sys.stderr, flush=True)
@@ -192,8 +199,10 @@ class Blockvault(Tool):
                     '[[image]]\nname = "disk"\nsource = "%s"\n' % (self.store, self.catalog, url))
         self.env = dict(os.environ, **(extra_env or {}))
 
+    no_progress = False
+
     def base(self):
-        return [self.binary, "--config", self.cfg]
+        return [self.binary, "--config", self.cfg] + (["--no-progress"] if self.no_progress else [])
 
     def init(self):
         return [self.base() + ["init"]]
@@ -369,6 +378,7 @@ def setup_blockvault(args, logdir):
     if h.returncode != 0 or missing:
         return None, "", "CLI not ready (`blockvault --help` lacks %s): %s" % (
             ", ".join(missing) or "?", tail(h.stdout + h.stderr, 2))
+    Blockvault.no_progress = "--no-progress" in h.stdout
     v = out_of([Blockvault.binary, "--version"]) or out_of(["git", "-C", REPO, "rev-parse", "--short", "HEAD"])
     return Blockvault, v, ""
 
@@ -478,10 +488,39 @@ def place(src_img, path):
 STEPS = [
     ("ext4-base", "ext4 base: first backup"),
     ("ext4-day2", "ext4 day 2: incremental"),
-    ("ext4-restore", "restore day 2 to a file (cmp ok)"),
+    ("ext4-restore", "restore day 2 to a file (verified)"),
     ("random", "random: first backup"),
     ("sparse", "sparse: first backup"),
 ]
+
+
+def next_data(fd, pos):
+    try:
+        return os.lseek(fd, pos, os.SEEK_DATA)
+    except OSError:   # ENXIO: only a hole after pos (or SEEK_DATA unsupported)
+        return None if hasattr(os, "SEEK_DATA") else pos
+
+
+def same_content(a, b, block=4 << 20):
+    """Byte-for-byte comparison like `cmp -s a b`, in 4 MiB reads, skipping
+    blocks that are holes in both files (GNU cmp reads 4 KiB at a time and
+    needs over a minute per 4 GiB sparse pair on this machine)."""
+    size = os.path.getsize(a)
+    if size != os.path.getsize(b):
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        da, db = fa.fileno(), fb.fileno()
+        pos = 0
+        while pos < size:
+            n = min(block, size - pos)
+            na, nb = next_data(da, pos), next_data(db, pos)
+            if (na is None or na >= pos + n) and (nb is None or nb >= pos + n):
+                pos += n
+                continue
+            if os.pread(da, n, pos) != os.pread(db, n, pos):
+                return False
+            pos += n
+    return True
 
 
 def find_file(root, name):
@@ -558,8 +597,8 @@ class Runner:
                         dest = find_file(dest_dir, os.path.basename(self.src)) or dest
                     if not dest or not os.path.exists(dest):
                         s["ok"], s["error"] = False, "restored file not found under " + dest_dir
-                    elif sh(["cmp", "-s", dest, self.img("day2.img")], check=False).returncode != 0:
-                        s["ok"], s["error"] = False, "restored image differs from day2.img (cmp)"
+                    elif not same_content(dest, self.img("day2.img")):
+                        s["ok"], s["error"] = False, "restored image differs from day2.img"
                     s["verified"] = s["ok"]
                 self.record("ext4-restore", name, s)
                 rmtree(dest_dir)
@@ -575,9 +614,23 @@ class Runner:
         self.backup(t, rep, name, step, step)
         rmtree(work)
 
-    def run(self):
+    def run(self, reserve=0.0):
+        """All repetitions; stops early (and says so in self.note) when one
+        more repetition would not fit in --budget minutes, keeping `reserve`
+        seconds for what follows (the RBD section)."""
         names = list(self.tools)
+        self.reps_done = 0
+        self.note = ""
+        longest = 0.0
         for rep in range(1, self.args.reps + 1):
+            left = budget_left() - reserve
+            if rep > 1 and left < longest:
+                self.note = ("stopped after %d of %d repetitions: one more (~%.1f min each on this machine "
+                             "right now) would overrun the %g min budget (`--budget`)" % (
+                                 rep - 1, self.args.reps, longest / 60, self.args.budget))
+                log(self.note)
+                break
+            t_rep = time.monotonic()
             log("repetition %d/%d: ext4 base + day 2 + restore" % (rep, self.args.reps))
             for n in names:
                 self.scenario_ext4(n, rep)
@@ -587,6 +640,8 @@ class Runner:
             log("repetition %d/%d: sparse image" % (rep, self.args.reps))
             for n in names:
                 self.scenario_single(n, rep, "sparse.img", "sparse")
+            self.reps_done = rep
+            longest = max(longest, time.monotonic() - t_rep)
         rmtree(self.src)
         rmtree(self.work_root)
 
@@ -741,6 +796,9 @@ class RbdBench:
             self.rbd("import", "--no-progress", "--image-format", "2", *feats, base, img)
             bv = self.bv_start(img, "main", "blockvault first backup (full read)")
             for rep in range(1, self.args.reps + 1):
+                if rep > 1 and budget_left() < 60:
+                    self.notes.append("stopped after %d repetitions: out of --budget" % (rep - 1))
+                    break
                 log("rbd repetition %d/%d: rewrite %s, export-diff, blockvault incremental" % (rep, self.args.reps, rewrite))
                 self.rewrite(img, rep, rewrite)
                 snaps = "--from-snap a%d %s@b%d" % (rep, spec, rep)
@@ -772,6 +830,9 @@ class RbdBench:
                 self.rbd("create", "--size", sz, *feats, img)
                 bv = self.bv_start(img, "scale-" + sz, "scaling %s: blockvault first backup" % sz)
                 for rep in range(1, self.args.reps + 1):
+                    if rep > 1 and budget_left() < 30:
+                        self.notes.append("scaling %s: stopped after %d repetitions: out of --budget" % (sz, rep - 1))
+                        break
                     self.rewrite(img, rep, writes)
                     self.timed_shell("scaling %s: rbd export-diff > /dev/null" % sz,
                                      "rbd export-diff --no-progress --from-snap a%d %s@b%d - > /dev/null" % (rep, spec, rep), rep)
@@ -906,9 +967,12 @@ def write_report(path, args, cmdline, minfo, data, tool_info, runner, rbd, total
              "Store size is `du -sb` of the repository (blockvault: store + catalog; Benji: storage + SQLite; "
              "restic/borg client caches excluded).")
     L.append("")
-    L.append("Page cache: %s. Repetitions: %d (alternating tools), figures are medians. %s" % (
+    L.append("Page cache: %s. Repetitions: %d of %d asked (alternating tools), figures are medians. %s" % (
         "dropped before every timed command (`echo 3 > /proc/sys/vm/drop_caches`), so reads are cold"
-        if Cache.can_drop else "could NOT be dropped, runs are warm", args.reps, build_note))
+        if Cache.can_drop else "could NOT be dropped, runs are warm", runner.reps_done, args.reps, build_note))
+    if runner.note:
+        L.append("")
+        L.append("**Note:** " + runner.note + ".")
     L.append("")
     L.append("## Disk images")
     L.append("")
@@ -917,7 +981,7 @@ def write_report(path, args, cmdline, minfo, data, tool_info, runner, rbd, total
     L.extend(table_rows(STEPS, names, runner.samples))
     L.append("")
     L.append("CPU = user + system time of the process and its children; peak RSS = largest process "
-             "(`/usr/bin/time -v`). Restore writes a new file and is checked with `cmp` against day2.img (untimed).")
+             "(`/usr/bin/time -v`). Restore writes a new file, compared byte for byte with day2.img afterwards (untimed; a `cmp` that skips holes common to both files, GNU cmp being too slow on 4 GiB sparse files here).")
     L.append("")
     L.append("## RBD (`rbd export-diff` vs blockvault)")
     L.append("")
@@ -957,7 +1021,8 @@ def write_report(path, args, cmdline, minfo, data, tool_info, runner, rbd, total
             L.append("")
             L.append("- " + n)
     L.append("")
-    L.append("Whole run: %.1f min (data check %.0f s)." % (total_s / 60, data.get("check_seconds", 0)))
+    L.append("Whole run: %.1f min (data check %.0f s); load average at the end %.1f/%.1f/%.1f." % (
+        total_s / 60, data.get("check_seconds", 0), *os.getloadavg()))
     L.append("")
     text = "\n".join(L)
     with open(path, "w") as f:
@@ -974,6 +1039,9 @@ def main():
     ap.add_argument("--reps", type=int, default=None, help="repetitions per measurement (default 3; 1 with --smoke)")
     ap.add_argument("--tools", default="blockvault,restic,borg,benji,rustic",
                     help="comma-separated subset (rustic only runs if installed or BENCH_RUSTIC=1)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="minutes for the whole run (default 20; 0 = no limit): repetitions that would "
+                         "overrun it are left out, and the report says so")
     ap.add_argument("--no-build", action="store_true", help="use the existing target/release/blockvault")
     ap.add_argument("--no-rbd", action="store_true", help="skip the RBD section")
     ap.add_argument("--ceph", action="store_true",
@@ -985,6 +1053,10 @@ def main():
         args.reps = 1 if args.smoke else 3
     if args.reps < 1:
         ap.error("--reps must be >= 1")
+    if args.budget is None:
+        args.budget = 20.0
+    global BUDGET_S
+    BUDGET_S = args.budget * 60 if args.budget > 0 else None
     if os.geteuid() != 0:
         sys.exit("bench: must run as root (loop mounts, chroot, drop_caches)")
     report = args.out or (os.path.join(OUT, "results-smoke.md") if args.smoke else os.path.join(BENCH, "results.md"))
@@ -1021,7 +1093,9 @@ def main():
     if not Cache.can_drop:
         log("cannot drop the page cache: runs are warm")
     runner = Runner(args, data, tools, logdir)
-    runner.run()
+    want_rbd = not args.no_rbd and (os.environ.get("CEPH_CONF") or args.ceph)
+    # keep time for the RBD section: ~4 min full, ~1 min smoke
+    runner.run(reserve=(60 if args.smoke else 240) if want_rbd else 0)
 
     rbd = None
     if not args.no_rbd:
