@@ -78,7 +78,12 @@ pub struct CephOptions {
 
 impl Default for CephOptions {
     fn default() -> Self {
-        CephOptions { conf: None, client_id: "admin".into(), keyring: None, timeout_secs: DEFAULT_TIMEOUT_SECS }
+        CephOptions {
+            conf: None,
+            client_id: "admin".into(),
+            keyring: None,
+            timeout_secs: DEFAULT_TIMEOUT_SECS,
+        }
     }
 }
 
@@ -159,11 +164,19 @@ pub struct RbdError {
 
 impl RbdError {
     fn errno(op: Op, object: impl Into<String>, errno: ffi::Errno) -> RbdError {
-        RbdError { op, object: object.into(), cause: Cause::Errno(errno.0) }
+        RbdError {
+            op,
+            object: object.into(),
+            cause: Cause::Errno(errno.0),
+        }
     }
 
     fn invalid(op: Op, object: impl Into<String>, why: impl Into<String>) -> RbdError {
-        RbdError { op, object: object.into(), cause: Cause::Invalid(why.into()) }
+        RbdError {
+            op,
+            object: object.into(),
+            cause: Cause::Invalid(why.into()),
+        }
     }
 
     /// The failed operation.
@@ -196,14 +209,20 @@ impl RbdError {
 
     /// A few words on what an errno usually means for this operation.
     fn hint(&self) -> Option<&'static str> {
-        let Cause::Errno(e) = self.cause else { return None };
+        let Cause::Errno(e) = self.cause else {
+            return None;
+        };
         Some(match (self.op, e) {
             (Op::OpenPool, 2) => "the pool does not exist",
-            (Op::OpenImage, 2) if self.object.contains('@') => "the image or snapshot does not exist",
+            (Op::OpenImage, 2) if self.object.contains('@') => {
+                "the image or snapshot does not exist"
+            }
             (Op::OpenImage | Op::RemoveImage, 2) => "the image does not exist",
             (Op::RemoveSnap | Op::Diff, 2) => "the snapshot does not exist",
             (Op::ReadConf, 2) => "the file does not exist",
-            (Op::Connect, 2) => "no keyring or key for this client (set keyring in ceph.conf or pass one)",
+            (Op::Connect, 2) => {
+                "no keyring or key for this client (set keyring in ceph.conf or pass one)"
+            }
             (Op::Connect, 1 | 13) => "authentication refused (wrong client id or key?)",
             (Op::Connect, ETIMEDOUT) => {
                 "no monitor answered in time (is the cluster up? is mon_host in ceph.conf right?)"
@@ -228,7 +247,11 @@ impl fmt::Display for RbdError {
             Cause::Errno(e) => {
                 let text = std::io::Error::from_raw_os_error(*e).to_string();
                 let suffix = format!(" (os error {e})");
-                write!(f, "{} (errno {e})", text.strip_suffix(&suffix).unwrap_or(&text))?;
+                write!(
+                    f,
+                    "{} (errno {e})",
+                    text.strip_suffix(&suffix).unwrap_or(&text)
+                )?;
                 if let Some(hint) = self.hint() {
                     write!(f, "; {hint}")?;
                 }
@@ -244,13 +267,17 @@ impl fmt::Display for RbdError {
 pub type Result<T, E = RbdError> = std::result::Result<T, E>;
 
 fn c_string(op: Op, object: &str, what: &str, s: &str) -> Result<CString> {
-    CString::new(s).map_err(|_| RbdError::invalid(op, object, format!("the {what} contains a NUL byte")))
+    CString::new(s)
+        .map_err(|_| RbdError::invalid(op, object, format!("the {what} contains a NUL byte")))
 }
 
 /// librbd's version, e.g. `(1, 16, 0)` for Ceph 16; loads the libraries.
 pub fn librbd_version() -> Result<(i32, i32, i32)> {
-    ffi::librbd_version()
-        .map_err(|l| RbdError { op: Op::Version, object: "librbd".into(), cause: Cause::Library(l) })
+    ffi::librbd_version().map_err(|l| RbdError {
+        op: Op::Version,
+        object: "librbd".into(),
+        cause: Cause::Library(l),
+    })
 }
 
 /// A connection to a Ceph cluster; shut down when the last handle derived
@@ -263,7 +290,9 @@ pub struct Cluster {
 
 impl fmt::Debug for Cluster {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Cluster").field("client", &self.who).finish_non_exhaustive()
+        f.debug_struct("Cluster")
+            .field("client", &self.who)
+            .finish_non_exhaustive()
     }
 }
 
@@ -273,7 +302,10 @@ impl Cluster {
     /// `$CEPH_ARGS`, then `opts`. With `opts.timeout_secs > 0` an unreachable
     /// cluster fails within about that time.
     pub fn connect(opts: &CephOptions) -> Result<Arc<Cluster>> {
-        let id = opts.client_id.strip_prefix("client.").unwrap_or(&opts.client_id);
+        let id = opts
+            .client_id
+            .strip_prefix("client.")
+            .unwrap_or(&opts.client_id);
         let conf = match &opts.conf {
             Some(p) => p.clone(),
             None => match std::env::var_os("CEPH_CONF").filter(|v| !v.is_empty()) {
@@ -283,18 +315,28 @@ impl Cluster {
         };
         let who = format!("client.{id} (conf {})", conf.display());
         if id.is_empty() {
-            return Err(RbdError::invalid(Op::Connect, who, "the client id is empty"));
+            return Err(RbdError::invalid(
+                Op::Connect,
+                who,
+                "the client id is empty",
+            ));
         }
         let c_id = c_string(Op::Connect, &who, "client id", id)?;
         let mut cfg = ffi::RadosConfig::create(&c_id).map_err(|e| match e {
-            ffi::CreateError::Load(l) => RbdError { op: Op::Connect, object: who.clone(), cause: Cause::Library(l) },
+            ffi::CreateError::Load(l) => RbdError {
+                op: Op::Connect,
+                object: who.clone(),
+                cause: Cause::Library(l),
+            },
             ffi::CreateError::Errno(e) => RbdError::errno(Op::Connect, who.clone(), e),
         })?;
 
         let conf_str = conf.to_string_lossy();
         let c_conf = c_string(Op::ReadConf, &conf_str, "path", &conf_str)?;
-        cfg.read_file(Some(&c_conf)).map_err(|e| RbdError::errno(Op::ReadConf, conf_str.clone(), e))?;
-        cfg.parse_env().map_err(|e| RbdError::errno(Op::ReadConf, "$CEPH_ARGS", e))?;
+        cfg.read_file(Some(&c_conf))
+            .map_err(|e| RbdError::errno(Op::ReadConf, conf_str.clone(), e))?;
+        cfg.parse_env()
+            .map_err(|e| RbdError::errno(Op::ReadConf, "$CEPH_ARGS", e))?;
 
         let mut settings: Vec<(&str, String)> = Vec::new();
         if let Some(k) = &opts.keyring {
@@ -310,16 +352,24 @@ impl Cluster {
             let object = format!("{key}={value}");
             let k = c_string(Op::SetConf, &object, "option", key)?;
             let v = c_string(Op::SetConf, &object, "value", &value)?;
-            cfg.set(&k, &v).map_err(|e| RbdError::errno(Op::SetConf, object.clone(), e))?;
+            cfg.set(&k, &v)
+                .map_err(|e| RbdError::errno(Op::SetConf, object.clone(), e))?;
         }
 
-        let rados = cfg.connect().map_err(|e| RbdError::errno(Op::Connect, who.clone(), e))?;
-        Ok(Arc::new(Cluster { rados: Arc::new(rados), who }))
+        let rados = cfg
+            .connect()
+            .map_err(|e| RbdError::errno(Op::Connect, who.clone(), e))?;
+        Ok(Arc::new(Cluster {
+            rados: Arc::new(rados),
+            who,
+        }))
     }
 
     /// The cluster's fsid (a UUID), which identifies it across renames and moves.
     pub fn fsid(&self) -> Result<String> {
-        self.rados.fsid().map_err(|e| RbdError::errno(Op::Fsid, self.who.clone(), e))
+        self.rados
+            .fsid()
+            .map_err(|e| RbdError::errno(Op::Fsid, self.who.clone(), e))
     }
 
     /// Opens `pool` (and `namespace` in it; `None` or `""` is the default
@@ -331,12 +381,17 @@ impl Cluster {
             None => pool.to_string(),
         };
         let c_pool = c_string(Op::OpenPool, &object, "pool name", pool)?;
-        let c_ns = namespace.map(|ns| c_string(Op::OpenPool, &object, "namespace", ns)).transpose()?;
+        let c_ns = namespace
+            .map(|ns| c_string(Op::OpenPool, &object, "namespace", ns))
+            .transpose()?;
         let raw = self
             .rados
             .ioctx(&c_pool, c_ns.as_deref())
             .map_err(|e| RbdError::errno(Op::OpenPool, object.clone(), e))?;
-        Ok(IoCtx { raw: Arc::new(raw), prefix: object })
+        Ok(IoCtx {
+            raw: Arc::new(raw),
+            prefix: object,
+        })
     }
 }
 
@@ -351,7 +406,9 @@ pub struct IoCtx {
 
 impl fmt::Debug for IoCtx {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IoCtx").field("pool", &self.prefix).finish_non_exhaustive()
+        f.debug_struct("IoCtx")
+            .field("pool", &self.prefix)
+            .finish_non_exhaustive()
     }
 }
 
@@ -370,13 +427,21 @@ impl IoCtx {
 
     /// The names of the images in the pool/namespace (unsorted).
     pub fn list_images(&self) -> Result<Vec<String>> {
-        self.raw.list_images().map_err(|e| RbdError::errno(Op::ListImages, self.prefix.clone(), e))
+        self.raw
+            .list_images()
+            .map_err(|e| RbdError::errno(Op::ListImages, self.prefix.clone(), e))
     }
 
     /// Creates a format-2 image of `size` bytes with `features` (e.g.
     /// [`FEATURES_DEFAULT`]) and objects of `2^order` bytes (`None`: the
     /// cluster default, normally 22 = 4 MiB).
-    pub fn create_image(&self, name: &str, size: u64, order: Option<u8>, features: u64) -> Result<()> {
+    pub fn create_image(
+        &self,
+        name: &str,
+        size: u64,
+        order: Option<u8>,
+        features: u64,
+    ) -> Result<()> {
         self.create(name, size, order, features, None)
     }
 
@@ -391,10 +456,23 @@ impl IoCtx {
         stripe_unit: u64,
         stripe_count: u64,
     ) -> Result<()> {
-        self.create(name, size, order, features | FEATURE_STRIPINGV2, Some((stripe_unit, stripe_count)))
+        self.create(
+            name,
+            size,
+            order,
+            features | FEATURE_STRIPINGV2,
+            Some((stripe_unit, stripe_count)),
+        )
     }
 
-    fn create(&self, name: &str, size: u64, order: Option<u8>, features: u64, stripe: Option<(u64, u64)>) -> Result<()> {
+    fn create(
+        &self,
+        name: &str,
+        size: u64,
+        order: Option<u8>,
+        features: u64,
+        stripe: Option<(u64, u64)>,
+    ) -> Result<()> {
         let spec = self.image_spec(name, None);
         let c_name = c_string(Op::CreateImage, &spec, "image name", name)?;
         self.raw
@@ -406,7 +484,9 @@ impl IoCtx {
     pub fn remove_image(&self, name: &str) -> Result<()> {
         let spec = self.image_spec(name, None);
         let c_name = c_string(Op::RemoveImage, &spec, "image name", name)?;
-        self.raw.remove_image(&c_name).map_err(|e| RbdError::errno(Op::RemoveImage, spec, e))
+        self.raw
+            .remove_image(&c_name)
+            .map_err(|e| RbdError::errno(Op::RemoveImage, spec, e))
     }
 
     /// Opens an image read-only, at snapshot `snap` or at the head.
@@ -422,12 +502,20 @@ impl IoCtx {
     fn open_image(&self, name: &str, snap: Option<&str>, read_only: bool) -> Result<Image> {
         let spec = self.image_spec(name, snap);
         let c_name = c_string(Op::OpenImage, &spec, "image name", name)?;
-        let c_snap = snap.map(|s| c_string(Op::OpenImage, &spec, "snapshot name", s)).transpose()?;
+        let c_snap = snap
+            .map(|s| c_string(Op::OpenImage, &spec, "snapshot name", s))
+            .transpose()?;
         let raw = self
             .raw
             .open_image(&c_name, c_snap.as_deref(), read_only)
             .map_err(|e| RbdError::errno(Op::OpenImage, spec.clone(), e))?;
-        Ok(Image { raw, ioctx: self.clone(), name: name.to_string(), spec, read_only })
+        Ok(Image {
+            raw,
+            ioctx: self.clone(),
+            name: name.to_string(),
+            spec,
+            read_only,
+        })
     }
 }
 
@@ -455,7 +543,10 @@ pub struct Image {
 
 impl fmt::Debug for Image {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Image").field("spec", &self.spec).field("read_only", &self.read_only).finish_non_exhaustive()
+        f.debug_struct("Image")
+            .field("spec", &self.spec)
+            .field("read_only", &self.read_only)
+            .finish_non_exhaustive()
     }
 }
 
@@ -490,7 +581,10 @@ impl Image {
 
     /// Bytes per RADOS object (4 MiB by default).
     pub fn object_size(&self) -> Result<u64> {
-        self.raw.stat().map(|s| s.obj_size).map_err(|e| self.err(Op::Info, e))
+        self.raw
+            .stat()
+            .map(|s| s.obj_size)
+            .map_err(|e| self.err(Op::Info, e))
     }
 
     /// Feature bits ([`FEATURE_OBJECT_MAP`], [`FEATURE_FAST_DIFF`]…).
@@ -517,7 +611,11 @@ impl Image {
             .snaps()
             .map_err(|e| self.err(Op::ListSnaps, e))?
             .into_iter()
-            .map(|s| SnapInfo { id: s.id, name: s.name, size: s.size })
+            .map(|s| SnapInfo {
+                id: s.id,
+                name: s.name,
+                size: s.size,
+            })
             .collect();
         snaps.sort_by_key(|s| s.id);
         Ok(snaps)
@@ -528,14 +626,18 @@ impl Image {
     pub fn create_snap(&self, name: &str) -> Result<()> {
         let spec = self.snap_spec(name);
         let c = c_string(Op::CreateSnap, &spec, "snapshot name", name)?;
-        self.raw.snap_create(&c).map_err(|e| RbdError::errno(Op::CreateSnap, spec, e))
+        self.raw
+            .snap_create(&c)
+            .map_err(|e| RbdError::errno(Op::CreateSnap, spec, e))
     }
 
     /// Removes snapshot `name` (the image must be opened with [`IoCtx::open_rw`]).
     pub fn remove_snap(&self, name: &str) -> Result<()> {
         let spec = self.snap_spec(name);
         let c = c_string(Op::RemoveSnap, &spec, "snapshot name", name)?;
-        self.raw.snap_remove(&c).map_err(|e| RbdError::errno(Op::RemoveSnap, spec, e))
+        self.raw
+            .snap_remove(&c)
+            .map_err(|e| RbdError::errno(Op::RemoveSnap, spec, e))
     }
 
     /// Reports the extents of `[offset, offset + len)` that changed between
@@ -552,7 +654,14 @@ impl Image {
     /// existed at `from_snap`; elsewhere they run from the object start to
     /// its last written byte. A panic in `cb` stops the iteration and is
     /// re-raised here.
-    pub fn diff_iterate<F>(&self, from_snap: Option<&str>, offset: u64, len: u64, whole_object: bool, cb: F) -> Result<()>
+    pub fn diff_iterate<F>(
+        &self,
+        from_snap: Option<&str>,
+        offset: u64,
+        len: u64,
+        whole_object: bool,
+        cb: F,
+    ) -> Result<()>
     where
         F: FnMut(u64, u64, bool) -> bool + Send,
     {
@@ -560,7 +669,9 @@ impl Image {
             Some(s) => format!("{} from @{s}", self.spec),
             None => self.spec.clone(),
         };
-        let c_from = from_snap.map(|s| c_string(Op::Diff, &object, "snapshot name", s)).transpose()?;
+        let c_from = from_snap
+            .map(|s| c_string(Op::Diff, &object, "snapshot name", s))
+            .transpose()?;
         self.raw
             .diff_iterate(c_from.as_deref(), offset, len, true, whole_object, cb)
             .map_err(|e| RbdError::errno(Op::Diff, object, e))
@@ -592,8 +703,14 @@ impl Image {
     }
 
     fn past_end(&self, off: u64, len: usize) -> RbdError {
-        let size = self.size().map_or_else(|_| "?".to_string(), |s| s.to_string());
-        RbdError::invalid(Op::Read, self.range(off, len), format!("reads past the end of the image ({size} bytes)"))
+        let size = self
+            .size()
+            .map_or_else(|_| "?".to_string(), |s| s.to_string());
+        RbdError::invalid(
+            Op::Read,
+            self.range(off, len),
+            format!("reads past the end of the image ({size} bytes)"),
+        )
     }
 
     /// Writes all of `buf` at offset `off` (head opened with [`IoCtx::open_rw`]).
@@ -605,7 +722,11 @@ impl Image {
                 .write(off + done as u64, &buf[done..])
                 .map_err(|e| RbdError::errno(Op::Write, self.range(off, buf.len()), e))?;
             if n == 0 {
-                return Err(RbdError::invalid(Op::Write, self.range(off, buf.len()), "librbd wrote 0 bytes"));
+                return Err(RbdError::invalid(
+                    Op::Write,
+                    self.range(off, buf.len()),
+                    "librbd wrote 0 bytes",
+                ));
             }
             done += n;
         }
@@ -618,9 +739,9 @@ impl Image {
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(ffi::MAX_DISCARD);
-            self.raw
-                .discard(off + done, n)
-                .map_err(|e| RbdError::errno(Op::Discard, format!("{} at {off}+{len}", self.spec), e))?;
+            self.raw.discard(off + done, n).map_err(|e| {
+                RbdError::errno(Op::Discard, format!("{} at {off}+{len}", self.spec), e)
+            })?;
             done += n;
         }
         Ok(())
@@ -628,7 +749,9 @@ impl Image {
 
     /// Grows or shrinks the image to `size` bytes.
     pub fn resize(&self, size: u64) -> Result<()> {
-        self.raw.resize(size).map_err(|e| RbdError::errno(Op::Resize, format!("{} to {size}", self.spec), e))
+        self.raw
+            .resize(size)
+            .map_err(|e| RbdError::errno(Op::Resize, format!("{} to {size}", self.spec), e))
     }
 
     /// Waits until every write made through this handle is durable.
@@ -669,8 +792,15 @@ mod tests {
 
     fn unique(tag: &str) -> String {
         static N: AtomicU32 = AtomicU32::new(0);
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-        format!("bvtest-{tag}-{}-{nanos}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        format!(
+            "bvtest-{tag}-{}-{nanos}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        )
     }
 
     /// A test image, removed with its snapshots on drop.
@@ -681,9 +811,13 @@ mod tests {
 
     impl TestImage {
         fn create(tag: &str, size: u64, features: u64) -> TestImage {
-            let ioctx = connect().ioctx(POOL, None).unwrap_or_else(|e| panic!("{e}"));
+            let ioctx = connect()
+                .ioctx(POOL, None)
+                .unwrap_or_else(|e| panic!("{e}"));
             let name = unique(tag);
-            ioctx.create_image(&name, size, Some(22), features).unwrap_or_else(|e| panic!("{e}"));
+            ioctx
+                .create_image(&name, size, Some(22), features)
+                .unwrap_or_else(|e| panic!("{e}"));
             TestImage { ioctx, name }
         }
     }
@@ -702,7 +836,9 @@ mod tests {
     }
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
-        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1).collect()
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
+            .collect()
     }
 
     fn extents(img: &Image, from: Option<&str>, whole_object: bool) -> Vec<(u64, u64, bool)> {
@@ -750,14 +886,22 @@ mod tests {
         let t = TestImage::create("nosnap", 4 * MIB, FEATURE_LAYERING);
         let err = t.ioctx.open(&t.name, Some("nope")).unwrap_err();
         assert!(err.is_not_found());
-        assert!(err.to_string().starts_with(&format!("rbd open rbd/{}@nope: No such file", t.name)), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("rbd open rbd/{}@nope: No such file", t.name)),
+            "{err}"
+        );
         let err = ioctx.remove_image("bv-no-such-image").unwrap_err();
-        assert!(err.to_string().contains("rbd rm rbd/bv-no-such-image"), "{err}");
+        assert!(
+            err.to_string().contains("rbd rm rbd/bv-no-such-image"),
+            "{err}"
+        );
     }
 
     #[test]
     fn write_read_snapshots_and_diffs() {
-        let features = FEATURE_LAYERING | FEATURE_EXCLUSIVE_LOCK | FEATURE_OBJECT_MAP | FEATURE_FAST_DIFF;
+        let features =
+            FEATURE_LAYERING | FEATURE_EXCLUSIVE_LOCK | FEATURE_OBJECT_MAP | FEATURE_FAST_DIFF;
         let t = TestImage::create("diff", 64 * MIB, features);
         assert!(t.ioctx.list_images().unwrap().contains(&t.name));
 
@@ -765,7 +909,10 @@ mod tests {
         assert_eq!(img.size().unwrap(), 64 * MIB);
         assert_eq!(img.object_size().unwrap(), 4 * MIB);
         assert_eq!(img.features().unwrap() & features, features);
-        assert_eq!(img.flags().unwrap() & (FLAG_OBJECT_MAP_INVALID | FLAG_FAST_DIFF_INVALID), 0);
+        assert_eq!(
+            img.flags().unwrap() & (FLAG_OBJECT_MAP_INVALID | FLAG_FAST_DIFF_INVALID),
+            0
+        );
         assert!(!img.id().unwrap().is_empty());
 
         // s1: data in object 0 ([0, 1 MiB)) and object 1 ([4 MiB, 4 MiB + 64 KiB))
@@ -787,10 +934,19 @@ mod tests {
         let s2 = t.ioctx.open(&t.name, Some("s2")).unwrap();
         assert!(s2.is_read_only());
         assert_eq!(s2.spec(), format!("rbd/{}@s2", t.name));
-        assert_eq!(extents(&s2, Some("s1"), false), vec![(4 * MIB + 12288, 8192, true)]);
-        assert_eq!(extents(&s2, Some("s1"), true), vec![(4 * MIB, 4 * MIB, true)]);
+        assert_eq!(
+            extents(&s2, Some("s1"), false),
+            vec![(4 * MIB + 12288, 8192, true)]
+        );
+        assert_eq!(
+            extents(&s2, Some("s1"), true),
+            vec![(4 * MIB, 4 * MIB, true)]
+        );
         // from the beginning: object 0 up to its last byte, object 1 likewise
-        assert_eq!(extents(&s2, None, false), vec![(0, MIB, true), (4 * MIB, 64 << 10, true)]);
+        assert_eq!(
+            extents(&s2, None, false),
+            vec![(0, MIB, true), (4 * MIB, 64 << 10, true)]
+        );
 
         // the snapshots read their own contents
         let s1 = t.ioctx.open(&t.name, Some("s1")).unwrap();
@@ -811,7 +967,10 @@ mod tests {
         img.create_snap("s3").unwrap();
         let s3 = t.ioctx.open(&t.name, Some("s3")).unwrap();
         let d = extents(&s3, Some("s2"), false);
-        assert!(!d.is_empty() && d.iter().all(|&(o, l, e)| !e && o + l <= 4 * MIB), "{d:?}");
+        assert!(
+            !d.is_empty() && d.iter().all(|&(o, l, e)| !e && o + l <= 4 * MIB),
+            "{d:?}"
+        );
         assert_eq!(d[0].0, 0);
         assert_eq!(extents(&s3, Some("s2"), true), vec![(0, 4 * MIB, false)]);
         let mut zeros = vec![1u8; MIB as usize];
@@ -825,7 +984,13 @@ mod tests {
         let names: Vec<_> = img.snaps().unwrap().into_iter().map(|s| s.name).collect();
         assert_eq!(names, ["s2", "s3"]);
         let err = img.remove_snap("s1").unwrap_err();
-        assert!(err.is_not_found() && err.to_string().contains(&format!("rbd snap rm rbd/{}@s1", t.name)), "{err}");
+        assert!(
+            err.is_not_found()
+                && err
+                    .to_string()
+                    .contains(&format!("rbd snap rm rbd/{}@s1", t.name)),
+            "{err}"
+        );
     }
 
     #[test]
@@ -844,13 +1009,17 @@ mod tests {
         assert_eq!(calls, 1);
 
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            img.diff_iterate(None, 0, 16 * MIB, false, |_, _, _| panic!("boom in callback"))
+            img.diff_iterate(None, 0, 16 * MIB, false, |_, _, _| {
+                panic!("boom in callback")
+            })
         }));
         let payload = r.expect_err("the panic must reach the caller");
         assert_eq!(payload.downcast_ref::<&str>(), Some(&"boom in callback"));
         // the image is still usable
         assert_eq!(extents(&img, None, false).len(), 4);
-        let err = img.diff_iterate(Some("nope"), 0, 16 * MIB, false, |_, _, _| true).unwrap_err();
+        let err = img
+            .diff_iterate(Some("nope"), 0, 16 * MIB, false, |_, _, _| true)
+            .unwrap_err();
         assert!(err.is_not_found(), "{err}");
     }
 
@@ -861,7 +1030,11 @@ mod tests {
         let mut buf = vec![0u8; 8192];
         img.read_at(4 * MIB - 8192, &mut buf).unwrap();
         let err = img.read_at(4 * MIB - 4096, &mut buf).unwrap_err();
-        assert!(err.to_string().contains("past the end of the image (4194304 bytes)"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("past the end of the image (4194304 bytes)"),
+            "{err}"
+        );
         let err = img.read_at(8 * MIB, &mut buf).unwrap_err();
         assert!(err.to_string().contains("past the end"), "{err}");
         img.resize(8 * MIB).unwrap();
@@ -893,7 +1066,10 @@ mod tests {
                     for i in (th..128).step_by(4) {
                         let off = i * (256 << 10);
                         img.read_at(off, &mut buf).unwrap();
-                        assert!(buf[..] == data[off as usize..off as usize + buf.len()], "block {i}");
+                        assert!(
+                            buf[..] == data[off as usize..off as usize + buf.len()],
+                            "block {i}"
+                        );
                     }
                 });
             }
@@ -903,18 +1079,31 @@ mod tests {
     #[test]
     fn dead_cluster_fails_within_the_timeout() {
         // a mon address nobody listens on: bind a port, then free it
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let dir = tempfile::tempdir().unwrap();
         let keyring = dir.path().join("keyring");
         // a well-formed key of a cluster that does not exist
-        std::fs::write(&keyring, "[client.admin]\n\tkey = AQCe8gFrKhLNJRAANcK3APJZ66HwR6KkRanonw==\n").unwrap();
+        std::fs::write(
+            &keyring,
+            "[client.admin]\n\tkey = AQCe8gFrKhLNJRAANcK3APJZ66HwR6KkRanonw==\n",
+        )
+        .unwrap();
         let conf = dir.path().join("ceph.conf");
         std::fs::write(
             &conf,
             format!("[global]\nmon_host = [v2:127.0.0.1:{port}]\nauth_client_required = cephx\nlog_file = /dev/null\n"),
         )
         .unwrap();
-        let opts = CephOptions { conf: Some(conf.clone()), keyring: Some(keyring), timeout_secs: 3, ..CephOptions::default() };
+        let opts = CephOptions {
+            conf: Some(conf.clone()),
+            keyring: Some(keyring),
+            timeout_secs: 3,
+            ..CephOptions::default()
+        };
         let t0 = Instant::now();
         let err = Cluster::connect(&opts).unwrap_err();
         let took = t0.elapsed();
@@ -927,7 +1116,10 @@ mod tests {
 
     #[test]
     fn missing_conf_file_is_named() {
-        let opts = CephOptions { conf: Some("/nonexistent/bv/ceph.conf".into()), ..CephOptions::default() };
+        let opts = CephOptions {
+            conf: Some("/nonexistent/bv/ceph.conf".into()),
+            ..CephOptions::default()
+        };
         let err = Cluster::connect(&opts).unwrap_err();
         assert_eq!(
             err.to_string(),

@@ -363,7 +363,9 @@ impl RadosConfig {
         let r = unsafe { (api.rados_create)(&mut h, id.as_ptr()) };
         check(r).map_err(CreateError::Errno)?;
         let h = NonNull::new(h).ok_or(CreateError::Errno(Errno(EIO)))?;
-        Ok(RadosConfig { raw: RawRados { api, h } })
+        Ok(RadosConfig {
+            raw: RawRados { api, h },
+        })
     }
 
     /// `rados_conf_read_file`: `None` searches Ceph's default locations.
@@ -411,7 +413,9 @@ impl Rados {
     pub fn fsid(&self) -> Result<String, Errno> {
         let mut buf = [0 as c_char; 64];
         // SAFETY: connected handle; buf is writable for its length (≥ 37 as required).
-        check(unsafe { (self.raw.api.rados_cluster_fsid)(self.raw.h.as_ptr(), buf.as_mut_ptr(), buf.len()) })?;
+        check(unsafe {
+            (self.raw.api.rados_cluster_fsid)(self.raw.h.as_ptr(), buf.as_mut_ptr(), buf.len())
+        })?;
         // make sure it is terminated whatever librados wrote
         buf[buf.len() - 1] = 0;
         // SAFETY: NUL-terminated buffer.
@@ -425,7 +429,11 @@ impl Rados {
         // SAFETY: connected handle, NUL-terminated pool name, valid out-pointer.
         check(unsafe { (api.rados_ioctx_create)(self.raw.h.as_ptr(), pool.as_ptr(), &mut h) })?;
         let h = NonNull::new(h).ok_or(Errno(EIO))?;
-        let ioctx = IoCtx { api, h, _rados: Arc::clone(self) };
+        let ioctx = IoCtx {
+            api,
+            h,
+            _rados: Arc::clone(self),
+        };
         if let Some(ns) = namespace {
             // SAFETY: fresh ioctx not yet shared with any other thread.
             unsafe { (api.rados_ioctx_set_namespace)(ioctx.h.as_ptr(), ns.as_ptr()) };
@@ -502,7 +510,10 @@ impl IoCtx {
             // SAFETY: on success librbd filled the first n entries.
             unsafe { specs.set_len(n) };
             // SAFETY: the names are NUL-terminated strings owned by librbd.
-            let names = specs.iter().map(|s| unsafe { string_from(s.name) }).collect();
+            let names = specs
+                .iter()
+                .map(|s| unsafe { string_from(s.name) })
+                .collect();
             // SAFETY: frees exactly the n entries librbd allocated, once.
             unsafe { (self.api.rbd_image_spec_list_cleanup)(specs.as_mut_ptr(), n) };
             return Ok(names);
@@ -531,7 +542,8 @@ impl IoCtx {
             opts.set(RBD_IMAGE_OPTION_STRIPE_COUNT, count)?;
         }
         // SAFETY: live ioctx and options, NUL-terminated name.
-        check(unsafe { (self.api.rbd_create4)(self.h.as_ptr(), name.as_ptr(), size, opts.h) }).map(drop)
+        check(unsafe { (self.api.rbd_create4)(self.h.as_ptr(), name.as_ptr(), size, opts.h) })
+            .map(drop)
     }
 
     /// `rbd_remove` (fails with ENOTEMPTY while the image has snapshots).
@@ -547,12 +559,20 @@ impl IoCtx {
         snap: Option<&CStr>,
         read_only: bool,
     ) -> Result<Image, Errno> {
-        let open = if read_only { self.api.rbd_open_read_only } else { self.api.rbd_open };
+        let open = if read_only {
+            self.api.rbd_open_read_only
+        } else {
+            self.api.rbd_open
+        };
         let mut h: ImageT = ptr::null_mut();
         // SAFETY: live ioctx, NUL-terminated strings (snap may be null), valid out-pointer.
         check(unsafe { open(self.h.as_ptr(), name.as_ptr(), &mut h, opt_ptr(snap)) })?;
         let h = NonNull::new(h).ok_or(Errno(EIO))?;
-        Ok(Image { api: self.api, h, _ioctx: Arc::clone(self) })
+        Ok(Image {
+            api: self.api,
+            h,
+            _ioctx: Arc::clone(self),
+        })
     }
 }
 
@@ -663,9 +683,18 @@ impl Image {
         };
         // SAFETY: open image, info is a correctly laid out rbd_image_info_t of the given size.
         check(unsafe {
-            (self.api.rbd_stat)(self.h.as_ptr(), &mut info, std::mem::size_of::<RbdImageInfo>())
+            (self.api.rbd_stat)(
+                self.h.as_ptr(),
+                &mut info,
+                std::mem::size_of::<RbdImageInfo>(),
+            )
         })?;
-        Ok(Stat { size: info.size, obj_size: info.obj_size, num_objs: info.num_objs, order: info.order })
+        Ok(Stat {
+            size: info.size,
+            obj_size: info.obj_size,
+            num_objs: info.num_objs,
+            order: info.order,
+        })
     }
 
     fn get_u64(&self, f: unsafe extern "C" fn(ImageT, *mut u64) -> c_int) -> Result<u64, Errno> {
@@ -715,7 +744,8 @@ impl Image {
             let mut infos: Vec<RbdSnapInfo> = Vec::with_capacity(cap as usize);
             let mut max = cap;
             // SAFETY: infos has room for `max` entries; librbd writes at most that many.
-            let r = unsafe { (self.api.rbd_snap_list)(self.h.as_ptr(), infos.as_mut_ptr(), &mut max) };
+            let r =
+                unsafe { (self.api.rbd_snap_list)(self.h.as_ptr(), infos.as_mut_ptr(), &mut max) };
             if r == -ERANGE && max > cap {
                 cap = max + 8; // snapshots may be created meanwhile
                 continue;
@@ -730,7 +760,11 @@ impl Image {
             let snaps = infos[..n]
                 .iter()
                 // SAFETY: names are NUL-terminated strings owned by librbd.
-                .map(|s| Snap { id: s.id, size: s.size, name: unsafe { string_from(s.name) } })
+                .map(|s| Snap {
+                    id: s.id,
+                    size: s.size,
+                    name: unsafe { string_from(s.name) },
+                })
                 .collect();
             // SAFETY: frees the names of this list (up to the terminator), once.
             unsafe { (self.api.rbd_snap_list_end)(infos.as_mut_ptr()) };
@@ -765,7 +799,11 @@ impl Image {
     where
         F: FnMut(u64, u64, bool) -> bool + Send,
     {
-        let state = Mutex::new(DiffState { cb, stopped: false, panic: None });
+        let state = Mutex::new(DiffState {
+            cb,
+            stopped: false,
+            panic: None,
+        });
         let arg = &state as *const Mutex<DiffState<F>> as *mut c_void;
         // SAFETY: open image; from_snap is null or NUL-terminated; the
         // trampoline matches librbd's callback type and `arg` points to
@@ -782,7 +820,9 @@ impl Image {
                 arg,
             )
         };
-        let st = state.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let st = state
+            .into_inner()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(payload) = st.panic {
             resume_unwind(payload);
         }
@@ -797,7 +837,9 @@ impl Image {
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
         let len = buf.len().min(MAX_IO);
         // SAFETY: open image; buf is writable for len bytes.
-        check_size(unsafe { (self.api.rbd_read2)(self.h.as_ptr(), offset, len, buf.as_mut_ptr().cast(), 0) })
+        check_size(unsafe {
+            (self.api.rbd_read2)(self.h.as_ptr(), offset, len, buf.as_mut_ptr().cast(), 0)
+        })
     }
 
     /// One `rbd_write2` call of at most 1 GiB: the number of bytes written.
@@ -805,7 +847,9 @@ impl Image {
         let len = buf.len().min(MAX_IO);
         // SAFETY: open image; buf is readable for len bytes and librbd copies
         // it before returning (synchronous call).
-        check_size(unsafe { (self.api.rbd_write2)(self.h.as_ptr(), offset, len, buf.as_ptr().cast(), 0) })
+        check_size(unsafe {
+            (self.api.rbd_write2)(self.h.as_ptr(), offset, len, buf.as_ptr().cast(), 0)
+        })
     }
 
     /// One `rbd_discard` call; `len` must be at most [`MAX_DISCARD`]
