@@ -306,11 +306,11 @@ impl Cluster {
             .client_id
             .strip_prefix("client.")
             .unwrap_or(&opts.client_id);
-        let conf = match &opts.conf {
-            Some(p) => p.clone(),
+        let (conf, defaulted) = match &opts.conf {
+            Some(p) => (p.clone(), false),
             None => match std::env::var_os("CEPH_CONF").filter(|v| !v.is_empty()) {
-                Some(p) => PathBuf::from(p),
-                None => PathBuf::from("/etc/ceph/ceph.conf"),
+                Some(p) => (PathBuf::from(p), false),
+                None => (PathBuf::from("/etc/ceph/ceph.conf"), true),
             },
         };
         let who = format!("client.{id} (conf {})", conf.display());
@@ -333,8 +333,14 @@ impl Cluster {
 
         let conf_str = conf.to_string_lossy();
         let c_conf = c_string(Op::ReadConf, &conf_str, "path", &conf_str)?;
-        cfg.read_file(Some(&c_conf))
-            .map_err(|e| RbdError::errno(Op::ReadConf, conf_str.clone(), e))?;
+        cfg.read_file(Some(&c_conf)).map_err(|e| {
+            let object = if defaulted {
+                format!("{conf_str} (the default: no conf given and CEPH_CONF unset)")
+            } else {
+                conf_str.to_string()
+            };
+            RbdError::errno(Op::ReadConf, object, e)
+        })?;
         cfg.parse_env()
             .map_err(|e| RbdError::errno(Op::ReadConf, "$CEPH_ARGS", e))?;
 

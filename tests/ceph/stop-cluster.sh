@@ -6,7 +6,8 @@
 # command line names DIR/ceph.conf (a start interrupted before a pid file was written);
 # no other process is ever signalled.  They get SIGKILL: the data is thrown away anyway.
 # --keep: SIGTERM first (up to 20 s), then SIGKILL, and keep DIR (for its logs).
-# A DIR that does not exist is not an error; a DIR without start-cluster.sh's marker is refused.
+# A DIR that does not exist is not an error, an empty one is removed; a DIR without
+# start-cluster.sh's marker is refused.
 set -uo pipefail
 
 KEEP=0
@@ -14,6 +15,11 @@ if [ "${1:-}" = --keep ]; then KEEP=1; shift; fi
 [ $# -eq 1 ] || { echo "usage: $0 [--keep] DIR" >&2; exit 2; }
 if [ ! -d "$1" ]; then echo "stop-cluster: $1 does not exist, nothing to stop" >&2; exit 0; fi
 DIR=$(cd "$1" && pwd -P)
+if [ -z "$(ls -A "$DIR")" ]; then
+  # e.g. a mktemp -d directory whose start failed before writing anything
+  rmdir -- "$DIR" && echo "stop-cluster: removed empty $DIR" >&2
+  exit 0
+fi
 if [ ! -f "$DIR/.blockvault-test-cluster" ]; then
   echo "stop-cluster: $DIR was not made by start-cluster.sh (no .blockvault-test-cluster); refusing" >&2
   exit 1
