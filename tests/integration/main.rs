@@ -4,4 +4,6 @@
 mod common;
 mod crash;
 mod errors;
+mod gc_verify;
+mod rbd;
 mod roundtrip;

@@ -1,0 +1,320 @@
+//! RBD backups against the real throwaway cluster that tests/run.sh starts
+//! (CEPH_CONF names it). Without a cluster these tests fail, saying how to
+//! start one: they never pass silently.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+const POOL: &str = "rbd";
+/// layering, exclusive-lock, object-map, fast-diff, deep-flatten
+const FEATURES: u64 = 1 | 4 | 8 | 16 | 32;
+const STRIPINGV2: u64 = 2;
+const MIB: u64 = 1 << 20;
+
+fn ceph_conf() -> String {
+    std::env::var("CEPH_CONF").unwrap_or_else(|_| {
+        panic!(
+            "CEPH_CONF is not set: the RBD tests need a real cluster. Start one with \
+             `eval \"$(tests/ceph/start-cluster.sh /tmp/bv-ceph)\"` (stop it with tests/ceph/stop-cluster.sh), \
+             or run everything with tests/run.sh"
+        )
+    })
+}
+
+fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Runs tests/integration/rbd_io.py with a list of ops.
+fn rbd_io(image: &str, ops: Value) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("integration/rbd_io.py");
+    let mut child = Command::new("/usr/bin/python3")
+        .arg(script)
+        .args([POOL, image])
+        .env("CEPH_CONF", ceph_conf())
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(ops.to_string().as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success(), "rbd_io.py {image} failed on {ops}");
+}
+
+fn rbd_cli(args: &[&str]) -> String {
+    let o = Command::new("rbd").args(args).env("CEPH_CONF", ceph_conf()).output().unwrap();
+    assert!(o.status.success(), "rbd {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn snaps(image: &str) -> Vec<String> {
+    let v: Value = serde_json::from_str(&rbd_cli(&["snap", "ls", "--format", "json", &format!("{POOL}/{image}")])).unwrap();
+    v.as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap().to_string()).collect()
+}
+
+fn blockvault_snaps(image: &str) -> Vec<String> {
+    snaps(image).into_iter().filter(|s| s.starts_with("blockvault-")).collect()
+}
+
+/// sha256 of `rbd export SPEC -`.
+fn export_hash(spec: &str) -> String {
+    let sh = format!("rbd export --no-progress {POOL}/{spec} - | sha256sum");
+    let o = Command::new("sh").arg("-c").arg(&sh).env("CEPH_CONF", ceph_conf()).output().unwrap();
+    assert!(o.status.success(), "{sh}: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap().split_whitespace().next().unwrap().to_string()
+}
+
+fn file_hash(p: &Path) -> String {
+    let o = Command::new("sha256sum").arg(p).output().unwrap();
+    String::from_utf8(o.stdout).unwrap().split_whitespace().next().unwrap().to_string()
+}
+
+fn rbd_env(images: &[(&str, &str)], extra: &str) -> Env {
+    ceph_conf();
+    let env = Env::new(&[], "");
+    let imgs: Vec<(&str, String)> = images.iter().map(|(n, i)| (*n, format!("rbd:{POOL}/{i}"))).collect();
+    let refs: Vec<(&str, &str)> = imgs.iter().map(|(n, s)| (*n, s.as_str())).collect();
+    env.write_config(&refs, "", extra);
+    env.ok(&["init"]);
+    env
+}
+
+fn latest(env: &Env, image: &str) -> Value {
+    env.list().into_iter().filter(|b| b["image"] == image).last().unwrap_or_else(|| panic!("no backup of {image}"))
+}
+
+/// Random writes (some straddling block edges) and discards (some of whole
+/// objects written before, some partial) for one round.
+fn round_ops(r: &mut impl Rng, size: u64, block: u64, object: u64, seed: u64) -> Vec<Value> {
+    let mut ops = Vec::new();
+    for i in 0..6 {
+        let len = r.gen_range(1..200_000u64);
+        let off = if i % 2 == 0 {
+            // straddle a block edge
+            let edge = r.gen_range(1..size / block) * block;
+            edge - r.gen_range(1..len.min(edge) + 1).min(edge)
+        } else {
+            r.gen_range(0..size - len)
+        };
+        ops.push(json!(["write", off, len.min(size - off), seed * 100 + i]));
+    }
+    // zero a whole object that holds data
+    let obj = r.gen_range(0..size / object);
+    ops.push(json!(["write", obj * object, 4096, seed * 100 + 50]));
+    if seed % 3 == 0 {
+        ops.push(json!(["discard", obj * object, object]));
+    }
+    // a partial discard somewhere
+    let len = r.gen_range(1..3 * block);
+    let off = r.gen_range(0..size - len);
+    ops.push(json!(["discard", off, len]));
+    // and a run of zeros written over data (reads as zero, exists on the cluster)
+    let off = r.gen_range(0..size / block) * block;
+    ops.push(json!(["fill", off, block.min(size - off), 0]));
+    ops
+}
+
+/// In the spirit of Ceph's qa/workunits/rbd/diff_continuous.sh: 30 rounds of
+/// random writes and discards (and a grow and a shrink), a backup after
+/// each, each snapshot's export kept as a hash before blockvault demotes it;
+/// then every backup is restored and compared. Two images: a 1 GiB one at
+/// the default 4 MiB blocks (whole-object fast-diff), and a fancy-striped
+/// one with 1 MiB objects at 64 KiB blocks (exact extents).
+#[test]
+fn continuous_diff() {
+    let a = unique("cdiff-a");
+    let b = unique("cdiff-b");
+    let (a_size, b_size) = (1024 * MIB, 192 * MIB);
+    rbd_io(&a, json!([["create", a_size, 0, FEATURES, 0, 0], ["write", 0, 8 * MIB, 1], ["snap", "foreign-keep"]]));
+    rbd_io(&b, json!([["create", b_size, 20, FEATURES | STRIPINGV2, 65536, 8], ["write", 0, 3 * MIB, 2]]));
+    let env = rbd_env(&[("a", &a), ("b", &b)], "[defaults]\nkeep-snapshots = 1\n");
+    // image b uses 64 KiB blocks
+    let cfg = fs::read_to_string(&env.config).unwrap();
+    fs::write(&env.config, cfg.replacen(&format!("source = \"rbd:{POOL}/{b}\""), &format!("source = \"rbd:{POOL}/{b}\"\nblock-size = \"64K\""), 1)).unwrap();
+
+    let mut r = rng(42);
+    let mut expected: BTreeMap<u64, (String, String)> = BTreeMap::new(); // backup id -> (image, hash)
+    let mut sizes = (a_size, b_size);
+    for round in 1..=30u64 {
+        if round > 1 {
+            let mut ops_a = round_ops(&mut r, sizes.0, 4 * MIB, 4 * MIB, round);
+            let mut ops_b = round_ops(&mut r, sizes.1, 65536, MIB, round + 1000);
+            if round == 10 {
+                sizes.0 += 256 * MIB + 12345; // grow, not block aligned
+                ops_a.push(json!(["resize", sizes.0]));
+                ops_a.push(json!(["write", sizes.0 - 70_000, 70_000, 777]));
+                sizes.1 += 3 * MIB;
+                ops_b.push(json!(["resize", sizes.1]));
+            }
+            if round == 20 {
+                sizes.0 -= 300 * MIB; // shrink below the grow, cutting written data
+                ops_a.push(json!(["resize", sizes.0]));
+                sizes.1 -= 5 * MIB + 4096;
+                ops_b.push(json!(["resize", sizes.1]));
+            }
+            rbd_io(&a, json!(ops_a));
+            rbd_io(&b, json!(ops_b));
+        }
+        env.ok(&["backup", "a", "b"]);
+        for (name, img) in [("a", &a), ("b", &b)] {
+            let l = latest(&env, name);
+            let snap = l["snapshot"].as_str().unwrap().to_string();
+            expected.insert(num(&l, "id"), (name.to_string(), export_hash(&format!("{img}@{snap}"))));
+            if round > 1 {
+                assert_eq!(l["full_read"], false, "round {round}: image {name} fell back to a full read: {l}");
+            }
+            // exactly keep-snapshots blockvault snapshots, foreign ones untouched
+            assert_eq!(blockvault_snaps(img), vec![snap.clone()], "round {round} image {name}");
+        }
+        assert!(snaps(&a).contains(&"foreign-keep".to_string()), "foreign snapshot removed");
+    }
+    assert_eq!(expected.len(), 60);
+    for (id, (name, hash)) in &expected {
+        let out = env.restore(&format!("{name}@{id}"));
+        assert_eq!(&file_hash(&out), hash, "backup {id} of {name} differs from its snapshot");
+        fs::remove_file(out).unwrap();
+    }
+    let v: Value = serde_json::from_str(&env.ok(&["snapshots", "a", "--json"])).unwrap();
+    let states: Vec<&str> = v[0]["snapshots"].as_array().unwrap().iter().map(|s| s["state"].as_str().unwrap()).collect();
+    assert!(states.contains(&"foreign") && states.contains(&"held"), "{v}");
+    rbd_cli(&["snap", "purge", &format!("{POOL}/{a}")]);
+    rbd_cli(&["snap", "purge", &format!("{POOL}/{b}")]);
+    rbd_cli(&["rm", "--no-progress", &format!("{POOL}/{a}")]);
+    rbd_cli(&["rm", "--no-progress", &format!("{POOL}/{b}")]);
+}
+
+/// The base snapshot deleted by hand: the next backup reads everything,
+/// says so, writes only what the store lacks, and restores correctly.
+#[test]
+fn deleted_base_snapshot_falls_back_to_a_full_read() {
+    let img = unique("nobase");
+    rbd_io(&img, json!([["create", 64 * MIB, 0, FEATURES, 0, 0], ["write", 0, 20 * MIB, 3]]));
+    let env = rbd_env(&[("img", &img)], "");
+    env.ok(&["backup", "img"]);
+    let first = latest(&env, "img");
+    let snap = first["snapshot"].as_str().unwrap();
+    rbd_cli(&["snap", "rm", "--no-progress", &format!("{POOL}/{img}@{snap}")]);
+    let o = env.run(&["backup", "img"]);
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("falling back to a full read"), "no warning: {err}");
+    let l = latest(&env, "img");
+    assert_eq!(l["full_read"], true);
+    assert_eq!(num(&l, "new_chunks"), 0, "unchanged data was stored again");
+    assert_eq!(num(&l, "read_bytes"), 20 * MIB);
+    // and the chain continues incrementally from the new snapshot
+    rbd_io(&img, json!([["write", 30 * MIB, 100, 4]]));
+    env.ok(&["backup", "img"]);
+    let l = latest(&env, "img");
+    assert_eq!(l["full_read"], false);
+    assert_eq!(num(&l, "new_chunks"), 1);
+    let snap = l["snapshot"].as_str().unwrap();
+    let out = env.restore("img");
+    assert_eq!(file_hash(&out), export_hash(&format!("{img}@{snap}")));
+    assert_eq!(blockvault_snaps(&img), vec![snap.to_string()]);
+}
+
+/// kill -9 at several moments of a backup: the next run removes the orphan
+/// snapshot and succeeds.
+#[test]
+fn kill_during_backup_leaves_no_orphan_snapshot() {
+    let img = unique("kill");
+    rbd_io(&img, json!([["create", 512 * MIB, 0, FEATURES, 0, 0], ["write", 0, 256 * MIB, 5]]));
+    let env = rbd_env(&[("img", &img)], "");
+    for (i, delay) in [150u64, 500, 1200, 2500].iter().enumerate() {
+        rbd_io(&img, json!([["write", (i as u64) * 8 * MIB, MIB, 10 + i]]));
+        let mut child = env.cmd(&["backup", "img"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(*delay));
+        let _ = child.kill();
+        let _ = child.wait();
+        env.ok(&["backup", "img"]);
+        let l = latest(&env, "img");
+        let snap = l["snapshot"].as_str().unwrap().to_string();
+        assert_eq!(blockvault_snaps(&img), vec![snap.clone()], "orphan snapshot after kill at {delay} ms");
+        let out = env.restore("img");
+        assert_eq!(file_hash(&out), export_hash(&format!("{img}@{snap}")));
+        fs::remove_file(out).unwrap();
+    }
+}
+
+/// Runs blockvault and fails the test if it has not ended after `limit`
+/// (a hang, e.g. librados' default 300 s connect timeout).
+fn run_bounded(env: &Env, args: &[&str], limit: Duration) -> std::process::Output {
+    let mut child = env.cmd(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            panic!("blockvault {args:?} still running after {limit:?}: it hangs");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn unreachable_cluster_missing_pool_and_image() {
+    let img = unique("errs");
+    rbd_io(&img, json!([["create", 16 * MIB, 0, FEATURES, 0, 0], ["write", 0, MIB, 6]]));
+    let env = rbd_env(&[("img", &img)], "");
+    env.ok(&["backup", "img"]);
+    let catalog_before = fs::read(env.catalog()).unwrap();
+    let list_before = env.ok(&["list", "--json"]);
+
+    // a conf whose monitor nobody listens on, with the real keyring
+    let real = fs::read_to_string(ceph_conf()).unwrap();
+    let dead = real
+        .lines()
+        .map(|l| if l.trim_start().starts_with("mon_host") || l.trim_start().starts_with("mon host") { "mon_host = v2:127.0.0.1:9".to_string() } else { l.to_string() })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let dead_conf = env.path("dead.conf");
+    fs::write(&dead_conf, dead).unwrap();
+    let cases = [
+        ("dead", format!("rbd:{POOL}/{img}"), format!("[ceph]\nconf = \"{}\"\ntimeout = 5\n", dead_conf.display()), "connecting to the Ceph cluster"),
+        ("nopool", format!("rbd:no-such-pool/{img}"), String::new(), "no-such-pool"),
+        ("noimage", format!("rbd:{POOL}/no-such-image"), String::new(), "no-such-image"),
+    ];
+    for (name, src, extra, needle) in cases {
+        env.write_config(&[("img", &format!("rbd:{POOL}/{img}")), (name, &src)], "", &extra);
+        let o = run_bounded(&env, &["backup", name], Duration::from_secs(120));
+        assert!(!o.status.success(), "{name}: backup succeeded");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(needle), "{name}: error does not name it: {err}");
+        assert_eq!(list_before, env.ok(&["list", "--json"]), "{name}: catalog changed");
+        assert_eq!(catalog_before, fs::read(env.catalog()).unwrap(), "{name}: catalog file changed");
+    }
+}
+
+#[test]
+fn restore_to_rbd() {
+    let img = unique("rsrc");
+    let target = unique("rdst");
+    rbd_io(&img, json!([["create", 40 * MIB + 4096, 0, FEATURES, 0, 0], ["write", 0, 5 * MIB, 7], ["write", 30 * MIB, 3 * MIB, 8]]));
+    let env = rbd_env(&[("img", &img)], "");
+    env.ok(&["backup", "img"]);
+    let snap = latest(&env, "img")["snapshot"].as_str().unwrap().to_string();
+    let want = export_hash(&format!("{img}@{snap}"));
+    let to = format!("rbd:{POOL}/{target}");
+    env.ok(&["restore", "img", "--to", &to]);
+    assert_eq!(export_hash(&target), want);
+    let info: Value = serde_json::from_str(&rbd_cli(&["info", "--format", "json", &format!("{POOL}/{target}")])).unwrap();
+    assert!(info["features"].as_array().unwrap().iter().any(|f| f == "fast-diff"), "{info}");
+    // an existing image is refused without --force
+    let err = env.fails(&["restore", "img", "--to", &to]);
+    assert!(err.contains("already exists") && err.contains("--force"), "{err}");
+    // with --force, data written since is overwritten and zero blocks are zeroed
+    rbd_io(&target, json!([["write", 20 * MIB, 6 * MIB, 9], ["write", 0, 100, 10]]));
+    env.ok(&["restore", "img", "--to", &to, "--force"]);
+    assert_eq!(export_hash(&target), want);
+    rbd_cli(&["rm", "--no-progress", &format!("{POOL}/{target}")]);
+}
