@@ -800,7 +800,7 @@ class RbdBench:
             bv = self.bv_start(img, "main", "blockvault first backup (full read)")
             for rep in range(1, self.args.reps + 1):
                 if rep > 1 and budget_left() < 60:
-                    self.notes.append("stopped after %d repetitions: out of --budget" % (rep - 1))
+                    self.notes.append("stopped after %d repetition(s): out of --budget" % (rep - 1))
                     break
                 log("rbd repetition %d/%d: rewrite %s, export-diff, blockvault incremental" % (rep, self.args.reps, rewrite))
                 self.rewrite(img, rep, rewrite)
@@ -834,7 +834,7 @@ class RbdBench:
                 bv = self.bv_start(img, "scale-" + sz, "scaling %s: blockvault first backup" % sz)
                 for rep in range(1, self.args.reps + 1):
                     if rep > 1 and budget_left() < 30:
-                        self.notes.append("scaling %s: stopped after %d repetitions: out of --budget" % (sz, rep - 1))
+                        self.notes.append("scaling %s: stopped after %d repetition(s): out of --budget" % (sz, rep - 1))
                         break
                     self.rewrite(img, rep, writes)
                     self.timed_shell("scaling %s: rbd export-diff > /dev/null" % sz,
@@ -993,13 +993,25 @@ def write_report(path, args, cmdline, minfo, data, tool_info, runner, rbd, total
     if rbd is None or rbd.skipped:
         L.append("skipped: %s" % (rbd.skipped if rbd else "--no-rbd given"))
     else:
-        sizes = ("64 MiB image, 2 MiB rewritten; scaling 64 MiB / 256 MiB with 1 MiB"
-                 if args.smoke else
-                 "4 GiB image (object-map, fast-diff) filled by `rbd import` of base.img, snapshot s1, ~2 %% rewritten "
-                 "(`rbd bench --io-type write --io-pattern rand --io-size 64K --io-total 80M`), snapshot s2; "
-                 "scaling: 1 GiB and 16 GiB sparse images, 40 MiB of the same scattered writes")
-        L.append(sizes + ". blockvault backs the image up before the rewrite (its own `blockvault-*` snapshot) "
-                 "and again after it; its incremental row is the reference.")
+        def touched(image_mib, written_mib):
+            objs, writes = image_mib // 4, written_mib * 16   # 4 MiB objects, 64 KiB writes
+            return "%d random 64 KiB writes touch ≈%.0f %% of the %d 4 MiB objects" % (
+                writes, 100 * (1 - (1 - 1 / objs) ** writes), objs)
+        if args.smoke:
+            main_mib, rw_mib, scale, sc_mib = 64, 2, (64, 256), 1
+        else:
+            main_mib, rw_mib, scale, sc_mib = 4096, 80, (1024, 16384), 40
+        L.append("Pool `%s`. A %s image (features layering, exclusive-lock, object-map, fast-diff) filled by "
+                 "`rbd import` of base.img, then backed up once by blockvault (source `rbd:%s/IMAGE`; it takes "
+                 "its own `blockvault-*` snapshots). Each repetition: snapshot aN, `rbd bench --io-type write "
+                 "--io-pattern rand --io-size 64K --io-total %dM` (~2 %% of the bytes, but %s), snapshot bN, "
+                 "then the timed `rbd export-diff --from-snap aN img@bN` variants, `rbd export img@bN`, and "
+                 "blockvault's next (incremental) backup. Scaling: %s and %s sparse images, %d MiB of the same "
+                 "writes per repetition (%s; %s)." % (
+                     rbd.pool, gib(main_mib << 20), rbd.pool, rw_mib, touched(main_mib, rw_mib),
+                     gib(scale[0] << 20), gib(scale[1] << 20), sc_mib,
+                     touched(scale[0], sc_mib), touched(scale[1], sc_mib)) +
+                 " The ratio column is relative to blockvault's incremental of the same image.")
         L.append("")
         L.append("| step | wall s | CPU s | peak RSS MiB | output / store MiB | wall vs blockvault incr. | wall of each run |")
         L.append("|---|---:|---:|---:|---:|---|---|")
