@@ -57,9 +57,13 @@ use serde::{Deserialize, Serialize};
 ///
 /// Used both under `[defaults]` and per image:
 /// `[[image]] retention = { keep-last = 3, keep-daily = 7 }`. A field that is
-/// missing or `0` is not set. See the module docs for the semantics and
-/// [`RetentionPolicy::effective`] for how an image policy and the defaults
-/// combine.
+/// missing or `0` is not set. See the module docs for the semantics.
+///
+/// An image's policy replaces the `[defaults]` policy wholesale; fields are
+/// not merged (the config's `ImageConfig::retention` does this). Merging would
+/// let `retention = { keep-last = 3 }` on an image silently inherit, say,
+/// `keep-yearly = 10` from `[defaults]`, which nobody reading the image entry
+/// would expect. An image that sets `retention = {}` keeps all its backups.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
 pub struct RetentionPolicy {
@@ -82,21 +86,6 @@ impl RetentionPolicy {
     /// backup.
     pub fn is_empty(&self) -> bool {
         count(self.keep_last) == 0 && TimeRule::ALL.iter().all(|&rule| self.count(rule) == 0)
-    }
-
-    /// The policy that applies to an image: the image's own policy if it has
-    /// one, else the defaults.
-    ///
-    /// The image policy replaces the defaults wholesale; fields are not merged.
-    /// Merging would let `retention = { keep-last = 3 }` on an image silently
-    /// inherit, say, `keep-yearly = 10` from `[defaults]`, which nobody reading
-    /// the image entry would expect. An image that sets `retention = {}`
-    /// explicitly therefore keeps all its backups.
-    pub fn effective(
-        image: Option<&RetentionPolicy>,
-        defaults: &RetentionPolicy,
-    ) -> RetentionPolicy {
-        image.unwrap_or(defaults).clone()
     }
 
     fn count(&self, rule: TimeRule) -> u32 {
@@ -796,19 +785,6 @@ mod tests {
         let empty: Image = toml::from_str("retention = {}").expect("parse");
         assert!(empty.retention.is_empty());
         assert_eq!(empty.retention.to_string(), "keep all");
-    }
-
-    #[test]
-    fn effective_policy_replaces_defaults_wholesale() {
-        let defaults = policy(|p| {
-            p.keep_daily = Some(7);
-            p.keep_yearly = Some(10);
-        });
-        let image = policy(|p| p.keep_last = Some(3));
-        assert_eq!(RetentionPolicy::effective(Some(&image), &defaults), image);
-        assert_eq!(RetentionPolicy::effective(None, &defaults), defaults);
-        let explicit_empty = RetentionPolicy::default();
-        assert!(RetentionPolicy::effective(Some(&explicit_empty), &defaults).is_empty());
     }
 
     #[test]
