@@ -37,7 +37,7 @@ pub fn encode(plain: &[u8], id: ChunkId, level: i32, compressor: Option<&mut zst
     let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + plain.len() + 64);
     out.resize(CHUNK_HEADER_LEN, 0);
     let mut codec = CODEC_RAW;
-    if level != 0 {
+    if level != 0 && looks_compressible(plain) {
         let bound = zstd::zstd_safe::compress_bound(plain.len());
         out.resize(CHUNK_HEADER_LEN + bound, 0);
         let res = match compressor {
@@ -64,6 +64,30 @@ pub fn encode(plain: &[u8], id: ChunkId, level: i32, compressor: Option<&mut zst
     };
     out[..CHUNK_HEADER_LEN].copy_from_slice(&header.encode());
     Ok(EncodedChunk { id, plain_len: plain.len(), bytes: out })
+}
+
+/// Blocks at least this large are probed before they are compressed.
+const PROBE_MIN: usize = 256 * 1024;
+/// Bytes taken from each of the probe's sample points.
+const PROBE_PIECE: usize = 8 * 1024;
+
+/// A cheap guess whether zstd will shrink a block: four 8 KiB samples spread
+/// over it, compressed at level 1. Incompressible data (already compressed or
+/// encrypted guests) then costs one small compression instead of a full one.
+/// A wrong "no" only stores a block raw; it never loses data.
+fn looks_compressible(plain: &[u8]) -> bool {
+    if plain.len() < PROBE_MIN {
+        return true;
+    }
+    let step = plain.len() / 4;
+    let mut sample = Vec::with_capacity(4 * PROBE_PIECE);
+    for i in 0..4 {
+        sample.extend_from_slice(&plain[i * step..i * step + PROBE_PIECE]);
+    }
+    match zstd::bulk::compress(&sample, 1) {
+        Ok(c) => c.len() * 100 < sample.len() * 97,
+        Err(_) => true,
+    }
 }
 
 /// Checks the framing of a stored chunk without decompressing it.

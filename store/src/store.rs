@@ -206,6 +206,15 @@ impl Store {
         self.lock_file(&format!("{name}.lock"), FlockOperation::NonBlockingLockExclusive)
     }
 
+    /// A named exclusive lock, waiting for it. `name` must be a safe file name.
+    ///
+    /// # Errors
+    /// `Io` when the lock file cannot be opened.
+    pub fn lock_named(&self, name: &str) -> Result<StoreLock> {
+        debug_assert!(!name.contains('/'));
+        Ok(self.lock_file(&format!("{name}.lock"), FlockOperation::LockExclusive)?.expect("blocking lock"))
+    }
+
     /// Removes temp files left by crashed writers. Only safe while no other
     /// writer runs, so it takes the store lock exclusive without waiting and
     /// does nothing when it cannot.
@@ -213,7 +222,18 @@ impl Store {
     /// # Errors
     /// `Io` when a temp file cannot be removed.
     pub fn clean_tmp(&self) -> Result<usize> {
-        let Some(_guard) = self.try_lock_exclusive()? else { return Ok(0) };
+        let Some(guard) = self.try_lock_exclusive()? else { return Ok(0) };
+        self.remove_temp_files(&guard)
+    }
+
+    /// Removes temp files left by crashed writers (`tmp/*` and the
+    /// `backups/.*` temp files of atomic writes). `_exclusive` must be the
+    /// store lock held exclusive: then no writer is running, so every temp
+    /// file belongs to a dead one.
+    ///
+    /// # Errors
+    /// `Io` when a temp file cannot be removed.
+    pub fn remove_temp_files(&self, _exclusive: &StoreLock) -> Result<usize> {
         let dir = self.root.join("tmp");
         let mut n = 0;
         for e in fs::read_dir(&dir).map_err(|e| Error::io("read directory", &dir, e))? {
@@ -295,7 +315,16 @@ impl Store {
         f.write_all(&chunk.bytes).map_err(|e| Error::io("write", &tmp, e))?;
         f.sync_data().map_err(|e| Error::io("fsync", &tmp, e))?;
         drop(f);
-        fs::rename(&tmp, &dest).map_err(|e| Error::io("rename", &dest, e))?;
+        // NOREPLACE: a chunk written meanwhile by another process (another
+        // image's backup with the same block) is never replaced.
+        match rustix::fs::renameat_with(rustix::fs::CWD, &tmp, rustix::fs::CWD, &dest, rustix::fs::RenameFlags::NOREPLACE) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::EXIST) => {
+                fs::remove_file(&tmp).map_err(|e| Error::io("remove", &tmp, e))?;
+                return Ok(false);
+            }
+            Err(e) => return Err(Error::io("rename", &dest, e.into())),
+        }
         self.dirty_dirs.lock().unwrap().insert(dir.to_path_buf());
         Ok(true)
     }
@@ -395,6 +424,42 @@ impl Store {
             Err(e) => return Err(Error::io("open", &p, e)),
         };
         f.set_modified(std::time::SystemTime::now()).map_err(|e| Error::io("touch", &p, e))
+    }
+
+    /// A chunk's mtime, or `None` when the store does not hold it.
+    ///
+    /// # Errors
+    /// `Io` on anything but "not found".
+    pub fn chunk_modified(&self, id: &ChunkId) -> Result<Option<std::time::SystemTime>> {
+        let p = self.chunk_path(id);
+        match fs::symlink_metadata(&p) {
+            Ok(md) => Ok(Some(md.modified().map_err(|e| Error::io("stat", &p, e))?)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("stat", &p, e)),
+        }
+    }
+
+    /// Moves a corrupt chunk aside to `<chunk path>.bad` (replacing an older
+    /// `.bad` copy), so that the next backup that has its data writes a good
+    /// copy instead of deduplicating against the bad one. A `.bad` file is
+    /// never read, listed or removed by blockvault; it is kept for
+    /// inspection. Returns the new path, or `None` when the chunk is absent.
+    ///
+    /// Callers hold the store lock exclusive (see the crate docs).
+    ///
+    /// # Errors
+    /// `Io` when the rename or the directory fsync fails.
+    pub fn quarantine_chunk(&self, id: &ChunkId) -> Result<Option<PathBuf>> {
+        let p = self.chunk_path(id);
+        let bad = p.with_file_name(format!("{id}.bad"));
+        match fs::rename(&p, &bad) {
+            Ok(()) => {
+                fsync_dir(p.parent().expect("chunk path has a parent"))?;
+                Ok(Some(bad))
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("rename", &p, e)),
+        }
     }
 
     // ---- backups -----------------------------------------------------
@@ -500,7 +565,7 @@ impl Store {
     /// # Errors
     /// `Io` on a failed removal.
     pub fn remove_backup(&self, id: BackupId) -> Result<()> {
-        for ext in ["json", "blockmap"] {
+        for ext in ["json", "blockmap", "protected"] {
             let p = self.backup_path(id, ext);
             match fs::remove_file(&p) {
                 Ok(()) => {}
@@ -509,6 +574,32 @@ impl Store {
             }
         }
         fsync_dir(&self.root.join("backups"))
+    }
+
+    /// Protects a backup from pruning, or lifts the protection, by writing
+    /// or removing its empty `backups/<id>.protected` marker. The catalog
+    /// keeps the same flag; the marker lets a rebuilt catalog keep it.
+    ///
+    /// # Errors
+    /// `BackupMissing` when the store does not hold the backup; `Io`.
+    pub fn set_protected(&self, id: BackupId, protected: bool) -> Result<()> {
+        let p = self.backup_path(id, "protected");
+        if protected {
+            if !self.has_backup(id) {
+                return Err(Error::BackupMissing { id: id.0 });
+            }
+            return write_atomic(&p, b"");
+        }
+        match fs::remove_file(&p) {
+            Ok(()) => fsync_dir(&self.root.join("backups")),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("remove", &p, e)),
+        }
+    }
+
+    /// True when the backup carries a protection marker.
+    pub fn is_protected(&self, id: BackupId) -> bool {
+        self.backup_path(id, "protected").exists()
     }
 
     /// Reads the whole of a small metadata file relative to the store root.
