@@ -5,6 +5,10 @@ mod catalog;
 mod init;
 mod list;
 mod restore;
+mod run;
+mod prune;
+mod protect;
+mod daemon;
 mod snapshots;
 
 use std::path::PathBuf;
@@ -67,6 +71,16 @@ pub enum Command {
     /// Catalog maintenance.
     #[command(subcommand)]
     Catalog(catalog::CatalogCommand),
+    /// One scheduled pass (systemd timers): back up, prune if configured, write metrics.
+    Run(run::RunArgs),
+    /// Run the configured schedules (systemd service); SIGHUP reloads the config.
+    Daemon(daemon::DaemonArgs),
+    /// Remove backups the retention policy does not keep.
+    Prune(prune::PruneArgs),
+    /// Protect a backup (IMAGE@ID) from pruning.
+    Protect(protect::ProtectArgs),
+    /// Lift the protection of a backup (IMAGE@ID).
+    Unprotect(protect::ProtectArgs),
 }
 
 pub fn load_config(g: &GlobalArgs) -> Result<Config> {
@@ -81,6 +95,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::List(a) => list::run(g, a),
         Command::Restore(a) => restore::run(g, a),
         Command::Catalog(c) => catalog::run(g, c),
+        Command::Run(a) => run::run(g, a),
+        Command::Daemon(a) => daemon::run(g, a),
+        Command::Prune(a) => prune::run(g, a),
+        Command::Protect(a) => protect::run(g, a, true),
+        Command::Unprotect(a) => protect::run(g, a, false),
         Command::Snapshots(a) => snapshots::run(g, a),
     }
 }

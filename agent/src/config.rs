@@ -15,7 +15,7 @@ use crate::retention::RetentionPolicy;
 /// Default path of the config file.
 pub const DEFAULT_CONFIG: &str = "/etc/blockvault/config.toml";
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Config {
     pub store: StoreConfig,
@@ -27,11 +27,15 @@ pub struct Config {
     pub defaults: Defaults,
     #[serde(default, rename = "image")]
     pub images: Vec<ImageConfig>,
+    #[serde(default)]
+    pub daemon: DaemonConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     #[serde(skip)]
     pub path: PathBuf,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct StoreConfig {
     /// Directory of the chunk store.
@@ -54,7 +58,7 @@ fn default_readers() -> usize {
     2
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct CatalogConfig {
     /// SQLite file; defaults to `catalog.sqlite` inside the store directory.
@@ -83,6 +87,9 @@ pub struct Defaults {
     pub keep_snapshots: Option<u32>,
     pub retention: Option<RetentionPolicy>,
     pub schedule: Option<String>,
+    /// Apply the retention policy after every successful backup made by
+    /// `run` or the daemon (default false: only `blockvault prune` prunes).
+    pub prune_after_backup: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -95,6 +102,70 @@ pub struct ImageConfig {
     pub keep_snapshots: Option<u32>,
     pub retention: Option<RetentionPolicy>,
     pub schedule: Option<String>,
+    pub prune_after_backup: Option<bool>,
+}
+
+/// `[daemon]`: how `blockvault daemon` runs the schedules.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct DaemonConfig {
+    /// Each scheduled run starts after a random delay of up to this much
+    /// (`"90s"`, `"5m"`, `"1h"`, or seconds), so that images sharing a
+    /// schedule do not all start at once. Default 0.
+    pub random_delay: Duration,
+    /// Backups running at the same time, over all images (default 2). An
+    /// image never runs twice at once whatever this says.
+    pub max_concurrent: usize,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig { random_delay: Duration(std::time::Duration::ZERO), max_concurrent: 2 }
+    }
+}
+
+/// `[metrics]`: the Prometheus text file for node_exporter's textfile collector.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct MetricsConfig {
+    /// Absolute path of the `.prom` file; no metrics are written when unset.
+    pub path: Option<PathBuf>,
+}
+
+/// A duration, written as seconds (`300`) or with a unit (`"90s"`, `"5m"`, `"2h"`, `"1d"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Duration(pub std::time::Duration);
+
+impl<'de> Deserialize<'de> for Duration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        let secs = match Raw::deserialize(d)? {
+            Raw::N(n) => n,
+            Raw::S(s) => parse_duration(&s).map_err(serde::de::Error::custom)?,
+        };
+        Ok(Duration(std::time::Duration::from_secs(secs)))
+    }
+}
+
+/// Parses `300`, `300s`, `5m`, `2h`, `1d` into seconds.
+pub fn parse_duration(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a duration (try \"90s\", \"5m\", \"1h\")"))?;
+    let mult = match unit.trim() {
+        "" | "s" | "sec" => 1,
+        "m" | "min" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("'{s}': unknown unit '{unit}' (use s, m, h or d)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
 }
 
 /// A block size, written as bytes (`65536`) or with a binary suffix (`"64K"`, `"4MiB"`).
@@ -244,9 +315,18 @@ impl Config {
         if let Some(s) = &self.defaults.schedule {
             crate::schedule::parse(s).map_err(|e| anyhow::anyhow!("defaults.schedule: {e}"))?;
         }
+        if self.daemon.max_concurrent == 0 {
+            bail!("daemon.max-concurrent: must be at least 1");
+        }
+        if let Some(p) = &self.metrics.path {
+            if !p.is_absolute() || p.file_name().is_none() {
+                bail!("metrics.path: '{}' must be an absolute file path", p.display());
+            }
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, img) in self.images.iter().enumerate() {
-            check_image_name(&img.name).map_err(|e| anyhow::anyhow!("image[{i}].name: {e}"))?;
+            // a glob entry names its images by replacing `{image}`
+            check_image_name(&img.name.replace("{image}", "x")).map_err(|e| anyhow::anyhow!("image[{i}].name: {e}"))?;
             if !seen.insert(&img.name) {
                 bail!("image[{i}].name: '{}' is defined twice", img.name);
             }
@@ -304,6 +384,42 @@ impl ImageConfig {
     pub fn schedule(&self, defaults: &Defaults) -> Option<String> {
         self.schedule.clone().or_else(|| defaults.schedule.clone())
     }
+    pub fn prune_after_backup(&self, defaults: &Defaults) -> bool {
+        self.prune_after_backup.or(defaults.prune_after_backup).unwrap_or(false)
+    }
+    /// True when this entry's name is `name`, or when it is a glob entry
+    /// whose name template (`{image}` standing for any RBD image name)
+    /// matches `name`.
+    pub fn matches_name(&self, name: &str) -> bool {
+        if self.name == name {
+            return true;
+        }
+        if !self.name.contains("{image}") {
+            return false;
+        }
+        let parts: Vec<&str> = self.name.split("{image}").collect();
+        let (first, last) = (parts[0], parts[parts.len() - 1]);
+        if !name.starts_with(first) || name.len() < first.len() + last.len() || !name.ends_with(last) {
+            return false;
+        }
+        // every `{image}` matches a non-empty run; middle parts in order
+        let mut rest = &name[first.len()..name.len() - last.len()];
+        for mid in &parts[1..parts.len() - 1] {
+            match rest.get(1..).and_then(|r| r.find(mid)) {
+                Some(at) => rest = &rest[1 + at + mid.len()..],
+                None => return false,
+            }
+        }
+        !rest.is_empty()
+    }
+}
+
+impl Config {
+    /// The config entry an image of the catalog belongs to: the entry of
+    /// that name, else a glob entry whose name template matches it.
+    pub fn entry_for(&self, name: &str) -> Option<&ImageConfig> {
+        self.images.iter().find(|i| i.name == name).or_else(|| self.images.iter().find(|i| i.matches_name(name)))
+    }
 }
 
 #[cfg(test)]
@@ -340,6 +456,58 @@ mod tests {
         assert!(format!("{e:#}").contains("store.path"), "{e:#}");
         let e = parse("[store]\npath = \"/s\"\n[[image]]\nname = \"a/b\"\nsource = \"file:/a\"\n").unwrap_err();
         assert!(format!("{e:#}").contains("image[0].name"), "{e:#}");
+    }
+
+    #[test]
+    fn daemon_metrics_and_prune_keys() {
+        let c = parse(
+            "[store]\npath = \"/s\"\n[daemon]\nrandom-delay = \"5m\"\nmax-concurrent = 3\n\
+             [metrics]\npath = \"/m/bv.prom\"\n[defaults]\nprune-after-backup = true\n\
+             [[image]]\nname = \"a\"\nsource = \"file:/a\"\nprune-after-backup = false\n\
+             [[image]]\nname = \"b\"\nsource = \"file:/b\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.daemon.random_delay.0.as_secs(), 300);
+        assert_eq!(c.daemon.max_concurrent, 3);
+        assert_eq!(c.metrics.path.as_deref(), Some(Path::new("/m/bv.prom")));
+        assert!(!c.images[0].prune_after_backup(&c.defaults));
+        assert!(c.images[1].prune_after_backup(&c.defaults));
+        let d = parse("[store]\npath = \"/s\"\n").unwrap();
+        assert_eq!(d.daemon.max_concurrent, 2);
+        assert!(d.daemon.random_delay.0.is_zero());
+        assert!(d.metrics.path.is_none());
+        assert_eq!(parse_duration("90").unwrap(), 90);
+        assert_eq!(parse_duration("2h").unwrap(), 7200);
+        assert!(parse_duration("5 parsecs").is_err());
+        let e = parse("[store]\npath = \"/s\"\n[daemon]\nmax-concurrent = 0\n").unwrap_err();
+        assert!(format!("{e:#}").contains("max-concurrent"), "{e:#}");
+        let e = parse("[store]\npath = \"/s\"\n[metrics]\npath = \"m.prom\"\n").unwrap_err();
+        assert!(format!("{e:#}").contains("metrics.path"), "{e:#}");
+    }
+
+    #[test]
+    fn glob_entries_match_catalog_names() {
+        let c = parse(
+            "[store]\npath = \"/s\"\n[[image]]\nname = \"vm-{image}\"\nsource = \"rbd:p/*\"\n\
+             [[image]]\nname = \"disk\"\nsource = \"file:/d\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.entry_for("vm-101").unwrap().name, "vm-{image}");
+        assert_eq!(c.entry_for("disk").unwrap().name, "disk");
+        assert!(c.entry_for("vm-").is_none());
+        assert!(c.entry_for("other").is_none());
+    }
+
+    #[test]
+    fn gc_grace() {
+        let c = parse("[store]\npath = \"/s\"\ngc-grace = \"30m\"\n").unwrap();
+        assert_eq!(c.store.gc_grace.0.as_secs(), 1800);
+        let c = parse("[store]\npath = \"/s\"\ngc-grace = 0\n").unwrap();
+        assert!(c.store.gc_grace.0.is_zero());
+        let c = parse("[store]\npath = \"/s\"\n").unwrap();
+        assert_eq!(c.store.gc_grace.0.as_secs(), 24 * 3600);
+        let e = parse("[store]\npath = \"/s\"\ngc-grace = \"1 fortnight\"\n").unwrap_err();
+        assert!(format!("{e:#}").contains("gc-grace"), "{e:#}");
     }
 
     #[test]

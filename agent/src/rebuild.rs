@@ -34,6 +34,10 @@ pub fn rebuild(store: &Store, path: &Path) -> Result<usize> {
             continue;
         }
         cat.import_manifest(&m)?;
+        // protection lives in the store too (a marker file), so it survives
+        if store.is_protected(id) {
+            cat.set_protected(id, true)?;
+        }
         n += 1;
     }
     // fold the WAL into the main file before moving it into place

@@ -532,6 +532,65 @@ impl Catalog {
         Ok(n as u64)
     }
 
+    /// The newest backup of an image that has finished, committed or
+    /// failed (for metrics: the outcome of the last run).
+    ///
+    /// # Errors
+    /// `Sqlite`.
+    pub fn latest_finished_backup(&self, image_id: i64) -> Result<Option<BackupRow>> {
+        Ok(self
+            .query_backups(
+                "WHERE b.image_id = ?1 AND b.state != 'running' ORDER BY b.id DESC LIMIT 1",
+                &[&image_id],
+            )?
+            .pop())
+    }
+
+    /// Number of backups of an image in the given state.
+    ///
+    /// # Errors
+    /// `Sqlite`.
+    pub fn count_backups(&self, image_id: i64, state: BackupState) -> Result<u64> {
+        let n: i64 = self
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM backups WHERE image_id = ?1 AND state = ?2",
+                params![image_id, state.as_str()],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(n as u64)
+    }
+
+    // ---- agent state -------------------------------------------------
+
+    /// A value the agent keeps in the `meta` table under `key` (which must
+    /// not be `store_uuid`). Agent state is not in the store: a rebuilt
+    /// catalog starts without it.
+    ///
+    /// # Errors
+    /// `Sqlite`.
+    pub fn agent_state(&self, key: &str) -> Result<Option<String>> {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [format!("agent:{key}")], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Sets an agent state value (see [`Catalog::agent_state`]).
+    ///
+    /// # Errors
+    /// `Sqlite`.
+    pub fn set_agent_state(&self, key: &str, value: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![format!("agent:{key}"), value],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
     // ---- snapshots ---------------------------------------------------
 
     /// Records the intent to create an RBD snapshot, before creating it, so
@@ -670,6 +729,56 @@ mod tests {
         let snaps = c.snapshots(img.id).unwrap();
         assert_eq!(snaps[0].state, SnapshotState::Present);
         assert_eq!(c.schema_version_for_test(), SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn agent_state_and_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Catalog::open(&dir.path().join("c.sqlite")).unwrap();
+        c.bind_store("u").unwrap();
+        assert_eq!(c.agent_state("x").unwrap(), None);
+        c.set_agent_state("x", "1").unwrap();
+        c.set_agent_state("x", "2").unwrap();
+        assert_eq!(c.agent_state("x").unwrap().as_deref(), Some("2"));
+        // agent keys never clash with the store binding
+        c.set_agent_state("store_uuid", "v").unwrap();
+        c.bind_store("u").unwrap();
+        let img = c.ensure_image("vm", "file:/vm", 65536).unwrap();
+        assert!(c.latest_finished_backup(img.id).unwrap().is_none());
+        let a = c.begin_backup(img.id, None, 65536, "t", 0).unwrap();
+        c.commit_backup(&manifest(a.0, "vm", None)).unwrap();
+        let b = c.begin_backup(img.id, None, 65536, "t", 0).unwrap();
+        c.fail_backup(b, "boom").unwrap();
+        c.begin_backup(img.id, None, 65536, "t", 0).unwrap();
+        assert_eq!(c.latest_finished_backup(img.id).unwrap().unwrap().id, b);
+        assert_eq!(c.count_backups(img.id, BackupState::Failed).unwrap(), 1);
+        assert_eq!(c.count_backups(img.id, BackupState::Committed).unwrap(), 1);
+        assert_eq!(c.count_backups(img.id, BackupState::Running).unwrap(), 1);
+    }
+
+    /// Backups of different images begin in parallel processes; every one
+    /// must get its own id.
+    #[test]
+    fn concurrent_begins_get_distinct_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.sqlite");
+        let c = Catalog::open(&p).unwrap();
+        let img = c.ensure_image("vm", "file:/vm", 65536).unwrap();
+        drop(c);
+        let ids: Vec<u64> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        let c = Catalog::open(&p).unwrap();
+                        (0..50).map(|_| c.begin_backup(img.id, None, 65536, "t", 0).unwrap().0).collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            workers.into_iter().flat_map(|w| w.join().unwrap()).collect()
+        });
+        let distinct: std::collections::BTreeSet<u64> = ids.iter().copied().collect();
+        assert_eq!((ids.len(), distinct.len()), (200, 200));
+        assert_eq!(*distinct.last().unwrap(), 200);
     }
 
     impl Catalog {

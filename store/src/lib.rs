@@ -19,6 +19,7 @@
 //! chunks/<4 hex>/<64 hex>      chunk objects, never rewritten once present
 //! backups/<id:012>.blockmap    block map of backup <id>
 //! backups/<id:012>.json        manifest of backup <id>; written last
+//! backups/<id:012>.protected   empty marker: backup <id> is protected from pruning
 //! tmp/                         temp files of chunk writes in progress
 //! locks/                       flock(2) files
 //! ```

@@ -3,7 +3,10 @@
 
 mod common;
 mod crash;
+mod daemon;
 mod errors;
 mod gc_verify;
+mod prune;
 mod rbd;
 mod roundtrip;
+mod run;

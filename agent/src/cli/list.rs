@@ -39,6 +39,7 @@ pub fn backup_json(b: &BackupRow) -> serde_json::Value {
         "inherited_blocks": s.inherited_blocks,
         "full_read": s.full_read,
         "duration_ms": s.duration_ms,
+        "protected": b.protected,
     })
 }
 

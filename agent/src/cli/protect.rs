@@ -1,0 +1,41 @@
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use blockvault_catalog::BackupState;
+use blockvault_store::BackupId;
+use clap::Args;
+
+use super::{load_config, parse_backup_ref, GlobalArgs};
+use crate::context::Ctx;
+
+#[derive(Args, Debug)]
+pub struct ProtectArgs {
+    /// IMAGE@BACKUP_ID.
+    pub backup: String,
+}
+
+/// Sets or clears the protection of a backup, in the store (a marker file,
+/// so a rebuilt catalog keeps it) and in the catalog. The order makes an
+/// interruption err on the protected side: protect writes the store marker
+/// first, unprotect clears the catalog flag first.
+pub fn run(g: &GlobalArgs, a: ProtectArgs, protect: bool) -> Result<ExitCode> {
+    let cfg = load_config(g)?;
+    let ctx = Ctx::open(cfg)?;
+    let (image, id) = parse_backup_ref(&a.backup)?;
+    let Some(id) = id else { bail!("'{}': name the backup as IMAGE@ID (see `blockvault list {image}`)", a.backup) };
+    let id = BackupId(id);
+    match ctx.catalog.backup(id)? {
+        Some(r) if r.image == image && r.state == BackupState::Committed => {}
+        Some(r) if r.image == image => bail!("backup {id} of image '{image}' is {:?}, not committed", r.state),
+        _ => bail!("backup {id} does not exist for image '{image}' (see `blockvault list {image}`)"),
+    }
+    let what = if protect { "protecting" } else { "unprotecting" };
+    let res = if protect {
+        ctx.store.set_protected(id, true).map_err(anyhow::Error::from).and_then(|()| Ok(ctx.catalog.set_protected(id, true)?))
+    } else {
+        ctx.catalog.set_protected(id, false).map_err(anyhow::Error::from).and_then(|()| Ok(ctx.store.set_protected(id, false)?))
+    };
+    res.with_context(|| format!("{what} backup {id} of image '{image}'"))?;
+    println!("backup {id} of image '{image}' is {}", if protect { "protected" } else { "no longer protected" });
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,133 @@
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use tracing::{error, warn};
+
+use super::{load_config, GlobalArgs};
+use crate::config::ImageConfig;
+use crate::context::Ctx;
+use crate::progress::Bar;
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Images to back up (names from the config; for a glob entry, its
+    /// name template or one expanded name).
+    pub images: Vec<String>,
+    /// Every configured image.
+    #[arg(long, conflicts_with = "images")]
+    pub all: bool,
+}
+
+/// One pass, as a systemd timer starts it: back up each image, prune it if
+/// `prune-after-backup` is set, write the metrics file. Every image is tried
+/// even when an earlier one fails; the exit status says whether all worked.
+/// SIGTERM or SIGINT cancels the backup in progress (it is recorded as
+/// failed, nothing of it is committed) and skips the images not started.
+pub fn run(g: &GlobalArgs, a: RunArgs) -> Result<ExitCode> {
+    let cfg = load_config(g)?;
+    let requested: Vec<String> = if a.all { cfg.images.iter().map(|i| i.name.clone()).collect() } else { a.images.clone() };
+    if requested.is_empty() {
+        if a.all {
+            bail!("config {} has no [[image]]", cfg.path.display());
+        }
+        bail!("name at least one image, or use --all");
+    }
+    // a typo is a config error: refuse before any work
+    for n in &requested {
+        if cfg.entry_for(n).is_none() {
+            cfg.image(n)?;
+        }
+    }
+    let mut ctx = Ctx::open(cfg)?;
+    let cancel = cancel_on_signals();
+    let mut failed: Vec<String> = Vec::new();
+    let mut total = 0;
+    for n in &requested {
+        let images = match targets(&ctx, n) {
+            Ok(v) => v,
+            Err(e) => {
+                error!(image = %n, error = %format!("{e:#}"), "cannot list the images to back up");
+                failed.push(n.clone());
+                total += 1;
+                continue;
+            }
+        };
+        for img in images {
+            total += 1;
+            if cancel.load(Ordering::Relaxed) {
+                warn!(image = %img.name, "stopping: not started");
+                failed.push(img.name.clone());
+                continue;
+            }
+            let bar = Bar::new(0, &img.name, !g.no_progress);
+            let out = crate::job::run_image(&mut ctx, &img, &bar, &cancel);
+            bar.finish();
+            if let Ok(m) = &out.backup {
+                let pruned = match &out.pruned {
+                    Some(Ok(k)) => format!(", {k} pruned"),
+                    Some(Err(_)) => ", prune failed".into(),
+                    None => String::new(),
+                };
+                println!(
+                    "{}: backup {} committed: {} read, {} new chunks ({} stored), {} ms{pruned}",
+                    img.name, m.id, m.stats.read_bytes, m.stats.new_chunks, m.stats.new_bytes, m.stats.duration_ms
+                );
+            }
+            if !out.ok() {
+                failed.push(img.name.clone());
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("{} of {total} images failed: {}", failed.len(), failed.join(", "));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What one requested name stands for: a configured image, every image a
+/// glob entry matches, or one expanded name of a glob entry.
+fn targets(ctx: &Ctx, name: &str) -> Result<Vec<ImageConfig>> {
+    if let Ok(entry) = ctx.cfg.image(name) {
+        return crate::job::expand_entry(&ctx.cfg, entry);
+    }
+    let entry = ctx.cfg.entry_for(name).expect("checked before");
+    let found: Vec<ImageConfig> =
+        crate::job::expand_entry(&ctx.cfg, entry)?.into_iter().filter(|i| i.name == name).collect();
+    if found.is_empty() {
+        bail!("image '{name}': no RBD image matching '{}' has that name now", entry.source);
+    }
+    Ok(found)
+}
+
+/// A flag that SIGTERM and SIGINT set, from a small signal thread.
+fn cancel_on_signals() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+    let setup = rt.and_then(|rt| {
+        // registered before any backup starts, so no signal is lost
+        let sigs = rt.block_on(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok::<_, std::io::Error>((signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?))
+        })?;
+        Ok((rt, sigs))
+    });
+    match setup {
+        Ok((rt, (mut term, mut int))) => {
+            std::thread::spawn(move || {
+                rt.block_on(async {
+                    tokio::select! {
+                        _ = term.recv() => warn!("SIGTERM: cancelling the backup in progress"),
+                        _ = int.recv() => warn!("SIGINT: cancelling the backup in progress"),
+                    }
+                });
+                f.store(true, Ordering::Relaxed);
+            });
+        }
+        Err(e) => warn!(error = %e, "cannot handle signals; SIGTERM will kill backups without cleanup"),
+    }
+    flag
+}

@@ -1,0 +1,95 @@
+//! One scheduled job: back up one configured image, prune it if configured,
+//! write the metrics file. Shared by `blockvault run` and the daemon.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::Result;
+use blockvault_catalog::BackupState;
+use blockvault_store::Manifest;
+use tracing::{error, warn};
+
+use crate::config::{Config, ImageConfig};
+use crate::context::Ctx;
+use crate::pipeline::Progress;
+
+/// What a job did.
+pub struct JobOutcome {
+    /// The backup: the committed manifest, or why it failed.
+    pub backup: Result<Manifest>,
+    /// Backups pruned after it; `None` when pruning was not configured or
+    /// the backup failed.
+    pub pruned: Option<Result<usize>>,
+}
+
+impl JobOutcome {
+    /// True when the backup, and the prune if there was one, succeeded.
+    pub fn ok(&self) -> bool {
+        self.backup.is_ok() && !matches!(self.pruned, Some(Err(_)))
+    }
+}
+
+/// Runs one job. Never panics on a failed step: every step's error is in
+/// the outcome (and logged), and the metrics file is written either way.
+pub fn run_image(ctx: &mut Ctx, img: &ImageConfig, progress: &dyn Progress, cancel: &AtomicBool) -> JobOutcome {
+    let started = Instant::now();
+    let before = ctx.catalog.max_backup_id().unwrap_or(u64::MAX);
+    let backup = crate::backup::backup_image(ctx, img, progress, cancel);
+    if let Err(e) = &backup {
+        error!(image = %img.name, error = %format!("{e:#}"), "backup failed");
+        if let Err(e2) = note_failure(ctx, img, before, started, e) {
+            warn!(image = %img.name, error = %format!("{e2:#}"), "could not record the failure for metrics");
+        }
+    }
+    let pruned = if backup.is_ok() && img.prune_after_backup(&ctx.cfg.defaults) && !cancel.load(Ordering::Relaxed) {
+        let res = (|| -> Result<usize> {
+            let mut n = 0;
+            for name in crate::prune::images_of_entry(ctx, img)? {
+                n += crate::prune::prune_image(ctx, &name)?;
+            }
+            Ok(n)
+        })();
+        if let Err(e) = &res {
+            error!(image = %img.name, error = %format!("{e:#}"), "prune after backup failed");
+        }
+        Some(res)
+    } else {
+        None
+    };
+    crate::metrics::write_logged(ctx);
+    JobOutcome { backup, pruned }
+}
+
+/// The images a config entry stands for: itself, or the RBD images its
+/// glob matches right now (named by its `{image}` template).
+///
+/// # Errors
+/// When the glob cannot be expanded (cluster unreachable, bad pattern).
+pub fn expand_entry(cfg: &Config, entry: &ImageConfig) -> Result<Vec<ImageConfig>> {
+    if !entry.source.is_glob() {
+        return Ok(vec![entry.clone()]);
+    }
+    let mut one = cfg.clone();
+    one.images = vec![entry.clone()];
+    crate::rbd_backup::expand_images(&one)
+}
+
+/// A failure that left a failed backup row is counted from the catalog; one
+/// that failed before any row existed is recorded for the metrics here.
+fn note_failure(ctx: &Ctx, img: &ImageConfig, before: u64, started: Instant, e: &anyhow::Error) -> Result<()> {
+    if img.name.contains("{image}") {
+        // a glob entry's backups are recorded under the expanded names
+        return Ok(());
+    }
+    let has_row = match ctx.catalog.image(&img.name)? {
+        Some(row) => ctx
+            .catalog
+            .latest_finished_backup(row.id)?
+            .is_some_and(|b| b.id.0 > before && b.state == BackupState::Failed),
+        None => false,
+    };
+    if !has_row {
+        crate::metrics::record_failure_without_row(ctx, &img.name, started.elapsed(), &format!("{e:#}"))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,214 @@
+//! Applying a retention policy to the backups of one image (plan, then apply).
+//!
+//! The plan comes from the pure planner in [`crate::retention`]; this module
+//! feeds it the committed backups from the catalog and removes what it says.
+//!
+//! Removing a backup deletes its catalog row first, then its manifest, block
+//! map and protection marker from the store. In that order a crash in
+//! between leaves a backup that the store still holds but the catalog no
+//! longer lists (a catalog rebuild would bring it back, and the next prune
+//! would remove it again), never a listed backup that cannot be restored.
+//! Chunks are left to `gc`. Every block map is complete, so removing any
+//! backup never breaks another one.
+//!
+//! A backup is protected when the catalog says so *or* the store holds its
+//! `.protected` marker: when the two disagree, the safe answer wins.
+//!
+//! The newest backup of an image is the base of its next incremental (and,
+//! for RBD, the one whose snapshot is kept on the cluster). No special rule
+//! guards it: whenever any rule is set, the planner keeps the newest
+//! unprotected backup, and a policy without rules keeps everything. Should
+//! the base of an RBD incremental ever be gone, the next backup falls back
+//! to reading the whole image.
+
+use anyhow::{anyhow, Context, Result};
+use blockvault_catalog::BackupRow;
+use chrono::{DateTime, Local, NaiveDateTime};
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::context::Ctx;
+use crate::retention::{self, BackupInfo, PruneAction, PruneItem, RetentionPolicy};
+
+/// The retention policy of an image of the catalog: that of its config
+/// entry (by name, or a glob entry's name template), else `[defaults]`.
+/// An image removed from the config thus keeps aging out under the
+/// defaults' policy; with no policy at all, everything is kept.
+pub fn policy_for(cfg: &Config, image: &str) -> RetentionPolicy {
+    match cfg.entry_for(image) {
+        Some(entry) => entry.retention(&cfg.defaults),
+        None => cfg.defaults.retention.clone(),
+    }
+    .unwrap_or_default()
+}
+
+/// One image's prune: the policy, the plan, and the catalog rows it is about.
+pub struct ImagePrune {
+    pub image: String,
+    pub policy: RetentionPolicy,
+    pub items: Vec<PruneItem>,
+    /// The committed backups, for the UTC creation times.
+    pub rows: Vec<BackupRow>,
+}
+
+impl ImagePrune {
+    pub fn to_remove(&self) -> impl Iterator<Item = &PruneItem> {
+        self.items.iter().filter(|i| !i.action.is_keep())
+    }
+
+    /// The `--json` form.
+    pub fn to_json(&self, dry_run: bool) -> serde_json::Value {
+        let backups: Vec<_> = self
+            .items
+            .iter()
+            .map(|item| {
+                let created = self.rows.iter().find(|r| r.id.0 == item.backup.id).map(|r| r.created.clone());
+                let (action, reason) = match &item.action {
+                    PruneAction::Keep(r) => ("keep", Some(r.to_string())),
+                    PruneAction::Remove => ("remove", None),
+                };
+                json!({
+                    "id": item.backup.id,
+                    "created": created,
+                    "local_time": item.backup.time.format("%Y-%m-%dT%H:%M:%S").to_string(),
+                    "protected": item.backup.protected,
+                    "action": action,
+                    "reason": reason,
+                })
+            })
+            .collect();
+        let removed = self.to_remove().count();
+        json!({
+            "image": self.image,
+            "policy": self.policy.to_string(),
+            "dry_run": dry_run,
+            "kept": self.items.len() - removed,
+            "removed": removed,
+            "backups": backups,
+        })
+    }
+}
+
+/// Local wall time of a catalog timestamp (RFC 3339, UTC).
+fn local_time(created: &str) -> Result<NaiveDateTime> {
+    let t = DateTime::parse_from_rfc3339(created).map_err(|e| anyhow!("'{created}' is not an RFC 3339 time: {e}"))?;
+    Ok(t.with_timezone(&Local).naive_local())
+}
+
+/// Plans the prune of one image without changing anything.
+///
+/// # Errors
+/// Catalog errors, or a backup whose creation time does not parse.
+pub fn plan_image(ctx: &Ctx, image: &str, policy: &RetentionPolicy) -> Result<ImagePrune> {
+    let rows = ctx.catalog.committed_backups(Some(image))?;
+    let mut infos = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let time = local_time(&r.created).with_context(|| format!("backup {} of image '{image}'", r.id))?;
+        let marker = ctx.store.is_protected(r.id);
+        if marker != r.protected {
+            warn!(
+                backup = r.id.0,
+                image = %image,
+                catalog = r.protected,
+                store = marker,
+                "catalog and store disagree on whether the backup is protected; treating it as protected"
+            );
+        }
+        infos.push(BackupInfo { id: r.id.0, time, protected: r.protected || marker });
+    }
+    let items = retention::plan(policy, &infos);
+    Ok(ImagePrune { image: image.to_string(), policy: policy.clone(), items, rows })
+}
+
+/// Removes what the plan says to remove, holding the store lock shared.
+/// Tries every removal; returns how many succeeded, or the first error
+/// after trying all.
+///
+/// # Errors
+/// The first catalog or store error.
+pub fn apply(ctx: &Ctx, plan: &ImagePrune) -> Result<usize> {
+    let _lock = ctx.store.lock_shared()?;
+    let mut removed = 0;
+    let mut first_err = None;
+    for item in plan.to_remove() {
+        let id = blockvault_store::BackupId(item.backup.id);
+        let res = ctx
+            .catalog
+            .delete_backup(id)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| ctx.store.remove_backup(id).map_err(anyhow::Error::from))
+            .with_context(|| format!("removing backup {id} of image '{}'", plan.image));
+        match res {
+            Ok(()) => {
+                info!(backup = id.0, image = %plan.image, "backup pruned");
+                removed += 1;
+            }
+            Err(e) => {
+                warn!(backup = id.0, image = %plan.image, error = %format!("{e:#}"), "prune could not remove backup");
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(removed),
+    }
+}
+
+/// Plans and applies the configured policy to one image (after a backup).
+/// Returns how many backups were removed.
+///
+/// # Errors
+/// As [`plan_image`] and [`apply`].
+pub fn prune_image(ctx: &Ctx, image: &str) -> Result<usize> {
+    let policy = policy_for(&ctx.cfg, image);
+    if policy.is_empty() {
+        return Ok(0);
+    }
+    let plan = plan_image(ctx, image, &policy)?;
+    let n = apply(ctx, &plan)?;
+    if n > 0 {
+        info!(image = %image, removed = n, policy = %policy, "pruned");
+    }
+    Ok(n)
+}
+
+/// Catalog images that a config entry covers: itself, or for a glob entry
+/// every catalog image its name template matches.
+///
+/// # Errors
+/// Catalog errors.
+pub fn images_of_entry(ctx: &Ctx, entry: &crate::config::ImageConfig) -> Result<Vec<String>> {
+    if !entry.name.contains("{image}") {
+        return Ok(vec![entry.name.clone()]);
+    }
+    Ok(ctx.catalog.images()?.into_iter().map(|i| i.name).filter(|n| entry.matches_name(n)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn catalog_times_become_local() {
+        let utc = "2026-11-20T14:00:00Z";
+        let want = DateTime::parse_from_rfc3339(utc).unwrap().with_timezone(&Local).naive_local();
+        assert_eq!(local_time(utc).unwrap(), want);
+        assert!(local_time("yesterday").is_err());
+    }
+
+    #[test]
+    fn policy_comes_from_entry_then_defaults() {
+        let cfg = Config::parse(
+            "[store]\npath = \"/s\"\n[defaults]\nretention = { keep-daily = 7 }\n\
+             [[image]]\nname = \"a\"\nsource = \"file:/a\"\nretention = { keep-last = 2 }\n\
+             [[image]]\nname = \"b\"\nsource = \"file:/b\"\n",
+            std::path::Path::new("/t.toml"),
+        )
+        .unwrap();
+        assert_eq!(policy_for(&cfg, "a").to_string(), "keep-last=2");
+        assert_eq!(policy_for(&cfg, "b").to_string(), "keep-daily=7");
+        assert_eq!(policy_for(&cfg, "gone").to_string(), "keep-daily=7");
+    }
+}
