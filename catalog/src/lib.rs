@@ -336,15 +336,21 @@ impl Catalog {
         created: &str,
         min_id: u64,
     ) -> Result<BackupId> {
-        let id = (self.max_backup_id()? + 1).max(min_id);
+        // One statement, so the id is picked under the write lock: backups of
+        // different images run in parallel processes, and a read of the
+        // highest id followed by a separate insert let two of them pick the
+        // same id.
         self.conn
             .execute(
                 "INSERT INTO backups (id, image_id, parent_id, state, created, block_size, pid)
-                 VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6)",
-                params![id as i64, image_id, parent.map(|p| p.0 as i64), created, block_size as i64, std::process::id()],
+                 VALUES (MAX((SELECT COALESCE(MAX(id), 0) FROM backups),
+                             COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'backups'), 0),
+                             ?1 - 1) + 1,
+                         ?2, ?3, 'running', ?4, ?5, ?6)",
+                params![min_id as i64, image_id, parent.map(|p| p.0 as i64), created, block_size as i64, std::process::id()],
             )
             .map_err(|e| self.err(e))?;
-        Ok(BackupId(id))
+        Ok(BackupId(self.conn.last_insert_rowid() as u64))
     }
 
     /// Marks a backup committed, with the figures from its manifest. Called
