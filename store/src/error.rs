@@ -45,6 +45,14 @@ pub enum Error {
     InvalidSetting { key: &'static str, reason: String },
     #[error("writer is poisoned by an earlier failed write; refusing further writes")]
     Poisoned,
+    /// A backup whose manifest or block map does not read, met where every
+    /// backup's chunk references must be known (garbage collection).
+    #[error("backup {id} cannot be read, so the chunks it references are unknown")]
+    BackupUnreadable {
+        id: u64,
+        #[source]
+        source: Box<Error>,
+    },
 }
 
 impl Error {

@@ -17,6 +17,7 @@
 //! ```text
 //! blockvault-store.json        format version, uuid, hash, codec, default block size
 //! chunks/<4 hex>/<64 hex>      chunk objects, never rewritten once present
+//! chunks/<4 hex>/<64 hex>.bad  a chunk that verify found corrupt, moved aside
 //! backups/<id:012>.blockmap    block map of backup <id>
 //! backups/<id:012>.json        manifest of backup <id>; written last
 //! backups/<id:012>.protected   empty marker: backup <id> is protected from pruning
@@ -40,17 +41,43 @@
 //! ## Locking rules
 //! * `locks/store.lock` (flock): backups, prunes and restores hold it
 //!   **shared** for their whole run; GC's sweep holds it **exclusive**.
+//!   A backup takes it before it reads its parent's block map or looks up
+//!   a chunk, and lets go only after its manifest (and catalog row) are
+//!   written: everything it learns about which chunks exist stays true
+//!   until its manifest protects them. `verify` holds it shared while it
+//!   checks.
 //! * `locks/<name>.lock`: one exclusive lock per image, held by the backup
 //!   of that image, so two runs of one image never overlap.
-//! * `tmp/` is emptied only under the exclusive store lock.
+//!   `locks/gc.lock`: held by a GC run, so GCs run one at a time.
+//! * Under the exclusive store lock, and only then: chunks are removed
+//!   (GC) or moved aside as `.bad` (verify); `tmp/` and the `backups/.*`
+//!   temp files are emptied; block maps and protection markers without a
+//!   manifest are removed. No writer runs then, so all of those belong to
+//!   dead processes or to backups that no longer exist.
+//! * A holder of the shared lock never waits for the exclusive one
+//!   ([`Store::clean_tmp`] only tries it; verify lets go of the shared lock
+//!   before it waits), so a waiting GC gets the lock once the running jobs
+//!   end.
 //!
-//! See the `gc` module for why GC cannot delete a chunk that a committing
-//! backup references.
+//! ## Garbage collection
+//! A chunk is live when the block map of a backup whose manifest is in
+//! `backups/` references it; the catalog plays no part, so a backup that
+//! is durable in the store but not yet committed in the catalog is live.
+//! GC ([`gc`]) builds the live set and lists the chunks without a lock,
+//! then takes the store lock exclusive, adds the block maps of backups that
+//! committed meanwhile, and removes unreferenced chunks older than a grace
+//! period (default 24 h). Safety does not rest on the grace period or on
+//! mtimes but on the lock: a backup holds it shared from before it first
+//! relies on a chunk existing until its manifest is written, so at the
+//! sweep every backup has either committed (and is read) or not started
+//! (and will only see what survives). The full argument, including the
+//! prune/GC race that lost chunks in Proxmox Backup Server, is in [`gc`].
 
 pub mod blockmap;
 pub mod chunk;
 pub mod error;
 pub mod format;
+pub mod gc;
 pub mod id;
 pub mod manifest;
 pub mod store;
