@@ -10,6 +10,8 @@ mod prune;
 mod protect;
 mod daemon;
 mod snapshots;
+mod gc;
+mod verify;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -68,6 +70,10 @@ pub enum Command {
     Restore(restore::RestoreArgs),
     /// RBD snapshots per image: blockvault's, and foreign ones (never touched).
     Snapshots(snapshots::SnapshotsArgs),
+    /// Remove chunks that no backup references (after the grace period).
+    Gc(gc::GcArgs),
+    /// Check backups: metadata, chunks (--deep), RBD snapshots (--source).
+    Verify(verify::VerifyArgs),
     /// Catalog maintenance.
     #[command(subcommand)]
     Catalog(catalog::CatalogCommand),
@@ -101,6 +107,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Protect(a) => protect::run(g, a, true),
         Command::Unprotect(a) => protect::run(g, a, false),
         Command::Snapshots(a) => snapshots::run(g, a),
+        Command::Gc(a) => gc::run(g, a),
+        Command::Verify(a) => verify::run(g, a),
     }
 }
 

@@ -49,6 +49,15 @@ pub struct StoreConfig {
     /// Parallel source reads.
     #[serde(default = "default_readers")]
     pub readers: usize,
+    /// `gc` keeps unreferenced chunks younger than this (`"24h"`, `"30m"`,
+    /// or seconds), e.g. the new chunks of an interrupted backup, for its
+    /// retry to reuse. Safety against running backups does not depend on it.
+    #[serde(default = "default_gc_grace")]
+    pub gc_grace: Duration,
+}
+
+fn default_gc_grace() -> Duration {
+    Duration(blockvault_store::gc::DEFAULT_GRACE)
 }
 
 fn default_level() -> i32 {

@@ -19,6 +19,7 @@ mod restore;
 mod retention;
 mod schedule;
 mod source;
+mod verify;
 
 use std::process::ExitCode;
 

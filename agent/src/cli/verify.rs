@@ -1,0 +1,102 @@
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use blockvault_catalog::{BackupRow, BackupState};
+use blockvault_store::BackupId;
+use clap::Args;
+
+use super::{load_config, parse_backup_ref, GlobalArgs};
+use crate::context::Ctx;
+use crate::verify::{self, VerifyOptions};
+
+/// Threads that read and decode chunks: enough to overlap reads with
+/// decompression and hashing without taking every core from running backups.
+const MAX_VERIFY_THREADS: usize = 4;
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// IMAGE or IMAGE@BACKUP_ID (every committed backup by default).
+    pub backup: Option<String>,
+    /// Read and decode every chunk (each once), not only check that it exists.
+    #[arg(long)]
+    pub deep: bool,
+    /// Compare RBD backups with their snapshots, where those still exist.
+    #[arg(long)]
+    pub source: bool,
+    /// JSON output: one object with the findings.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn select(ctx: &Ctx, spec: Option<&str>) -> Result<Vec<BackupRow>> {
+    let Some(spec) = spec else { return Ok(ctx.catalog.committed_backups(None)?) };
+    let (image, id) = parse_backup_ref(spec)?;
+    if ctx.catalog.image(&image)?.is_none() && ctx.cfg.image(&image).is_err() {
+        bail!("image '{image}' is neither configured nor in the catalog");
+    }
+    match id {
+        None => Ok(ctx.catalog.committed_backups(Some(&image))?),
+        Some(id) => match ctx.catalog.backup(BackupId(id))? {
+            Some(r) if r.image == image && r.state == BackupState::Committed => Ok(vec![r]),
+            Some(r) if r.image == image => bail!("backup {id} of image '{image}' is {:?}, not committed", r.state),
+            _ => bail!("backup {id} does not exist for image '{image}' (see `blockvault list {image}`)"),
+        },
+    }
+}
+
+/// Checks backups (see `crate::verify`), marks each `ok` or `invalid` in the
+/// catalog, and exits non-zero when anything is wrong.
+pub fn run(g: &GlobalArgs, a: VerifyArgs) -> Result<ExitCode> {
+    let cfg = load_config(g)?;
+    let ctx = Ctx::open(cfg)?;
+    let rows = select(&ctx, a.backup.as_deref())?;
+    let opts = VerifyOptions {
+        deep: a.deep,
+        source: a.source,
+        threads: ctx.cfg.workers().clamp(1, MAX_VERIFY_THREADS),
+        progress: !g.no_progress && !a.json,
+    };
+    let report = verify::verify(&ctx, &rows, &opts)?;
+    if a.json {
+        let mut v = serde_json::to_value(&report)?;
+        v["ok"] = report.is_clean().into();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        for f in &report.findings {
+            println!("{f}");
+        }
+        for s in &report.skipped {
+            println!("skipped: {s}");
+        }
+        for b in &report.backups {
+            println!("backup {} of image '{}': {}", b.id, b.image, b.state);
+        }
+        let others: Vec<String> = report
+            .invalid
+            .iter()
+            .filter(|id| !report.backups.iter().any(|b| b.id == **id))
+            .map(u64::to_string)
+            .collect();
+        if !others.is_empty() {
+            println!("also marked invalid (they reference a bad chunk): backups {}", others.join(", "));
+        }
+        println!(
+            "verified {} backups, {} chunks{}: {} problems",
+            report.backups.len(),
+            report.chunks,
+            if a.deep { " (deep)" } else { "" },
+            report.findings.len()
+        );
+    }
+    if report.is_clean() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut invalid: std::collections::BTreeSet<u64> = report.invalid.iter().copied().collect();
+    invalid.extend(report.backups.iter().filter(|b| b.state == "invalid").map(|b| b.id));
+    eprintln!(
+        "error: verify found {} problems; {} backups are marked invalid and will not be used as the base of an incremental",
+        report.findings.len(),
+        invalid.len()
+    );
+    Ok(ExitCode::FAILURE)
+}

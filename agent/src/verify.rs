@@ -1,0 +1,549 @@
+//! Verifying backups.
+//!
+//! * Metadata (always): the manifest reads, agrees with its catalog row, and
+//!   its block map reads and matches the manifest's checksum; every chunk
+//!   the block map references exists.
+//! * Deep (`--deep`): every referenced chunk is read once, however many
+//!   blocks and backups use it, and fully decoded: header and payload
+//!   checksums, decompression, length, and the blake3 of the plaintext
+//!   against the chunk id. Chunks are checked in parallel.
+//! * Source (`--source`): an RBD backup is compared block by block with the
+//!   snapshot it was read from, while that snapshot still exists.
+//!
+//! Every finding is collected; nothing stops at the first. A bad chunk is
+//! reported with every backup in the store that references it, not just the
+//! ones asked about. Each backup with a finding of its own, or referencing a
+//! bad chunk, is marked `invalid` in the catalog, so it is never the base of
+//! an incremental; every other backup checked is marked `ok`, except that a
+//! backup already `invalid` stays so unless the run repeats every check that
+//! could have found its fault: `--deep`, plus `--source` for a backup read
+//! from an RBD snapshot (a source mismatch is seen by nothing else, so once
+//! the snapshot is gone such a backup stays `invalid`).
+//!
+//! ## Corrupt chunks are moved aside
+//! A corrupt chunk left in place would be reused: the next backup that reads
+//! the same data finds the chunk id present and references the bad copy. So
+//! a corrupt chunk is renamed to `<id>.bad` ([`Store::quarantine_chunk`]);
+//! the next backup that has the data writes a good copy, which also repairs
+//! the older backups that reference it (a later verify marks them `ok`).
+//!
+//! This is done under the exclusive store lock, after the shared lock of the
+//! check is let go: no backup is running then. Under that lock the store's
+//! backups are scanned again for references to the chunk (a backup may have
+//! reused it while the check ran), the chunk is checked once more, moved,
+//! and every backup that references it is marked `invalid` before the lock
+//! is released. A backup that starts afterwards thus neither finds the bad
+//! chunk nor takes a backup that references it as its parent (whose block
+//! map it would copy without looking the chunks up).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use blockvault_catalog::{BackupRow, BackupState};
+use blockvault_store::{chunk, BackupId, BlockMap, ChunkId, Manifest, Store};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::config::Source;
+use crate::context::Ctx;
+use crate::pipeline::Progress;
+use crate::progress::Bar;
+use crate::rbd::Cluster;
+
+/// Most block numbers a source mismatch lists.
+const MAX_LISTED_BLOCKS: usize = 16;
+
+#[derive(Clone, Debug)]
+pub struct VerifyOptions {
+    pub deep: bool,
+    pub source: bool,
+    /// Threads that read and decode chunks (and read the source).
+    pub threads: usize,
+    /// Draw a progress bar (on a terminal).
+    pub progress: bool,
+}
+
+/// One thing wrong. Chunk findings name every backup that references the chunk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Finding {
+    /// The catalog lists the backup as committed; the store has no manifest.
+    ManifestMissing { backup: u64 },
+    ManifestUnreadable { backup: u64, error: String },
+    /// The manifest and the catalog row disagree.
+    ManifestMismatch { backup: u64, reason: String },
+    BlockMapUnreadable { backup: u64, error: String },
+    ChunkMissing { chunk: String, backups: Vec<u64> },
+    ChunkCorrupt { chunk: String, reason: String, backups: Vec<u64>, moved_to: Option<String> },
+    /// Reading the chunk failed (an I/O error, perhaps transient).
+    ChunkUnreadable { chunk: String, error: String, backups: Vec<u64> },
+    /// The backup's data differs from the RBD snapshot it was read from.
+    SourceMismatch { backup: u64, snapshot: String, blocks: u64, first_blocks: Vec<u64>, reason: String },
+}
+
+impl Finding {
+    /// The backups this finding makes invalid.
+    pub fn backups(&self) -> Vec<u64> {
+        match self {
+            Finding::ManifestMissing { backup }
+            | Finding::ManifestUnreadable { backup, .. }
+            | Finding::ManifestMismatch { backup, .. }
+            | Finding::BlockMapUnreadable { backup, .. }
+            | Finding::SourceMismatch { backup, .. } => vec![*backup],
+            Finding::ChunkMissing { backups, .. }
+            | Finding::ChunkCorrupt { backups, .. }
+            | Finding::ChunkUnreadable { backups, .. } => backups.clone(),
+        }
+    }
+}
+
+fn list(ids: &[u64]) -> String {
+    if ids.is_empty() {
+        return "no backup".into();
+    }
+    let s: Vec<String> = ids.iter().map(u64::to_string).collect();
+    format!("backup{} {}", if ids.len() == 1 { "" } else { "s" }, s.join(", "))
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Finding::ManifestMissing { backup } => {
+                write!(f, "backup {backup}: the catalog lists it but the store has no manifest")
+            }
+            Finding::ManifestUnreadable { backup, error } => write!(f, "backup {backup}: manifest unreadable: {error}"),
+            Finding::ManifestMismatch { backup, reason } => {
+                write!(f, "backup {backup}: manifest and catalog disagree: {reason}")
+            }
+            Finding::BlockMapUnreadable { backup, error } => write!(f, "backup {backup}: block map unreadable: {error}"),
+            Finding::ChunkMissing { chunk, backups } => {
+                write!(f, "chunk {chunk} is missing; referenced by {}", list(backups))
+            }
+            Finding::ChunkCorrupt { chunk, reason, backups, moved_to } => {
+                write!(f, "chunk {chunk} is corrupt ({reason}); referenced by {}", list(backups))?;
+                match moved_to {
+                    Some(p) => write!(f, "; moved aside to {p}"),
+                    None => Ok(()),
+                }
+            }
+            Finding::ChunkUnreadable { chunk, error, backups } => {
+                write!(f, "chunk {chunk} cannot be read ({error}); referenced by {}", list(backups))
+            }
+            Finding::SourceMismatch { backup, snapshot, blocks, first_blocks, reason } => {
+                write!(f, "backup {backup}: differs from RBD snapshot {snapshot}: {reason}")?;
+                if *blocks > 0 {
+                    write!(f, " ({blocks} blocks differ, first {first_blocks:?})")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Outcome for one backup that was asked about.
+#[derive(Clone, Debug, Serialize)]
+pub struct Checked {
+    pub id: u64,
+    pub image: String,
+    /// `ok` or `invalid`; `gone` when it was pruned while verify ran.
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct VerifyReport {
+    pub deep: bool,
+    pub source: bool,
+    pub backups: Vec<Checked>,
+    /// Every backup marked invalid, including ones not asked about that
+    /// reference a bad chunk.
+    pub invalid: Vec<u64>,
+    /// Distinct chunks checked.
+    pub chunks: u64,
+    /// Stored bytes read (deep).
+    pub bytes_read: u64,
+    pub findings: Vec<Finding>,
+    /// Checks that could not be made, and why (not findings).
+    pub skipped: Vec<String>,
+}
+
+impl VerifyReport {
+    /// Nothing found, and no backup asked about is (still) invalid.
+    pub fn is_clean(&self) -> bool {
+        self.findings.is_empty() && self.backups.iter().all(|b| b.state != "invalid")
+    }
+}
+
+/// What is wrong with one chunk.
+#[derive(Clone, Debug)]
+enum Problem {
+    Missing,
+    Corrupt(String),
+    Unreadable(String),
+}
+
+/// Loads a backup's manifest and block map, checking them against the row.
+fn load(store: &Store, row: &BackupRow) -> Result<(Manifest, BlockMap), Finding> {
+    let backup = row.id.0;
+    let m = match store.read_manifest(row.id) {
+        Ok(m) => m,
+        Err(blockvault_store::Error::BackupMissing { .. }) => return Err(Finding::ManifestMissing { backup }),
+        Err(e) => return Err(Finding::ManifestUnreadable { backup, error: format!("{e:#}") }),
+    };
+    let mut diffs = Vec::new();
+    if m.image != row.image {
+        diffs.push(format!("image '{}' in the manifest, '{}' in the catalog", m.image, row.image));
+    }
+    if m.parent != row.parent {
+        diffs.push(format!("parent {:?} in the manifest, {:?} in the catalog", m.parent.map(|p| p.0), row.parent.map(|p| p.0)));
+    }
+    if m.image_size != row.image_size || m.block_size != row.block_size {
+        diffs.push(format!(
+            "size {}/block {} in the manifest, {}/{} in the catalog",
+            m.image_size, m.block_size, row.image_size, row.block_size
+        ));
+    }
+    if !diffs.is_empty() {
+        return Err(Finding::ManifestMismatch { backup, reason: diffs.join("; ") });
+    }
+    match store.read_blockmap(&m) {
+        Ok(map) => Ok((m, map)),
+        Err(e) => Err(Finding::BlockMapUnreadable { backup, error: format!("{e:#}") }),
+    }
+}
+
+/// Checks every chunk in `ids` on `threads` threads: existence, or with
+/// `deep` a full decode and a length check against the blocks that use it.
+/// Returns the problems and the bytes read.
+fn check_chunks(
+    store: &Store,
+    ids: &[(ChunkId, u32)],
+    deep: bool,
+    threads: usize,
+    progress: &dyn Progress,
+) -> (Vec<(ChunkId, Problem)>, u64) {
+    let next = AtomicUsize::new(0);
+    let problems = Mutex::new(Vec::new());
+    let bytes = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                let (mut raw, mut plain) = (Vec::new(), Vec::new());
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&(id, len)) = ids.get(i) else { return };
+                    let p = if deep {
+                        check_one(store, &id, len, &mut raw, &mut plain)
+                    } else {
+                        match store.has_chunk(&id) {
+                            Ok(true) => None,
+                            Ok(false) => Some(Problem::Missing),
+                            Err(e) => Some(Problem::Unreadable(format!("{e:#}"))),
+                        }
+                    };
+                    bytes.fetch_add(raw.len(), Ordering::Relaxed);
+                    progress.advance(len as u64);
+                    if let Some(p) = p {
+                        problems.lock().unwrap().push((id, p));
+                    }
+                }
+            });
+        }
+    });
+    let mut problems = problems.into_inner().unwrap();
+    problems.sort_by_key(|(id, _)| *id);
+    (problems, bytes.into_inner() as u64)
+}
+
+/// Reads and fully decodes one chunk; `len` is the length blocks expect.
+fn check_one(store: &Store, id: &ChunkId, len: u32, raw: &mut Vec<u8>, plain: &mut Vec<u8>) -> Option<Problem> {
+    raw.clear();
+    if let Err(e) = store.read_chunk_raw(id, raw) {
+        return Some(match e {
+            blockvault_store::Error::ChunkMissing { .. } => Problem::Missing,
+            e => Problem::Unreadable(format!("{e:#}")),
+        });
+    }
+    match chunk::decode_into(id, raw, plain) {
+        Err(blockvault_store::Error::CorruptChunk { reason, .. }) => Some(Problem::Corrupt(reason)),
+        Err(e) => Some(Problem::Corrupt(format!("{e:#}"))),
+        Ok(()) if plain.len() != len as usize => {
+            Some(Problem::Corrupt(format!("holds {} bytes but its blocks are {len} bytes", plain.len())))
+        }
+        Ok(()) => None,
+    }
+}
+
+/// Adds to `refs` the backups in the store that reference a chunk of `bad`,
+/// reading every block map not in `scanned` (which it extends).
+fn scan_referrers(
+    store: &Store,
+    bad: &HashSet<ChunkId>,
+    scanned: &mut BTreeSet<BackupId>,
+    refs: &mut HashMap<ChunkId, BTreeSet<BackupId>>,
+) -> Result<()> {
+    for id in store.list_backups()? {
+        if !scanned.insert(id) {
+            continue;
+        }
+        // a backup that does not read is reported on its own when asked about
+        let Ok(map) = store.read_manifest(id).and_then(|m| store.read_blockmap(&m)) else { continue };
+        for c in map.chunk_ids() {
+            if bad.contains(c) {
+                refs.entry(*c).or_default().insert(id);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Verifies the backups of `rows` (committed catalog rows) and marks them,
+/// and every other backup that references a bad chunk, in the catalog.
+///
+/// # Errors
+/// Store or catalog failures that stop verify itself (not findings), and a
+/// cluster that cannot be reached for `source`.
+pub fn verify(ctx: &Ctx, rows: &[BackupRow], opts: &VerifyOptions) -> Result<VerifyReport> {
+    let store = &ctx.store;
+    let mut report = VerifyReport {
+        deep: opts.deep,
+        source: opts.source,
+        backups: Vec::new(),
+        invalid: Vec::new(),
+        chunks: 0,
+        bytes_read: 0,
+        findings: Vec::new(),
+        skipped: Vec::new(),
+    };
+    let cluster = if opts.source && rows.iter().any(|r| r.snapshot.is_some()) {
+        Some(crate::rbd_backup::connect(&ctx.cfg).context("--source needs the Ceph cluster")?)
+    } else {
+        None
+    };
+
+    let shared = store.lock_shared()?;
+    // Phase 1: manifests and block maps; the chunks they use.
+    let mut own: BTreeSet<u64> = BTreeSet::new(); // backups with findings of their own
+    let mut gone: BTreeSet<u64> = BTreeSet::new();
+    let mut chunk_len: HashMap<ChunkId, u32> = HashMap::new();
+    let mut loaded: Vec<(Manifest, BlockMap)> = Vec::new();
+    for row in rows {
+        match load(store, row) {
+            Ok((m, map)) => {
+                let mut conflict = None;
+                for (b, e) in map.entries().iter().enumerate() {
+                    let Some(id) = e else { continue };
+                    let len = map.block_range(b).1 as u32;
+                    let first = *chunk_len.entry(*id).or_insert(len);
+                    if first != len && conflict.is_none() {
+                        conflict = Some(format!("block {b} uses chunk {id} for {len} bytes, other blocks for {first}"));
+                    }
+                }
+                if let Some(reason) = conflict {
+                    own.insert(row.id.0);
+                    report.findings.push(Finding::BlockMapUnreadable { backup: row.id.0, error: reason });
+                }
+                if opts.source {
+                    loaded.push((m, map));
+                }
+            }
+            Err(Finding::ManifestMissing { backup })
+                if !matches!(ctx.catalog.backup(row.id)?, Some(r) if r.state == BackupState::Committed) =>
+            {
+                // pruned while verify ran: the catalog row goes first
+                gone.insert(backup);
+            }
+            Err(f) => {
+                own.insert(row.id.0);
+                report.findings.push(f);
+            }
+        }
+    }
+
+    // Phase 2: the chunks, each once.
+    let mut ids: Vec<(ChunkId, u32)> = chunk_len.into_iter().collect();
+    ids.sort_unstable();
+    report.chunks = ids.len() as u64;
+    info!(backups = rows.len(), chunks = ids.len(), deep = opts.deep, "verifying");
+    let total = ids.iter().map(|(_, len)| *len as u64).sum();
+    let bar = Bar::new(total, if opts.deep { "verify --deep" } else { "verify" }, opts.progress);
+    let (problems, bytes) = check_chunks(store, &ids, opts.deep, opts.threads, &bar);
+    bar.finish();
+    report.bytes_read = bytes;
+
+    // Phase 3: the source snapshots.
+    let mut source_ok: BTreeSet<u64> = BTreeSet::new();
+    if let Some(cluster) = &cluster {
+        for (m, map) in &loaded {
+            if own.contains(&m.id.0) {
+                continue;
+            }
+            match check_source(cluster, store, m, map, opts.threads) {
+                Ok(None) => {
+                    source_ok.insert(m.id.0);
+                }
+                Ok(Some(f)) => {
+                    own.insert(m.id.0);
+                    report.findings.push(f);
+                }
+                Err(why) => report.skipped.push(format!("backup {}: source not checked: {why:#}", m.id)),
+            }
+        }
+    }
+    for r in rows {
+        if opts.source && r.snapshot.is_none() {
+            report.skipped.push(format!("backup {}: source not checked: not read from an RBD snapshot", r.id));
+        }
+    }
+
+    // Phase 4: every backup that references a bad chunk.
+    let bad: HashSet<ChunkId> = problems.iter().map(|(id, _)| *id).collect();
+    let mut scanned = BTreeSet::new();
+    let mut refs: HashMap<ChunkId, BTreeSet<BackupId>> = HashMap::new();
+    if !bad.is_empty() {
+        scan_referrers(store, &bad, &mut scanned, &mut refs)?;
+    }
+    let corrupt: Vec<ChunkId> =
+        problems.iter().filter(|(_, p)| matches!(p, Problem::Corrupt(_))).map(|(id, _)| *id).collect();
+    let mut moved: BTreeMap<ChunkId, String> = BTreeMap::new();
+
+    // Phase 5: mark the catalog; with corrupt chunks, move them aside first,
+    // all under the exclusive lock (see the module docs).
+    let _lock = if corrupt.is_empty() {
+        shared
+    } else {
+        drop(shared);
+        let l = match store.try_lock_exclusive()? {
+            Some(l) => l,
+            None => {
+                info!("waiting for running backups to finish before moving corrupt chunks aside");
+                store.lock_exclusive()?
+            }
+        };
+        scan_referrers(store, &bad, &mut scanned, &mut refs)?;
+        let (mut raw, mut plain) = (Vec::new(), Vec::new());
+        for id in &corrupt {
+            // checked again: GC may have removed it and a backup rewritten it
+            if store.load_chunk(id, &mut raw, &mut plain).is_ok() {
+                continue;
+            }
+            if let Some(p) = store.quarantine_chunk(id)? {
+                warn!(chunk = %id, moved_to = %p.display(), "corrupt chunk moved aside; the next backup with its data writes a good copy");
+                moved.insert(*id, p.display().to_string());
+            }
+        }
+        l
+    };
+    for (id, p) in &problems {
+        let chunk = id.to_hex();
+        let backups: Vec<u64> = refs.get(id).map(|s| s.iter().map(|b| b.0).collect()).unwrap_or_default();
+        report.findings.push(match p {
+            Problem::Missing => Finding::ChunkMissing { chunk, backups },
+            Problem::Corrupt(reason) => {
+                Finding::ChunkCorrupt { chunk, reason: reason.clone(), backups, moved_to: moved.get(id).cloned() }
+            }
+            Problem::Unreadable(error) => Finding::ChunkUnreadable { chunk, error: error.clone(), backups },
+        });
+    }
+    let invalid: BTreeSet<u64> = report.findings.iter().flat_map(Finding::backups).collect();
+    for &id in &invalid {
+        ctx.catalog.set_verify_state(BackupId(id), "invalid")?;
+    }
+    for r in rows {
+        // An earlier `invalid` is lifted only by a run that repeats every
+        // check that could have set it: a source mismatch is invisible to
+        // the other checks and never heals.
+        let recheck = opts.deep && (r.snapshot.is_none() || source_ok.contains(&r.id.0));
+        let state = if gone.contains(&r.id.0) {
+            "gone"
+        } else if invalid.contains(&r.id.0) {
+            "invalid"
+        } else if r.verify_state == "invalid" && !recheck {
+            report.skipped.push(format!(
+                "backup {}: stays invalid from an earlier verify; only --deep{} clears that",
+                r.id,
+                if r.snapshot.is_some() { " --source (while its snapshot exists)" } else { "" }
+            ));
+            "invalid"
+        } else {
+            ctx.catalog.set_verify_state(r.id, "ok")?;
+            "ok"
+        };
+        report.backups.push(Checked { id: r.id.0, image: r.image.clone(), state });
+    }
+    report.invalid = invalid.into_iter().collect();
+    for f in &report.findings {
+        warn!(finding = %f, "verify");
+    }
+    Ok(report)
+}
+
+/// Compares a backup with the RBD snapshot it was read from. `Err` means
+/// the comparison could not be made (the snapshot is gone, the source is
+/// not RBD), `Ok(Some)` that it was made and the two differ.
+fn check_source(
+    cluster: &Arc<Cluster>,
+    store: &Store,
+    m: &Manifest,
+    map: &BlockMap,
+    threads: usize,
+) -> Result<Option<Finding>> {
+    let Some(snap) = &m.snapshot else { anyhow::bail!("not read from an RBD snapshot") };
+    let Ok(Source::Rbd { pool, namespace, image }) = Source::parse(&m.source) else {
+        anyhow::bail!("source {} is not RBD", m.source)
+    };
+    let ioctx = cluster.ioctx(&pool, namespace.as_deref())?;
+    let img = match ioctx.open(&image, Some(snap)) {
+        Ok(i) => i,
+        Err(e) if e.is_not_found() => anyhow::bail!("snapshot {snap} no longer exists"),
+        Err(e) => return Err(e.into()),
+    };
+    let mismatch = |blocks: u64, first_blocks: Vec<u64>, reason: String| {
+        Some(Finding::SourceMismatch { backup: m.id.0, snapshot: snap.clone(), blocks, first_blocks, reason })
+    };
+    let size = img.size()?;
+    if size != m.image_size {
+        return Ok(mismatch(0, Vec::new(), format!("the snapshot has {size} bytes, the backup {}", m.image_size)));
+    }
+    let next = AtomicUsize::new(0);
+    let differ = Mutex::new(BTreeSet::new());
+    let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                let (mut src, mut raw, mut plain) = (Vec::new(), Vec::new(), Vec::new());
+                loop {
+                    let b = next.fetch_add(1, Ordering::Relaxed);
+                    if b >= map.len() || failed.lock().unwrap().is_some() {
+                        return;
+                    }
+                    let (off, len) = map.block_range(b);
+                    src.resize(len, 0);
+                    if let Err(e) = img.read_at(off, &mut src) {
+                        failed.lock().unwrap().get_or_insert(anyhow::Error::new(e).context(format!("reading block {b}")));
+                        return;
+                    }
+                    let same = match map.get(b) {
+                        None => chunk::is_zero(&src),
+                        // a chunk that does not load differs (and is reported as a chunk finding)
+                        Some(id) => store.load_chunk(&id, &mut raw, &mut plain).is_ok() && plain == src,
+                    };
+                    if !same {
+                        differ.lock().unwrap().insert(b as u64);
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = failed.into_inner().unwrap() {
+        return Err(e);
+    }
+    let differ = differ.into_inner().unwrap();
+    if differ.is_empty() {
+        return Ok(None);
+    }
+    let first: Vec<u64> = differ.iter().take(MAX_LISTED_BLOCKS).copied().collect();
+    Ok(mismatch(differ.len() as u64, first, "block contents differ".into()))
+}
