@@ -130,7 +130,7 @@ fn deep_verify_names_a_corrupt_chunk_and_every_backup_using_it() {
     env.fails(&["restore", &format!("a@{}", ids_a[1]), "--to", to.to_str().unwrap()]);
     env.ok(&["backup", "a"]);
     let list = env.list();
-    let newest = list.iter().filter(|b| b["image"] == "a").last().unwrap();
+    let newest = list.iter().rfind(|b| b["image"] == "a").unwrap();
     assert!(!all.contains(&num(newest, "id")));
     assert_eq!(newest["parent"], Value::Null, "the next backup was based on an invalid backup: {newest}");
     assert_same(&a, &env.restore(&format!("a@{}", num(newest, "id"))));
@@ -143,7 +143,7 @@ fn deep_verify_names_a_corrupt_chunk_and_every_backup_using_it() {
     assert!(v["backups"].as_array().unwrap().iter().all(|b| b["state"] == "ok"), "{v}");
     env.ok(&["backup", "a"]);
     let list = env.list();
-    let last = list.iter().filter(|b| b["image"] == "a").last().unwrap();
+    let last = list.iter().rfind(|b| b["image"] == "a").unwrap();
     assert_eq!(last["parent"], newest["id"]);
     assert_same(&b, &env.restore(&format!("b@{}", ids_b[0])));
 }
@@ -201,7 +201,7 @@ fn verify_reports_every_problem_and_passes_a_healthy_store() {
     assert_eq!(states[&ids_b[0]], "invalid");
     // the oldest backup of `a` is untouched and is the next base
     env.ok(&["backup", "a"]);
-    let newest = env.list().into_iter().filter(|b| b["image"] == "a").last().unwrap();
+    let newest = env.list().into_iter().rfind(|b| b["image"] == "a").unwrap();
     assert_eq!(newest["parent"], ids_a[0]);
 }
 
