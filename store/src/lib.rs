@@ -26,8 +26,12 @@
 //! ```
 //!
 //! ## Durability order of a backup
-//! 1. each new chunk: temp file, fsync, rename into `chunks/` ([`Store::put_chunk`]);
-//! 2. fsync of every chunk directory that received one ([`Store::sync`]);
+//! 1. each new chunk is written to a temp file in `tmp/` ([`Store::put_chunk`]);
+//! 2. a flush (every 1 GiB of new chunks, and in [`Store::sync`]): `syncfs`,
+//!    so every temp file's bytes are durable, then each is renamed into
+//!    `chunks/` (never over an existing chunk), then `syncfs` again so the
+//!    renames are durable. A chunk appears in `chunks/` only once its bytes
+//!    are on disk, so no later backup can deduplicate against a torn chunk;
 //! 3. block map, then manifest: temp file, fsync, rename, fsync of `backups/`
 //!    ([`Store::write_backup`]);
 //! 4. the catalog row is switched to committed (by the agent).

@@ -1,6 +1,5 @@
 //! The local directory store.
 
-use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsFd;
@@ -50,11 +49,24 @@ impl Default for InitOptions {
 pub struct Store {
     root: PathBuf,
     meta: StoreMeta,
-    /// Chunk directories that received a rename since the last `sync`.
-    dirty_dirs: Mutex<HashSet<PathBuf>>,
+    /// Chunks written to `tmp/` but not yet made durable and moved into
+    /// `chunks/` (see [`Store::sync`]).
+    pending: Mutex<Pending>,
     tmp_seq: AtomicU64,
     poisoned: AtomicBool,
 }
+
+/// Chunk files written to `tmp/`, waiting for the next flush.
+#[derive(Default)]
+struct Pending {
+    /// (temp file, final path)
+    files: Vec<(PathBuf, PathBuf)>,
+    bytes: u64,
+}
+
+/// Pending chunk bytes that trigger a flush: bounds the data a crash can
+/// leave in `tmp/` and makes new chunks visible to concurrent backups soon.
+const FLUSH_PENDING_BYTES: u64 = 1 << 30;
 
 /// A held lock; released on drop.
 #[derive(Debug)]
@@ -141,7 +153,7 @@ impl Store {
         Ok(Store {
             root: path.to_path_buf(),
             meta,
-            dirty_dirs: Mutex::new(HashSet::new()),
+            pending: Mutex::new(Pending::default()),
             tmp_seq: AtomicU64::new(0),
             poisoned: AtomicBool::new(false),
         })
@@ -301,10 +313,8 @@ impl Store {
         let dir = dest.parent().unwrap();
         if !dir.exists() {
             match fs::create_dir(dir) {
-                Ok(()) => {
-                    // the new shard directory itself must survive a crash
-                    fsync_dir(&self.root.join("chunks"))?;
-                }
+                // made durable by the syncfs of the next flush
+                Ok(()) => {}
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(Error::io("create directory", dir, e)),
             }
@@ -313,39 +323,64 @@ impl Store {
         let tmp = self.root.join("tmp").join(format!("{}-{}-{}", std::process::id(), seq, chunk.id));
         let mut f = File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
         f.write_all(&chunk.bytes).map_err(|e| Error::io("write", &tmp, e))?;
-        f.sync_data().map_err(|e| Error::io("fsync", &tmp, e))?;
         drop(f);
-        // NOREPLACE: a chunk written meanwhile by another process (another
-        // image's backup with the same block) is never replaced.
-        match rustix::fs::renameat_with(rustix::fs::CWD, &tmp, rustix::fs::CWD, &dest, rustix::fs::RenameFlags::NOREPLACE) {
-            Ok(()) => {}
-            Err(rustix::io::Errno::EXIST) => {
-                fs::remove_file(&tmp).map_err(|e| Error::io("remove", &tmp, e))?;
-                return Ok(false);
-            }
-            Err(e) => return Err(Error::io("rename", &dest, e.into())),
+        let flush = {
+            let mut p = self.pending.lock().unwrap();
+            p.files.push((tmp, dest));
+            p.bytes += chunk.bytes.len() as u64;
+            p.bytes >= FLUSH_PENDING_BYTES
+        };
+        if flush {
+            self.flush_pending()?;
         }
-        self.dirty_dirs.lock().unwrap().insert(dir.to_path_buf());
         Ok(true)
     }
 
-    /// Makes every chunk written since the last call durable (fsyncs the
-    /// directories that received them).
+    /// Makes pending chunks durable, then moves them into `chunks/`:
+    /// syncfs (every temp file's data is on disk), rename each into place
+    /// (never over an existing chunk), syncfs (the renames are on disk).
+    /// One filesystem sync per batch instead of one fsync per chunk: on
+    /// disks where an fsync costs tens of milliseconds this is the
+    /// difference between I/O-bound and fsync-bound backups. A chunk is
+    /// visible in `chunks/` only once its bytes are durable.
+    fn flush_pending(&self) -> Result<()> {
+        let files = {
+            let mut p = self.pending.lock().unwrap();
+            p.bytes = 0;
+            std::mem::take(&mut p.files)
+        };
+        if files.is_empty() {
+            return Ok(());
+        }
+        let root = File::open(&self.root).map_err(|e| Error::io("open", &self.root, e))?;
+        rustix::fs::syncfs(&root).map_err(|e| Error::io("syncfs", &self.root, e.into()))?;
+        for (tmp, dest) in &files {
+            // NOREPLACE: a chunk written meanwhile by another process (another
+            // image's backup with the same block) is never replaced.
+            match rustix::fs::renameat_with(rustix::fs::CWD, tmp, rustix::fs::CWD, dest, rustix::fs::RenameFlags::NOREPLACE) {
+                Ok(()) => {}
+                Err(rustix::io::Errno::EXIST) => fs::remove_file(tmp).map_err(|e| Error::io("remove", tmp, e))?,
+                Err(e) => return Err(Error::io("rename", dest, e.into())),
+            }
+        }
+        rustix::fs::syncfs(&root).map_err(|e| Error::io("syncfs", &self.root, e.into()))?;
+        Ok(())
+    }
+
+    /// Makes every chunk written since the last call durable and visible in
+    /// `chunks/`. Called before a block map that references them is written.
     ///
     /// # Errors
-    /// `Io` when a directory fsync fails; the store is then poisoned.
+    /// `Io` when a sync or rename fails; the store is then poisoned.
     pub fn sync(&self) -> Result<()> {
         if self.poisoned.load(Ordering::Relaxed) {
             return Err(Error::Poisoned);
         }
-        let dirs: Vec<PathBuf> = self.dirty_dirs.lock().unwrap().drain().collect();
-        for d in dirs {
-            if let Err(e) = fsync_dir(&d) {
-                self.poisoned.store(true, Ordering::Relaxed);
-                return Err(e);
-            }
+        let r = self.flush_pending();
+        if r.is_err() {
+            self.poisoned.store(true, Ordering::Relaxed);
         }
-        Ok(())
+        r
     }
 
     /// Reads a chunk's stored bytes (header and payload), unverified.

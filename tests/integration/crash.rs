@@ -24,16 +24,26 @@ fn kill_dash_nine_during_backups() {
     // Each version carries its round number in its first 8 bytes, so a
     // restored backup tells which reference it must equal.
     let mut refs: BTreeMap<u64, std::path::PathBuf> = BTreeMap::new();
-    let mut killed = 0;
-    for round in 1..=24u64 {
-        random_changes(&img, SIZE, 20, &mut r);
+    let mut new_version = |round: u64, r: &mut rand::rngs::StdRng| {
+        random_changes(&img, SIZE, 20, r);
         fs::OpenOptions::new().write(true).open(&img).unwrap().write_all_at(&round.to_le_bytes(), 0).unwrap();
         let reference = env.path(&format!("ref-{round}"));
         fs::copy(&img, &reference).unwrap();
         refs.insert(round, reference);
+    };
+    // How long one round's backup takes here: kills land uniformly inside that.
+    new_version(100, &mut r);
+    env.ok(&["backup", "img"]);
+    new_version(101, &mut r);
+    let t = std::time::Instant::now();
+    env.ok(&["backup", "img"]);
+    let span_ms = (t.elapsed().as_millis() as u64 * 9 / 10).max(20);
+    let mut killed = 0;
+    for round in 1..=24u64 {
+        new_version(round, &mut r);
 
         let mut child = env.cmd(&["backup", "img"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
-        let delay = r.gen_range(0..700);
+        let delay = r.gen_range(0..span_ms);
         std::thread::sleep(Duration::from_millis(delay));
         match child.try_wait().unwrap() {
             Some(_) => {} // finished before the kill
@@ -60,8 +70,8 @@ fn kill_dash_nine_during_backups() {
         let mut round = [0u8; 8];
         fs::File::open(&out).unwrap().read_exact_at(&mut round, 0).unwrap();
         let round = u64::from_le_bytes(round);
-        let reference = refs.get(&round).map(|p| p.to_path_buf()).unwrap_or_else(|| img.clone());
-        assert_same(&reference, &out);
+        let reference = refs.get(&round).unwrap_or_else(|| panic!("backup {id} holds no known version ({round})"));
+        assert_same(reference, &out);
         fs::remove_file(out).unwrap();
     }
 }
