@@ -13,7 +13,9 @@
 //!   never runs twice at once and a slow backup does not pile up runs.
 //! - Queued images start in order while fewer than `[daemon] max-concurrent`
 //!   jobs run. Firings missed while the daemon was down are not caught up
-//!   (a systemd timer with `Persistent=true` does that).
+//!   (a systemd timer with `Persistent=true` does that). A run that finds
+//!   the image locked by another process (a `blockvault backup` by hand)
+//!   fails and counts as a failure in the metrics.
 //! - A job is [`crate::job::run_image`] on a blocking thread with its own
 //!   [`Ctx`] (a SQLite connection is not shared between threads); the
 //!   pipeline's hashing and compression run on its own worker threads.
@@ -113,6 +115,11 @@ impl Daemon {
     }
 
     async fn main(mut self) -> Result<ExitCode> {
+        // first, so that a signal during the startup check is not fatal
+        let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("handling SIGINT")?;
+        let mut hup = signal(SignalKind::hangup()).context("handling SIGHUP")?;
+
         // Fail fast on a missing store; also rebuilds an empty catalog once,
         // before jobs open their own handles, and writes the metrics file.
         let cfg = (*self.cfg).clone();
@@ -123,10 +130,6 @@ impl Daemon {
         })
         .await
         .map_err(|e| anyhow!("startup check panicked: {e}"))??;
-
-        let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
-        let mut int = signal(SignalKind::interrupt()).context("handling SIGINT")?;
-        let mut hup = signal(SignalKind::hangup()).context("handling SIGHUP")?;
 
         self.reschedule(Local::now(), true);
         info!(

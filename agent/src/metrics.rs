@@ -138,7 +138,7 @@ fn gather_image(ctx: &Ctx, name: &str) -> Result<ImageMetrics> {
         if let Ok(rec) = serde_json::from_str::<RowlessFailures>(&v) {
             m.failures += rec.count;
             if let Some(finished) = unix(&rec.finished) {
-                if m.last_run_id.map_or(true, |id| id <= rec.max_id) {
+                if !matches!(m.last_run_id, Some(id) if id > rec.max_id) {
                     m.last_run =
                         Some(LastRun { finished, success: false, duration: rec.duration_ms as f64 / 1000.0 });
                 }
