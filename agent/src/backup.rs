@@ -192,6 +192,7 @@ pub fn run_backup<'s>(
             Ok(m)
         }
         Err(e) => {
+            ctx.store.discard_pending();
             if let Err(e2) = ctx.catalog.fail_backup(id, &format!("{e:#}")) {
                 warn!(backup = id.0, error = %e2, "could not mark backup failed in the catalog");
             }

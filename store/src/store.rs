@@ -367,6 +367,19 @@ impl Store {
         Ok(())
     }
 
+    /// Removes the temp files of chunks not yet flushed (a backup that failed
+    /// or was cancelled): nothing references them.
+    pub fn discard_pending(&self) {
+        let files = {
+            let mut p = self.pending.lock().unwrap();
+            p.bytes = 0;
+            std::mem::take(&mut p.files)
+        };
+        for (tmp, _) in files {
+            let _ = fs::remove_file(tmp);
+        }
+    }
+
     /// Makes every chunk written since the last call durable and visible in
     /// `chunks/`. Called before a block map that references them is written.
     ///
