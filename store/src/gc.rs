@@ -391,6 +391,7 @@ mod tests {
         let data = vec![seed; BS as usize];
         let id = ChunkId::of(&data);
         s.put_chunk(&chunk::encode(&data, id, 1, None).unwrap()).unwrap();
+        s.sync().unwrap(); // chunks reach chunks/ at a flush
         let f = File::options().append(true).open(s.chunk_path(&id)).unwrap();
         f.set_modified(SystemTime::now() - age).unwrap();
         id
