@@ -40,6 +40,9 @@ pub fn run(g: &GlobalArgs, a: RestoreArgs) -> Result<ExitCode> {
             None => bail!("image '{image}' has no committed backup"),
         },
     };
+    // shared store lock: a concurrent prune + GC cannot sweep the chunks of
+    // the backup being restored until it is done
+    let _lock = ctx.store.lock_shared()?;
     let manifest = ctx.store.read_manifest(row.id)?;
     let threads = ctx.cfg.workers() * 2;
     let bar = Bar::new(manifest.image_size, &image, !g.no_progress);
