@@ -34,6 +34,8 @@ pub trait RestoreTarget: Sync {
     /// # Errors
     /// I/O errors.
     fn zero(&self, offset: u64, len: u64) -> std::io::Result<()>;
+    /// Called once a whole block has been written.
+    fn block_done(&self, _offset: u64, _len: u64) {}
 }
 
 struct FileTarget {
@@ -58,6 +60,15 @@ impl RestoreTarget for FileTarget {
             done += n as u64;
         }
         Ok(())
+    }
+    fn block_done(&self, offset: u64, len: u64) {
+        // Start writing the block out now (DONTNEED on dirty pages starts
+        // writeback without waiting) and drop it from the page cache once
+        // clean: the final fsync then has little left to do, and a restore
+        // of a large image does not fill memory with pages nobody will read.
+        if let Some(len) = std::num::NonZeroU64::new(len) {
+            let _ = rustix::fs::fadvise(&self.file, offset, Some(len), rustix::fs::Advice::DontNeed);
+        }
     }
 }
 
@@ -116,7 +127,9 @@ pub fn restore_map(
                                 if plain.len() != len {
                                     bail!("{what}: chunk {id} holds {} bytes, block {b} needs {len}", plain.len());
                                 }
-                                write_sparse(target, off, &plain).with_context(|| format!("writing block {b} at offset {off}"))
+                                write_sparse(target, off, &plain).with_context(|| format!("writing block {b} at offset {off}"))?;
+                                target.block_done(off, len as u64);
+                                Ok(())
                             }),
                     };
                     match r {
@@ -189,6 +202,7 @@ pub fn restore_to_path(
         let t = FileTarget { file, fresh: true };
         restore_map(store, manifest, &map, &t, threads, progress)?;
         t.file.sync_all().with_context(|| format!("fsync of {}", tmp.display()))?;
+        let _ = rustix::fs::fadvise(&t.file, 0, None, rustix::fs::Advice::DontNeed);
         std::fs::rename(&tmp, to).with_context(|| format!("renaming {} to {}", tmp.display(), to.display()))?;
         File::open(&dir).and_then(|d| d.sync_all()).with_context(|| format!("fsync of {}", dir.display()))?;
         Ok(())
