@@ -660,6 +660,7 @@ class RbdBench:
         self.bv_ok = bv_ok
         self.samples = {}   # (step) -> [sample]
         self.notes = []
+        self.read_notes = {}
         self.skipped = None
         self.cluster_dir = None
         self.pool = os.environ.get("BENCH_RBD_POOL", "rbd")
@@ -768,6 +769,16 @@ class RbdBench:
         s = self.bv_backup(bv, rep, step)
         if not s["ok"]:
             self.bv_reason = "blockvault rbd incremental failed: " + s.get("error", "")
+            return
+        # what the incremental read from the cluster, next to what changed
+        r = sh(bv.base() + ["list", "--json"], check=False, env=bv.env)
+        try:
+            last = json.loads(r.stdout)[-1]
+            self.read_notes.setdefault(step, []).append(
+                "%.0f MiB read from the cluster, %d blocks patched from the parent" % (
+                    last["read_bytes"] / 2**20, last.get("patched_blocks", 0)))
+        except (ValueError, KeyError, IndexError):
+            pass
 
     def rewrite(self, img, rep, total):
         """Snapshot a<rep>, `rbd bench` random 64K writes, snapshot b<rep>."""
@@ -1034,6 +1045,13 @@ def write_report(path, args, cmdline, minfo, data, tool_info, runner, rbd, total
         L.append("")
         L.append("`rbd bench` fills each write with one repeated byte, so the compressed diff is tiny: "
                  "its size says nothing about compression ratios. %s." % (out_of(["rbd", "--version"]) or "rbd ?"))
+        if rbd.read_notes:
+            L.append("")
+            L.append("What each blockvault incremental read from the cluster (whole changed blocks, "
+                     "and only the changed extents of blocks patched from the parent backup's chunk):")
+            L.append("")
+            for step, ns in rbd.read_notes.items():
+                L.append("- %s: %s" % (step, "; ".join(ns)))
         for n in rbd.notes:
             L.append("")
             L.append("- " + n)

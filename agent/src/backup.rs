@@ -152,6 +152,9 @@ pub fn run_backup<'s>(
         };
         let mut stats = pipeline::run(&ctx.store, &*p.source, &p.actions, &mut p.map, &known, &opts, progress, cancel)?;
         stats.full_read = p.full_read;
+        let (patched, patched_read) = p.source.patched();
+        stats.patched_blocks = patched;
+        stats.read_bytes = stats.read_bytes - patched * block_size as u64 + patched_read;
         stats.duration_ms = started.elapsed().as_millis() as u64;
         let mut manifest = Manifest {
             format: MANIFEST_VERSION,
@@ -185,6 +188,7 @@ pub fn run_backup<'s>(
                 dedup_blocks = s.dedup_blocks,
                 zero_blocks = s.zero_blocks,
                 inherited_blocks = s.inherited_blocks,
+                patched_blocks = s.patched_blocks,
                 full_read = s.full_read,
                 duration_ms = s.duration_ms,
                 "backup committed"

@@ -14,6 +14,7 @@ mod progress;
 mod prune;
 mod rbd;
 mod rbd_backup;
+mod rbd_patch;
 mod rebuild;
 mod restore;
 mod retention;

@@ -29,6 +29,7 @@ use crate::config::{Config, ImageConfig, Source};
 use crate::context::Ctx;
 use crate::pipeline::Progress;
 use crate::rbd::{self, CephOptions, Cluster, Image, IoCtx};
+use crate::rbd_patch::{plan_patches, Patcher};
 use crate::restore::{restore_map, RestoreTarget};
 use crate::source::{mark_range, BlockAction, ImageSource};
 
@@ -67,10 +68,12 @@ pub fn connect(cfg: &Config) -> Result<Arc<Cluster>> {
         .with_context(|| format!("connecting to the Ceph cluster of {} as client.{}", conf.display(), opts.client_id))
 }
 
-/// A snapshot opened read-only, as a pipeline source.
+/// A snapshot opened read-only, as a pipeline source; partly changed
+/// blocks are patched from the parent backup when a patcher is given.
 struct RbdSource {
     image: Image,
     size: u64,
+    patcher: Option<Patcher>,
 }
 
 impl ImageSource for RbdSource {
@@ -81,7 +84,21 @@ impl ImageSource for RbdSource {
         self.size
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        if let Some(p) = &self.patcher {
+            if p.read_patched(&self.image, offset, buf)? {
+                return Ok(());
+            }
+        }
         self.image.read_at(offset, buf).map_err(io::Error::other)
+    }
+    fn patched(&self) -> (u64, u64) {
+        self.patcher.as_ref().map_or((0, 0), |p| {
+            let (blocks, bytes, fallbacks) = p.counters();
+            if fallbacks > 0 {
+                warn!(source = %self.describe(), blocks = fallbacks, "blocks whose parent chunk did not load were read whole");
+            }
+            (blocks, bytes)
+        })
     }
 }
 
@@ -201,10 +218,16 @@ pub fn backup(ctx: &mut Ctx, img: &ImageConfig, progress: &dyn Progress, cancel:
                 (actions, map, true)
             }
         };
+        let patcher = match (&base, &parent) {
+            (Some(base_snap), Some(p)) if !full_read => patcher_for(ctx, img, &at, base_snap, p, &actions, size)?,
+            _ => None,
+        };
         let changed = actions.iter().filter(|a| **a == BlockAction::Read).count();
-        info!(image = %img.name, snapshot = %snap, base = ?base, full_read, blocks = actions.len(), read_blocks = changed, "plan ready");
+        let patched = patcher.as_ref().map_or(0, Patcher::len);
+        info!(image = %img.name, snapshot = %snap, base = ?base, full_read, blocks = actions.len(), read_blocks = changed,
+            patched_blocks = patched, "plan ready");
         Ok(Prepared {
-            source: Box::new(RbdSource { image: at, size }),
+            source: Box::new(RbdSource { image: at, size, patcher }),
             actions,
             map,
             full_read,
@@ -230,6 +253,38 @@ pub fn backup(ctx: &mut Ctx, img: &ImageConfig, progress: &dyn Progress, cancel:
             Err(e)
         }
     }
+}
+
+/// The patcher for the partly changed blocks of an incremental, or `None`
+/// when there are none or the exact diff cannot be trusted (both logged).
+///
+/// # Errors
+/// When the store cannot be opened or a sample read fails.
+fn patcher_for(
+    ctx: &Ctx,
+    img: &ImageConfig,
+    at: &Image,
+    base: &str,
+    parent: &Parent,
+    actions: &[BlockAction],
+    size: u64,
+) -> Result<Option<Patcher>> {
+    let patches = match plan_patches(at, base, &parent.map, actions, size) {
+        Ok(p) if p.is_empty() => return Ok(None),
+        Ok(p) => p,
+        Err(e) => {
+            warn!(image = %img.name, snapshot = %base, error = %format!("{e:#}"),
+                "exact diff of the changed blocks failed: reading them whole");
+            return Ok(None);
+        }
+    };
+    let patcher = Patcher::new(ctx.store.root(), parent.map.block_size(), patches)?;
+    if let Some(b) = patcher.sample_check(at)? {
+        warn!(image = %img.name, block = b, parent = parent.manifest.id.0,
+            "a partly changed block patched from the parent backup differs from the snapshot: reading every changed block whole");
+        return Ok(None);
+    }
+    Ok(Some(patcher))
 }
 
 /// Whether the object map / fast-diff of an open image or snapshot can be

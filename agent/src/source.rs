@@ -31,6 +31,11 @@ pub trait ImageSource: Sync {
     /// # Errors
     /// An I/O error; reading past the end is an error.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Whole blocks that `read_at` built from the parent backup instead of
+    /// reading them, and the bytes it did read from the source for them.
+    fn patched(&self) -> (u64, u64) {
+        (0, 0)
+    }
 }
 
 /// Marks every block touched by `[off, off + len)` with `action`.
@@ -46,6 +51,7 @@ pub fn mark_range(actions: &mut [BlockAction], block_size: u32, off: u64, len: u
     }
 }
 
+#[cfg(test)]
 /// Marks with `action` only the blocks that `[off, off + len)` covers
 /// entirely (a partly covered block keeps its current action).
 pub fn mark_covered(actions: &mut [BlockAction], block_size: u32, image_size: u64, off: u64, len: u64, action: BlockAction) {

@@ -127,7 +127,7 @@ pub struct Catalog {
 const BACKUP_COLS: &str = "b.id, b.image_id, i.name, b.parent_id, b.state, b.created, b.finished, \
      b.image_size, b.block_size, b.snapshot_name, b.error, b.verify_state, b.protected, b.pid, \
      s.read_bytes, s.read_blocks, s.zero_blocks, s.inherited_blocks, s.dedup_blocks, s.new_chunks, \
-     s.new_bytes, s.new_plain_bytes, s.full_read, s.duration_ms";
+     s.new_bytes, s.new_plain_bytes, s.full_read, s.duration_ms, s.patched_blocks";
 const BACKUP_FROM: &str =
     "FROM backups b JOIN images i ON i.id = b.image_id LEFT JOIN backup_stats s ON s.backup_id = b.id";
 
@@ -145,6 +145,7 @@ fn backup_from_row(r: &Row<'_>) -> rusqlite::Result<BackupRow> {
             new_plain_bytes: r.get::<_, i64>(21)? as u64,
             full_read: r.get::<_, i64>(22)? != 0,
             duration_ms: r.get::<_, i64>(23)? as u64,
+            patched_blocks: r.get::<_, i64>(24)? as u64,
         }),
     };
     Ok(BackupRow {
@@ -648,8 +649,8 @@ impl Catalog {
 fn insert_stats(tx: &rusqlite::Transaction<'_>, id: BackupId, s: &BackupStats) -> rusqlite::Result<usize> {
     tx.execute(
         "INSERT OR REPLACE INTO backup_stats (backup_id, read_bytes, read_blocks, zero_blocks, inherited_blocks,
-         dedup_blocks, new_chunks, new_bytes, new_plain_bytes, full_read, duration_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+         dedup_blocks, new_chunks, new_bytes, new_plain_bytes, full_read, duration_ms, patched_blocks)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         params![
             id.0 as i64,
             s.read_bytes as i64,
@@ -661,7 +662,8 @@ fn insert_stats(tx: &rusqlite::Transaction<'_>, id: BackupId, s: &BackupStats) -
             s.new_bytes as i64,
             s.new_plain_bytes as i64,
             s.full_read as i64,
-            s.duration_ms as i64
+            s.duration_ms as i64,
+            s.patched_blocks as i64
         ],
     )
 }

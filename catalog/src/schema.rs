@@ -60,4 +60,8 @@ pub const MIGRATIONS: &[&str] = &[
         UNIQUE (image_id, name)
     );
     "#,
+    // 1 -> 2
+    r#"
+    ALTER TABLE backup_stats ADD COLUMN patched_blocks INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];

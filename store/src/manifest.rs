@@ -8,7 +8,8 @@ use crate::BackupId;
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct BackupStats {
-    /// Bytes read from the source.
+    /// Bytes read from the source (of a patched block, only its changed
+    /// extents).
     pub read_bytes: u64,
     /// Blocks read and hashed.
     pub read_blocks: u64,
@@ -28,6 +29,10 @@ pub struct BackupStats {
     pub full_read: bool,
     /// Wall time of the backup in milliseconds.
     pub duration_ms: u64,
+    /// Blocks built from the parent's chunk with only their changed extents
+    /// read from the source (RBD incrementals). Absent in manifests written
+    /// before it existed: 0.
+    pub patched_blocks: u64,
 }
 
 /// One backup as the store knows it. Written as JSON after the block map;

@@ -144,6 +144,7 @@ fn continuous_diff() {
     let mut r = rng(42);
     let mut expected: BTreeMap<u64, (String, String)> = BTreeMap::new(); // backup id -> (image, hash)
     let mut sizes = (a_size, b_size);
+    let mut patched = (0, 0);
     for round in 1..=30u64 {
         if round > 1 {
             let mut ops_a = round_ops(&mut r, sizes.0, 4 * MIB, 4 * MIB, round);
@@ -172,12 +173,20 @@ fn continuous_diff() {
             if round > 1 {
                 assert_eq!(l["full_read"], false, "round {round}: image {name} fell back to a full read: {l}");
             }
+            if name == "a" {
+                patched.0 += num(&l, "patched_blocks");
+            } else {
+                patched.1 += num(&l, "patched_blocks");
+            }
             // exactly keep-snapshots blockvault snapshots, foreign ones untouched
             assert_eq!(blockvault_snaps(img), vec![snap.clone()], "round {round} image {name}");
         }
         assert!(snaps(&a).contains(&"foreign-keep".to_string()), "foreign snapshot removed");
     }
     assert_eq!(expected.len(), 60);
+    // small writes into 4 MiB blocks: many are patched, and checked below
+    assert!(patched.0 > 0, "no block of image a was patched from its parent");
+    eprintln!("patched blocks: image a {}, image b {}", patched.0, patched.1);
     for (id, (name, hash)) in &expected {
         let out = env.restore(&format!("{name}@{id}"));
         assert_eq!(&file_hash(&out), hash, "backup {id} of {name} differs from its snapshot");
@@ -190,6 +199,51 @@ fn continuous_diff() {
     rbd_cli(&["snap", "purge", &format!("{POOL}/{b}")]);
     rbd_cli(&["rm", "--no-progress", &format!("{POOL}/{a}")]);
     rbd_cli(&["rm", "--no-progress", &format!("{POOL}/{b}")]);
+}
+
+/// Small writes inside 4 MiB blocks: the incremental reads only the changed
+/// bytes from the cluster and patches them over the parent's chunks, and the
+/// result is the snapshot's content. A parent chunk missing from the store
+/// makes its block a whole-block read: still correct, never a failed job.
+#[test]
+fn partly_changed_blocks_are_patched_from_the_parent() {
+    let img = unique("patch");
+    rbd_io(&img, json!([["create", 64 * MIB, 0, FEATURES, 0, 0], ["write", 0, 64 * MIB, 7]]));
+    let env = rbd_env(&[("p", &img)], "");
+    env.ok(&["backup", "p"]);
+    // blocks 0 (two writes), 9 and 10 (one write across their edge), 12
+    let writes = [(4096u64, 4096u64), (3 * MIB + 1000, 5000), (40 * MIB - 2048, 4096), (50 * MIB, 65536)];
+    let ops: Vec<Value> = writes.iter().enumerate().map(|(i, (o, l))| json!(["write", o, l, 100 + i])).collect();
+    rbd_io(&img, json!(ops));
+    env.ok(&["backup", "p"]);
+    let l = latest(&env, "p");
+    assert_eq!(l["full_read"], false, "{l}");
+    assert_eq!(num(&l, "patched_blocks"), 4, "{l}");
+    let changed: u64 = writes.iter().map(|w| w.1).sum();
+    let read = num(&l, "read_bytes");
+    // exact extents: at least the written bytes, far less than 4 blocks
+    assert!(read >= changed && read < 4 * changed, "read {read} bytes for {changed} changed: {l}");
+    let snap = l["snapshot"].as_str().unwrap().to_string();
+    let out = env.restore(&format!("p@{}", num(&l, "id")));
+    assert_eq!(file_hash(&out), export_hash(&format!("{img}@{snap}")), "patched backup differs from its snapshot");
+
+    // lose the chunk of block 12 (patched above) from the store, change it again
+    let data = fs::read(&out).unwrap();
+    let id = blockvault_store::ChunkId::of(&data[(48 * MIB) as usize..(52 * MIB) as usize]).to_hex();
+    fs::remove_file(env.store().join("chunks").join(&id[..4]).join(&id)).unwrap();
+    rbd_io(&img, json!([["write", 49 * MIB, 8192, 200]]));
+    let o = env.run(&["backup", "p"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("does not load"), "the fallback is not logged: {err}");
+    let l = latest(&env, "p");
+    assert_eq!(num(&l, "patched_blocks"), 0, "{l}");
+    assert_eq!(num(&l, "read_bytes"), 4 * MIB, "block 12 is read whole: {l}");
+    let snap = l["snapshot"].as_str().unwrap().to_string();
+    let out = env.restore(&format!("p@{}", num(&l, "id")));
+    assert_eq!(file_hash(&out), export_hash(&format!("{img}@{snap}")), "backup after the fallback differs from its snapshot");
+    rbd_cli(&["snap", "purge", &format!("{POOL}/{img}")]);
+    rbd_cli(&["rm", "--no-progress", &format!("{POOL}/{img}")]);
 }
 
 /// The base snapshot deleted by hand: the next backup reads everything,

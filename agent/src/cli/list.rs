@@ -37,6 +37,7 @@ pub fn backup_json(b: &BackupRow) -> serde_json::Value {
         "zero_blocks": s.zero_blocks,
         "dedup_blocks": s.dedup_blocks,
         "inherited_blocks": s.inherited_blocks,
+        "patched_blocks": s.patched_blocks,
         "full_read": s.full_read,
         "duration_ms": s.duration_ms,
         "protected": b.protected,
