@@ -88,6 +88,15 @@ fn rbd_env(images: &[(&str, &str)], extra: &str) -> Env {
     env
 }
 
+/// Restores backup `l` of `name` and checks it against `rbd export` of the
+/// backup's snapshot of `img`. Returns the restored file.
+fn restore_equals_snapshot(env: &Env, name: &str, img: &str, l: &Value) -> std::path::PathBuf {
+    let snap = l["snapshot"].as_str().unwrap();
+    let out = env.restore(&format!("{name}@{}", num(l, "id")));
+    assert_eq!(file_hash(&out), export_hash(&format!("{img}@{snap}")), "backup {l} differs from its snapshot");
+    out
+}
+
 fn latest(env: &Env, image: &str) -> Value {
     env.list().into_iter().filter(|b| b["image"] == image).last().unwrap_or_else(|| panic!("no backup of {image}"))
 }
@@ -223,9 +232,7 @@ fn partly_changed_blocks_are_patched_from_the_parent() {
     let read = num(&l, "read_bytes");
     // exact extents: at least the written bytes, far less than 4 blocks
     assert!(read >= changed && read < 4 * changed, "read {read} bytes for {changed} changed: {l}");
-    let snap = l["snapshot"].as_str().unwrap().to_string();
-    let out = env.restore(&format!("p@{}", num(&l, "id")));
-    assert_eq!(file_hash(&out), export_hash(&format!("{img}@{snap}")), "patched backup differs from its snapshot");
+    let out = restore_equals_snapshot(&env, "p", &img, &l);
 
     // lose the chunk of block 12 (patched above) from the store, change it again
     let data = fs::read(&out).unwrap();
@@ -239,9 +246,7 @@ fn partly_changed_blocks_are_patched_from_the_parent() {
     let l = latest(&env, "p");
     assert_eq!(num(&l, "patched_blocks"), 0, "{l}");
     assert_eq!(num(&l, "read_bytes"), 4 * MIB, "block 12 is read whole: {l}");
-    let snap = l["snapshot"].as_str().unwrap().to_string();
-    let out = env.restore(&format!("p@{}", num(&l, "id")));
-    assert_eq!(file_hash(&out), export_hash(&format!("{img}@{snap}")), "backup after the fallback differs from its snapshot");
+    restore_equals_snapshot(&env, "p", &img, &l);
     rbd_cli(&["snap", "purge", &format!("{POOL}/{img}")]);
     rbd_cli(&["rm", "--no-progress", &format!("{POOL}/{img}")]);
 }
