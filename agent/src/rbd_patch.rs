@@ -166,7 +166,7 @@ impl Patcher {
     /// # Errors
     /// A cluster read error.
     pub fn read_patched(&self, image: &Image, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
-        if offset % self.block_size != 0 || buf.len() as u64 != self.block_size {
+        if !offset.is_multiple_of(self.block_size) || buf.len() as u64 != self.block_size {
             return Ok(false);
         }
         let block = (offset / self.block_size) as usize;
