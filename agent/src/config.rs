@@ -145,18 +145,23 @@ pub struct MetricsConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Duration(pub std::time::Duration);
 
+/// A number written bare (`300`) or as a string that `parse` reads (`"5m"`).
+fn number_or_string<'de, D: Deserializer<'de>>(d: D, parse: fn(&str) -> Result<u64, String>) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        N(u64),
+        S(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::N(n) => Ok(n),
+        Raw::S(s) => parse(&s).map_err(serde::de::Error::custom),
+    }
+}
+
 impl<'de> Deserialize<'de> for Duration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            N(u64),
-            S(String),
-        }
-        let secs = match Raw::deserialize(d)? {
-            Raw::N(n) => n,
-            Raw::S(s) => parse_duration(&s).map_err(serde::de::Error::custom)?,
-        };
+        let secs = number_or_string(d, parse_duration)?;
         Ok(Duration(std::time::Duration::from_secs(secs)))
     }
 }
@@ -183,16 +188,7 @@ pub struct BlockSize(pub u32);
 
 impl<'de> Deserialize<'de> for BlockSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            N(u64),
-            S(String),
-        }
-        let n = match Raw::deserialize(d)? {
-            Raw::N(n) => n,
-            Raw::S(s) => parse_size(&s).map_err(serde::de::Error::custom)?,
-        };
+        let n = number_or_string(d, parse_size)?;
         let bs = u32::try_from(n).map_err(|_| serde::de::Error::custom(format!("{n} is too large")))?;
         blockvault_store::format::check_block_size(bs).map_err(serde::de::Error::custom)?;
         Ok(BlockSize(bs))

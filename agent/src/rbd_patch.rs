@@ -132,7 +132,6 @@ pub struct Patcher {
     patches: HashMap<usize, Patch>,
     patched: AtomicU64,
     cluster_bytes: AtomicU64,
-    fallbacks: AtomicU64,
 }
 
 impl Patcher {
@@ -146,7 +145,6 @@ impl Patcher {
             patches,
             patched: AtomicU64::new(0),
             cluster_bytes: AtomicU64::new(0),
-            fallbacks: AtomicU64::new(0),
         })
     }
 
@@ -154,10 +152,9 @@ impl Patcher {
         self.patches.len()
     }
 
-    /// (blocks patched, bytes read from the cluster for them, blocks read
-    /// whole because their parent chunk did not load).
-    pub fn counters(&self) -> (u64, u64, u64) {
-        (self.patched.load(Ordering::Relaxed), self.cluster_bytes.load(Ordering::Relaxed), self.fallbacks.load(Ordering::Relaxed))
+    /// (blocks patched, bytes read from the cluster for them).
+    pub fn counters(&self) -> (u64, u64) {
+        (self.patched.load(Ordering::Relaxed), self.cluster_bytes.load(Ordering::Relaxed))
     }
 
     /// Fills `buf` with the block at `offset` when it is a patched block and
@@ -187,7 +184,6 @@ impl Patcher {
                 });
                 if let Err(e) = loaded {
                     warn!(block, chunk = %id, error = %e, "parent chunk of a partly changed block does not load: reading the block whole");
-                    self.fallbacks.fetch_add(1, Ordering::Relaxed);
                     return Ok(false);
                 }
             }
@@ -226,7 +222,6 @@ impl Patcher {
         // the sample reads are not part of the run's figures
         self.patched.store(0, Ordering::Relaxed);
         self.cluster_bytes.store(0, Ordering::Relaxed);
-        self.fallbacks.store(0, Ordering::Relaxed);
         Ok(None)
     }
 }
