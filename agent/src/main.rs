@@ -1,29 +1,10 @@
 //! blockvault: incremental, deduplicating backups of Ceph RBD images and
-//! local disk images.
-
-mod backup;
-mod cli;
-mod config;
-mod context;
-mod daemon;
-mod job;
-mod logging;
-mod metrics;
-mod pipeline;
-mod progress;
-mod prune;
-mod rbd;
-mod rbd_backup;
-mod rbd_patch;
-mod rebuild;
-mod restore;
-mod retention;
-mod schedule;
-mod source;
-mod verify;
+//! local disk images. The engine is the `blockvault` library; this is its
+//! command line.
 
 use std::process::ExitCode;
 
+use blockvault::{cli, logging};
 use clap::Parser;
 
 fn main() -> ExitCode {

@@ -1,0 +1,33 @@
+//! blockvault's engine as a library: incremental, deduplicating backups of
+//! Ceph RBD images and local disk images. The `blockvault` binary
+//! (`main.rs`) is a thin shell over [`cli`].
+//!
+//! The path of a backup through the tree:
+//! [`config`] names the images → [`backup`] runs one backup (lock, parent,
+//! plan) of a [`source`] (a file, or [`rbd`] through [`rbd_backup`]) →
+//! [`pipeline`] reads, hashes, compresses and stores chunks in the
+//! `blockvault-store` crate → the backup is committed to the store, then to
+//! the `blockvault-catalog` crate. [`restore`], [`verify`], [`prune`] and
+//! [`rebuild`] work on committed backups; [`daemon`] and [`job`] schedule
+//! them.
+
+pub mod backup;
+pub mod cli;
+pub mod config;
+pub mod context;
+pub mod daemon;
+pub mod job;
+pub mod logging;
+pub mod metrics;
+pub mod pipeline;
+pub mod progress;
+pub mod prune;
+pub mod rbd;
+pub mod rbd_backup;
+pub mod rbd_patch;
+pub mod rebuild;
+pub mod restore;
+pub mod retention;
+pub mod schedule;
+pub mod source;
+pub mod verify;
