@@ -15,11 +15,13 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use blockvault_store::{chunk, BackupStats, BlockMap, ChunkId, EncodedChunk, Store};
 use crossbeam_channel::{bounded, Receiver, Sender};
 
-use crate::source::{BlockAction, ImageSource};
+use crate::error::BackupError;
+use crate::plan::BlockAction;
+use crate::source::{BlockRead, ImageSource};
 
 /// Plaintext blocks queued between the readers and the hash workers, per
 /// worker: enough to keep workers busy while a read is in flight.
@@ -47,6 +49,14 @@ enum Outcome {
 struct Work {
     block: usize,
     buf: Vec<u8>,
+    read: BlockRead,
+}
+
+/// A finished block, for the collector.
+struct Done {
+    block: usize,
+    read: BlockRead,
+    outcome: Outcome,
 }
 
 /// Receives progress: bytes of the image handled so far.
@@ -118,8 +128,8 @@ pub fn run(
         pool_tx.send(Vec::with_capacity(block_size)).unwrap();
     }
     let (work_tx, work_rx) = bounded::<Work>(workers * WORK_QUEUE_PER_WORKER);
-    let (write_tx, write_rx) = bounded::<(usize, EncodedChunk)>(workers * WRITE_QUEUE_PER_WORKER);
-    let (res_tx, res_rx) = bounded::<Result<(usize, Outcome)>>(pool_size * 2);
+    let (write_tx, write_rx) = bounded::<(usize, BlockRead, EncodedChunk)>(workers * WRITE_QUEUE_PER_WORKER);
+    let (res_tx, res_rx) = bounded::<Result<Done>>(pool_size * 2);
 
     let mut first_err: Option<anyhow::Error> = None;
     std::thread::scope(|s| {
@@ -154,10 +164,16 @@ pub fn run(
         // collector: drains every result so no stage blocks on a full channel
         for r in res_rx.iter() {
             match r {
-                Ok((block, outcome)) => {
+                Ok(Done { block, read, outcome }) => {
                     let (_, len) = map.block_range(block);
                     stats.read_blocks += 1;
-                    stats.read_bytes += len as u64;
+                    match read {
+                        BlockRead::Whole => stats.read_bytes += len as u64,
+                        BlockRead::Patched { source_bytes } => {
+                            stats.read_bytes += source_bytes;
+                            stats.patched_blocks += 1;
+                        }
+                    }
                     match outcome {
                         Outcome::Zero => {
                             map.set(block, None);
@@ -187,7 +203,7 @@ pub fn run(
         return Err(e);
     }
     if cancel.load(Ordering::Relaxed) {
-        return Err(anyhow!("backup cancelled"));
+        return Err(BackupError::Cancelled.into());
     }
     Ok(stats)
 }
@@ -215,7 +231,7 @@ fn reader(
     geometry: &Geometry,
     pool_rx: &Receiver<Vec<u8>>,
     work_tx: &Sender<Work>,
-    res_tx: &Sender<Result<(usize, Outcome)>>,
+    res_tx: &Sender<Result<Done>>,
 ) {
     loop {
         let i = next.fetch_add(1, Ordering::Relaxed);
@@ -225,18 +241,21 @@ fn reader(
             return;
         }
         if cancel.load(Ordering::Relaxed) {
-            let _ = res_tx.send(Err(anyhow!("backup cancelled")));
+            let _ = res_tx.send(Err(BackupError::Cancelled.into()));
             return;
         }
         let Ok(mut buf) = pool_rx.recv() else { return };
         let (off, len) = geometry.range(block);
         buf.resize(len, 0);
-        if let Err(e) = source.read_at(off, &mut buf) {
-            let _ = res_tx.send(Err(anyhow::Error::new(e)
-                .context(format!("reading {} at offset {off} (block {block}, {len} bytes)", source.describe()))));
-            return;
-        }
-        if work_tx.send(Work { block, buf }).is_err() {
+        let read = match source.read_block(off, &mut buf) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = res_tx.send(Err(anyhow::Error::new(e)
+                    .context(format!("reading {} at offset {off} (block {block}, {len} bytes)", source.describe()))));
+                return;
+            }
+        };
+        if work_tx.send(Work { block, buf, read }).is_err() {
             return;
         }
     }
@@ -258,12 +277,12 @@ fn worker(
     level: i32,
     abort: &AtomicBool,
     work_rx: &Receiver<Work>,
-    write_tx: &Sender<(usize, EncodedChunk)>,
-    res_tx: &Sender<Result<(usize, Outcome)>>,
+    write_tx: &Sender<(usize, BlockRead, EncodedChunk)>,
+    res_tx: &Sender<Result<Done>>,
     pool_tx: &Sender<Vec<u8>>,
 ) {
     let mut compressor = (level != 0).then(|| zstd::bulk::Compressor::new(level).expect("valid zstd level"));
-    for Work { block, buf } in work_rx.iter() {
+    for Work { block, buf, read } in work_rx.iter() {
         if abort.load(Ordering::Relaxed) {
             let _ = pool_tx.send(buf);
             continue; // keep draining so the readers never block
@@ -271,8 +290,8 @@ fn worker(
         let r = process(store, known, claimed, level, compressor.as_mut(), block, &buf);
         let _ = pool_tx.send(buf);
         let sent = match r {
-            Ok(Step::Write(enc)) => write_tx.send((block, enc)).is_ok(),
-            Ok(Step::Report(o)) => res_tx.send(Ok((block, o))).is_ok(),
+            Ok(Step::Write(enc)) => write_tx.send((block, read, enc)).is_ok(),
+            Ok(Step::Report(outcome)) => res_tx.send(Ok(Done { block, read, outcome })).is_ok(),
             Err(e) => res_tx.send(Err(e)).is_ok(),
         };
         if !sent {
@@ -304,8 +323,13 @@ fn process(
     Ok(Step::Write(enc))
 }
 
-fn writer(store: &Store, abort: &AtomicBool, write_rx: &Receiver<(usize, EncodedChunk)>, res_tx: &Sender<Result<(usize, Outcome)>>) {
-    for (block, enc) in write_rx.iter() {
+fn writer(
+    store: &Store,
+    abort: &AtomicBool,
+    write_rx: &Receiver<(usize, BlockRead, EncodedChunk)>,
+    res_tx: &Sender<Result<Done>>,
+) {
+    for (block, read, enc) in write_rx.iter() {
         if abort.load(Ordering::Relaxed) {
             continue;
         }
@@ -313,11 +337,12 @@ fn writer(store: &Store, abort: &AtomicBool, write_rx: &Receiver<(usize, Encoded
             .put_chunk(&enc)
             .with_context(|| format!("writing chunk {} (block {block}) to store {}", enc.id, store.root().display()))
             .map(|written| {
-                if written {
-                    (block, Outcome::New { id: enc.id, stored: enc.bytes.len() as u64, plain: enc.plain_len as u64 })
+                let outcome = if written {
+                    Outcome::New { id: enc.id, stored: enc.bytes.len() as u64, plain: enc.plain_len as u64 }
                 } else {
-                    (block, Outcome::Dedup(enc.id))
-                }
+                    Outcome::Dedup(enc.id)
+                };
+                Done { block, read, outcome }
             });
         if res_tx.send(r).is_err() {
             return;

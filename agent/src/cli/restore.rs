@@ -47,7 +47,7 @@ pub fn run(g: &GlobalArgs, a: RestoreArgs) -> Result<ExitCode> {
     let threads = ctx.cfg.workers() * 2;
     let bar = Bar::new(manifest.image_size, &image, !g.no_progress);
     let res = if a.to.starts_with("rbd:") {
-        crate::rbd_backup::restore(&ctx, &manifest, &a.to, a.force, threads, &bar)
+        crate::restore::rbd::restore(&ctx, &manifest, &a.to, a.force, threads, &bar)
     } else {
         let to = PathBuf::from(a.to.strip_prefix("file:").unwrap_or(&a.to));
         crate::restore::restore_to_path(&ctx.store, &manifest, &to, a.force, threads, &bar)

@@ -8,7 +8,7 @@ use serde_json::json;
 use super::{load_config, GlobalArgs};
 use crate::config::Source;
 use crate::context::Ctx;
-use crate::rbd_backup::{connect, expand_images, SNAP_PREFIX};
+use crate::source::rbd::{connect, expand_images, SNAP_PREFIX};
 
 #[derive(Args, Debug)]
 pub struct SnapshotsArgs {
