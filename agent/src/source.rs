@@ -3,7 +3,7 @@
 //! [`rbd`]), and [`ImageSource`], the random-access reads of one frozen
 //! version that the pipeline runs on.
 //!
-//! [`crate::backup::backup_image`] drives a source through its steps, in
+//! The backup flow (`backup_image` in the `backup` module) drives a source through its steps, in
 //! this order: [`Source::recover`] (what a crashed run left) →
 //! [`Source::freeze`] (the point in time) → [`Source::changes`] (what
 //! changed since the parent, for the planner in [`crate::plan`]) →
