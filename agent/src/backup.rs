@@ -10,11 +10,12 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::AtomicBool;
+use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use blockvault_catalog::{now_rfc3339, BackupState};
-use blockvault_store::{format::MANIFEST_VERSION, BackupId, Manifest};
+use blockvault_store::{format::MANIFEST_VERSION, BackupId, BlockMap, ChunkId, Manifest, Store};
 use tracing::{info, info_span, warn};
 
 use crate::config::{self, ImageConfig};
@@ -22,6 +23,7 @@ use crate::context::Ctx;
 use crate::error::BackupError;
 use crate::pipeline::{self, PipelineOptions, Progress};
 use crate::plan::{self, BlockAction, Changes, FullReason};
+use crate::pool;
 use crate::source::file::FileSource;
 use crate::source::rbd::RbdSource;
 use crate::source::{Job, Outcome, Source};
@@ -69,18 +71,68 @@ pub fn recover_stale(ctx: &mut Ctx, image_id: i64) -> Result<Vec<BackupId>> {
 /// Loads the newest valid committed backup of an image as a parent; one whose
 /// manifest or block map does not read back is not used (with a warning).
 ///
+/// The parent's inherited entries are copied into the new backup unread and
+/// its chunk ids are trusted as present (see [`pipeline::run`]), so a parent
+/// that references a chunk missing from the store would spread the loss into
+/// every later backup. Every distinct chunk id of its block map is therefore
+/// checked for existence first (one `stat` each, under the shared store lock
+/// the caller holds, so none can vanish afterwards); a parent with missing
+/// chunks is marked invalid in the catalog, loudly, and the next valid
+/// backup is tried instead (none left: a full read).
+///
 /// # Errors
-/// Catalog errors.
+/// Catalog errors, or a store error other than "not found" while checking.
 pub fn load_parent(ctx: &Ctx, image_id: i64) -> Result<Option<Parent>> {
-    let Some(row) = ctx.catalog.latest_valid_backup(image_id)? else { return Ok(None) };
-    let loaded = ctx.store.read_manifest(row.id).and_then(|m| ctx.store.read_blockmap(&m).map(|map| (m, map)));
-    match loaded {
-        Ok((manifest, map)) => Ok(Some(Parent { manifest, map })),
-        Err(e) => {
-            warn!(backup = row.id.0, error = %e, "parent backup does not read back from the store; not using it as a base");
-            Ok(None)
+    // Each round either returns or marks one more backup invalid, which
+    // `latest_valid_backup` then skips: the loop ends.
+    loop {
+        let Some(row) = ctx.catalog.latest_valid_backup(image_id)? else { return Ok(None) };
+        let loaded = ctx.store.read_manifest(row.id).and_then(|m| ctx.store.read_blockmap(&m).map(|map| (m, map)));
+        let (manifest, map) = match loaded {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(backup = row.id.0, error = %e, "parent backup does not read back from the store; not using it as a base");
+                return Ok(None);
+            }
+        };
+        let missing = missing_chunks(&ctx.store, &map, ctx.cfg.workers())
+            .with_context(|| format!("checking the chunks of parent backup {} of image '{}'", row.id, row.image))?;
+        if missing.is_empty() {
+            return Ok(Some(Parent { manifest, map }));
         }
+        warn!(
+            backup = row.id.0,
+            image = %row.image,
+            missing_chunks = missing.len(),
+            first_missing = %missing[0],
+            "parent backup references chunks missing from the store: marking it invalid and not using it as a base \
+             (this backup rewrites the chunks whose data it reads; run `blockvault verify --deep`)"
+        );
+        ctx.catalog.set_verify_state(row.id, "invalid")?;
     }
+}
+
+/// Distinct chunk ids of `map` that the store does not hold, checked by
+/// `threads` threads (a `stat` each: cheap, but a large map of small
+/// blocks has many).
+fn missing_chunks(store: &Store, map: &BlockMap, threads: usize) -> Result<Vec<ChunkId>> {
+    /// Ids per work item: one channel message per `stat` would cost more
+    /// than the `stat` of a cached inode.
+    const IDS_PER_ITEM: usize = 256;
+    let ids: Vec<ChunkId> = map.chunk_ids().copied().collect::<HashSet<_>>().into_iter().collect();
+    let missing = Mutex::new(Vec::new());
+    let never = AtomicBool::new(false);
+    pool::for_each(&never, "chunk check", threads, threads * 2, ids.chunks(IDS_PER_ITEM), || (), |_, part: &[ChunkId]| {
+        for id in part {
+            if !store.has_chunk(id)? {
+                missing.lock().unwrap_or_else(|p| p.into_inner()).push(*id);
+            }
+        }
+        Ok(())
+    })?;
+    let mut missing = missing.into_inner().unwrap_or_else(|p| p.into_inner());
+    missing.sort();
+    Ok(missing)
 }
 
 /// Opens the source a configured image names.
@@ -212,7 +264,7 @@ fn freeze_to_commit(
     info!(image = %job.image, snapshot = ?source.snapshot(), full_read = plan.full_read, blocks = plan.actions.len(),
         read_blocks = plan.count(BlockAction::Read), "plan ready");
 
-    // pipeline
+    // pipeline; every id of a parent from `load_parent` was found in the store
     let known: HashSet<_> = parent.map(|p| p.map.chunk_ids().copied().collect()).unwrap_or_default();
     let opts = PipelineOptions {
         workers: ctx.cfg.workers(),
