@@ -96,6 +96,15 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     fsync_dir(dir)
 }
 
+/// Reads at most `limit + 1` bytes of a file: enough for a decoder to see
+/// that it is larger than `limit`, never more, so a crafted (or sparse)
+/// file cannot make a reader allocate its length.
+fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    File::open(path)?.take(limit.saturating_add(1)).read_to_end(&mut out)?;
+    Ok(out)
+}
+
 fn read_file(path: &Path) -> Result<Vec<u8>> {
     fs::read(path).map_err(|e| Error::io("read", path, e))
 }
@@ -418,7 +427,8 @@ impl Store {
             Err(e) => return Err(Error::io("open", &p, e)),
         };
         out.clear();
-        f.read_to_end(out).map_err(|e| Error::io("read", &p, e))?;
+        // bounded: chunk::check_frame refuses what is longer than any chunk
+        (&mut f).take(format::MAX_CHUNK_OBJECT_LEN + 1).read_to_end(out).map_err(|e| Error::io("read", &p, e))?;
         // Restores and verifies read each chunk about once: keep the page
         // cache for the host's working set. Advice only.
         let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
@@ -561,16 +571,12 @@ impl Store {
     /// `BackupMissing`, `CorruptFile` or `Io`.
     pub fn read_manifest(&self, id: BackupId) -> Result<Manifest> {
         let p = self.backup_path(id, "json");
-        let bytes = match fs::read(&p) {
+        let bytes = match read_bounded(&p, format::MAX_MANIFEST_LEN) {
             Ok(b) => b,
             Err(e) if e.kind() == ErrorKind::NotFound => return Err(Error::BackupMissing { id: id.0 }),
             Err(e) => return Err(Error::io("read", &p, e)),
         };
-        let m: Manifest = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::CorruptFile { path: p.clone(), reason: e.to_string() })?;
-        if m.format != format::MANIFEST_VERSION {
-            return Err(Error::UnsupportedVersion { path: p, found: m.format, supported: format::MANIFEST_VERSION });
-        }
+        let m = Manifest::parse(&p, &bytes)?;
         if m.id != id {
             return Err(Error::CorruptFile { path: p, reason: format!("manifest names backup {}", m.id) });
         }
@@ -583,7 +589,10 @@ impl Store {
     /// `BackupMissing`, `CorruptFile` or `Io`.
     pub fn read_blockmap(&self, manifest: &Manifest) -> Result<BlockMap> {
         let p = self.backup_path(manifest.id, "blockmap");
-        let bytes = match fs::read(&p) {
+        // the manifest's geometry bounds the read (checked against the map below)
+        let len = crate::blockmap::encoded_len(manifest.image_size, manifest.block_size)
+            .map_err(|reason| Error::CorruptFile { path: self.backup_path(manifest.id, "json"), reason })?;
+        let bytes = match read_bounded(&p, len) {
             Ok(b) => b,
             Err(e) if e.kind() == ErrorKind::NotFound => return Err(Error::BackupMissing { id: manifest.id.0 }),
             Err(e) => return Err(Error::io("read", &p, e)),
