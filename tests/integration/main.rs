@@ -10,3 +10,4 @@ mod prune;
 mod rbd;
 mod roundtrip;
 mod run;
+mod store_truth;
