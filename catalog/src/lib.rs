@@ -853,7 +853,7 @@ mod tests {
     fn lifecycle_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.sqlite");
-        let mut c = Catalog::open(&p).unwrap();
+        let c = Catalog::open(&p).unwrap();
         c.bind_store("u1").unwrap();
         let img = c.ensure_image("vm", "file:/vm", 65536).unwrap();
         let id = c.begin_backup(img.id, None, 65536, "2026-11-21T10:00:00Z", 0).unwrap();
@@ -884,7 +884,7 @@ mod tests {
     #[test]
     fn import_and_snapshots() {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = Catalog::open(&dir.path().join("c.sqlite")).unwrap();
+        let c = Catalog::open(&dir.path().join("c.sqlite")).unwrap();
         c.import_manifest(&manifest(7, "a", None)).unwrap();
         c.import_manifest(&manifest(9, "a", Some(7))).unwrap();
         let l = c.committed_backups(Some("a")).unwrap();
@@ -901,7 +901,7 @@ mod tests {
     #[test]
     fn agent_state_and_counts() {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = Catalog::open(&dir.path().join("c.sqlite")).unwrap();
+        let c = Catalog::open(&dir.path().join("c.sqlite")).unwrap();
         c.bind_store("u").unwrap();
         assert_eq!(c.agent_state("x").unwrap(), None);
         c.set_agent_state("x", "1").unwrap();
@@ -946,6 +946,42 @@ mod tests {
         let distinct: std::collections::BTreeSet<u64> = ids.iter().copied().collect();
         assert_eq!((ids.len(), distinct.len()), (200, 200));
         assert_eq!(*distinct.last().unwrap(), 200);
+    }
+
+    /// A state this build does not know (a damaged catalog, or one a newer
+    /// build wrote) is an error naming it, never read as `failed`.
+    #[test]
+    fn unknown_backup_state_is_an_error_not_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(&dir.path().join("c.sqlite")).unwrap();
+        let img = c.ensure_image("vm", "file:/vm", 65536).unwrap();
+        let id = c.begin_backup(img.id, None, 65536, "t", 0).unwrap();
+        c.commit_backup(&manifest(id.0, "vm", None)).unwrap();
+        c.set_verify_state(id, VerifyState::Invalid).unwrap();
+        assert_eq!(c.backup(id).unwrap().unwrap().verify_state, VerifyState::Invalid);
+        c.conn.execute_batch("PRAGMA ignore_check_constraints = ON; UPDATE backups SET state = 'archived'").unwrap();
+        let e = c.backup(id).unwrap_err().to_string();
+        assert!(e.contains("unknown backup state 'archived'") && e.contains("catalog rebuild"), "{e}");
+        assert!(c.backup_states().is_err());
+        c.conn.execute_batch("UPDATE backups SET state = 'committed', verify_state = 'maybe'").unwrap();
+        let e = c.committed_backups(None).unwrap_err().to_string();
+        assert!(e.contains("unknown verify state 'maybe'"), "{e}");
+    }
+
+    /// A failed closure under the write lock rolls everything back,
+    /// savepoints of the catalog's own methods included.
+    #[test]
+    fn write_lock_is_all_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(&dir.path().join("c.sqlite")).unwrap();
+        let r: Result<()> = c.with_write_lock(|c| {
+            c.import_manifest(&manifest(5, "vm", None))?;
+            Err(Error::NoSuchImage { name: "x".into() })
+        });
+        assert!(r.is_err());
+        assert!(c.backup(BackupId(5)).unwrap().is_none());
+        c.with_write_lock(|c| c.import_manifest(&manifest(5, "vm", None))).unwrap();
+        assert!(c.backup(BackupId(5)).unwrap().is_some());
     }
 
     impl Catalog {

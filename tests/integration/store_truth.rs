@@ -84,7 +84,7 @@ fn catalog_rebuild_racing_backups_and_prunes_loses_and_resurrects_nothing() {
         let worker = s.spawn(|| {
             let (mut committed, mut pruned) = (BTreeSet::new(), BTreeSet::new());
             let mut r = rng(4);
-            for _ in 0..12 {
+            for _ in 0..25 {
                 random_changes(&img, SIZE, 2, &mut r);
                 let o = env.run(&["backup", "img"]);
                 let out = String::from_utf8_lossy(&o.stdout).to_string();
@@ -100,12 +100,18 @@ fn catalog_rebuild_racing_backups_and_prunes_loses_and_resurrects_nothing() {
             }
             (committed, pruned)
         });
-        let rebuilder = s.spawn(|| {
-            for _ in 0..15 {
-                env.ok(&["catalog", "rebuild"]);
-            }
-        });
-        rebuilder.join().unwrap();
+        let rebuilders: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    for _ in 0..25 {
+                        env.ok(&["catalog", "rebuild"]);
+                    }
+                })
+            })
+            .collect();
+        for r in rebuilders {
+            r.join().unwrap();
+        }
         worker.join().unwrap()
     });
     let listed: BTreeSet<u64> = ids(&env).into_iter().collect();
