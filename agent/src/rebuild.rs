@@ -161,6 +161,21 @@ pub struct ReconcileReport {
 /// # Errors
 /// Store listing or catalog errors.
 pub fn reconcile(store: &Store, cat: &Catalog) -> Result<ReconcileReport> {
+    // Without a lock first: when store and catalog agree (the usual case)
+    // no write lock is taken. What looks off is looked at again under the
+    // lock (a prune in progress removes a row and its files in one
+    // transaction, so only a locked look is conclusive).
+    {
+        let states: BTreeMap<BackupId, BackupState> = cat.backup_states()?.into_iter().collect();
+        let in_store: BTreeSet<BackupId> = store.list_backups()?.into_iter().collect();
+        let store_only = in_store
+            .iter()
+            .any(|id| !matches!(states.get(id), Some(BackupState::Running | BackupState::Committed)));
+        let missing = states.iter().any(|(id, s)| *s == BackupState::Committed && !in_store.contains(id));
+        if !store_only && !missing {
+            return Ok(ReconcileReport::default());
+        }
+    }
     let report = cat.with_write_lock(|c| -> Result<ReconcileReport> {
         let mut r = ReconcileReport::default();
         let states: BTreeMap<BackupId, BackupState> = c.backup_states()?.into_iter().collect();

@@ -13,7 +13,8 @@
 //! Every finding is collected; nothing stops at the first. A bad chunk is
 //! reported with every backup in the store that references it, not just the
 //! ones asked about. Each backup with a finding of its own, or referencing a
-//! bad chunk, is marked `invalid` in the catalog, so it is never the base of
+//! bad chunk, is marked `invalid` in the store (`backups/<id>.verify`, so a
+//! rebuilt catalog keeps it) and then in the catalog, so it is never the base of
 //! an incremental; every other backup checked is marked `ok`, except that a
 //! backup already `invalid` stays so unless the run repeats every check that
 //! could have found its fault: `--deep`, plus `--source` for a backup read

@@ -191,7 +191,11 @@ fn corrupt_manifest_is_reported_forgettable_and_restorable_by_id() {
     // forget removes it by id; gc works again
     env.ok(&["forget", &format!("@{first}")]);
     assert_eq!(store_ids(&env), BTreeSet::from([second]));
+    // a verify marker without a manifest is an orphan gc removes
+    let orphan = env.store().join("backups").join("000000000099.verify");
+    fs::write(&orphan, br#"{"state":"ok","at":"2026-12-01T00:00:00Z"}"#).unwrap();
     env.ok(&["gc"]);
+    assert!(!orphan.exists(), "gc kept an orphan verify marker");
     env.ok(&["verify", "--deep"]);
     assert_eq!(ids(&env), vec![second]);
 }

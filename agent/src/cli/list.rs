@@ -53,7 +53,10 @@ pub fn run(g: &GlobalArgs, a: ListArgs) -> Result<ExitCode> {
         }
     }
     // the store is the truth: list what only the store holds, report what it lacks
-    let rec = crate::rebuild::reconcile(&ctx.store, &ctx.catalog)?;
+    let rec = crate::rebuild::reconcile(&ctx.store, &ctx.catalog).unwrap_or_else(|e| {
+        tracing::warn!(error = %format!("{e:#}"), "could not reconcile the catalog with the store; listing the catalog as it is");
+        Default::default()
+    });
     for id in &rec.missing {
         eprintln!("warning: backup {id} is in the catalog but its manifest is not in the store: it cannot be restored");
     }
