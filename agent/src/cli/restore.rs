@@ -58,6 +58,7 @@ pub fn run(g: &GlobalArgs, a: RestoreArgs) -> Result<ExitCode> {
         }
         Err(e) => return Err(e.into()),
     };
+    crate::restore::check_manifest(&manifest, &row.image, row.id)?;
     let threads = ctx.cfg.workers() * 2;
     let bar = Bar::new(manifest.image_size, &image, !g.no_progress);
     let res = if a.to.starts_with("rbd:") {
