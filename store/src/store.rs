@@ -635,7 +635,7 @@ impl Store {
     /// # Errors
     /// `Io` on a failed removal.
     pub fn remove_backup(&self, id: BackupId) -> Result<()> {
-        for ext in ["json", "blockmap", "protected"] {
+        for ext in ["json", "blockmap", "protected", "verify"] {
             let p = self.backup_path(id, ext);
             match fs::remove_file(&p) {
                 Ok(()) => {}
@@ -670,6 +670,84 @@ impl Store {
     /// True when the backup carries a protection marker.
     pub fn is_protected(&self, id: BackupId) -> bool {
         self.backup_path(id, "protected").exists()
+    }
+
+    /// Records the result of a verify in `backups/<id>.verify` (atomically).
+    /// A backup whose manifest is gone (pruned meanwhile) gets no marker.
+    ///
+    /// # Errors
+    /// `Io`.
+    pub fn set_verify_mark(&self, id: BackupId, mark: &crate::VerifyMark) -> Result<()> {
+        if !self.has_backup(id) {
+            return Ok(());
+        }
+        let json = serde_json::to_vec(mark).expect("verify mark serialises");
+        write_atomic(&self.backup_path(id, "verify"), &json)
+    }
+
+    /// The result of the last verify of a backup; `None` when never verified.
+    ///
+    /// # Errors
+    /// `CorruptFile` for a marker that does not parse, `Io`.
+    pub fn verify_mark(&self, id: BackupId) -> Result<Option<crate::VerifyMark>> {
+        let p = self.backup_path(id, "verify");
+        let bytes = match fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("read", &p, e)),
+        };
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| Error::CorruptFile { path: p, reason: e.to_string() })
+    }
+
+    /// A manifest standing in for an unreadable one, so that a backup whose
+    /// manifest is corrupt but whose block map is intact can be restored by
+    /// id: the block map is checked by its own header and checksum and
+    /// against the geometry the catalog recorded (`image_size`,
+    /// `block_size`). Stats and RBD geometry are unknown (defaults).
+    ///
+    /// # Errors
+    /// `BackupMissing` without a block map, `CorruptFile` when it does not
+    /// decode or its geometry differs, `Io`.
+    pub fn manifest_from_blockmap(
+        &self,
+        id: BackupId,
+        image: &str,
+        source: &str,
+        image_size: u64,
+        block_size: u32,
+    ) -> Result<Manifest> {
+        let p = self.backup_path(id, "blockmap");
+        let bytes = match fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Err(Error::BackupMissing { id: id.0 }),
+            Err(e) => return Err(Error::io("read", &p, e)),
+        };
+        let map = BlockMap::decode(&p, &bytes)?;
+        if map.image_size() != image_size || map.block_size() != block_size {
+            return Err(Error::CorruptFile {
+                path: p,
+                reason: format!(
+                    "block map holds {} bytes in {}-byte blocks, the catalog {image_size} in {block_size}",
+                    map.image_size(),
+                    map.block_size()
+                ),
+            });
+        }
+        Ok(Manifest {
+            format: format::MANIFEST_VERSION,
+            id,
+            image: image.into(),
+            source: source.into(),
+            created: String::new(),
+            finished: String::new(),
+            parent: None,
+            image_size,
+            block_size,
+            blockmap_blake3: blake3::hash(&bytes).to_hex().to_string(),
+            snapshot: None,
+            stats: Default::default(),
+            rbd: None,
+        })
     }
 
     /// Reads the whole of a small metadata file relative to the store root.
