@@ -96,6 +96,15 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     fsync_dir(dir)
 }
 
+/// Reads at most `limit + 1` bytes of a file: enough for a decoder to see
+/// that it is larger than `limit`, never more, so a crafted (or sparse)
+/// file cannot make a reader allocate its length.
+fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    File::open(path)?.take(limit.saturating_add(1)).read_to_end(&mut out)?;
+    Ok(out)
+}
+
 fn read_file(path: &Path) -> Result<Vec<u8>> {
     fs::read(path).map_err(|e| Error::io("read", path, e))
 }
@@ -418,7 +427,8 @@ impl Store {
             Err(e) => return Err(Error::io("open", &p, e)),
         };
         out.clear();
-        f.read_to_end(out).map_err(|e| Error::io("read", &p, e))?;
+        // bounded: chunk::check_frame refuses what is longer than any chunk
+        (&mut f).take(format::MAX_CHUNK_OBJECT_LEN + 1).read_to_end(out).map_err(|e| Error::io("read", &p, e))?;
         // Restores and verifies read each chunk about once: keep the page
         // cache for the host's working set. Advice only.
         let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
@@ -561,16 +571,12 @@ impl Store {
     /// `BackupMissing`, `CorruptFile` or `Io`.
     pub fn read_manifest(&self, id: BackupId) -> Result<Manifest> {
         let p = self.backup_path(id, "json");
-        let bytes = match fs::read(&p) {
+        let bytes = match read_bounded(&p, format::MAX_MANIFEST_LEN) {
             Ok(b) => b,
             Err(e) if e.kind() == ErrorKind::NotFound => return Err(Error::BackupMissing { id: id.0 }),
             Err(e) => return Err(Error::io("read", &p, e)),
         };
-        let m: Manifest = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::CorruptFile { path: p.clone(), reason: e.to_string() })?;
-        if m.format != format::MANIFEST_VERSION {
-            return Err(Error::UnsupportedVersion { path: p, found: m.format, supported: format::MANIFEST_VERSION });
-        }
+        let m = Manifest::parse(&p, &bytes)?;
         if m.id != id {
             return Err(Error::CorruptFile { path: p, reason: format!("manifest names backup {}", m.id) });
         }
@@ -583,7 +589,10 @@ impl Store {
     /// `BackupMissing`, `CorruptFile` or `Io`.
     pub fn read_blockmap(&self, manifest: &Manifest) -> Result<BlockMap> {
         let p = self.backup_path(manifest.id, "blockmap");
-        let bytes = match fs::read(&p) {
+        // the manifest's geometry bounds the read (checked against the map below)
+        let len = crate::blockmap::encoded_len(manifest.image_size, manifest.block_size)
+            .map_err(|reason| Error::CorruptFile { path: self.backup_path(manifest.id, "json"), reason })?;
+        let bytes = match read_bounded(&p, len) {
             Ok(b) => b,
             Err(e) if e.kind() == ErrorKind::NotFound => return Err(Error::BackupMissing { id: manifest.id.0 }),
             Err(e) => return Err(Error::io("read", &p, e)),
@@ -626,7 +635,7 @@ impl Store {
     /// # Errors
     /// `Io` on a failed removal.
     pub fn remove_backup(&self, id: BackupId) -> Result<()> {
-        for ext in ["json", "blockmap", "protected"] {
+        for ext in ["json", "blockmap", "protected", "verify"] {
             let p = self.backup_path(id, ext);
             match fs::remove_file(&p) {
                 Ok(()) => {}
@@ -661,6 +670,84 @@ impl Store {
     /// True when the backup carries a protection marker.
     pub fn is_protected(&self, id: BackupId) -> bool {
         self.backup_path(id, "protected").exists()
+    }
+
+    /// Records the result of a verify in `backups/<id>.verify` (atomically).
+    /// A backup whose manifest is gone (pruned meanwhile) gets no marker.
+    ///
+    /// # Errors
+    /// `Io`.
+    pub fn set_verify_mark(&self, id: BackupId, mark: &crate::VerifyMark) -> Result<()> {
+        if !self.has_backup(id) {
+            return Ok(());
+        }
+        let json = serde_json::to_vec(mark).expect("verify mark serialises");
+        write_atomic(&self.backup_path(id, "verify"), &json)
+    }
+
+    /// The result of the last verify of a backup; `None` when never verified.
+    ///
+    /// # Errors
+    /// `CorruptFile` for a marker that does not parse, `Io`.
+    pub fn verify_mark(&self, id: BackupId) -> Result<Option<crate::VerifyMark>> {
+        let p = self.backup_path(id, "verify");
+        let bytes = match fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("read", &p, e)),
+        };
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| Error::CorruptFile { path: p, reason: e.to_string() })
+    }
+
+    /// A manifest standing in for an unreadable one, so that a backup whose
+    /// manifest is corrupt but whose block map is intact can be restored by
+    /// id: the block map is checked by its own header and checksum and
+    /// against the geometry the catalog recorded (`image_size`,
+    /// `block_size`). Stats and RBD geometry are unknown (defaults).
+    ///
+    /// # Errors
+    /// `BackupMissing` without a block map, `CorruptFile` when it does not
+    /// decode or its geometry differs, `Io`.
+    pub fn manifest_from_blockmap(
+        &self,
+        id: BackupId,
+        image: &str,
+        source: &str,
+        image_size: u64,
+        block_size: u32,
+    ) -> Result<Manifest> {
+        let p = self.backup_path(id, "blockmap");
+        let bytes = match fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Err(Error::BackupMissing { id: id.0 }),
+            Err(e) => return Err(Error::io("read", &p, e)),
+        };
+        let map = BlockMap::decode(&p, &bytes)?;
+        if map.image_size() != image_size || map.block_size() != block_size {
+            return Err(Error::CorruptFile {
+                path: p,
+                reason: format!(
+                    "block map holds {} bytes in {}-byte blocks, the catalog {image_size} in {block_size}",
+                    map.image_size(),
+                    map.block_size()
+                ),
+            });
+        }
+        Ok(Manifest {
+            format: format::MANIFEST_VERSION,
+            id,
+            image: image.into(),
+            source: source.into(),
+            created: String::new(),
+            finished: String::new(),
+            parent: None,
+            image_size,
+            block_size,
+            blockmap_blake3: blake3::hash(&bytes).to_hex().to_string(),
+            snapshot: None,
+            stats: Default::default(),
+            rbd: None,
+        })
     }
 
     /// Reads the whole of a small metadata file relative to the store root.
