@@ -58,7 +58,7 @@ pub fn recover_stale(ctx: &mut Ctx, image_id: i64) -> Result<Vec<BackupId>> {
                     continue;
                 }
                 Err(e) => {
-                    warn!(backup = b.id.0, error = %e, "interrupted backup has an unreadable manifest: removing it from the store");
+                    warn!(backup = b.id.0, error = %crate::logging::Chain(&e), "interrupted backup has an unreadable manifest: removing it from the store");
                     ctx.store.remove_backup(b.id)?;
                 }
             }
@@ -81,7 +81,7 @@ pub fn load_parent(ctx: &Ctx, image_id: i64) -> Result<Option<Parent>> {
     match loaded {
         Ok((manifest, map)) => Ok(Some(Parent { manifest, map })),
         Err(e) => {
-            warn!(backup = row.id.0, error = %e, "parent backup does not read back from the store; not using it as a base");
+            warn!(backup = row.id.0, error = %crate::logging::Chain(&e), "parent backup does not read back from the store; not using it as a base");
             Ok(None)
         }
     }
@@ -198,7 +198,7 @@ pub fn run_backup<'s>(
         Err(e) => {
             ctx.store.discard_pending();
             if let Err(e2) = ctx.catalog.fail_backup(id, &format!("{e:#}")) {
-                warn!(backup = id.0, error = %e2, "could not mark backup failed in the catalog");
+                warn!(backup = id.0, error = %crate::logging::Chain(&e2), "could not mark backup failed in the catalog");
             }
             Err(e.context(format!("backup {id} of image '{}' failed", img.name)))
         }

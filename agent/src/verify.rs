@@ -190,7 +190,7 @@ fn load(store: &Store, row: &BackupRow) -> Result<(Manifest, BlockMap), Finding>
     let m = match store.read_manifest(row.id) {
         Ok(m) => m,
         Err(blockvault_store::Error::BackupMissing { .. }) => return Err(Finding::ManifestMissing { backup }),
-        Err(e) => return Err(Finding::ManifestUnreadable { backup, error: format!("{e:#}") }),
+        Err(e) => return Err(Finding::ManifestUnreadable { backup, error: crate::logging::Chain(&e).to_string() }),
     };
     let mut diffs = Vec::new();
     if m.image != row.image {
@@ -210,7 +210,7 @@ fn load(store: &Store, row: &BackupRow) -> Result<(Manifest, BlockMap), Finding>
     }
     match store.read_blockmap(&m) {
         Ok(map) => Ok((m, map)),
-        Err(e) => Err(Finding::BlockMapUnreadable { backup, error: format!("{e:#}") }),
+        Err(e) => Err(Finding::BlockMapUnreadable { backup, error: crate::logging::Chain(&e).to_string() }),
     }
 }
 
@@ -240,7 +240,7 @@ fn check_chunks(
                         match store.has_chunk(&id) {
                             Ok(true) => None,
                             Ok(false) => Some(Problem::Missing),
-                            Err(e) => Some(Problem::Unreadable(format!("{e:#}"))),
+                            Err(e) => Some(Problem::Unreadable(crate::logging::Chain(&e).to_string())),
                         }
                     };
                     bytes.fetch_add(raw.len(), Ordering::Relaxed);
@@ -263,7 +263,7 @@ fn check_one(store: &Store, id: &ChunkId, len: u32, raw: &mut Vec<u8>, plain: &m
     if let Err(e) = store.read_chunk_raw(id, raw) {
         return Some(match e {
             blockvault_store::Error::ChunkMissing { .. } => Problem::Missing,
-            e => Problem::Unreadable(format!("{e:#}")),
+            e => Problem::Unreadable(crate::logging::Chain(&e).to_string()),
         });
     }
     match chunk::decode_into(id, raw, plain) {
@@ -323,7 +323,7 @@ pub fn verify(ctx: &Ctx, rows: &[BackupRow], opts: &VerifyOptions) -> Result<Ver
         None
     };
 
-    let shared = store.lock_shared()?;
+    let shared = store.lock_shared_for_reading()?;
     // Phase 1: manifests and block maps; the chunks they use.
     let mut own: BTreeSet<u64> = BTreeSet::new(); // backups with findings of their own
     let mut gone: BTreeSet<u64> = BTreeSet::new();
@@ -413,6 +413,12 @@ pub fn verify(ctx: &Ctx, rows: &[BackupRow], opts: &VerifyOptions) -> Result<Ver
     // all under the exclusive lock (see the module docs).
     let _lock = if corrupt.is_empty() {
         shared
+    } else if store.is_read_only() {
+        // nothing can be moved aside on a read-only store: say so
+        for id in &corrupt {
+            report.skipped.push(format!("chunk {id}: not moved aside: the store is read-only"));
+        }
+        shared
     } else {
         drop(shared);
         let l = match store.try_lock_exclusive()? {
@@ -474,6 +480,9 @@ pub fn verify(ctx: &Ctx, rows: &[BackupRow], opts: &VerifyOptions) -> Result<Ver
         report.backups.push(Checked { id: r.id.0, image: r.image.clone(), state });
     }
     report.invalid = invalid.into_iter().collect();
+    if ctx.catalog_in_memory {
+        report.skipped.push("results not recorded: the catalog is on a read-only filesystem (built in memory)".into());
+    }
     for f in &report.findings {
         warn!(finding = %f, "verify");
     }

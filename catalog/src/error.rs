@@ -7,7 +7,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    #[error("catalog {path}: {source}")]
+    #[error("catalog {path}")]
     Sqlite {
         path: PathBuf,
         #[source]
@@ -21,7 +21,7 @@ pub enum Error {
     NoSuchImage { name: String },
     #[error("backup {id} does not exist{}", image.as_ref().map(|i| format!(" for image '{i}'")).unwrap_or_default())]
     NoSuchBackup { id: u64, image: Option<String> },
-    #[error("{path}: {op} failed: {source}")]
+    #[error("{path}: {op} failed")]
     Io {
         op: &'static str,
         path: PathBuf,

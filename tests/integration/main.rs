@@ -5,6 +5,7 @@ mod common;
 mod crash;
 mod daemon;
 mod errors;
+mod fs_safety;
 mod gc_verify;
 mod prune;
 mod rbd;

@@ -16,7 +16,7 @@ pub fn run(g: &GlobalArgs, c: CatalogCommand) -> Result<ExitCode> {
     match c {
         CatalogCommand::Rebuild => {
             let store = crate::context::open_store(&cfg)?;
-            let _lock = store.lock_shared()?;
+            let _lock = store.lock_shared_for_reading()?;
             let n = crate::rebuild::rebuild(&store, &cfg.catalog_path())?;
             println!("catalog {} rebuilt: {n} backups", cfg.catalog_path().display());
         }
