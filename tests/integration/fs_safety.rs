@@ -139,3 +139,172 @@ fn forced_restore_keeps_target_mode_and_owner() {
     let err = env.fails(&["restore", "img", "--to", env.path("bad.img").to_str().unwrap(), "--mode", "999"]);
     assert!(err.contains("octal"), "{err}");
 }
+
+/// A mount made for a test, unmounted when dropped (even when the test
+/// fails), so no test leaves a mount behind.
+struct Mount(PathBuf);
+
+impl Mount {
+    fn run(args: &[&str]) {
+        let o = Command::new("mount").args(args).output().unwrap();
+        assert!(o.status.success(), "mount {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    /// `src` seen read-only at `at` (a read-only bind mount).
+    fn read_only_bind(src: &Path, at: &Path) -> Mount {
+        fs::create_dir_all(at).unwrap();
+        Mount::run(&["--bind", src.to_str().unwrap(), at.to_str().unwrap()]);
+        let m = Mount(at.to_path_buf());
+        Mount::run(&["-o", "remount,bind,ro", at.to_str().unwrap()]);
+        m
+    }
+    /// A tmpfs of `size` at `at`.
+    fn tmpfs(at: &Path, size: &str) -> Mount {
+        fs::create_dir_all(at).unwrap();
+        Mount::run(&["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", at.to_str().unwrap()]);
+        Mount(at.to_path_buf())
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn stderr_of(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// See issue 9, item 5. A read-only store (a snapshot of a backup disk
+/// mounted ro, a disaster-recovery copy) could not be listed, restored or
+/// verified: opening the lock file failed with EROFS, and its catalog
+/// (inside the store, so read-only too, or missing) could not be opened.
+/// Now readers take no lock there and say so, the catalog is built in
+/// memory from the store, and verify reports what it cannot record or move.
+#[test]
+fn read_only_store_can_be_listed_restored_and_verified() {
+    let env = Env::new(&[], "");
+    let img = env.path("img");
+    write_random(&img, 0, 1 << 20, &mut rng(41));
+    // the catalog at its default place, inside the store
+    let conf = |store: &Path| {
+        format!("[store]\npath = \"{}\"\n[[image]]\nname = \"img\"\nsource = \"file:{}\"\n", store.display(), img.display())
+    };
+    fs::write(&env.config, conf(&env.store())).unwrap();
+    env.ok(&["init"]);
+    env.ok(&["backup", "img"]);
+    assert!(env.store().join("catalog.sqlite").exists());
+
+    let ro = env.path("ro-store");
+    let _m = Mount::read_only_bind(&env.store(), &ro);
+    assert!(fs::write(ro.join("probe"), b"x").is_err(), "the bind mount is writable");
+    fs::write(&env.config, conf(&ro)).unwrap();
+
+    let o = env.run(&["list", "--json"]);
+    assert!(o.status.success(), "list failed: {}", stderr_of(&o));
+    let v: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v.len(), 1);
+
+    let to = env.path("restored");
+    let o = env.run(&["restore", "img", "--to", to.to_str().unwrap()]);
+    assert!(o.status.success(), "restore failed: {}", stderr_of(&o));
+    assert!(stderr_of(&o).contains("store is read-only: not locking"), "{}", stderr_of(&o));
+    assert_same(&img, &to);
+
+    for deep in [false, true] {
+        let args: &[&str] = if deep { &["verify", "--deep"] } else { &["verify"] };
+        let o = env.run(args);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{args:?} failed: {out} {}", stderr_of(&o));
+        assert!(out.contains("results not recorded"), "{out}");
+    }
+
+    // a corrupt chunk (damaged through the writable path): reported, and
+    // verify says it could not move it aside; the chunk stays in place
+    let chunk = env.chunk_files().into_iter().next().unwrap();
+    let good = fs::read(&chunk).unwrap();
+    let mut bytes = good.clone();
+    let n = bytes.len();
+    bytes[n - 1] ^= 0xff;
+    fs::write(&chunk, &bytes).unwrap();
+    let o = env.run(&["verify", "--deep"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(!o.status.success(), "verify --deep missed a corrupt chunk: {out}");
+    assert!(out.contains("corrupt") && out.contains("not moved aside: the store is read-only"), "{out}");
+    assert!(chunk.exists());
+    fs::write(&chunk, &good).unwrap();
+
+    // the catalog missing from the read-only store: the same still works
+    for ext in ["", "-wal", "-shm"] {
+        let _ = fs::remove_file(format!("{}/catalog.sqlite{ext}", env.store().display()));
+    }
+    assert_eq!(env.list().len(), 1);
+    let o = env.run(&["restore", "img", "--to", env.path("again").to_str().unwrap()]);
+    assert!(o.status.success(), "restore without a catalog failed: {}", stderr_of(&o));
+}
+
+/// See issue 9, item 14: an I/O error printed its cause twice ("No space
+/// left on device (os error 28): No space left on device (os error 28)"):
+/// the store's error put its source in its own text and `{:#}` printed the
+/// source again. A backup onto a full filesystem names the cause once.
+#[test]
+fn full_disk_error_names_its_cause_once() {
+    let env = Env::new(&[], "");
+    let img = env.path("img");
+    write_random(&img, 0, 4 << 20, &mut rng(42));
+    let small = env.path("small");
+    let _m = Mount::tmpfs(&small, "1m");
+    let store = small.join("store");
+    fs::write(
+        &env.config,
+        format!(
+            "[store]\npath = \"{}\"\ncompression-level = 0\n[catalog]\npath = \"{}\"\n[[image]]\nname = \"img\"\nsource = \"file:{}\"\n",
+            store.display(),
+            env.catalog().display(),
+            img.display()
+        ),
+    )
+    .unwrap();
+    env.ok(&["init"]);
+    let err = env.fails(&["backup", "img"]);
+    // the final message, and the log line of the failure, each name it once
+    let last = err.lines().rfind(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("no error line: {err}"));
+    assert_eq!(last.matches("No space left on device").count(), 1, "cause not named exactly once: {last}");
+    assert!(last.contains(&store.display().to_string()), "the object is not named: {last}");
+    for l in err.lines() {
+        assert!(l.matches("No space left on device").count() <= 1, "cause repeated: {l}");
+    }
+}
+
+/// See issue 9, item 13. Names read from the store were printed raw: a
+/// manifest whose image name held a newline and escape codes injected fake
+/// lines and colours into `list`, `prune` and `verify`. Now a manifest's
+/// names are checked as the config checks them (a bad one makes the
+/// manifest unreadable) and what is printed is escaped.
+#[test]
+fn hostile_names_in_a_manifest_are_not_printed_raw() {
+    let (env, _img) = backed_up();
+    let mpath = env.store().join("backups/000000000001.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&fs::read(&mpath).unwrap()).unwrap();
+    m["image"] = "img\nFAKE     7  backup injected\x1b[31m".into();
+    m["snapshot"] = "s\n\x1b]0;title\x07".into();
+    fs::write(&mpath, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    let hostile = |s: &str| s.contains('\x1b') || s.contains('\x07') || s.lines().any(|l| l.starts_with("FAKE"));
+
+    // verify reads the manifest: a finding, printed escaped
+    let o = env.run(&["verify"]);
+    let (out, err) = (String::from_utf8_lossy(&o.stdout).into_owned(), stderr_of(&o));
+    assert!(!o.status.success(), "verify accepted a manifest with a hostile name: {out}");
+    assert!(out.contains("manifest unreadable") && out.contains("image name"), "{out}");
+    assert!(!hostile(&out) && !hostile(&err), "raw name printed:\n{out}\n{err}");
+
+    // a rebuilt catalog does not import it; list and prune print nothing raw
+    let o = env.run(&["catalog", "rebuild"]);
+    assert!(!hostile(&stderr_of(&o)) && !hostile(&String::from_utf8_lossy(&o.stdout)), "{}", stderr_of(&o));
+    for args in [&["list"][..], &["prune", "--dry-run"][..]] {
+        let o = env.run(args);
+        let (out, err) = (String::from_utf8_lossy(&o.stdout).into_owned(), stderr_of(&o));
+        assert!(!hostile(&out) && !hostile(&err), "{args:?} printed a raw name:\n{out}\n{err}");
+    }
+    assert!(env.list().is_empty(), "a manifest with a hostile name was imported");
+}
