@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use blockvault_catalog::{now_rfc3339, BackupState};
 use blockvault_store::{format::MANIFEST_VERSION, BackupId, BlockMap, Manifest};
-use tracing::{info, info_span, warn};
+use tracing::{debug, info, info_span, warn};
 
 use crate::config::{ImageConfig, Source};
 use crate::context::Ctx;
@@ -76,10 +76,16 @@ pub fn recover_stale(ctx: &mut Ctx, image_id: i64) -> Result<Vec<BackupId>> {
 /// # Errors
 /// Catalog errors.
 pub fn load_parent(ctx: &Ctx, image_id: i64) -> Result<Option<Parent>> {
-    let Some(row) = ctx.catalog.latest_valid_backup(image_id)? else { return Ok(None) };
+    let Some(row) = ctx.catalog.latest_valid_backup(image_id)? else {
+        debug!(image_id, "no valid committed backup: no parent, every block is read");
+        return Ok(None);
+    };
     let loaded = ctx.store.read_manifest(row.id).and_then(|m| ctx.store.read_blockmap(&m).map(|map| (m, map)));
     match loaded {
-        Ok((manifest, map)) => Ok(Some(Parent { manifest, map })),
+        Ok((manifest, map)) => {
+            debug!(parent = row.id.0, blocks = map.len(), verify_state = %row.verify_state, "parent chosen: the newest valid committed backup");
+            Ok(Some(Parent { manifest, map }))
+        }
         Err(e) => {
             warn!(backup = row.id.0, error = %crate::logging::Chain(&e), "parent backup does not read back from the store; not using it as a base");
             Ok(None)
@@ -111,6 +117,7 @@ pub fn backup_image(ctx: &mut Ctx, img: &ImageConfig, progress: &dyn Progress, c
             }
             let parent = load_parent(ctx, image.id)?;
             let actions = src.plan(image.block_size)?;
+            debug!(blocks = actions.len(), "full read: a file source has no diff, so every allocated extent is read and deduplication finds what is unchanged");
             let map = BlockMap::new_zeroed(src.size(), image.block_size);
             run_backup(ctx, img, image.id, parent.as_ref(), image.block_size, progress, cancel, move |_, _| {
                 Ok(Prepared { source: Box::new(src), actions, map, full_read: true, snapshot: None, rbd: None })

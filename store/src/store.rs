@@ -433,6 +433,7 @@ impl Store {
             }
         }
         rustix::fs::syncfs(&root).map_err(|e| Error::io("syncfs", &self.root, e.into()))?;
+        tracing::debug!(chunks = files.len(), "flush: new chunks durable and moved into chunks/");
         Ok(())
     }
 
