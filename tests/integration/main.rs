@@ -2,12 +2,15 @@
 //! `rbd`, on a real Ceph cluster).
 
 mod common;
+mod compat;
 mod crash;
 mod daemon;
 mod errors;
 mod fs_safety;
 mod gc_verify;
+mod lost_chunk;
 mod prune;
 mod rbd;
+mod restore_image;
 mod roundtrip;
 mod run;
