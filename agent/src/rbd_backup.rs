@@ -483,6 +483,12 @@ pub fn expand_images(cfg: &Config) -> Result<Vec<ImageConfig>> {
         for n in names.into_iter().filter(|n| pat.matches(n)) {
             let mut c = img.clone();
             c.name = img.name.replace("{image}", &n);
+            // the store rejects a manifest whose name breaks the rule, so
+            // such an image is never backed up under it
+            if let Err(why) = blockvault_store::manifest::check_image_name(&c.name) {
+                warn!(pattern = %img.name, rbd_image = %n.escape_debug(), "skipping an RBD image whose name makes no valid image name: {why}");
+                continue;
+            }
             c.source = Source::Rbd { pool: pool.into(), namespace: ns.map(Into::into), image: n };
             out.push(c);
         }
