@@ -29,9 +29,11 @@ use libloading::Library;
 
 /// Linux errno values used here (Ceph runs on Linux only).
 pub const ENOENT: i32 = 2;
+pub const EEXIST: i32 = 17;
 pub const EIO: i32 = 5;
 pub const EINVAL: i32 = 22;
 pub const ERANGE: i32 = 34;
+pub const ENAMETOOLONG: i32 = 36;
 pub const ECANCELED: i32 = 125;
 
 /// Largest byte count passed to one librbd read/write/discard call: librbd
@@ -67,6 +69,10 @@ type RadosT = *mut c_void;
 type IoCtxT = *mut c_void;
 type ImageT = *mut c_void;
 type ImageOptionsT = *mut c_void;
+type WriteOpT = *mut c_void;
+type ListCtxT = *mut c_void;
+/// `time_t` on the 64-bit Linux targets Ceph supports.
+type TimeT = i64;
 /// `int (*cb)(uint64_t, size_t, int, void *)` of `rbd_diff_iterate2`.
 type DiffCallback = extern "C" fn(u64, usize, c_int, *mut c_void) -> c_int;
 
@@ -97,6 +103,12 @@ struct RbdImageInfo {
     parent_name: [c_char; 96],
 }
 
+/// `LIBRADOS_CREATE_EXCLUSIVE` of `rados_write_op_create`.
+const LIBRADOS_CREATE_EXCLUSIVE: c_int = 1;
+
+/// `RBD_LOCK_MODE_EXCLUSIVE` (`rbd_lock_mode_t`).
+pub const RBD_LOCK_MODE_EXCLUSIVE: c_int = 0;
+
 /// `RBD_IMAGE_OPTION_*`
 const RBD_IMAGE_OPTION_FORMAT: c_int = 0;
 const RBD_IMAGE_OPTION_FEATURES: c_int = 1;
@@ -116,12 +128,32 @@ struct Api {
     rados_conf_read_file: unsafe extern "C" fn(RadosT, *const c_char) -> c_int,
     rados_conf_parse_env: unsafe extern "C" fn(RadosT, *const c_char) -> c_int,
     rados_conf_set: unsafe extern "C" fn(RadosT, *const c_char, *const c_char) -> c_int,
+    rados_conf_get: unsafe extern "C" fn(RadosT, *const c_char, *mut c_char, usize) -> c_int,
     rados_connect: unsafe extern "C" fn(RadosT) -> c_int,
     rados_shutdown: unsafe extern "C" fn(RadosT),
     rados_cluster_fsid: unsafe extern "C" fn(RadosT, *mut c_char, usize) -> c_int,
     rados_ioctx_create: unsafe extern "C" fn(RadosT, *const c_char, *mut IoCtxT) -> c_int,
     rados_ioctx_destroy: unsafe extern "C" fn(IoCtxT),
     rados_ioctx_set_namespace: unsafe extern "C" fn(IoCtxT, *const c_char),
+    rados_get_instance_id: unsafe extern "C" fn(RadosT) -> u64,
+    rados_write_full: unsafe extern "C" fn(IoCtxT, *const c_char, *const c_char, usize) -> c_int,
+    rados_read: unsafe extern "C" fn(IoCtxT, *const c_char, *mut c_char, usize, u64) -> c_int,
+    rados_stat: unsafe extern "C" fn(IoCtxT, *const c_char, *mut u64, *mut TimeT) -> c_int,
+    rados_remove: unsafe extern "C" fn(IoCtxT, *const c_char) -> c_int,
+    rados_create_write_op: unsafe extern "C" fn() -> WriteOpT,
+    rados_release_write_op: unsafe extern "C" fn(WriteOpT),
+    rados_write_op_create: unsafe extern "C" fn(WriteOpT, c_int, *const c_char),
+    rados_write_op_write_full: unsafe extern "C" fn(WriteOpT, *const c_char, usize),
+    rados_write_op_operate:
+        unsafe extern "C" fn(WriteOpT, IoCtxT, *const c_char, *mut TimeT, c_int) -> c_int,
+    rados_nobjects_list_open: unsafe extern "C" fn(IoCtxT, *mut ListCtxT) -> c_int,
+    rados_nobjects_list_next: unsafe extern "C" fn(
+        ListCtxT,
+        *mut *const c_char,
+        *mut *const c_char,
+        *mut *const c_char,
+    ) -> c_int,
+    rados_nobjects_list_close: unsafe extern "C" fn(ListCtxT),
     rbd_version: unsafe extern "C" fn(*mut c_int, *mut c_int, *mut c_int),
     rbd_list2: unsafe extern "C" fn(IoCtxT, *mut RbdImageSpec, *mut usize) -> c_int,
     rbd_image_spec_list_cleanup: unsafe extern "C" fn(*mut RbdImageSpec, usize),
@@ -158,6 +190,9 @@ struct Api {
     rbd_discard: unsafe extern "C" fn(ImageT, u64, u64) -> c_int,
     rbd_resize: unsafe extern "C" fn(ImageT, u64) -> c_int,
     rbd_flush: unsafe extern "C" fn(ImageT) -> c_int,
+    rbd_lock_get_owners: unsafe extern "C" fn(ImageT, *mut c_int, *mut *mut c_char, *mut usize) -> c_int,
+    rbd_lock_get_owners_cleanup: unsafe extern "C" fn(*mut *mut c_char, usize),
+    rbd_lock_break: unsafe extern "C" fn(ImageT, c_int, *const c_char) -> c_int,
 }
 
 /// Why librados/librbd could not be used at all.
@@ -248,12 +283,26 @@ impl Api {
             rados_conf_read_file: rados!(rados_conf_read_file),
             rados_conf_parse_env: rados!(rados_conf_parse_env),
             rados_conf_set: rados!(rados_conf_set),
+            rados_conf_get: rados!(rados_conf_get),
             rados_connect: rados!(rados_connect),
             rados_shutdown: rados!(rados_shutdown),
             rados_cluster_fsid: rados!(rados_cluster_fsid),
             rados_ioctx_create: rados!(rados_ioctx_create),
             rados_ioctx_destroy: rados!(rados_ioctx_destroy),
             rados_ioctx_set_namespace: rados!(rados_ioctx_set_namespace),
+            rados_get_instance_id: rados!(rados_get_instance_id),
+            rados_write_full: rados!(rados_write_full),
+            rados_read: rados!(rados_read),
+            rados_stat: rados!(rados_stat),
+            rados_remove: rados!(rados_remove),
+            rados_create_write_op: rados!(rados_create_write_op),
+            rados_release_write_op: rados!(rados_release_write_op),
+            rados_write_op_create: rados!(rados_write_op_create),
+            rados_write_op_write_full: rados!(rados_write_op_write_full),
+            rados_write_op_operate: rados!(rados_write_op_operate),
+            rados_nobjects_list_open: rados!(rados_nobjects_list_open),
+            rados_nobjects_list_next: rados!(rados_nobjects_list_next),
+            rados_nobjects_list_close: rados!(rados_nobjects_list_close),
             rbd_version: rbd!(rbd_version),
             rbd_list2: rbd!(rbd_list2),
             rbd_image_spec_list_cleanup: rbd!(rbd_image_spec_list_cleanup),
@@ -280,6 +329,9 @@ impl Api {
             rbd_discard: rbd!(rbd_discard),
             rbd_resize: rbd!(rbd_resize),
             rbd_flush: rbd!(rbd_flush),
+            rbd_lock_get_owners: rbd!(rbd_lock_get_owners),
+            rbd_lock_get_owners_cleanup: rbd!(rbd_lock_get_owners_cleanup),
+            rbd_lock_break: rbd!(rbd_lock_break),
             _rados_lib: rados,
             _rbd_lib: rbd,
         })
@@ -382,6 +434,26 @@ impl RadosConfig {
             .map(drop)
     }
 
+    /// `rados_conf_get(option)`: the option's current value.
+    pub fn get(&self, option: &CStr) -> Result<String, Errno> {
+        let mut len = 256;
+        loop {
+            let mut buf = vec![0 as c_char; len];
+            // SAFETY: live handle; buf writable for len bytes.
+            let r = unsafe {
+                (self.raw.api.rados_conf_get)(self.raw.h.as_ptr(), option.as_ptr(), buf.as_mut_ptr(), len)
+            };
+            if r == -ENAMETOOLONG && len < 1 << 16 {
+                len *= 4;
+                continue;
+            }
+            check(r)?;
+            buf[len - 1] = 0;
+            // SAFETY: NUL-terminated buffer.
+            return Ok(unsafe { string_from(buf.as_ptr()) });
+        }
+    }
+
     /// `rados_conf_set(option, value)`.
     pub fn set(&mut self, option: &CStr, value: &CStr) -> Result<(), Errno> {
         // SAFETY: live unconnected handle; NUL-terminated strings.
@@ -420,6 +492,13 @@ impl Rados {
         buf[buf.len() - 1] = 0;
         // SAFETY: NUL-terminated buffer.
         Ok(unsafe { string_from(buf.as_ptr()) })
+    }
+
+    /// `rados_get_instance_id`: the global id of this client; it is
+    /// `client.<id>` in lock owners, `rbd status` and the blocklist.
+    pub fn instance_id(&self) -> u64 {
+        // SAFETY: connected handle.
+        unsafe { (self.raw.api.rados_get_instance_id)(self.raw.h.as_ptr()) }
     }
 
     /// `rados_ioctx_create(pool)` then, with `namespace`, `rados_ioctx_set_namespace`.
@@ -573,6 +652,134 @@ impl IoCtx {
             h,
             _ioctx: Arc::clone(self),
         })
+    }
+}
+
+
+/// RAII for `rados_write_op_t`.
+struct WriteOp {
+    api: &'static Api,
+    h: NonNull<c_void>,
+}
+
+impl Drop for WriteOp {
+    fn drop(&mut self) {
+        // SAFETY: created by rados_create_write_op, released once.
+        unsafe { (self.api.rados_release_write_op)(self.h.as_ptr()) };
+    }
+}
+
+/// RAII for `rados_list_ctx_t`.
+struct ListCtx {
+    api: &'static Api,
+    h: NonNull<c_void>,
+}
+
+impl Drop for ListCtx {
+    fn drop(&mut self) {
+        // SAFETY: opened by rados_nobjects_list_open, closed once.
+        unsafe { (self.api.rados_nobjects_list_close)(self.h.as_ptr()) };
+    }
+}
+
+/// Largest object payload passed to one librados call (librados returns
+/// byte counts as an `int`; Ceph's default `osd_max_object_size` is 128 MiB).
+pub const MAX_OBJECT_IO: usize = 1 << 30;
+
+/// RADOS object operations (what a store backend needs).
+impl IoCtx {
+    /// `rados_write_full`: replaces the object's whole content (creates it).
+    pub fn write_full(&self, oid: &CStr, data: &[u8]) -> Result<(), Errno> {
+        if data.len() > MAX_OBJECT_IO {
+            return Err(Errno(EINVAL));
+        }
+        // SAFETY: live ioctx, NUL-terminated oid, data readable for its length
+        // (librados copies it before returning: synchronous call).
+        check(unsafe {
+            (self.api.rados_write_full)(self.h.as_ptr(), oid.as_ptr(), data.as_ptr().cast(), data.len())
+        })
+        .map(drop)
+    }
+
+    /// One write operation that creates the object exclusively and writes
+    /// its whole content: atomic on the OSD, so the object either does not
+    /// exist (EEXIST when it already did) or exists with all of `data`.
+    pub fn create_exclusive(&self, oid: &CStr, data: &[u8]) -> Result<(), Errno> {
+        if data.len() > MAX_OBJECT_IO {
+            return Err(Errno(EINVAL));
+        }
+        // SAFETY: no arguments.
+        let h = unsafe { (self.api.rados_create_write_op)() };
+        let op = WriteOp {
+            api: self.api,
+            h: NonNull::new(h).ok_or(Errno(EIO))?,
+        };
+        // SAFETY: live op; the category argument is unused (null allowed);
+        // data stays borrowed until operate returns, which is when librados
+        // is done with it.
+        unsafe {
+            (self.api.rados_write_op_create)(op.h.as_ptr(), LIBRADOS_CREATE_EXCLUSIVE, ptr::null());
+            (self.api.rados_write_op_write_full)(op.h.as_ptr(), data.as_ptr().cast(), data.len());
+        }
+        // SAFETY: live op and ioctx, NUL-terminated oid, null mtime (now).
+        check(unsafe {
+            (self.api.rados_write_op_operate)(op.h.as_ptr(), self.h.as_ptr(), oid.as_ptr(), ptr::null_mut(), 0)
+        })
+        .map(drop)
+    }
+
+    /// One `rados_read` of up to `buf.len()` bytes (at most 1 GiB) at `offset`:
+    /// the number of bytes read, fewer at the object's end.
+    pub fn read_object(&self, oid: &CStr, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
+        let len = buf.len().min(MAX_OBJECT_IO);
+        // SAFETY: live ioctx, NUL-terminated oid, buf writable for len bytes.
+        let n = check(unsafe {
+            (self.api.rados_read)(self.h.as_ptr(), oid.as_ptr(), buf.as_mut_ptr().cast(), len, offset)
+        })?;
+        Ok(usize::try_from(n).unwrap_or(0).min(len))
+    }
+
+    /// `rados_stat`: the object's size and modification time (seconds since the epoch).
+    pub fn stat_object(&self, oid: &CStr) -> Result<(u64, i64), Errno> {
+        let (mut size, mut mtime) = (0u64, 0 as TimeT);
+        // SAFETY: live ioctx, NUL-terminated oid, valid out-pointers.
+        check(unsafe { (self.api.rados_stat)(self.h.as_ptr(), oid.as_ptr(), &mut size, &mut mtime) })?;
+        Ok((size, mtime))
+    }
+
+    /// `rados_remove`.
+    pub fn remove_object(&self, oid: &CStr) -> Result<(), Errno> {
+        // SAFETY: live ioctx, NUL-terminated oid.
+        check(unsafe { (self.api.rados_remove)(self.h.as_ptr(), oid.as_ptr()) }).map(drop)
+    }
+
+    /// Lists the names of the objects of the ioctx's namespace, calling
+    /// `f(name)` for each until it returns false.
+    pub fn list_objects(&self, mut f: impl FnMut(String) -> bool) -> Result<(), Errno> {
+        let mut h: ListCtxT = ptr::null_mut();
+        // SAFETY: live ioctx, valid out-pointer.
+        check(unsafe { (self.api.rados_nobjects_list_open)(self.h.as_ptr(), &mut h) })?;
+        let list = ListCtx {
+            api: self.api,
+            h: NonNull::new(h).ok_or(Errno(EIO))?,
+        };
+        loop {
+            let mut entry: *const c_char = ptr::null();
+            // SAFETY: live list context; key and namespace may be null (not wanted).
+            let r = unsafe {
+                (self.api.rados_nobjects_list_next)(list.h.as_ptr(), &mut entry, ptr::null_mut(), ptr::null_mut())
+            };
+            if r == -ENOENT {
+                return Ok(());
+            }
+            check(r)?;
+            // SAFETY: entry is a NUL-terminated string owned by the list
+            // context, valid until the next call; copied here.
+            let name = unsafe { string_from(entry) };
+            if !f(name) {
+                return Ok(());
+            }
+        }
     }
 }
 
@@ -866,6 +1073,45 @@ impl Image {
     pub fn resize(&self, size: u64) -> Result<(), Errno> {
         // SAFETY: open image.
         check(unsafe { (self.api.rbd_resize)(self.h.as_ptr(), size) }).map(drop)
+    }
+
+    /// `rbd_lock_get_owners`: the clients holding the image's exclusive
+    /// lock (`client.<id>`), empty when nobody holds it.
+    pub fn lock_owners(&self) -> Result<Vec<String>, Errno> {
+        let mut cap: usize = 4;
+        loop {
+            let mut owners: Vec<*mut c_char> = vec![ptr::null_mut(); cap];
+            let mut n = cap;
+            let mut mode: c_int = 0;
+            // SAFETY: open image; owners has room for n pointers, which
+            // librbd fills with strdup'ed strings.
+            let r = unsafe {
+                (self.api.rbd_lock_get_owners)(self.h.as_ptr(), &mut mode, owners.as_mut_ptr(), &mut n)
+            };
+            if r == -ENOENT {
+                return Ok(Vec::new());
+            }
+            if r == -ERANGE && n > cap {
+                cap = n + 2;
+                continue;
+            }
+            check(r)?;
+            let n = n.min(cap);
+            // SAFETY: librbd filled the first n entries with NUL-terminated strings.
+            let names = owners[..n].iter().map(|&p| unsafe { string_from(p) }).collect();
+            // SAFETY: frees exactly the n strings librbd allocated, once.
+            unsafe { (self.api.rbd_lock_get_owners_cleanup)(owners.as_mut_ptr(), n) };
+            return Ok(names);
+        }
+    }
+
+    /// `rbd_lock_break(RBD_LOCK_MODE_EXCLUSIVE, owner)`: librbd blocklists
+    /// the owner first (`rbd_blocklist_on_break_lock`, on by default), so it
+    /// cannot write to the image afterwards even if it is still alive.
+    pub fn lock_break(&self, owner: &CStr) -> Result<(), Errno> {
+        // SAFETY: open image, NUL-terminated owner.
+        check(unsafe { (self.api.rbd_lock_break)(self.h.as_ptr(), RBD_LOCK_MODE_EXCLUSIVE, owner.as_ptr()) })
+            .map(drop)
     }
 
     /// `rbd_flush`.
