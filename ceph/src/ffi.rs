@@ -136,6 +136,8 @@ struct Api {
     rados_ioctx_destroy: unsafe extern "C" fn(IoCtxT),
     rados_ioctx_set_namespace: unsafe extern "C" fn(IoCtxT, *const c_char),
     rados_get_instance_id: unsafe extern "C" fn(RadosT) -> u64,
+    rados_getaddrs: unsafe extern "C" fn(RadosT, *mut *mut c_char) -> c_int,
+    rados_buffer_free: unsafe extern "C" fn(*mut c_char),
     rados_write_full: unsafe extern "C" fn(IoCtxT, *const c_char, *const c_char, usize) -> c_int,
     rados_read: unsafe extern "C" fn(IoCtxT, *const c_char, *mut c_char, usize, u64) -> c_int,
     rados_stat: unsafe extern "C" fn(IoCtxT, *const c_char, *mut u64, *mut TimeT) -> c_int,
@@ -291,6 +293,8 @@ impl Api {
             rados_ioctx_destroy: rados!(rados_ioctx_destroy),
             rados_ioctx_set_namespace: rados!(rados_ioctx_set_namespace),
             rados_get_instance_id: rados!(rados_get_instance_id),
+            rados_getaddrs: rados!(rados_getaddrs),
+            rados_buffer_free: rados!(rados_buffer_free),
             rados_write_full: rados!(rados_write_full),
             rados_read: rados!(rados_read),
             rados_stat: rados!(rados_stat),
@@ -501,6 +505,21 @@ impl Rados {
         unsafe { (self.raw.api.rados_get_instance_id)(self.raw.h.as_ptr()) }
     }
 
+    /// `rados_getaddrs`: this client's addresses, e.g.
+    /// `[v2:127.0.0.1:0/3262212345]`; lock owners are named by the address.
+    pub fn addrs(&self) -> Result<String, Errno> {
+        let mut p: *mut c_char = ptr::null_mut();
+        // SAFETY: connected handle, valid out-pointer.
+        check(unsafe { (self.raw.api.rados_getaddrs)(self.raw.h.as_ptr(), &mut p) })?;
+        // SAFETY: on success p is a NUL-terminated string librados allocated.
+        let s = unsafe { string_from(p) };
+        if !p.is_null() {
+            // SAFETY: freed once, with the function librados documents for it.
+            unsafe { (self.raw.api.rados_buffer_free)(p) };
+        }
+        Ok(s)
+    }
+
     /// `rados_ioctx_create(pool)` then, with `namespace`, `rados_ioctx_set_namespace`.
     pub fn ioctx(self: &Arc<Self>, pool: &CStr, namespace: Option<&CStr>) -> Result<IoCtx, Errno> {
         let api = self.raw.api;
@@ -688,6 +707,16 @@ pub const MAX_OBJECT_IO: usize = 1 << 30;
 
 /// RADOS object operations (what a store backend needs).
 impl IoCtx {
+    /// The global id of the client this ioctx belongs to.
+    pub fn instance_id(&self) -> u64 {
+        self._rados.instance_id()
+    }
+
+    /// The addresses of the client this ioctx belongs to.
+    pub fn client_addrs(&self) -> Result<String, Errno> {
+        self._rados.addrs()
+    }
+
     /// `rados_write_full`: replaces the object's whole content (creates it).
     pub fn write_full(&self, oid: &CStr, data: &[u8]) -> Result<(), Errno> {
         if data.len() > MAX_OBJECT_IO {

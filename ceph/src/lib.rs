@@ -15,8 +15,8 @@
 //! (`pool/image@snap`, a pool, a config file…) and the cause, e.g.
 //! `rbd open rbd/vm1: No such file or directory (errno 2); the image does not exist`.
 //!
-//! The tests in this module need a real cluster named by `CEPH_CONF`: start a
-//! throwaway one with `tests/ceph/start-cluster.sh DIR`.
+//! The tests in this crate run against the cluster named by `CEPH_CONF`, or
+//! start a throwaway one with `tests/ceph/start-cluster.sh` when it is unset.
 
 #[allow(unsafe_code)]
 mod ffi;
@@ -409,8 +409,7 @@ impl Cluster {
         }))
     }
 
-    /// This client's global id: it is `client.<id>` in lock owners and
-    /// `rbd status`.
+    /// This client's global id (`client.<id>` in `rbd status` and the blocklist).
     pub fn instance_id(&self) -> u64 {
         self.rados.instance_id()
     }
@@ -463,6 +462,19 @@ impl fmt::Debug for IoCtx {
 }
 
 impl IoCtx {
+    /// The global id of this connection (`client.<id>` in lock owners).
+    pub fn instance_id(&self) -> u64 {
+        self.raw.instance_id()
+    }
+
+    /// The addresses of this connection, e.g. `[v2:127.0.0.1:0/3262212345]`:
+    /// [`Image::lock_owners`] names an owner by one of them (`127.0.0.1:0/3262212345`).
+    pub fn client_addrs(&self) -> Result<String> {
+        self.raw
+            .client_addrs()
+            .map_err(|e| RbdError::errno(Op::Connect, format!("client addresses of {}", self.prefix), e))
+    }
+
     /// `pool` or `pool/namespace`.
     pub fn spec(&self) -> &str {
         &self.prefix
@@ -804,7 +816,8 @@ impl Image {
             .map_err(|e| RbdError::errno(Op::Resize, format!("{} to {size}", self.spec), e))
     }
 
-    /// The clients holding the image's exclusive lock (`client.<id>`);
+    /// The clients holding the image's exclusive lock, by address
+    /// (`127.0.0.1:0/3262212345`, see [`IoCtx::client_addrs`]);
     /// empty when nobody does. EINVAL when the image has no exclusive-lock feature.
     pub fn lock_owners(&self) -> Result<Vec<String>> {
         self.raw.lock_owners().map_err(|e| self.err(Op::LockOwners, e))
@@ -828,8 +841,8 @@ impl Image {
 
 #[cfg(test)]
 mod tests {
-    //! These run against the cluster named by `CEPH_CONF` and fail when it is
-    //! unset (see `cluster_opts`).
+    //! These run against the cluster named by `CEPH_CONF`, else one started
+    //! for this test process (see `cluster_opts`).
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::{Duration, Instant};
@@ -841,15 +854,9 @@ mod tests {
     }
     const POOL: &str = "rbd";
 
+    /// `$CEPH_CONF`, else a cluster started for this test process.
     fn cluster_opts() -> CephOptions {
-        match std::env::var_os("CEPH_CONF").filter(|v| !v.is_empty()) {
-            Some(conf) => CephOptions { conf: Some(conf.into()), ..CephOptions::default() },
-            None => panic!(
-                "CEPH_CONF is not set: the rbd tests need a running Ceph cluster with a pool `{POOL}`.\n\
-                 Start a throwaway one with\n    eval \"$(tests/ceph/start-cluster.sh /tmp/bv-ceph)\"\n\
-                 then rerun the tests, and stop it with tests/ceph/stop-cluster.sh /tmp/bv-ceph"
-            ),
-        }
+        CephOptions { conf: Some(blockvault_tests::ceph_conf()), ..CephOptions::default() }
     }
 
     fn connect() -> Arc<Cluster> {
@@ -1215,6 +1222,63 @@ mod tests {
         assert_eq!(err.errno_value(), Some(ETIMEDOUT), "{err}");
         assert!(err.to_string().contains(&shown(&conf)), "{err}");
         assert!(err.to_string().contains("no monitor answered"), "{err}");
+    }
+
+    #[test]
+    fn rados_objects_put_create_exclusive_get_stat_list_remove() {
+        let cluster = connect();
+        let ns = unique("objs");
+        let io = cluster.ioctx(POOL, Some(&ns)).unwrap();
+        assert_eq!(io.list_objects().unwrap(), Vec::<String>::new());
+        let data = pattern(3 * MIB as usize + 17, 4);
+        // put-if-absent: created once, then refused without touching it
+        assert!(io.create_exclusive("chunk-a", &data).unwrap());
+        assert!(!io.create_exclusive("chunk-a", b"other").unwrap());
+        assert!(io.read_object("chunk-a", 8 * MIB).unwrap() == data);
+        let st = io.stat_object("chunk-a").unwrap();
+        assert_eq!(st.size, data.len() as u64);
+        assert!(st.mtime > 1_700_000_000, "{st:?}");
+        // a bounded read refuses a larger object before allocating
+        let err = io.read_object("chunk-a", 1024).unwrap_err();
+        assert!(err.to_string().contains("more than the 1024 allowed"), "{err}");
+        let mut part = vec![0u8; 100];
+        assert_eq!(io.read_object_at("chunk-a", data.len() as u64 - 40, &mut part).unwrap(), 40);
+        assert!(part[..40] == data[data.len() - 40..]);
+        // write_full replaces
+        io.write_full("meta", b"v1 and more").unwrap();
+        io.write_full("meta", b"v2").unwrap();
+        assert_eq!(io.read_object("meta", 100).unwrap(), b"v2");
+        let mut names = io.list_objects().unwrap();
+        names.sort();
+        assert_eq!(names, ["chunk-a", "meta"]);
+        // another namespace does not see them
+        let other = cluster.ioctx(POOL, Some(&unique("objs-other"))).unwrap();
+        assert!(other.list_objects().unwrap().is_empty());
+        assert!(other.stat_object("meta").unwrap_err().is_not_found());
+        io.remove_object("chunk-a").unwrap();
+        let err = io.remove_object("chunk-a").unwrap_err();
+        assert!(err.is_not_found(), "{err}");
+        assert_eq!(
+            err.to_string(),
+            format!("rados rm rbd/{ns}/chunk-a: No such file or directory (errno 2); the object does not exist")
+        );
+        let err = io.read_object("chunk-a", 10).unwrap_err();
+        assert!(err.is_not_found() && err.to_string().starts_with("rados stat"), "{err}");
+        io.remove_object("meta").unwrap();
+        assert!(io.list_objects().unwrap().is_empty());
+    }
+
+    #[test]
+    fn exclusive_lock_owner_is_reported() {
+        let t = TestImage::create("lock", 8 * MIB, FEATURE_LAYERING | FEATURE_EXCLUSIVE_LOCK);
+        let img = t.ioctx.open_rw(&t.name).unwrap();
+        assert_eq!(img.lock_owners().unwrap(), Vec::<String>::new());
+        // a write takes the lock
+        img.write_at(0, b"locked").unwrap();
+        let owners = img.lock_owners().unwrap();
+        let me = t.ioctx.client_addrs().unwrap();
+        assert!(owners.len() == 1 && me.contains(&owners[0]), "owners {owners:?}, this client {me}");
+        assert!(t.ioctx.instance_id() > 0);
     }
 
     #[test]

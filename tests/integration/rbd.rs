@@ -1,6 +1,7 @@
-//! RBD backups against the real throwaway cluster that tests/run.sh starts
-//! (CEPH_CONF names it). Without a cluster these tests fail, saying how to
-//! start one: they never pass silently.
+//! RBD backups against a real throwaway cluster: the one CEPH_CONF names
+//! (tests/run.sh starts it), else one started for this test process. Without
+//! Ceph's packages these tests fail, naming the packages to install: they
+//! never pass silently.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -21,14 +22,10 @@ const FEATURES: u64 = 1 | 4 | 8 | 16 | 32;
 const STRIPINGV2: u64 = 2;
 const MIB: u64 = 1 << 20;
 
+/// `$CEPH_CONF`, else the cluster started for this test process (see
+/// `blockvault_tests::ceph_conf`).
 fn ceph_conf() -> String {
-    std::env::var("CEPH_CONF").unwrap_or_else(|_| {
-        panic!(
-            "CEPH_CONF is not set: the RBD tests need a real cluster. Start one with \
-             `eval \"$(tests/ceph/start-cluster.sh /tmp/bv-ceph)\"` (stop it with tests/ceph/stop-cluster.sh), \
-             or run everything with tests/run.sh"
-        )
-    })
+    blockvault_tests::ceph_conf().to_string_lossy().into_owned()
 }
 
 fn unique(prefix: &str) -> String {
