@@ -132,6 +132,7 @@ pub fn backup(ctx: &mut Ctx, img: &ImageConfig, progress: &dyn Progress, cancel:
     let image_id = image_row.id;
     let block_size = image_row.block_size;
     recover_stale(ctx, image_id)?;
+    log_lock_owner(&head, &img.name);
     cleanup_snapshots(ctx, &head, image_id)?;
     let parent = load_parent(ctx, image_id)?;
 
@@ -238,6 +239,17 @@ pub fn backup(ctx: &mut Ctx, img: &ImageConfig, progress: &dyn Progress, cancel:
             Ok(m)
         }
         Err(e) => {
+            if head.has_timed_out() {
+                // The cluster stopped answering: removing the snapshot (and
+                // closing the images, see blockvault-ceph) would each wait
+                // another timeout. The catalog records the snapshot as
+                // this uncommitted backup's, so the next run removes it.
+                if snap_row.get().is_some() {
+                    warn!(image = %img.name, snapshot = %snap,
+                        "the cluster timed out: leaving the snapshot of this failed backup for the next run to remove");
+                }
+                return Err(e);
+            }
             if let Some(row) = snap_row.get() {
                 match remove_snap_if_present(&head, &snap) {
                     Ok(()) => ctx.catalog.set_snapshot_state(row, SnapshotState::Removed)?,
@@ -279,6 +291,32 @@ fn patcher_for(
         return Ok(None);
     }
     Ok(Some(patcher))
+}
+
+/// Says, before anything waits for it, that another client holds the
+/// image's exclusive lock: snapshot creation and removal then go through
+/// that client, and if it is gone without releasing the lock (a killed
+/// backup, a crashed host) librbd takes the lock over only once the
+/// owner's watch has expired (`osd_client_watch_timeout`, 30 s by
+/// default). blockvault does not break the lock itself: it cannot tell a
+/// dead owner from a live one (a running VM), and breaking a live owner's
+/// lock blocklists it.
+fn log_lock_owner(head: &Image, image: &str) {
+    if head.features().is_ok_and(|f| f & rbd::FEATURE_EXCLUSIVE_LOCK == 0) {
+        return;
+    }
+    let me = head.ioctx().client_addrs().unwrap_or_default();
+    match head.lock_owners() {
+        Ok(owners) => {
+            for owner in owners.iter().filter(|o| !me.contains(o.as_str())) {
+                info!(image = %image, owner = %owner,
+                    "another client holds the image's exclusive lock: snapshots are created and removed through it; \
+                     if it is dead (e.g. a killed backup), this waits until its watch expires (osd_client_watch_timeout, 30 s by default); \
+                     the lock is not broken because a live owner (a VM) cannot be told apart from a dead one");
+            }
+        }
+        Err(e) => tracing::debug!(image = %image, error = %e, "cannot read the exclusive lock owner"),
+    }
 }
 
 /// Whether the object map / fast-diff of an open image or snapshot can be

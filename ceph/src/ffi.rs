@@ -23,6 +23,7 @@ use std::ffi::{c_char, c_int, c_void, CStr};
 use std::fmt;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::ptr::{self, NonNull};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use libloading::Library;
@@ -34,6 +35,7 @@ pub const EIO: i32 = 5;
 pub const EINVAL: i32 = 22;
 pub const ERANGE: i32 = 34;
 pub const ENAMETOOLONG: i32 = 36;
+pub const ETIMEDOUT: i32 = 110;
 pub const ECANCELED: i32 = 125;
 
 /// Largest byte count passed to one librbd read/write/discard call: librbd
@@ -471,13 +473,21 @@ impl RadosConfig {
     pub fn connect(self) -> Result<Rados, Errno> {
         // SAFETY: live handle, connected at most once (self is consumed).
         check(unsafe { (self.raw.api.rados_connect)(self.raw.h.as_ptr()) })?;
-        Ok(Rados { raw: self.raw })
+        Ok(Rados {
+            raw: self.raw,
+            timed_out: AtomicBool::new(false),
+        })
     }
 }
 
 /// A connected cluster handle.
 pub struct Rados {
     raw: RawRados,
+    /// An operation through this connection returned ETIMEDOUT: the
+    /// cluster (an OSD, a monitor) does not answer. From then on handles
+    /// are closed on a background thread instead of blocking their owner
+    /// for another timeout each (see `Drop for Image`).
+    timed_out: AtomicBool,
 }
 
 // SAFETY: a connected rados_t may be used from several threads at once
@@ -485,6 +495,17 @@ pub struct Rados {
 unsafe impl Sync for Rados {}
 
 impl Rados {
+    /// Whether an operation through this connection timed out.
+    pub fn has_timed_out(&self) -> bool {
+        self.timed_out.load(Ordering::Relaxed)
+    }
+
+    fn note(&self, e: Errno) -> Errno {
+        if e.0 == ETIMEDOUT {
+            self.timed_out.store(true, Ordering::Relaxed);
+        }
+        e
+    }
     /// `rados_cluster_fsid`.
     pub fn fsid(&self) -> Result<String, Errno> {
         let mut buf = [0 as c_char; 64];
@@ -603,7 +624,7 @@ impl IoCtx {
                 cap = n + 16; // images may be created meanwhile
                 continue;
             }
-            check(r)?;
+            self.check(r)?;
             let n = n.min(cap);
             // SAFETY: on success librbd filled the first n entries.
             unsafe { specs.set_len(n) };
@@ -640,14 +661,14 @@ impl IoCtx {
             opts.set(RBD_IMAGE_OPTION_STRIPE_COUNT, count)?;
         }
         // SAFETY: live ioctx and options, NUL-terminated name.
-        check(unsafe { (self.api.rbd_create4)(self.h.as_ptr(), name.as_ptr(), size, opts.h) })
+        self.check(unsafe { (self.api.rbd_create4)(self.h.as_ptr(), name.as_ptr(), size, opts.h) })
             .map(drop)
     }
 
     /// `rbd_remove` (fails with ENOTEMPTY while the image has snapshots).
     pub fn remove_image(&self, name: &CStr) -> Result<(), Errno> {
         // SAFETY: live ioctx, NUL-terminated name.
-        check(unsafe { (self.api.rbd_remove)(self.h.as_ptr(), name.as_ptr()) }).map(drop)
+        self.check(unsafe { (self.api.rbd_remove)(self.h.as_ptr(), name.as_ptr()) }).map(drop)
     }
 
     /// `rbd_open` (`read_only` false) or `rbd_open_read_only`, at `snap` or the head.
@@ -664,7 +685,7 @@ impl IoCtx {
         };
         let mut h: ImageT = ptr::null_mut();
         // SAFETY: live ioctx, NUL-terminated strings (snap may be null), valid out-pointer.
-        check(unsafe { open(self.h.as_ptr(), name.as_ptr(), &mut h, opt_ptr(snap)) })?;
+        self.check(unsafe { open(self.h.as_ptr(), name.as_ptr(), &mut h, opt_ptr(snap)) })?;
         let h = NonNull::new(h).ok_or(Errno(EIO))?;
         Ok(Image {
             api: self.api,
@@ -705,6 +726,17 @@ impl Drop for ListCtx {
 /// byte counts as an `int`; Ceph's default `osd_max_object_size` is 128 MiB).
 pub const MAX_OBJECT_IO: usize = 1 << 30;
 
+impl IoCtx {
+    fn check(&self, r: c_int) -> Result<c_int, Errno> {
+        check(r).map_err(|e| self._rados.note(e))
+    }
+
+    /// Whether an operation through this ioctx's connection timed out.
+    pub fn has_timed_out(&self) -> bool {
+        self._rados.has_timed_out()
+    }
+}
+
 /// RADOS object operations (what a store backend needs).
 impl IoCtx {
     /// The global id of the client this ioctx belongs to.
@@ -724,7 +756,7 @@ impl IoCtx {
         }
         // SAFETY: live ioctx, NUL-terminated oid, data readable for its length
         // (librados copies it before returning: synchronous call).
-        check(unsafe {
+        self.check(unsafe {
             (self.api.rados_write_full)(self.h.as_ptr(), oid.as_ptr(), data.as_ptr().cast(), data.len())
         })
         .map(drop)
@@ -751,7 +783,7 @@ impl IoCtx {
             (self.api.rados_write_op_write_full)(op.h.as_ptr(), data.as_ptr().cast(), data.len());
         }
         // SAFETY: live op and ioctx, NUL-terminated oid, null mtime (now).
-        check(unsafe {
+        self.check(unsafe {
             (self.api.rados_write_op_operate)(op.h.as_ptr(), self.h.as_ptr(), oid.as_ptr(), ptr::null_mut(), 0)
         })
         .map(drop)
@@ -762,7 +794,7 @@ impl IoCtx {
     pub fn read_object(&self, oid: &CStr, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
         let len = buf.len().min(MAX_OBJECT_IO);
         // SAFETY: live ioctx, NUL-terminated oid, buf writable for len bytes.
-        let n = check(unsafe {
+        let n = self.check(unsafe {
             (self.api.rados_read)(self.h.as_ptr(), oid.as_ptr(), buf.as_mut_ptr().cast(), len, offset)
         })?;
         Ok(usize::try_from(n).unwrap_or(0).min(len))
@@ -772,14 +804,14 @@ impl IoCtx {
     pub fn stat_object(&self, oid: &CStr) -> Result<(u64, i64), Errno> {
         let (mut size, mut mtime) = (0u64, 0 as TimeT);
         // SAFETY: live ioctx, NUL-terminated oid, valid out-pointers.
-        check(unsafe { (self.api.rados_stat)(self.h.as_ptr(), oid.as_ptr(), &mut size, &mut mtime) })?;
+        self.check(unsafe { (self.api.rados_stat)(self.h.as_ptr(), oid.as_ptr(), &mut size, &mut mtime) })?;
         Ok((size, mtime))
     }
 
     /// `rados_remove`.
     pub fn remove_object(&self, oid: &CStr) -> Result<(), Errno> {
         // SAFETY: live ioctx, NUL-terminated oid.
-        check(unsafe { (self.api.rados_remove)(self.h.as_ptr(), oid.as_ptr()) }).map(drop)
+        self.check(unsafe { (self.api.rados_remove)(self.h.as_ptr(), oid.as_ptr()) }).map(drop)
     }
 
     /// Lists the names of the objects of the ioctx's namespace, calling
@@ -787,7 +819,7 @@ impl IoCtx {
     pub fn list_objects(&self, mut f: impl FnMut(String) -> bool) -> Result<(), Errno> {
         let mut h: ListCtxT = ptr::null_mut();
         // SAFETY: live ioctx, valid out-pointer.
-        check(unsafe { (self.api.rados_nobjects_list_open)(self.h.as_ptr(), &mut h) })?;
+        self.check(unsafe { (self.api.rados_nobjects_list_open)(self.h.as_ptr(), &mut h) })?;
         let list = ListCtx {
             api: self.api,
             h: NonNull::new(h).ok_or(Errno(EIO))?,
@@ -801,7 +833,7 @@ impl IoCtx {
             if r == -ENOENT {
                 return Ok(());
             }
-            check(r)?;
+            self.check(r)?;
             // SAFETY: entry is a NUL-terminated string owned by the list
             // context, valid until the next call; copied here.
             let name = unsafe { string_from(entry) };
@@ -832,11 +864,61 @@ unsafe impl Sync for Image {}
 
 impl Drop for Image {
     fn drop(&mut self) {
+        if self._ioctx._rados.has_timed_out() {
+            // rbd_close would wait for the unresponsive cluster (releasing
+            // the exclusive lock, unwatching the header: each op another
+            // `rados_osd_op_timeout`). Close on a thread of its own, which
+            // keeps the ioctx and connection alive until it is done.
+            let closing = Closing {
+                api: self.api,
+                h: self.h,
+                _ioctx: Arc::clone(&self._ioctx),
+            };
+            let spawned = std::thread::Builder::new()
+                .name("rbd-close".into())
+                .spawn(move || closing.close());
+            if spawned.is_ok() {
+                return;
+            }
+            // no thread: close here (the closure, and with it the handle,
+            // was dropped unused by the failed spawn; see `Closing::drop`)
+            return;
+        }
         // SAFETY: h came from rbd_open*, is closed exactly once, no borrow of
         // self is left; the IoCtx is still alive (held by self._ioctx).
         let r = unsafe { (self.api.rbd_close)(self.h.as_ptr()) };
         if r < 0 {
             tracing::warn!(errno = -r, "rbd_close failed");
+        }
+    }
+}
+
+/// An image handle being closed after a timeout (see `Drop for Image`).
+struct Closing {
+    api: &'static Api,
+    h: NonNull<c_void>,
+    _ioctx: Arc<IoCtx>,
+}
+
+// SAFETY: the handle is no longer used by anyone but this value (its Image
+// was dropped), and librbd handles may be closed from any thread.
+unsafe impl Send for Closing {}
+
+impl Closing {
+    fn close(self) {
+        // dropping self closes the handle
+        drop(self);
+    }
+}
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        // SAFETY: h came from rbd_open*; the Image it came from did not
+        // close it and is gone, so this is the only close; the IoCtx is
+        // alive (held by self._ioctx).
+        let r = unsafe { (self.api.rbd_close)(self.h.as_ptr()) };
+        if r < 0 {
+            tracing::debug!(errno = -r, "rbd_close after a timeout failed");
         }
     }
 }
@@ -906,6 +988,14 @@ where
 }
 
 impl Image {
+    fn check(&self, r: c_int) -> Result<c_int, Errno> {
+        check(r).map_err(|e| self._ioctx._rados.note(e))
+    }
+
+    fn check_size(&self, r: isize) -> Result<usize, Errno> {
+        check_size(r).map_err(|e| self._ioctx._rados.note(e))
+    }
+
     /// `rbd_stat`.
     pub fn stat(&self) -> Result<Stat, Errno> {
         let mut info = RbdImageInfo {
@@ -918,7 +1008,7 @@ impl Image {
             parent_name: [0; 96],
         };
         // SAFETY: open image, info is a correctly laid out rbd_image_info_t of the given size.
-        check(unsafe {
+        self.check(unsafe {
             (self.api.rbd_stat)(
                 self.h.as_ptr(),
                 &mut info,
@@ -936,7 +1026,7 @@ impl Image {
     fn get_u64(&self, f: unsafe extern "C" fn(ImageT, *mut u64) -> c_int) -> Result<u64, Errno> {
         let mut v = 0u64;
         // SAFETY: f is one of rbd_get_size/features/flags: open image, valid out-pointer.
-        check(unsafe { f(self.h.as_ptr(), &mut v) })?;
+        self.check(unsafe { f(self.h.as_ptr(), &mut v) })?;
         Ok(v)
     }
 
@@ -966,7 +1056,7 @@ impl Image {
                 len *= 4;
                 continue;
             }
-            check(r)?;
+            self.check(r)?;
             buf[len - 1] = 0;
             // SAFETY: NUL-terminated buffer.
             return Ok(unsafe { string_from(buf.as_ptr()) });
@@ -986,7 +1076,7 @@ impl Image {
                 cap = max + 8; // snapshots may be created meanwhile
                 continue;
             }
-            let n = check(r)? as usize;
+            let n = self.check(r)? as usize;
             if n >= cap as usize {
                 return Err(Errno(EIO)); // no room for the terminator: cannot happen
             }
@@ -1011,13 +1101,13 @@ impl Image {
     /// `rbd_snap_create`.
     pub fn snap_create(&self, name: &CStr) -> Result<(), Errno> {
         // SAFETY: open image, NUL-terminated name.
-        check(unsafe { (self.api.rbd_snap_create)(self.h.as_ptr(), name.as_ptr()) }).map(drop)
+        self.check(unsafe { (self.api.rbd_snap_create)(self.h.as_ptr(), name.as_ptr()) }).map(drop)
     }
 
     /// `rbd_snap_remove`.
     pub fn snap_remove(&self, name: &CStr) -> Result<(), Errno> {
         // SAFETY: open image, NUL-terminated name.
-        check(unsafe { (self.api.rbd_snap_remove)(self.h.as_ptr(), name.as_ptr()) }).map(drop)
+        self.check(unsafe { (self.api.rbd_snap_remove)(self.h.as_ptr(), name.as_ptr()) }).map(drop)
     }
 
     /// `rbd_diff_iterate2`. `cb(offset, len, exists)` returns whether to go
@@ -1065,7 +1155,7 @@ impl Image {
         if st.stopped {
             return Ok(());
         }
-        check(r).map(drop)
+        self.check(r).map(drop)
     }
 
     /// One `rbd_read2` call of at most 1 GiB: the number of bytes read
@@ -1073,7 +1163,7 @@ impl Image {
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
         let len = buf.len().min(MAX_IO);
         // SAFETY: open image; buf is writable for len bytes.
-        check_size(unsafe {
+        self.check_size(unsafe {
             (self.api.rbd_read2)(self.h.as_ptr(), offset, len, buf.as_mut_ptr().cast(), 0)
         })
     }
@@ -1083,7 +1173,7 @@ impl Image {
         let len = buf.len().min(MAX_IO);
         // SAFETY: open image; buf is readable for len bytes and librbd copies
         // it before returning (synchronous call).
-        check_size(unsafe {
+        self.check_size(unsafe {
             (self.api.rbd_write2)(self.h.as_ptr(), offset, len, buf.as_ptr().cast(), 0)
         })
     }
@@ -1095,13 +1185,13 @@ impl Image {
             return Err(Errno(EINVAL));
         }
         // SAFETY: open image.
-        check(unsafe { (self.api.rbd_discard)(self.h.as_ptr(), offset, len) }).map(drop)
+        self.check(unsafe { (self.api.rbd_discard)(self.h.as_ptr(), offset, len) }).map(drop)
     }
 
     /// `rbd_resize`.
     pub fn resize(&self, size: u64) -> Result<(), Errno> {
         // SAFETY: open image.
-        check(unsafe { (self.api.rbd_resize)(self.h.as_ptr(), size) }).map(drop)
+        self.check(unsafe { (self.api.rbd_resize)(self.h.as_ptr(), size) }).map(drop)
     }
 
     /// `rbd_lock_get_owners`: the clients holding the image's exclusive
@@ -1124,7 +1214,7 @@ impl Image {
                 cap = n + 2;
                 continue;
             }
-            check(r)?;
+            self.check(r)?;
             let n = n.min(cap);
             // SAFETY: librbd filled the first n entries with NUL-terminated strings.
             let names = owners[..n].iter().map(|&p| unsafe { string_from(p) }).collect();
@@ -1139,13 +1229,13 @@ impl Image {
     /// cannot write to the image afterwards even if it is still alive.
     pub fn lock_break(&self, owner: &CStr) -> Result<(), Errno> {
         // SAFETY: open image, NUL-terminated owner.
-        check(unsafe { (self.api.rbd_lock_break)(self.h.as_ptr(), RBD_LOCK_MODE_EXCLUSIVE, owner.as_ptr()) })
+        self.check(unsafe { (self.api.rbd_lock_break)(self.h.as_ptr(), RBD_LOCK_MODE_EXCLUSIVE, owner.as_ptr()) })
             .map(drop)
     }
 
     /// `rbd_flush`.
     pub fn flush(&self) -> Result<(), Errno> {
         // SAFETY: open image.
-        check(unsafe { (self.api.rbd_flush)(self.h.as_ptr()) }).map(drop)
+        self.check(unsafe { (self.api.rbd_flush)(self.h.as_ptr()) }).map(drop)
     }
 }

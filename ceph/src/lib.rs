@@ -467,6 +467,14 @@ impl IoCtx {
         self.raw.instance_id()
     }
 
+    /// Whether an operation through this connection timed out (the cluster
+    /// stopped answering). Handles of such a connection close on a
+    /// background thread when dropped, so dropping them does not wait for
+    /// the cluster again.
+    pub fn has_timed_out(&self) -> bool {
+        self.raw.has_timed_out()
+    }
+
     /// The addresses of this connection, e.g. `[v2:127.0.0.1:0/3262212345]`:
     /// [`Image::lock_owners`] names an owner by one of them (`127.0.0.1:0/3262212345`).
     pub fn client_addrs(&self) -> Result<String> {
@@ -814,6 +822,17 @@ impl Image {
         self.raw
             .resize(size)
             .map_err(|e| RbdError::errno(Op::Resize, format!("{} to {size}", self.spec), e))
+    }
+
+    /// Whether an operation through this image's connection timed out
+    /// (see [`IoCtx::has_timed_out`]).
+    pub fn has_timed_out(&self) -> bool {
+        self.ioctx.has_timed_out()
+    }
+
+    /// The pool (and namespace) this image was opened through.
+    pub fn ioctx(&self) -> &IoCtx {
+        &self.ioctx
     }
 
     /// The clients holding the image's exclusive lock, by address
