@@ -874,14 +874,11 @@ impl Drop for Image {
                 h: self.h,
                 _ioctx: Arc::clone(&self._ioctx),
             };
-            let spawned = std::thread::Builder::new()
+            // When no thread can be started, the closure is dropped unused
+            // and `Closing::drop` closes the handle here instead.
+            let _ = std::thread::Builder::new()
                 .name("rbd-close".into())
-                .spawn(move || closing.close());
-            if spawned.is_ok() {
-                return;
-            }
-            // no thread: close here (the closure, and with it the handle,
-            // was dropped unused by the failed spawn; see `Closing::drop`)
+                .spawn(move || drop(closing));
             return;
         }
         // SAFETY: h came from rbd_open*, is closed exactly once, no borrow of
@@ -903,13 +900,6 @@ struct Closing {
 // SAFETY: the handle is no longer used by anyone but this value (its Image
 // was dropped), and librbd handles may be closed from any thread.
 unsafe impl Send for Closing {}
-
-impl Closing {
-    fn close(self) {
-        // dropping self closes the handle
-        drop(self);
-    }
-}
 
 impl Drop for Closing {
     fn drop(&mut self) {
