@@ -16,7 +16,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use blockvault_catalog::{now_rfc3339, BackupState};
 use blockvault_store::{format::MANIFEST_VERSION, BackupId, BlockMap, ChunkId, Manifest, Store};
-use tracing::{info, info_span, warn};
+use tracing::{debug, info, info_span, warn};
 
 use crate::config::{self, ImageConfig};
 use crate::context::Ctx;
@@ -56,7 +56,7 @@ pub fn recover_stale(ctx: &mut Ctx, image_id: i64) -> Result<Vec<BackupId>> {
                     continue;
                 }
                 Err(e) => {
-                    warn!(backup = b.id.0, error = %e, "interrupted backup has an unreadable manifest: removing it from the store");
+                    warn!(backup = b.id.0, error = %crate::logging::Chain(&e), "interrupted backup has an unreadable manifest: removing it from the store");
                     ctx.store.remove_backup(b.id)?;
                 }
             }
@@ -86,18 +86,22 @@ pub fn load_parent(ctx: &Ctx, image_id: i64) -> Result<Option<Parent>> {
     // Each round either returns or marks one more backup invalid, which
     // `latest_valid_backup` then skips: the loop ends.
     loop {
-        let Some(row) = ctx.catalog.latest_valid_backup(image_id)? else { return Ok(None) };
+        let Some(row) = ctx.catalog.latest_valid_backup(image_id)? else {
+            debug!(image_id, "no valid committed backup: no parent, every block is read");
+            return Ok(None);
+        };
         let loaded = ctx.store.read_manifest(row.id).and_then(|m| ctx.store.read_blockmap(&m).map(|map| (m, map)));
         let (manifest, map) = match loaded {
             Ok(l) => l,
             Err(e) => {
-                warn!(backup = row.id.0, error = %e, "parent backup does not read back from the store; not using it as a base");
+                warn!(backup = row.id.0, error = %crate::logging::Chain(&e), "parent backup does not read back from the store; not using it as a base");
                 return Ok(None);
             }
         };
         let missing = missing_chunks(&ctx.store, &map, ctx.cfg.workers())
             .with_context(|| format!("checking the chunks of parent backup {} of image '{}'", row.id, row.image))?;
         if missing.is_empty() {
+            debug!(parent = row.id.0, blocks = map.len(), verify_state = row.verify_state.as_str(), "parent chosen: the newest valid committed backup");
             return Ok(Some(Parent { manifest, map }));
         }
         warn!(
@@ -177,11 +181,11 @@ pub fn backup_image(ctx: &mut Ctx, img: &ImageConfig, progress: &dyn Progress, c
     if row.block_size != configured {
         warn!(configured, kept = row.block_size, "block size of an image is fixed at its first backup; keeping the existing one");
     }
-    let job = Job { image: img.name.clone(), image_id: row.id, block_size: row.block_size };
+    let job = Job { image: img.name.clone(), image_id: row.id, block_size: row.block_size, image_lock: image_lock_name(&img.name) };
 
     // recover what a crashed run left: catalog rows, then the source's side
     recover_stale(ctx, job.image_id)?;
-    source.recover(&ctx.catalog, &job)?;
+    source.recover(&ctx.store, &ctx.catalog, &job)?;
 
     let parent = load_parent(ctx, job.image_id)?;
 
@@ -218,7 +222,7 @@ pub fn backup_image(ctx: &mut Ctx, img: &ImageConfig, progress: &dyn Progress, c
         Err(e) => {
             ctx.store.discard_pending();
             if let Err(e2) = ctx.catalog.fail_backup(id, &format!("{e:#}")) {
-                warn!(backup = id.0, error = %e2, "could not mark backup failed in the catalog");
+                warn!(backup = id.0, error = %crate::logging::Chain(&e2), "could not mark backup failed in the catalog");
             }
             if let Err(e2) = source.finish(&ctx.catalog, &job, Outcome::Failed) {
                 warn!(backup = id.0, error = %format!("{e2:#}"), "could not clean up the source after the failed backup; the next run retries");
@@ -312,7 +316,10 @@ fn freeze_to_commit(
 /// Logs why a backup reads everything, as the operator needs to know.
 fn log_full_read(image: &str, reason: &FullReason) {
     match reason {
-        FullReason::NoChangeTracking => {}
+        FullReason::NoChangeTracking => debug!(
+            image,
+            "full read: a file source has no diff, so every allocated extent is read and deduplication finds what is unchanged"
+        ),
         FullReason::FirstBackup => info!(image, "first backup of this image: reading every allocated extent"),
         FullReason::ParentHasNoSnapshot { parent } => {
             warn!(image, parent = parent.0, "parent backup has no RBD snapshot: falling back to a full read")

@@ -119,6 +119,14 @@ pub fn run(
             BlockAction::Read => {}
         }
     }
+    tracing::debug!(
+        blocks = actions.len(),
+        read = to_read.len(),
+        zero = stats.zero_blocks,
+        inherit = stats.inherited_blocks,
+        parent_chunks = known.len(),
+        "plan: blocks per action"
+    );
     if to_read.is_empty() {
         return Ok(stats);
     }
@@ -151,6 +159,8 @@ pub fn run(
                 let written = store
                     .put_chunk(&enc)
                     .with_context(|| format!("writing chunk {} (block {block}) to store {}", enc.id, store.root().display()))?;
+                // per chunk, so trace only (the macro checks the level first)
+                tracing::trace!(block, chunk = %enc.id, bytes = enc.bytes.len(), written, "chunk write");
                 let outcome = if written {
                     Outcome::New { id: enc.id, stored: enc.bytes.len() as u64, plain: enc.plain_len as u64 }
                 } else {

@@ -38,6 +38,8 @@ pub struct Job {
     pub image_id: i64,
     /// Its block size, fixed at its first backup.
     pub block_size: u32,
+    /// The name of its lock in the store (held for the whole backup).
+    pub image_lock: String,
 }
 
 /// How a backup ended, for [`Source::finish`].
@@ -58,7 +60,7 @@ pub trait Source {
     ///
     /// # Errors
     /// Source or catalog errors.
-    fn recover(&mut self, _catalog: &Catalog, _job: &Job) -> Result<()> {
+    fn recover(&mut self, _store: &Store, _catalog: &Catalog, _job: &Job) -> Result<()> {
         Ok(())
     }
 

@@ -68,10 +68,11 @@ struct Pending {
 /// leave in `tmp/` and makes new chunks visible to concurrent backups soon.
 const FLUSH_PENDING_BYTES: u64 = 1 << 30;
 
-/// A held lock; released on drop.
+/// A held lock; released on drop. On a read-only store a reader's lock
+/// holds nothing (see [`Store::lock_shared_for_reading`]).
 #[derive(Debug)]
 pub struct StoreLock {
-    _file: File,
+    _file: Option<File>,
 }
 
 fn fsync_dir(path: &Path) -> Result<()> {
@@ -79,20 +80,50 @@ fn fsync_dir(path: &Path) -> Result<()> {
     d.sync_all().map_err(|e| Error::io("fsync directory", path, e))
 }
 
-/// Writes `bytes` to `path` atomically and durably: a temp file beside it,
-/// fsync, rename, fsync of the directory.
+/// Mode of every directory the store creates: private whatever the umask
+/// (a store holds every byte of every image it backs up).
+pub(crate) const DIR_MODE: u32 = 0o700;
+/// Mode of every file the store creates.
+pub(crate) const FILE_MODE: u32 = 0o600;
+
+/// Creates a directory with [`DIR_MODE`]; an existing one is left alone.
+fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match fs::DirBuilder::new().mode(DIR_MODE).create(path) {
+        Err(e) if e.kind() == ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
+        r => r,
+    }
+}
+
+/// Creates a new file exclusively (`O_EXCL`: never through a symlink or
+/// into an existing file) with [`FILE_MODE`].
+fn create_new_private(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new().write(true).create_new(true).mode(FILE_MODE).open(path)
+}
+
+/// Writes `bytes` to `path` atomically and durably: a temp file beside it
+/// (created exclusively under a random name), fsync, rename, fsync of the
+/// directory.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().expect("path has a parent");
     let tmp = dir.join(format!(
-        ".{}.tmp.{}",
+        ".{}.tmp.{}.{:016x}",
         path.file_name().unwrap().to_string_lossy(),
-        std::process::id()
+        std::process::id(),
+        rand::random::<u64>()
     ));
-    let mut f = File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
-    f.write_all(bytes).map_err(|e| Error::io("write", &tmp, e))?;
-    f.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
-    drop(f);
-    fs::rename(&tmp, path).map_err(|e| Error::io("rename", path, e))?;
+    let res = (|| {
+        let mut f = create_new_private(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
+        f.write_all(bytes).map_err(|e| Error::io("write", &tmp, e))?;
+        f.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
+        drop(f);
+        fs::rename(&tmp, path).map_err(|e| Error::io("rename", path, e))
+    })();
+    if res.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    res?;
     fsync_dir(dir)
 }
 
@@ -119,10 +150,18 @@ impl Store {
         if path.join(STORE_MARKER).exists() {
             return Err(Error::AlreadyExists { path: path.to_path_buf() });
         }
-        fs::create_dir_all(path).map_err(|e| Error::io("create directory", path, e))?;
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent).map_err(|e| Error::io("create directory", parent, e))?;
+        }
+        create_private_dir(path).map_err(|e| Error::io("create directory", path, e))?;
+        // an existing empty directory becomes private too
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(path, fs::Permissions::from_mode(DIR_MODE)).map_err(|e| Error::io("chmod", path, e))?;
+        }
         for sub in ["chunks", "backups", "tmp", "locks"] {
             let p = path.join(sub);
-            fs::create_dir_all(&p).map_err(|e| Error::io("create directory", &p, e))?;
+            create_private_dir(&p).map_err(|e| Error::io("create directory", &p, e))?;
         }
         let uuid = format!("{:032x}", rand::random::<u128>());
         let meta = StoreMeta {
@@ -179,14 +218,17 @@ impl Store {
 
     fn lock_file(&self, name: &str, op: FlockOperation) -> Result<Option<StoreLock>> {
         let path = self.root.join("locks").join(name);
+        use std::os::unix::fs::OpenOptionsExt;
         let f = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(FILE_MODE)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
             .open(&path)
             .map_err(|e| Error::io("open lock", &path, e))?;
         match rustix::fs::flock(f.as_fd(), op) {
-            Ok(()) => Ok(Some(StoreLock { _file: f })),
+            Ok(()) => Ok(Some(StoreLock { _file: Some(f) })),
             Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
             Err(e) => Err(Error::io("lock", &path, e.into())),
         }
@@ -199,6 +241,27 @@ impl Store {
     /// `Io` when the lock file cannot be opened.
     pub fn lock_shared(&self) -> Result<StoreLock> {
         Ok(self.lock_file("store.lock", FlockOperation::LockShared)?.expect("blocking lock"))
+    }
+
+    /// The store lock, shared, for an operation that only reads the store
+    /// (list, restore, verify): on a store mounted read-only (a snapshot of
+    /// a backup disk, a disaster-recovery copy) no lock can be taken and
+    /// none is needed, since nothing can change it, so it takes none and
+    /// says so, like restic's `--no-lock`.
+    ///
+    /// # Errors
+    /// `Io` when the lock file cannot be opened on a writable store.
+    pub fn lock_shared_for_reading(&self) -> Result<StoreLock> {
+        if self.is_read_only() {
+            tracing::warn!(store = %self.root.display(), "store is read-only: not locking");
+            return Ok(StoreLock { _file: None });
+        }
+        self.lock_shared()
+    }
+
+    /// True when the store's filesystem is mounted read-only.
+    pub fn is_read_only(&self) -> bool {
+        rustix::fs::statvfs(&self.root).is_ok_and(|s| s.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
     }
 
     /// The store lock, exclusive (blocking).
@@ -321,16 +384,12 @@ impl Store {
         }
         let dir = dest.parent().unwrap();
         if !dir.exists() {
-            match fs::create_dir(dir) {
-                // made durable by the syncfs of the next flush
-                Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(Error::io("create directory", dir, e)),
-            }
+            // made durable by the syncfs of the next flush
+            create_private_dir(dir).map_err(|e| Error::io("create directory", dir, e))?;
         }
         let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
         let tmp = self.root.join("tmp").join(format!("{}-{}-{}", std::process::id(), seq, chunk.id));
-        let mut f = File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
+        let mut f = create_new_private(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
         f.write_all(&chunk.bytes).map_err(|e| Error::io("write", &tmp, e))?;
         // Starts writeback now (DONTNEED on dirty pages writes them out
         // without waiting), so the flush's syncfs finds little left to do.
@@ -383,6 +442,7 @@ impl Store {
             }
         }
         rustix::fs::syncfs(&root).map_err(|e| Error::io("syncfs", &self.root, e.into()))?;
+        tracing::debug!(chunks = files.len(), "flush: new chunks durable and moved into chunks/");
         Ok(())
     }
 
@@ -580,6 +640,7 @@ impl Store {
         if m.id != id {
             return Err(Error::CorruptFile { path: p, reason: format!("manifest names backup {}", m.id) });
         }
+        m.check().map_err(|reason| Error::CorruptFile { path: p, reason })?;
         Ok(m)
     }
 
