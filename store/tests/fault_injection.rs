@@ -23,6 +23,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use blockvault_store::backend::dir::DirBackend;
@@ -48,7 +49,9 @@ fn block(seed: u64, compressible: bool) -> Vec<u8> {
         let b: u8 = rng.gen();
         (0..BS).map(|i| b.wrapping_add((i / 512) as u8)).collect()
     } else {
-        (0..BS).map(|_| rng.gen()).collect()
+        let mut b = vec![0u8; BS];
+        rng.fill(&mut b[..]);
+        b
     }
 }
 
@@ -176,6 +179,10 @@ fn protect(s: &Store) -> Result<()> {
 /// Image a of backup 1: zero blocks, a block repeated, compressible and
 /// random blocks.
 fn image1() -> Vec<u8> {
+    static IMG: OnceLock<Vec<u8>> = OnceLock::new();
+    IMG.get_or_init(make_image1).clone()
+}
+fn make_image1() -> Vec<u8> {
     image(|i| match i {
         3 | 9 | 17 => None,
         4 | 21 => Some(block(100, false)), // the same as block 0: deduplicated
@@ -201,11 +208,19 @@ fn changes2() -> Vec<(usize, Option<Vec<u8>>)> {
     vec![(2, Some(block(202, false))), (3, Some(block(203, true))), (6, None), (13, Some(block(213, false))), (20, Some(block(100, false)))]
 }
 fn image2() -> Vec<u8> {
+    static IMG: OnceLock<Vec<u8>> = OnceLock::new();
+    IMG.get_or_init(make_image2).clone()
+}
+fn make_image2() -> Vec<u8> {
     changed(&image1(), &changes2())
 }
 
 /// Backup 3, image b: its own blocks, one shared with image a.
 fn image3() -> Vec<u8> {
+    static IMG: OnceLock<Vec<u8>> = OnceLock::new();
+    IMG.get_or_init(make_image3).clone()
+}
+fn make_image3() -> Vec<u8> {
     image(|i| match i {
         0 | 12 => None,
         5 => Some(block(102, true)), // block 2 of backup 1
@@ -228,6 +243,10 @@ fn changes4() -> Vec<(usize, Option<Vec<u8>>)> {
     ]
 }
 fn image4() -> Vec<u8> {
+    static IMG: OnceLock<Vec<u8>> = OnceLock::new();
+    IMG.get_or_init(make_image4).clone()
+}
+fn make_image4() -> Vec<u8> {
     changed(&image2(), &changes4())
 }
 
