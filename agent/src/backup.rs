@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use blockvault_catalog::{now_rfc3339, BackupState};
-use blockvault_store::{format::MANIFEST_VERSION, BackupId, BlockMap, Manifest};
+use blockvault_store::{format::MANIFEST_VERSION, BackupId, BlockMap, ChunkId, Manifest, Store};
 use tracing::{info, info_span, warn};
 
 use crate::config::{ImageConfig, Source};
@@ -73,18 +73,76 @@ pub fn recover_stale(ctx: &mut Ctx, image_id: i64) -> Result<Vec<BackupId>> {
 /// Loads the newest valid committed backup of an image as a parent; one whose
 /// manifest or block map does not read back is not used (with a warning).
 ///
+/// The parent's inherited entries are copied into the new backup unread and
+/// its chunk ids are trusted as present (see [`pipeline::run`]), so a parent
+/// that references a chunk missing from the store would spread the loss into
+/// every later backup. Every distinct chunk id of its block map is therefore
+/// checked for existence first (one `stat` each, under the shared store lock
+/// the caller holds, so none can vanish afterwards); a parent with missing
+/// chunks is marked invalid in the catalog, loudly, and the next valid
+/// backup is tried instead (none left: a full read).
+///
 /// # Errors
-/// Catalog errors.
+/// Catalog errors, or a store error other than "not found" while checking.
 pub fn load_parent(ctx: &Ctx, image_id: i64) -> Result<Option<Parent>> {
-    let Some(row) = ctx.catalog.latest_valid_backup(image_id)? else { return Ok(None) };
-    let loaded = ctx.store.read_manifest(row.id).and_then(|m| ctx.store.read_blockmap(&m).map(|map| (m, map)));
-    match loaded {
-        Ok((manifest, map)) => Ok(Some(Parent { manifest, map })),
-        Err(e) => {
-            warn!(backup = row.id.0, error = %e, "parent backup does not read back from the store; not using it as a base");
-            Ok(None)
+    // Each round either returns or marks one more backup invalid, which
+    // `latest_valid_backup` then skips: the loop ends.
+    loop {
+        let Some(row) = ctx.catalog.latest_valid_backup(image_id)? else { return Ok(None) };
+        let loaded = ctx.store.read_manifest(row.id).and_then(|m| ctx.store.read_blockmap(&m).map(|map| (m, map)));
+        let (manifest, map) = match loaded {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(backup = row.id.0, error = %e, "parent backup does not read back from the store; not using it as a base");
+                return Ok(None);
+            }
+        };
+        let missing = missing_chunks(&ctx.store, &map, ctx.cfg.workers())
+            .with_context(|| format!("checking the chunks of parent backup {} of image '{}'", row.id, row.image))?;
+        if missing.is_empty() {
+            return Ok(Some(Parent { manifest, map }));
         }
+        warn!(
+            backup = row.id.0,
+            image = %row.image,
+            missing_chunks = missing.len(),
+            first_missing = %missing[0],
+            "parent backup references chunks missing from the store: marking it invalid and not using it as a base \
+             (this backup rewrites the chunks whose data it reads; run `blockvault verify --deep`)"
+        );
+        ctx.catalog.set_verify_state(row.id, "invalid")?;
     }
+}
+
+/// Distinct chunk ids of `map` that the store does not hold, checked by
+/// `threads` threads (a `stat` each: cheap, but a large map of small
+/// blocks has many).
+fn missing_chunks(store: &Store, map: &BlockMap, threads: usize) -> blockvault_store::Result<Vec<ChunkId>> {
+    let ids: Vec<ChunkId> = map.chunk_ids().copied().collect::<HashSet<_>>().into_iter().collect();
+    let per = ids.len().div_ceil(threads.max(1)).max(1);
+    let mut missing = std::thread::scope(|s| {
+        let handles: Vec<_> = ids
+            .chunks(per)
+            .map(|part| {
+                s.spawn(move || -> blockvault_store::Result<Vec<ChunkId>> {
+                    let mut out = Vec::new();
+                    for id in part {
+                        if !store.has_chunk(id)? {
+                            out.push(*id);
+                        }
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for h in handles {
+            all.extend(h.join().expect("chunk existence check panicked")?);
+        }
+        Ok::<_, blockvault_store::Error>(all)
+    })?;
+    missing.sort();
+    Ok(missing)
 }
 
 /// Backs up one configured image. Returns the committed manifest.
@@ -144,6 +202,7 @@ pub fn run_backup<'s>(
     let result = (|| -> Result<Manifest> {
         let mut p = prepare(ctx, id)?;
         info!(backup = id.0, parent = ?parent.map(|p| p.manifest.id.0), source = %p.source.describe(), size = p.source.size(), "backup started");
+        // every id of a parent from `load_parent` was found in the store
         let known: HashSet<_> = parent.map(|p| p.map.chunk_ids().copied().collect()).unwrap_or_default();
         let opts = PipelineOptions {
             workers: ctx.cfg.workers(),

@@ -61,8 +61,13 @@ impl Progress for () {
 /// Runs the plan against `source`, filling `map` (which must already hold the
 /// inherited entries) and writing new chunks to `store`.
 ///
-/// `known` holds chunk ids known to be in the store (the parent's, after its
-/// block map checksum was verified); others are looked up in the store.
+/// `known` holds chunk ids known to be in the store: the parent's, after its
+/// block map checksum was verified and every one of them was found in the
+/// store under the store lock the caller still holds
+/// ([`crate::backup::load_parent`]). Others are looked up in the store. A
+/// block read whose id is in `known` is not looked up again, so an id whose
+/// chunk is missing must never be in `known`: the block, data in hand, would
+/// be committed referencing a chunk nobody wrote.
 ///
 /// # Errors
 /// The first read, store or cancellation error, naming the block.

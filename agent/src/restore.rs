@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
-use blockvault_store::{chunk, BlockMap, Manifest, Store};
+use blockvault_store::{chunk, BackupId, BlockMap, Manifest, Store};
 
 use crate::pipeline::Progress;
 
@@ -150,6 +150,35 @@ pub fn restore_map(
     }
 }
 
+/// Checks that the manifest read from the store is the backup the catalog
+/// (or the user) asked for: same backup id, same image. A catalog row that
+/// points at another image's backup (a damaged or hand-edited catalog, a
+/// store swapped under it) would otherwise restore that image's data onto
+/// this image's target without a word.
+///
+/// # Errors
+/// When the id or the image differs, naming both sides.
+pub fn check_manifest(manifest: &Manifest, image: &str, id: BackupId) -> Result<()> {
+    if manifest.id != id {
+        bail!(
+            "the catalog's backup {id} of image '{image}' has a manifest in the store for backup {} of image '{}': \
+             refusing to restore (the catalog does not match the store; `blockvault catalog rebuild` recreates it from the store)",
+            manifest.id,
+            manifest.image
+        );
+    }
+    if manifest.image != image {
+        bail!(
+            "backup {id} is listed in the catalog as image '{image}' but its manifest in the store is of image '{}' \
+             (source {}): refusing to restore another image's data (the catalog does not match the store; \
+             `blockvault catalog rebuild` recreates it from the store)",
+            manifest.image,
+            manifest.source
+        );
+    }
+    Ok(())
+}
+
 /// Restores a backup to a path: a regular file (new, or replaced with
 /// `force`) or an existing block device (only with `force`).
 ///
@@ -211,4 +240,36 @@ pub fn restore_to_path(
         let _ = std::fs::remove_file(&tmp);
     }
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(id: u64, image: &str) -> Manifest {
+        Manifest {
+            format: blockvault_store::format::MANIFEST_VERSION,
+            id: BackupId(id),
+            image: image.into(),
+            source: format!("file:/srv/{image}.img"),
+            created: String::new(),
+            finished: String::new(),
+            parent: None,
+            image_size: 0,
+            block_size: 65536,
+            blockmap_blake3: String::new(),
+            snapshot: None,
+            stats: Default::default(),
+            rbd: None,
+        }
+    }
+
+    #[test]
+    fn restore_refuses_a_manifest_of_another_image_or_backup() {
+        assert!(check_manifest(&manifest(7, "alpha"), "alpha", BackupId(7)).is_ok());
+        let e = format!("{:#}", check_manifest(&manifest(7, "beta"), "alpha", BackupId(7)).unwrap_err());
+        assert!(e.contains("'alpha'") && e.contains("'beta'") && e.contains("backup 7"), "{e}");
+        let e = format!("{:#}", check_manifest(&manifest(8, "alpha"), "alpha", BackupId(7)).unwrap_err());
+        assert!(e.contains("backup 7") && e.contains("backup 8"), "{e}");
+    }
 }

@@ -2,11 +2,14 @@
 //! `rbd`, on a real Ceph cluster).
 
 mod common;
+mod compat;
 mod crash;
 mod daemon;
 mod errors;
 mod gc_verify;
+mod lost_chunk;
 mod prune;
 mod rbd;
+mod restore_image;
 mod roundtrip;
 mod run;

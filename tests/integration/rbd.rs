@@ -234,10 +234,16 @@ fn partly_changed_blocks_are_patched_from_the_parent() {
     assert!(read >= changed && read < 4 * changed, "read {read} bytes for {changed} changed: {l}");
     let out = restore_equals_snapshot(&env, "p", &img, &l);
 
-    // lose the chunk of block 12 (patched above) from the store, change it again
+    // corrupt the chunk of block 12 (patched above) in the store, change it
+    // again. (A chunk *missing* from the store makes its backup no base at
+    // all: `lost_chunk_of_an_unchanged_rbd_block_is_not_inherited`.)
     let data = fs::read(&out).unwrap();
     let id = blockvault_store::ChunkId::of(&data[(48 * MIB) as usize..(52 * MIB) as usize]).to_hex();
-    fs::remove_file(env.store().join("chunks").join(&id[..4]).join(&id)).unwrap();
+    let chunk = env.store().join("chunks").join(&id[..4]).join(&id);
+    let mut bytes = fs::read(&chunk).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x5a; // payload: its checksum no longer matches
+    fs::write(&chunk, bytes).unwrap();
     rbd_io(&img, json!([["write", 49 * MIB, 8192, 200]]));
     let o = env.run(&["backup", "p"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -247,6 +253,41 @@ fn partly_changed_blocks_are_patched_from_the_parent() {
     assert_eq!(num(&l, "patched_blocks"), 0, "{l}");
     assert_eq!(num(&l, "read_bytes"), 4 * MIB, "block 12 is read whole: {l}");
     restore_equals_snapshot(&env, "p", &img, &l);
+    rbd_cli(&["snap", "purge", &format!("{POOL}/{img}")]);
+    rbd_cli(&["rm", "--no-progress", &format!("{POOL}/{img}")]);
+}
+
+/// Issue 9, item 1: a chunk lost from the store must not spread. Backup 1's
+/// chunk of a block that never changes again is removed; an incremental on
+/// top of backup 1 would inherit the reference unread, and every later
+/// backup with it, until a restore fails. The backup checks the parent's
+/// chunks first: it warns, marks backup 1 invalid, reads in full (no other
+/// valid parent), writes the chunk again, and restores like its snapshot.
+#[test]
+fn lost_chunk_of_an_unchanged_rbd_block_is_not_inherited() {
+    let img = unique("lost");
+    rbd_io(&img, json!([["create", 32 * MIB, 0, FEATURES, 0, 0], ["write", 0, 32 * MIB, 9]]));
+    let env = rbd_env(&[("l", &img)], "");
+    env.ok(&["backup", "l"]);
+    let store = blockvault_store::Store::open(&env.store()).unwrap();
+    let m = store.read_manifest(blockvault_store::BackupId(1)).unwrap();
+    let lost = store.read_blockmap(&m).unwrap().get(5).expect("block 5 holds data");
+    fs::remove_file(store.chunk_path(&lost)).unwrap();
+    rbd_io(&img, json!([["write", 4096, 8192, 300]])); // block 0 changes, block 5 does not
+
+    let o = env.run(&["backup", "l"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("chunks missing from the store") && err.contains("backup=1"), "not logged: {err}");
+    let l = latest(&env, "l");
+    assert_eq!(l["full_read"], true, "an invalid parent was used as the base: {l}");
+    assert_eq!(l["parent"], Value::Null, "{l}");
+    assert!(store.has_chunk(&lost).unwrap(), "the lost chunk of block 5 was not written again");
+    restore_equals_snapshot(&env, "l", &img, &l);
+    // (backup 1 stays invalid: for an RBD backup only `verify --deep
+    // --source` lifts the mark, and its snapshot is demoted by now)
+    let v = env.run(&["verify", "l@2", "--deep"]);
+    assert!(v.status.success(), "{}{}", String::from_utf8_lossy(&v.stdout), String::from_utf8_lossy(&v.stderr));
     rbd_cli(&["snap", "purge", &format!("{POOL}/{img}")]);
     rbd_cli(&["rm", "--no-progress", &format!("{POOL}/{img}")]);
 }

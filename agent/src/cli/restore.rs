@@ -44,6 +44,7 @@ pub fn run(g: &GlobalArgs, a: RestoreArgs) -> Result<ExitCode> {
     // the backup being restored until it is done
     let _lock = ctx.store.lock_shared()?;
     let manifest = ctx.store.read_manifest(row.id)?;
+    crate::restore::check_manifest(&manifest, &row.image, row.id)?;
     let threads = ctx.cfg.workers() * 2;
     let bar = Bar::new(manifest.image_size, &image, !g.no_progress);
     let res = if a.to.starts_with("rbd:") {
