@@ -8,6 +8,7 @@
 # cluster. Exits non-zero on any failure.
 #
 #   BV_SKIP_PACKAGING=1   skip packaging/check.sh (the .deb build and install)
+#   BV_FUZZ_SECONDS=N     fuzz each target N s (default 45; 0 skips fuzz/run.sh)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
@@ -40,6 +41,12 @@ log "cluster up: CEPH_CONF=$CEPH_CONF"
 
 log "cargo test"
 cargo test --workspace --locked -- --test-threads="${BV_TEST_THREADS:-2}"
+
+# ---- fuzz targets (fuzz/, its own workspace), a bounded time each
+if [ "${BV_FUZZ_SECONDS:-45}" != 0 ]; then
+  log "fuzzing, ${BV_FUZZ_SECONDS:-45} s per target"
+  fuzz/run.sh "${BV_FUZZ_SECONDS:-45}"
+fi
 
 if [ "${BV_SKIP_PACKAGING:-0}" != 1 ] && [ -x packaging/check.sh ]; then
   log "packaging checks"

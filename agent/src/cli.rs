@@ -12,6 +12,7 @@ mod daemon;
 mod snapshots;
 mod gc;
 mod verify;
+mod forget;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -87,6 +88,8 @@ pub enum Command {
     Protect(protect::ProtectArgs),
     /// Lift the protection of a backup (IMAGE@ID).
     Unprotect(protect::ProtectArgs),
+    /// Remove one backup (IMAGE@ID) or every backup of an image (IMAGE --all).
+    Forget(forget::ForgetArgs),
 }
 
 pub fn load_config(g: &GlobalArgs) -> Result<Config> {
@@ -109,6 +112,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Snapshots(a) => snapshots::run(g, a),
         Command::Gc(a) => gc::run(g, a),
         Command::Verify(a) => verify::run(g, a),
+        Command::Forget(a) => forget::run(g, a),
     }
 }
 

@@ -33,9 +33,10 @@ impl Ctx {
                     backups = ids.len(),
                     "catalog is empty but the store holds backups: rebuilding the catalog from the store"
                 );
-                drop(catalog);
-                crate::rebuild::rebuild(&store, &cat_path)?;
-                catalog = Catalog::open(&cat_path)?;
+                let r = crate::rebuild::rebuild(&store, &mut catalog)?;
+                for (id, why) in &r.unreadable {
+                    warn!(backup = id.0, "backup {} in the store could not be imported: {why}", id.0);
+                }
             }
         }
         catalog.bind_store(&store.meta().uuid)?;

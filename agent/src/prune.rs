@@ -3,11 +3,14 @@
 //! The plan comes from the pure planner in [`crate::retention`]; this module
 //! feeds it the committed backups from the catalog and removes what it says.
 //!
-//! Removing a backup deletes its catalog row first, then its manifest, block
-//! map and protection marker from the store. In that order a crash in
-//! between leaves a backup that the store still holds but the catalog no
-//! longer lists (a catalog rebuild would bring it back, and the next prune
-//! would remove it again), never a listed backup that cannot be restored.
+//! Removing a backup deletes its catalog row, then its manifest, block map
+//! and markers from the store, inside one catalog write transaction
+//! ([`remove_backup`]). A crash in between leaves the row (the transaction
+//! rolls back) and a backup whose manifest is gone: `list` and `verify`
+//! report it, `forget` removes the row. A prune killed after its commit but
+//! before the fsync of the store removal may leave the backup in the store
+//! only: the next `list` or `prune` imports it again (reconcile, see
+//! `crate::rebuild`) and the prune removes it.
 //! Chunks are left to `gc`. Every block map is complete, so removing any
 //! backup never breaks another one.
 //!
@@ -133,12 +136,7 @@ pub fn apply(ctx: &Ctx, plan: &ImagePrune) -> Result<usize> {
     let mut first_err = None;
     for item in plan.to_remove() {
         let id = blockvault_store::BackupId(item.backup.id);
-        let res = ctx
-            .catalog
-            .delete_backup(id)
-            .map_err(anyhow::Error::from)
-            .and_then(|()| ctx.store.remove_backup(id).map_err(anyhow::Error::from))
-            .with_context(|| format!("removing backup {id} of image '{}'", plan.image));
+        let res = remove_backup(ctx, id).with_context(|| format!("removing backup {id} of image '{}'", plan.image));
         match res {
             Ok(()) => {
                 info!(backup = id.0, image = %plan.image, "backup pruned");
@@ -154,6 +152,22 @@ pub fn apply(ctx: &Ctx, plan: &ImagePrune) -> Result<usize> {
         Some(e) => Err(e),
         None => Ok(removed),
     }
+}
+
+/// Removes one backup: its catalog row, then its manifest, block map and
+/// markers, all inside one catalog write transaction. A catalog rebuild or
+/// reconcile (which take the same lock) thus sees the backup either whole
+/// or gone, never as a store-only backup to bring back; when the store
+/// removal fails the row stays (the transaction rolls back).
+///
+/// # Errors
+/// Catalog or store errors.
+pub fn remove_backup(ctx: &Ctx, id: blockvault_store::BackupId) -> Result<()> {
+    ctx.catalog.with_write_lock(|c| -> Result<()> {
+        c.delete_backup(id)?;
+        ctx.store.remove_backup(id)?;
+        Ok(())
+    })
 }
 
 /// Plans and applies the configured policy to one image (after a backup).

@@ -13,7 +13,8 @@
 //! Every finding is collected; nothing stops at the first. A bad chunk is
 //! reported with every backup in the store that references it, not just the
 //! ones asked about. Each backup with a finding of its own, or referencing a
-//! bad chunk, is marked `invalid` in the catalog, so it is never the base of
+//! bad chunk, is marked `invalid` in the store (`backups/<id>.verify`, so a
+//! rebuilt catalog keeps it) and then in the catalog, so it is never the base of
 //! an incremental; every other backup checked is marked `ok`, except that a
 //! backup already `invalid` stays so unless the run repeats every check that
 //! could have found its fault: `--deep`, plus `--source` for a backup read
@@ -42,8 +43,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
-use blockvault_catalog::{BackupRow, BackupState};
-use blockvault_store::{chunk, BackupId, BlockMap, ChunkId, Manifest, Store};
+use blockvault_catalog::{BackupRow, BackupState, VerifyState};
+use blockvault_store::{chunk, BackupId, BlockMap, ChunkId, Manifest, Store, VerifyMark, VerifyResult};
 use serde::Serialize;
 use tracing::{info, warn};
 
@@ -449,7 +450,8 @@ pub fn verify(ctx: &Ctx, rows: &[BackupRow], opts: &VerifyOptions) -> Result<Ver
     }
     let invalid: BTreeSet<u64> = report.findings.iter().flat_map(Finding::backups).collect();
     for &id in &invalid {
-        ctx.catalog.set_verify_state(BackupId(id), "invalid")?;
+        let reason = report.findings.iter().find(|f| f.backups().contains(&id)).map(|f| f.to_string());
+        mark(ctx, BackupId(id), VerifyState::Invalid, reason)?;
     }
     for r in rows {
         // An earlier `invalid` is lifted only by a run that repeats every
@@ -460,7 +462,7 @@ pub fn verify(ctx: &Ctx, rows: &[BackupRow], opts: &VerifyOptions) -> Result<Ver
             "gone"
         } else if invalid.contains(&r.id.0) {
             "invalid"
-        } else if r.verify_state == "invalid" && !recheck {
+        } else if r.verify_state == VerifyState::Invalid && !recheck {
             report.skipped.push(format!(
                 "backup {}: stays invalid from an earlier verify; only --deep{} clears that",
                 r.id,
@@ -468,7 +470,7 @@ pub fn verify(ctx: &Ctx, rows: &[BackupRow], opts: &VerifyOptions) -> Result<Ver
             ));
             "invalid"
         } else {
-            ctx.catalog.set_verify_state(r.id, "ok")?;
+            mark(ctx, r.id, VerifyState::Ok, None)?;
             "ok"
         };
         report.backups.push(Checked { id: r.id.0, image: r.image.clone(), state });
@@ -478,6 +480,23 @@ pub fn verify(ctx: &Ctx, rows: &[BackupRow], opts: &VerifyOptions) -> Result<Ver
         warn!(finding = %f, "verify");
     }
     Ok(report)
+}
+
+/// Records a verify result: in the store first (`backups/<id>.verify`, so
+/// a rebuilt catalog keeps it; rewritten only when it changes), then in the
+/// catalog.
+fn mark(ctx: &Ctx, id: BackupId, state: VerifyState, reason: Option<String>) -> Result<()> {
+    let result = match state {
+        VerifyState::Invalid => VerifyResult::Invalid,
+        _ => VerifyResult::Ok,
+    };
+    let current = ctx.store.verify_mark(id).ok().flatten().map(|m| m.state);
+    if current != Some(result) {
+        let m = VerifyMark { state: result, at: blockvault_catalog::now_rfc3339(), reason };
+        ctx.store.set_verify_mark(id, &m).with_context(|| format!("recording the verify result of backup {id} in the store"))?;
+    }
+    ctx.catalog.set_verify_state(id, state)?;
+    Ok(())
 }
 
 /// Compares a backup with the RBD snapshot it was read from. `Err` means

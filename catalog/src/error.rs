@@ -7,7 +7,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    #[error("catalog {path}: {source}")]
+    #[error("catalog {path}: {source}{}", rebuild_hint(source))]
     Sqlite {
         path: PathBuf,
         #[source]
@@ -28,4 +28,26 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Whether a SQLite error means the catalog file itself is damaged.
+fn is_corrupt(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if matches!(f.code, rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase))
+}
+
+fn rebuild_hint(e: &rusqlite::Error) -> &'static str {
+    if is_corrupt(e) {
+        " (the catalog is damaged: `blockvault catalog rebuild` recreates it from the store)"
+    } else {
+        ""
+    }
+}
+
+impl Error {
+    /// True when the catalog file is damaged (not a database, or corrupt):
+    /// only a rebuild from the store helps.
+    pub fn is_corrupt(&self) -> bool {
+        matches!(self, Error::Sqlite { source, .. } if is_corrupt(source))
+    }
 }

@@ -40,13 +40,54 @@ impl BackupState {
             BackupState::Failed => "failed",
         }
     }
-    fn parse(s: &str) -> Self {
+    fn parse(s: &str) -> Option<Self> {
         match s {
-            "running" => BackupState::Running,
-            "committed" => BackupState::Committed,
-            _ => BackupState::Failed,
+            "running" => Some(BackupState::Running),
+            "committed" => Some(BackupState::Committed),
+            "failed" => Some(BackupState::Failed),
+            _ => None,
         }
     }
+}
+
+/// What the last verify said about a backup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VerifyState {
+    Unverified,
+    Ok,
+    Invalid,
+}
+
+impl VerifyState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VerifyState::Unverified => "unverified",
+            VerifyState::Ok => "ok",
+            VerifyState::Invalid => "invalid",
+        }
+    }
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "unverified" => Some(VerifyState::Unverified),
+            "ok" => Some(VerifyState::Ok),
+            "invalid" => Some(VerifyState::Invalid),
+            _ => None,
+        }
+    }
+}
+
+/// A text column that must hold one of an enum's values: anything else is
+/// an error (a damaged or foreign catalog), never silently another state.
+fn enum_col<T>(r: &Row<'_>, idx: usize, what: &str, parse: fn(&str) -> Option<T>) -> rusqlite::Result<T> {
+    let v: String = r.get(idx)?;
+    parse(&v).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            idx,
+            rusqlite::types::Type::Text,
+            format!("unknown {what} '{v}' (run `blockvault catalog rebuild` to recreate the catalog from the store)")
+                .into(),
+        )
+    })
 }
 
 /// One image row.
@@ -73,7 +114,7 @@ pub struct BackupRow {
     pub block_size: u32,
     pub snapshot: Option<String>,
     pub error: Option<String>,
-    pub verify_state: String,
+    pub verify_state: VerifyState,
     pub protected: bool,
     pub pid: Option<u32>,
     pub stats: Option<BackupStats>,
@@ -153,14 +194,14 @@ fn backup_from_row(r: &Row<'_>) -> rusqlite::Result<BackupRow> {
         image_id: r.get(1)?,
         image: r.get(2)?,
         parent: r.get::<_, Option<i64>>(3)?.map(|p| BackupId(p as u64)),
-        state: BackupState::parse(&r.get::<_, String>(4)?),
+        state: enum_col(r, 4, "backup state", BackupState::parse)?,
         created: r.get(5)?,
         finished: r.get(6)?,
         image_size: r.get::<_, i64>(7)? as u64,
         block_size: r.get::<_, i64>(8)? as u32,
         snapshot: r.get(9)?,
         error: r.get(10)?,
-        verify_state: r.get(11)?,
+        verify_state: enum_col(r, 11, "verify state", VerifyState::parse)?,
         protected: r.get::<_, i64>(12)? != 0,
         pid: r.get::<_, Option<i64>>(13)?.map(|p| p as u32),
         stats,
@@ -188,6 +229,23 @@ fn snapshot_from_row(r: &Row<'_>) -> rusqlite::Result<SnapshotRow> {
     })
 }
 
+/// Puts the catalog in the rollback-journal mode TRUNCATE (see
+/// [`Catalog::open`]).
+fn switch_journal_mode(conn: &Connection, path: &Path) -> Result<()> {
+    match conn.pragma_update_and_check(None, "journal_mode", "TRUNCATE", |r| r.get::<_, String>(0)) {
+        Ok(mode) if mode.eq_ignore_ascii_case("truncate") => Ok(()),
+        Ok(mode) => {
+            tracing::warn!(catalog = %path.display(), mode = %mode, "catalog stays in journal mode {mode} while another process has it open");
+            Ok(())
+        }
+        Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::DatabaseBusy => {
+            tracing::warn!(catalog = %path.display(), "catalog stays in WAL mode while another process has it open");
+            Ok(())
+        }
+        Err(source) => Err(Error::Sqlite { path: path.to_path_buf(), source }),
+    }
+}
+
 /// Current UTC time as stored in the catalog and manifests.
 pub fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
@@ -210,7 +268,16 @@ impl Catalog {
         }
         let conn = Connection::open(path).map_err(sq)?;
         conn.busy_timeout(Duration::from_secs(30)).map_err(sq)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(sq)?;
+        // Not WAL: its index (-shm) is mmap'd, and on a full filesystem a
+        // write to a page of it that has no block yet kills the process
+        // with SIGBUS instead of returning an error. A rollback journal
+        // (TRUNCATE: the file is kept, emptied after each transaction)
+        // fails with SQLITE_FULL instead; several processes still share
+        // the catalog, writers waiting on the busy timeout. An existing WAL
+        // catalog is switched here; while another process that opened it
+        // in WAL mode still has it open the switch waits (busy timeout)
+        // and, failing that, this process stays in WAL mode for now.
+        switch_journal_mode(&conn, path)?;
         // FULL: a committed backup row survives power loss, not just a crash.
         conn.pragma_update(None, "synchronous", "FULL").map_err(sq)?;
         conn.pragma_update(None, "foreign_keys", "ON").map_err(sq)?;
@@ -221,6 +288,102 @@ impl Catalog {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Runs `f` in a savepoint: all of it or nothing, inside or outside a
+    /// [`Catalog::with_write_lock`] transaction.
+    fn in_savepoint<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
+        self.conn.execute_batch("SAVEPOINT bv_step").map_err(|e| self.err(e))?;
+        match f(&self.conn) {
+            Ok(v) => {
+                self.conn.execute_batch("RELEASE bv_step").map_err(|e| self.err(e))?;
+                Ok(v)
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK TO bv_step; RELEASE bv_step");
+                Err(self.err(e))
+            }
+        }
+    }
+
+    /// Runs `f` inside one IMMEDIATE transaction: the catalog's write lock
+    /// is taken first, so every other writer waits (busy timeout) until it
+    /// commits, and what `f` reads stays true while it runs. Commits when
+    /// `f` succeeds, rolls back when it fails. The catalog's own
+    /// multi-statement methods nest inside it (savepoints).
+    ///
+    /// # Errors
+    /// `f`'s error, or `Sqlite` from BEGIN or COMMIT.
+    pub fn with_write_lock<T, E: From<Error>>(&self, f: impl FnOnce(&Catalog) -> Result<T, E>) -> Result<T, E> {
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| self.err(e))?;
+        match f(self) {
+            Ok(v) => match self.conn.execute_batch("COMMIT") {
+                Ok(()) => Ok(v),
+                Err(e) => {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                    Err(self.err(e).into())
+                }
+            },
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
+    /// Binds the catalog to `store_uuid` whatever it was bound to before
+    /// (catalog rebuild). When it was bound to another store, every image,
+    /// backup and snapshot row is dropped: they describe that store.
+    ///
+    /// # Errors
+    /// `Sqlite`.
+    pub fn rebind_store(&self, store_uuid: &str) -> Result<()> {
+        let cur: Option<String> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'store_uuid'", [], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))?;
+        if cur.as_deref() == Some(store_uuid) {
+            return Ok(());
+        }
+        if cur.is_some() {
+            self.conn
+                .execute_batch("DELETE FROM backup_stats; DELETE FROM backups; DELETE FROM snapshots; DELETE FROM images;")
+                .map_err(|e| self.err(e))?;
+        }
+        self.conn
+            .execute(
+                "INSERT INTO meta (key, value) VALUES ('store_uuid', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [store_uuid],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Deletes every backup row that is not `running` (catalog rebuild:
+    /// the committed ones are imported again from the store; running ones
+    /// belong to backups in progress, which commit them).
+    ///
+    /// # Errors
+    /// `Sqlite`.
+    pub fn delete_finished_backups(&self) -> Result<u64> {
+        let n = self
+            .conn
+            .execute("DELETE FROM backups WHERE state != 'running'", [])
+            .map_err(|e| self.err(e))?;
+        Ok(n as u64)
+    }
+
+    /// Every backup row's id and state, ascending.
+    ///
+    /// # Errors
+    /// `Sqlite`.
+    pub fn backup_states(&self) -> Result<Vec<(BackupId, BackupState)>> {
+        let mut st = self.conn.prepare("SELECT id, state FROM backups ORDER BY id").map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| Ok((BackupId(r.get::<_, i64>(0)? as u64), enum_col(r, 1, "backup state", BackupState::parse)?)))
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(|e| self.err(e))
     }
 
     fn migrate(&mut self) -> Result<()> {
@@ -359,25 +522,23 @@ impl Catalog {
     ///
     /// # Errors
     /// `Sqlite`.
-    pub fn commit_backup(&mut self, m: &Manifest) -> Result<()> {
-        let path = self.path.clone();
-        let sq = |source| Error::Sqlite { path: path.clone(), source };
-        let tx = self.conn.transaction().map_err(sq)?;
-        tx.execute(
-            "UPDATE backups SET state = 'committed', finished = ?2, image_size = ?3, block_size = ?4,
-             snapshot_name = ?5, parent_id = ?6, error = NULL WHERE id = ?1",
-            params![
-                m.id.0 as i64,
-                m.finished,
-                m.image_size as i64,
-                m.block_size as i64,
-                m.snapshot,
-                m.parent.map(|p| p.0 as i64)
-            ],
-        )
-        .map_err(sq)?;
-        insert_stats(&tx, m.id, &m.stats).map_err(sq)?;
-        tx.commit().map_err(sq)
+    pub fn commit_backup(&self, m: &Manifest) -> Result<()> {
+        self.in_savepoint(|tx| {
+            tx.execute(
+                "UPDATE backups SET state = 'committed', finished = ?2, image_size = ?3, block_size = ?4,
+                 snapshot_name = ?5, parent_id = ?6, error = NULL WHERE id = ?1",
+                params![
+                    m.id.0 as i64,
+                    m.finished,
+                    m.image_size as i64,
+                    m.block_size as i64,
+                    m.snapshot,
+                    m.parent.map(|p| p.0 as i64)
+                ],
+            )?;
+            insert_stats(tx, m.id, &m.stats)?;
+            Ok(())
+        })
     }
 
     /// Marks a backup failed, recording why.
@@ -409,9 +570,9 @@ impl Catalog {
     ///
     /// # Errors
     /// `Sqlite`.
-    pub fn set_verify_state(&self, id: BackupId, state: &str) -> Result<()> {
+    pub fn set_verify_state(&self, id: BackupId, state: VerifyState) -> Result<()> {
         self.conn
-            .execute("UPDATE backups SET verify_state = ?2 WHERE id = ?1", params![id.0 as i64, state])
+            .execute("UPDATE backups SET verify_state = ?2 WHERE id = ?1", params![id.0 as i64, state.as_str()])
             .map_err(|e| self.err(e))?;
         Ok(())
     }
@@ -503,28 +664,26 @@ impl Catalog {
     ///
     /// # Errors
     /// `Sqlite`.
-    pub fn import_manifest(&mut self, m: &Manifest) -> Result<()> {
+    pub fn import_manifest(&self, m: &Manifest) -> Result<()> {
         let img = self.ensure_image(&m.image, &m.source, m.block_size)?;
-        let path = self.path.clone();
-        let sq = |source| Error::Sqlite { path: path.clone(), source };
-        let tx = self.conn.transaction().map_err(sq)?;
-        tx.execute(
-            "INSERT INTO backups (id, image_id, parent_id, state, created, finished, image_size, block_size, snapshot_name)
-             VALUES (?1, ?2, ?3, 'committed', ?4, ?5, ?6, ?7, ?8)",
-            params![
-                m.id.0 as i64,
-                img.id,
-                m.parent.map(|p| p.0 as i64),
-                m.created,
-                m.finished,
-                m.image_size as i64,
-                m.block_size as i64,
-                m.snapshot
-            ],
-        )
-        .map_err(sq)?;
-        insert_stats(&tx, m.id, &m.stats).map_err(sq)?;
-        tx.commit().map_err(sq)
+        self.in_savepoint(|tx| {
+            tx.execute(
+                "INSERT INTO backups (id, image_id, parent_id, state, created, finished, image_size, block_size, snapshot_name)
+                 VALUES (?1, ?2, ?3, 'committed', ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    m.id.0 as i64,
+                    img.id,
+                    m.parent.map(|p| p.0 as i64),
+                    m.created,
+                    m.finished,
+                    m.image_size as i64,
+                    m.block_size as i64,
+                    m.snapshot
+                ],
+            )?;
+            insert_stats(tx, m.id, &m.stats)?;
+            Ok(())
+        })
     }
 
     /// Number of backup rows, any state.
@@ -646,7 +805,7 @@ impl Catalog {
     }
 }
 
-fn insert_stats(tx: &rusqlite::Transaction<'_>, id: BackupId, s: &BackupStats) -> rusqlite::Result<usize> {
+fn insert_stats(tx: &rusqlite::Connection, id: BackupId, s: &BackupStats) -> rusqlite::Result<usize> {
     tx.execute(
         "INSERT OR REPLACE INTO backup_stats (backup_id, read_bytes, read_blocks, zero_blocks, inherited_blocks,
          dedup_blocks, new_chunks, new_bytes, new_plain_bytes, full_read, duration_ms, patched_blocks)
@@ -694,7 +853,7 @@ mod tests {
     fn lifecycle_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.sqlite");
-        let mut c = Catalog::open(&p).unwrap();
+        let c = Catalog::open(&p).unwrap();
         c.bind_store("u1").unwrap();
         let img = c.ensure_image("vm", "file:/vm", 65536).unwrap();
         let id = c.begin_backup(img.id, None, 65536, "2026-11-21T10:00:00Z", 0).unwrap();
@@ -725,7 +884,7 @@ mod tests {
     #[test]
     fn import_and_snapshots() {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = Catalog::open(&dir.path().join("c.sqlite")).unwrap();
+        let c = Catalog::open(&dir.path().join("c.sqlite")).unwrap();
         c.import_manifest(&manifest(7, "a", None)).unwrap();
         c.import_manifest(&manifest(9, "a", Some(7))).unwrap();
         let l = c.committed_backups(Some("a")).unwrap();
@@ -742,7 +901,7 @@ mod tests {
     #[test]
     fn agent_state_and_counts() {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = Catalog::open(&dir.path().join("c.sqlite")).unwrap();
+        let c = Catalog::open(&dir.path().join("c.sqlite")).unwrap();
         c.bind_store("u").unwrap();
         assert_eq!(c.agent_state("x").unwrap(), None);
         c.set_agent_state("x", "1").unwrap();
@@ -787,6 +946,42 @@ mod tests {
         let distinct: std::collections::BTreeSet<u64> = ids.iter().copied().collect();
         assert_eq!((ids.len(), distinct.len()), (200, 200));
         assert_eq!(*distinct.last().unwrap(), 200);
+    }
+
+    /// A state this build does not know (a damaged catalog, or one a newer
+    /// build wrote) is an error naming it, never read as `failed`.
+    #[test]
+    fn unknown_backup_state_is_an_error_not_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(&dir.path().join("c.sqlite")).unwrap();
+        let img = c.ensure_image("vm", "file:/vm", 65536).unwrap();
+        let id = c.begin_backup(img.id, None, 65536, "t", 0).unwrap();
+        c.commit_backup(&manifest(id.0, "vm", None)).unwrap();
+        c.set_verify_state(id, VerifyState::Invalid).unwrap();
+        assert_eq!(c.backup(id).unwrap().unwrap().verify_state, VerifyState::Invalid);
+        c.conn.execute_batch("PRAGMA ignore_check_constraints = ON; UPDATE backups SET state = 'archived'").unwrap();
+        let e = c.backup(id).unwrap_err().to_string();
+        assert!(e.contains("unknown backup state 'archived'") && e.contains("catalog rebuild"), "{e}");
+        assert!(c.backup_states().is_err());
+        c.conn.execute_batch("UPDATE backups SET state = 'committed', verify_state = 'maybe'").unwrap();
+        let e = c.committed_backups(None).unwrap_err().to_string();
+        assert!(e.contains("unknown verify state 'maybe'"), "{e}");
+    }
+
+    /// A failed closure under the write lock rolls everything back,
+    /// savepoints of the catalog's own methods included.
+    #[test]
+    fn write_lock_is_all_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(&dir.path().join("c.sqlite")).unwrap();
+        let r: Result<()> = c.with_write_lock(|c| {
+            c.import_manifest(&manifest(5, "vm", None))?;
+            Err(Error::NoSuchImage { name: "x".into() })
+        });
+        assert!(r.is_err());
+        assert!(c.backup(BackupId(5)).unwrap().is_none());
+        c.with_write_lock(|c| c.import_manifest(&manifest(5, "vm", None))).unwrap();
+        assert!(c.backup(BackupId(5)).unwrap().is_some());
     }
 
     impl Catalog {

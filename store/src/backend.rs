@@ -117,7 +117,9 @@ pub trait Backend: Send + Sync {
     /// backup): nothing references them.
     fn discard_pending(&self);
 
-    /// Reads a visible chunk's stored bytes into `out`.
+    /// Reads a visible chunk's stored bytes into `out`, at most
+    /// [`crate::format::MAX_CHUNK_OBJECT_LEN`] + 1 of them (the chunk
+    /// decoder refuses anything longer).
     ///
     /// # Errors
     /// `ChunkMissing` when it is not visible, `Io` otherwise.
@@ -156,11 +158,14 @@ pub trait Backend: Send + Sync {
 
     // ---- metadata objects --------------------------------------------
 
-    /// The bytes of an object, `None` when it does not exist.
+    /// The bytes of an object, at most `limit + 1` of them (enough for a
+    /// decoder to see that it is longer than `limit`, never more, so a
+    /// crafted object cannot make a reader allocate its length); `None`
+    /// when it does not exist.
     ///
     /// # Errors
     /// `Io`.
-    fn get_object(&self, key: &str) -> Result<Option<Vec<u8>>>;
+    fn get_object(&self, key: &str, limit: u64) -> Result<Option<Vec<u8>>>;
 
     /// True when the object exists.
     ///
@@ -270,8 +275,8 @@ impl<B: Backend + ?Sized> Backend for $ptr<B> {
     fn quarantine_chunk(&self, id: &ChunkId) -> Result<Option<PathBuf>> {
         (**self).quarantine_chunk(id)
     }
-    fn get_object(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        (**self).get_object(key)
+    fn get_object(&self, key: &str, limit: u64) -> Result<Option<Vec<u8>>> {
+        (**self).get_object(key, limit)
     }
     fn object_exists(&self, key: &str) -> Result<bool> {
         (**self).object_exists(key)

@@ -1,7 +1,7 @@
 //! Block maps: one chunk id (or "zero") per fixed-size block of an image.
 
 use crate::error::{Error, Result};
-use crate::format::{check_block_size, BLOCKMAP_HEADER_LEN, BLOCKMAP_MAGIC, BLOCKMAP_VERSION};
+use crate::format::{check_block_size, BLOCKMAP_HEADER_LEN, BLOCKMAP_MAGIC, BLOCKMAP_VERSION, MAX_IMAGE_SIZE};
 use crate::ChunkId;
 
 /// The block map of one backup, held in memory (32 bytes per block: 512 KiB
@@ -16,6 +16,22 @@ pub struct BlockMap {
 /// Number of blocks of an image.
 pub fn block_count(image_size: u64, block_size: u32) -> u64 {
     image_size.div_ceil(block_size as u64)
+}
+
+/// Length of the encoded block map of an image of this geometry, after
+/// checking the geometry against the format's limits (block size allowed,
+/// image size at most `format::MAX_IMAGE_SIZE`). A reader checks a block
+/// map's length against it before reading the file.
+///
+/// # Errors
+/// The reason, when the geometry is outside the format's limits.
+pub fn encoded_len(image_size: u64, block_size: u32) -> std::result::Result<u64, String> {
+    check_block_size(block_size).map_err(|e| e.to_string())?;
+    if image_size > MAX_IMAGE_SIZE {
+        return Err(format!("image size {image_size} is larger than the format allows ({MAX_IMAGE_SIZE})"));
+    }
+    // at most 2^44 blocks of 32 bytes: no overflow
+    Ok(BLOCKMAP_HEADER_LEN as u64 + block_count(image_size, block_size) * 32 + 32)
 }
 
 impl BlockMap {
@@ -108,16 +124,21 @@ impl BlockMap {
             return Err(corrupt(format!("unsupported block map version {version}")));
         }
         let block_size = u32::from_le_bytes(body[12..16].try_into().unwrap());
-        check_block_size(block_size).map_err(|e| corrupt(e.to_string()))?;
         let image_size = u64::from_le_bytes(body[16..24].try_into().unwrap());
+        let want = encoded_len(image_size, block_size).map_err(corrupt)?;
         let count = u64::from_le_bytes(body[24..32].try_into().unwrap());
         if count != block_count(image_size, block_size) {
             return Err(corrupt(format!("block count {count} does not match image size {image_size}")));
         }
-        let ents = &body[BLOCKMAP_HEADER_LEN..];
-        if ents.len() as u64 != count * 32 {
-            return Err(corrupt(format!("{} entry bytes for {count} blocks", ents.len())));
+        // the entries are counted against the bytes present before any is
+        // decoded, so what is allocated is bounded by the file's length
+        if bytes.len() as u64 != want {
+            return Err(corrupt(format!(
+                "{} entry bytes for {count} blocks",
+                body.len() - BLOCKMAP_HEADER_LEN
+            )));
         }
+        let ents = &body[BLOCKMAP_HEADER_LEN..];
         let entries = ents
             .chunks_exact(32)
             .map(|e| {
@@ -162,6 +183,33 @@ mod tests {
             assert!(BlockMap::decode(Path::new("t"), &b).is_err(), "flip at {i} not caught");
         }
         assert!(BlockMap::decode(Path::new("t"), &enc[..enc.len() - 1]).is_err());
+    }
+
+    /// A header with a valid checksum whose geometry claims more blocks than
+    /// the file holds, or an image larger than the format allows, is refused
+    /// before any entry is decoded.
+    #[test]
+    fn crafted_block_count_is_rejected_before_allocating() {
+        let craft = |image_size: u64, count: u64, entries: usize| {
+            let mut b = BLOCKMAP_MAGIC.to_vec();
+            b.extend_from_slice(&BLOCKMAP_VERSION.to_le_bytes());
+            b.extend_from_slice(&65536u32.to_le_bytes());
+            b.extend_from_slice(&image_size.to_le_bytes());
+            b.extend_from_slice(&count.to_le_bytes());
+            b.resize(b.len() + entries * 32, 7);
+            let sum = blake3::hash(&b);
+            b.extend_from_slice(sum.as_bytes());
+            b
+        };
+        let huge = 1u64 << 59;
+        let msg = BlockMap::decode(Path::new("t"), &craft(huge, huge / 65536, 2)).unwrap_err().to_string();
+        assert!(msg.contains("64 entry bytes for 8796093022208 blocks"), "{msg}");
+        let over = MAX_IMAGE_SIZE + 1;
+        let msg = BlockMap::decode(Path::new("t"), &craft(over, block_count(over, 65536), 1)).unwrap_err().to_string();
+        assert!(msg.contains("larger than the format allows"), "{msg}");
+        assert!(BlockMap::decode(Path::new("t"), &craft(3 * 65536, 3, 3)).is_ok());
+        assert!(encoded_len(1 << 20, 0).is_err());
+        assert_eq!(encoded_len(1 << 20, 65536), Ok(32 + 16 * 32 + 32));
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Chunk encoding: hash, compress, frame with a checked header.
 
 use crate::error::{Error, Result};
-use crate::format::{ChunkHeader, CHUNK_HEADER_LEN, CODEC_RAW, CODEC_ZSTD};
+use crate::format::{
+    zstd_compress_bound, ChunkHeader, CHUNK_HEADER_LEN, CODEC_RAW, CODEC_ZSTD, MAX_CHUNK_OBJECT_LEN, MAX_CHUNK_PLAIN_LEN,
+};
 use crate::ChunkId;
 
 /// A block ready to be stored: its id and its framed bytes (header + payload).
@@ -34,6 +36,12 @@ pub fn is_zero(data: &[u8]) -> bool {
 ///
 /// `id` is passed in when the caller already hashed the block.
 pub fn encode(plain: &[u8], id: ChunkId, level: i32, compressor: Option<&mut zstd::bulk::Compressor<'_>>) -> Result<EncodedChunk> {
+    if plain.len() > MAX_CHUNK_PLAIN_LEN as usize {
+        return Err(Error::CorruptChunk {
+            id,
+            reason: format!("{} bytes is more than a chunk can hold ({MAX_CHUNK_PLAIN_LEN})", plain.len()),
+        });
+    }
     let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + plain.len() + 64);
     out.resize(CHUNK_HEADER_LEN, 0);
     let mut codec = CODEC_RAW;
@@ -95,7 +103,15 @@ fn looks_compressible(plain: &[u8]) -> bool {
 /// # Errors
 /// `CorruptChunk` when the header or the payload checksum is wrong.
 pub fn check_frame(id: &ChunkId, bytes: &[u8]) -> Result<ChunkHeader> {
+    let corrupt = |reason: String| Error::CorruptChunk { id: *id, reason };
+    if bytes.len() as u64 > MAX_CHUNK_OBJECT_LEN {
+        return Err(corrupt(format!(
+            "the object is at least {} bytes, larger than any chunk ({MAX_CHUNK_OBJECT_LEN} bytes at most)",
+            bytes.len()
+        )));
+    }
     let h = ChunkHeader::decode(id, bytes)?;
+    check_lengths(&h).map_err(corrupt)?;
     let payload = &bytes[CHUNK_HEADER_LEN..];
     if payload.len() != h.payload_len as usize {
         return Err(Error::CorruptChunk {
@@ -107,6 +123,32 @@ pub fn check_frame(id: &ChunkId, bytes: &[u8]) -> Result<ChunkHeader> {
         return Err(Error::CorruptChunk { id: *id, reason: "payload checksum mismatch".into() });
     }
     Ok(h)
+}
+
+/// Checks a header's lengths against the format's limits, so that nothing
+/// is allocated from an untrusted length: the plaintext is at most one
+/// block of the largest block size, a raw payload is exactly the plaintext,
+/// a zstd payload at most zstd's worst case for the plaintext.
+fn check_lengths(h: &ChunkHeader) -> std::result::Result<(), String> {
+    if h.plain_len > MAX_CHUNK_PLAIN_LEN {
+        return Err(format!(
+            "header says {} plaintext bytes, more than the largest block ({MAX_CHUNK_PLAIN_LEN} bytes)",
+            h.plain_len
+        ));
+    }
+    match h.codec {
+        CODEC_RAW if h.payload_len != h.plain_len => Err(format!(
+            "header says a raw payload of {} bytes for {} plaintext bytes",
+            h.payload_len, h.plain_len
+        )),
+        CODEC_ZSTD if h.payload_len > zstd_compress_bound(h.plain_len) => Err(format!(
+            "header says a zstd payload of {} bytes, more than zstd's bound for {} plaintext bytes ({})",
+            h.payload_len,
+            h.plain_len,
+            zstd_compress_bound(h.plain_len)
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Decodes a stored chunk into `out` (cleared first) and verifies that the
@@ -189,6 +231,64 @@ mod tests {
                 assert!(decode_into(&id, &b, &mut out).is_err(), "flip at {byte}:{bit} not caught");
             }
         }
+    }
+
+    /// Frames `payload` under a header with valid checksums that claims
+    /// `plain_len` plaintext bytes.
+    fn crafted(codec: u8, plain_len: u32, payload: &[u8]) -> Vec<u8> {
+        let h = ChunkHeader { codec, plain_len, payload_len: payload.len() as u32, payload_crc: crc32fast::hash(payload) };
+        let mut b = h.encode().to_vec();
+        b.extend_from_slice(payload);
+        b
+    }
+
+    /// Issue 9 item 7: a header with valid checksums and `plain_len =
+    /// 0xFFFFFFFF` made a reader size its output for 4 GiB before the
+    /// decompression failed. Every untrusted length is now checked first:
+    /// the output buffer never grows past what the real payload needs.
+    #[test]
+    fn crafted_chunk_length_is_rejected_before_allocating() {
+        let data = b"a block that compresses well well well well well".repeat(100);
+        let id = ChunkId::of(&data);
+        let zstd_payload = zstd::bulk::compress(&data, 3).unwrap();
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (crafted(CODEC_ZSTD, u32::MAX, &zstd_payload), "4294967295 plaintext bytes"),
+            (crafted(CODEC_ZSTD, MAX_CHUNK_PLAIN_LEN + 1, &zstd_payload), "more than the largest block"),
+            (crafted(CODEC_RAW, u32::MAX, &data), "4294967295 plaintext bytes"),
+            (crafted(CODEC_RAW, data.len() as u32 + 1, &data), "raw payload"),
+            (crafted(CODEC_ZSTD, 10, &data[..200]), "more than zstd's bound"),
+        ];
+        for (bytes, why) in cases {
+            // a fresh buffer per case: its capacity shows what was allocated
+            let mut out = Vec::new();
+            let err = decode_into(&id, &bytes, &mut out).unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.contains(&id.to_hex()) && msg.contains(why), "{msg}");
+            assert!(out.capacity() <= data.len(), "{} bytes allocated for a rejected chunk ({msg})", out.capacity());
+        }
+        // an object larger than any chunk is refused on its length alone
+        let huge = vec![0u8; MAX_CHUNK_OBJECT_LEN as usize + 1];
+        let msg = check_frame(&id, &huge).unwrap_err().to_string();
+        assert!(msg.contains("larger than any chunk"), "{msg}");
+        // the honest chunk still decodes
+        let mut out = Vec::new();
+        decode_into(&id, &crafted(CODEC_ZSTD, data.len() as u32, &zstd_payload), &mut out).unwrap();
+        assert_eq!(out, data);
+    }
+
+    #[test]
+    fn largest_chunks_are_within_the_limits() {
+        // incompressible and compressible blocks of the largest size, and
+        // zstd's bound itself: every chunk the writer makes, the reader takes
+        let mut data = vec![0u8; MAX_CHUNK_PLAIN_LEN as usize];
+        blake3::Hasher::new().update(b"max").finalize_xof().fill(&mut data);
+        roundtrip(&data, 3);
+        roundtrip(&data[..1 << 16], 19);
+        assert_eq!(zstd_compress_bound(1 << 20) as usize, zstd::zstd_safe::compress_bound(1 << 20));
+        assert_eq!(zstd_compress_bound(100) as usize, zstd::zstd_safe::compress_bound(100));
+        assert_eq!(zstd_compress_bound(MAX_CHUNK_PLAIN_LEN) as usize, zstd::zstd_safe::compress_bound(4 << 20));
+        let too_big = vec![1u8; MAX_CHUNK_PLAIN_LEN as usize + 1];
+        assert!(encode(&too_big, ChunkId::of(&too_big), 3, None).is_err());
     }
 
     proptest! {

@@ -76,6 +76,36 @@ pub const MAX_BLOCK_SIZE: u32 = 4 * 1024 * 1024;
 /// Default block size.
 pub const DEFAULT_BLOCK_SIZE: u32 = 4 * 1024 * 1024;
 
+// ---- limits a reader checks before it allocates ------------------------
+// Each is implied by the layouts above (no layout changes): they bound
+// every length read from the store, so a crafted header cannot make a
+// reader allocate more than one block's worth of memory.
+
+/// Largest plaintext of a chunk: one block of the largest block size.
+pub const MAX_CHUNK_PLAIN_LEN: u32 = MAX_BLOCK_SIZE;
+
+/// zstd's worst-case compressed size of `n` bytes (`ZSTD_COMPRESSBOUND`).
+pub const fn zstd_compress_bound(n: u32) -> u32 {
+    let small = if n < (128 << 10) { ((128 << 10) - n) >> 11 } else { 0 };
+    n + (n >> 8) + small
+}
+
+/// Largest payload of a chunk. A raw payload is exactly its plaintext; a
+/// zstd payload is at most zstd's bound of its plaintext (the writer only
+/// keeps one smaller than the plaintext, a reader accepts the bound).
+pub const MAX_CHUNK_PAYLOAD_LEN: u32 = zstd_compress_bound(MAX_CHUNK_PLAIN_LEN);
+
+/// Largest chunk object: header and largest payload.
+pub const MAX_CHUNK_OBJECT_LEN: u64 = CHUNK_HEADER_LEN as u64 + MAX_CHUNK_PAYLOAD_LEN as u64;
+
+/// Largest manifest file. A manifest is about 1 KiB (names are short).
+pub const MAX_MANIFEST_LEN: u64 = 1 << 20;
+
+/// Largest image size a block map may describe: 2^60 bytes (1 EiB). Its
+/// block count, not this, is what bounds memory: a block map is read only
+/// when its file length matches its block count.
+pub const MAX_IMAGE_SIZE: u64 = 1 << 60;
+
 /// Parsed chunk header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkHeader {

@@ -345,13 +345,19 @@ pub fn apply(store: &Store, mut plan: GcPlan) -> Result<GcReport> {
     Ok(r)
 }
 
-/// Removes `backups/<id>.blockmap` and `backups/<id>.protected` files whose
+/// Removes `backups/<id>.blockmap`, `.protected` and `.verify` files whose
 /// manifest is gone. Only called with the store lock exclusive: a block map
 /// without a manifest is then not a commit in progress.
 fn remove_orphans(store: &Store) -> Result<u64> {
     let mut n = 0;
     for name in store.list_backup_files()? {
-        let Some(stem) = name.strip_suffix(".blockmap").or_else(|| name.strip_suffix(".protected")) else { continue };
+        let Some(stem) = name
+            .strip_suffix(".blockmap")
+            .or_else(|| name.strip_suffix(".protected"))
+            .or_else(|| name.strip_suffix(".verify"))
+        else {
+            continue;
+        };
         let Ok(id) = stem.parse::<u64>() else { continue };
         if store.try_has_backup(BackupId(id))? {
             continue;

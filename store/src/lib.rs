@@ -32,6 +32,8 @@
 //! backups/<id:012>.blockmap    block map of backup <id>
 //! backups/<id:012>.json        manifest of backup <id>; written last
 //! backups/<id:012>.protected   empty marker: backup <id> is protected from pruning
+//! backups/<id:012>.verify      JSON {"state":"ok"|"invalid","at":...,"reason":...}: the
+//!                              last verify of backup <id> (none: unverified); see [`verify_mark`]
 //! tmp/                         temp files of chunk writes in progress
 //! locks/                       flock(2) files
 //! ```
@@ -66,8 +68,8 @@
 //!   `locks/gc.lock`: held by a GC run, so GCs run one at a time.
 //! * Under the exclusive store lock, and only then: chunks are removed
 //!   (GC) or moved aside as `.bad` (verify); `tmp/` and the `backups/.*`
-//!   temp files are emptied; block maps and protection markers without a
-//!   manifest are removed. No writer runs then, so all of those belong to
+//!   temp files are emptied; block maps, protection and verify markers
+//!   without a manifest are removed. No writer runs then, so all of those belong to
 //!   dead processes or to backups that no longer exist.
 //! * A holder of the shared lock never waits for the exclusive one
 //!   ([`Store::clean_tmp`] only tries it; verify lets go of the shared lock
@@ -97,6 +99,7 @@ pub mod gc;
 pub mod id;
 pub mod manifest;
 pub mod store;
+pub mod verify_mark;
 
 pub use backend::{Backend, LockMode};
 pub use blockmap::BlockMap;
@@ -105,3 +108,4 @@ pub use error::{Error, Result};
 pub use id::{BackupId, ChunkId};
 pub use manifest::{BackupStats, Manifest, RbdInfo};
 pub use store::{InitOptions, Store, StoreLock, StoreMeta};
+pub use verify_mark::{VerifyMark, VerifyResult};

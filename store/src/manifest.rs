@@ -1,7 +1,11 @@
 //! The manifest: the self-describing record of one backup in the store.
 
+use std::path::Path;
+
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Error, Result};
+use crate::format::{MAX_MANIFEST_LEN, MANIFEST_VERSION};
 use crate::BackupId;
 
 /// Counters of one backup run.
@@ -72,4 +76,42 @@ pub struct RbdInfo {
     pub features: u64,
     /// Object size of the source image in bytes.
     pub object_size: u64,
+}
+
+impl Manifest {
+    /// Parses and checks a manifest file's bytes; `path` names it in errors.
+    /// The length is checked before parsing (a manifest is at most
+    /// `format::MAX_MANIFEST_LEN` bytes), then the JSON, then the version.
+    ///
+    /// # Errors
+    /// `CorruptFile` when too large or not a manifest, `UnsupportedVersion`.
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<Manifest> {
+        if bytes.len() as u64 > MAX_MANIFEST_LEN {
+            return Err(Error::CorruptFile {
+                path: path.to_path_buf(),
+                reason: format!("at least {} bytes, larger than any manifest ({MAX_MANIFEST_LEN} bytes at most)", bytes.len()),
+            });
+        }
+        let m: Manifest = serde_json::from_slice(bytes)
+            .map_err(|e| Error::CorruptFile { path: path.to_path_buf(), reason: e.to_string() })?;
+        if m.format != MANIFEST_VERSION {
+            return Err(Error::UnsupportedVersion { path: path.to_path_buf(), found: m.format, supported: MANIFEST_VERSION });
+        }
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oversized_manifest_is_refused_before_parsing() {
+        // valid JSON padded past the limit: refused on its length
+        let mut big = b"{\"format\": 1".to_vec();
+        big.resize(MAX_MANIFEST_LEN as usize + 1, b' ');
+        big.push(b'}');
+        let msg = Manifest::parse(Path::new("backups/000000000001.json"), &big).unwrap_err().to_string();
+        assert!(msg.contains("000000000001.json") && msg.contains("larger than any manifest"), "{msg}");
+    }
 }

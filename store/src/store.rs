@@ -112,7 +112,7 @@ impl Store {
     /// # Errors
     /// As [`Store::open`].
     pub fn with_backend(backend: Box<dyn Backend>) -> Result<Store> {
-        let Some(bytes) = backend.get_object(META_KEY)? else {
+        let Some(bytes) = backend.get_object(META_KEY, format::MAX_MANIFEST_LEN)? else {
             return Err(Error::NotAStore { path: backend.location().to_path_buf(), marker: STORE_MARKER });
         };
         let marker = backend.object_name(META_KEY);
@@ -385,13 +385,11 @@ impl Store {
     /// `BackupMissing`, `CorruptFile` or `Io`.
     pub fn read_manifest(&self, id: BackupId) -> Result<Manifest> {
         let key = backup_key(id, "json");
-        let Some(bytes) = self.backend.get_object(&key)? else { return Err(Error::BackupMissing { id: id.0 }) };
+        let Some(bytes) = self.backend.get_object(&key, format::MAX_MANIFEST_LEN)? else {
+            return Err(Error::BackupMissing { id: id.0 });
+        };
         let p = self.backend.object_name(&key);
-        let m: Manifest = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::CorruptFile { path: p.clone(), reason: e.to_string() })?;
-        if m.format != format::MANIFEST_VERSION {
-            return Err(Error::UnsupportedVersion { path: p, found: m.format, supported: format::MANIFEST_VERSION });
-        }
+        let m = Manifest::parse(&p, &bytes)?;
         if m.id != id {
             return Err(Error::CorruptFile { path: p, reason: format!("manifest names backup {}", m.id) });
         }
@@ -404,7 +402,10 @@ impl Store {
     /// `BackupMissing`, `CorruptFile` or `Io`.
     pub fn read_blockmap(&self, manifest: &Manifest) -> Result<BlockMap> {
         let key = backup_key(manifest.id, "blockmap");
-        let Some(bytes) = self.backend.get_object(&key)? else { return Err(Error::BackupMissing { id: manifest.id.0 }) };
+        // the manifest's geometry bounds the read (checked against the map below)
+        let len = crate::blockmap::encoded_len(manifest.image_size, manifest.block_size)
+            .map_err(|reason| Error::CorruptFile { path: self.backend.object_name(&backup_key(manifest.id, "json")), reason })?;
+        let Some(bytes) = self.backend.get_object(&key, len)? else { return Err(Error::BackupMissing { id: manifest.id.0 }) };
         let p = self.backend.object_name(&key);
         if blake3::hash(&bytes).to_hex().as_str() != manifest.blockmap_blake3 {
             return Err(Error::CorruptFile { path: p, reason: "block map does not match its manifest's checksum".into() });
@@ -456,7 +457,7 @@ impl Store {
     /// # Errors
     /// `Io` on a failed removal.
     pub fn remove_backup(&self, id: BackupId) -> Result<()> {
-        for ext in ["json", "blockmap", "protected"] {
+        for ext in ["json", "blockmap", "protected", "verify"] {
             self.backend.delete_object(&backup_key(id, ext))?;
         }
         Ok(())
@@ -493,13 +494,89 @@ impl Store {
         self.backend.object_exists(&backup_key(id, "protected"))
     }
 
+    /// Records the result of a verify in `backups/<id>.verify` (atomically).
+    /// A backup whose manifest is gone (pruned meanwhile) gets no marker.
+    ///
+    /// # Errors
+    /// `Io`.
+    pub fn set_verify_mark(&self, id: BackupId, mark: &crate::VerifyMark) -> Result<()> {
+        if !self.try_has_backup(id)? {
+            return Ok(());
+        }
+        let json = serde_json::to_vec(mark).expect("verify mark serialises");
+        self.backend.put_object(&backup_key(id, "verify"), &json)
+    }
+
+    /// The result of the last verify of a backup; `None` when never verified.
+    ///
+    /// # Errors
+    /// `CorruptFile` for a marker that does not parse, `Io`.
+    pub fn verify_mark(&self, id: BackupId) -> Result<Option<crate::VerifyMark>> {
+        let key = backup_key(id, "verify");
+        let Some(bytes) = self.backend.get_object(&key, format::MAX_MANIFEST_LEN)? else { return Ok(None) };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::CorruptFile { path: self.backend.object_name(&key), reason: e.to_string() })
+    }
+
+    /// A manifest standing in for an unreadable one, so that a backup whose
+    /// manifest is corrupt but whose block map is intact can be restored by
+    /// id: the block map is checked by its own header and checksum and
+    /// against the geometry the catalog recorded (`image_size`,
+    /// `block_size`). Stats and RBD geometry are unknown (defaults).
+    ///
+    /// # Errors
+    /// `BackupMissing` without a block map, `CorruptFile` when it does not
+    /// decode or its geometry differs, `Io`.
+    pub fn manifest_from_blockmap(
+        &self,
+        id: BackupId,
+        image: &str,
+        source: &str,
+        image_size: u64,
+        block_size: u32,
+    ) -> Result<Manifest> {
+        let key = backup_key(id, "blockmap");
+        let p = self.backend.object_name(&key);
+        // the catalog's geometry bounds the read (checked against the map below)
+        let len = crate::blockmap::encoded_len(image_size, block_size)
+            .map_err(|reason| Error::CorruptFile { path: p.clone(), reason })?;
+        let Some(bytes) = self.backend.get_object(&key, len)? else { return Err(Error::BackupMissing { id: id.0 }) };
+        let map = BlockMap::decode(&p, &bytes)?;
+        if map.image_size() != image_size || map.block_size() != block_size {
+            return Err(Error::CorruptFile {
+                path: p,
+                reason: format!(
+                    "block map holds {} bytes in {}-byte blocks, the catalog {image_size} in {block_size}",
+                    map.image_size(),
+                    map.block_size()
+                ),
+            });
+        }
+        Ok(Manifest {
+            format: format::MANIFEST_VERSION,
+            id,
+            image: image.into(),
+            source: source.into(),
+            created: String::new(),
+            finished: String::new(),
+            parent: None,
+            image_size,
+            block_size,
+            blockmap_blake3: blake3::hash(&bytes).to_hex().to_string(),
+            snapshot: None,
+            stats: Default::default(),
+            rbd: None,
+        })
+    }
+
     /// Reads the whole of a small metadata object, by its path relative to
     /// the store root (`blockvault-store.json`).
     ///
     /// # Errors
     /// `Io`, also when it does not exist.
     pub fn read_meta_file(&self, rel: &str) -> Result<Vec<u8>> {
-        match self.backend.get_object(rel)? {
+        match self.backend.get_object(rel, format::MAX_MANIFEST_LEN)? {
             Some(b) => Ok(b),
             None => Err(Error::io("read", self.backend.object_name(rel), std::io::ErrorKind::NotFound.into())),
         }

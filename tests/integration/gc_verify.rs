@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use blockvault_store::format::{ChunkHeader, CHUNK_HEADER_LEN, CODEC_ZSTD};
 use blockvault_store::{BackupId, ChunkId, Store};
 use rand::{Rng, RngCore};
 use serde_json::Value;
@@ -471,3 +472,70 @@ fn verify_source_catches_a_backup_that_differs_from_its_snapshot() {
     rbd(&["snap", "purge", "--no-progress", &format!("rbd/{name}")]);
     rbd(&["rm", "--no-progress", &format!("rbd/{name}")]);
 }
+
+/// Runs blockvault with its address space limited to 3 GiB (`ulimit -v`),
+/// so any 4 GiB allocation fails (and aborts the process) instead of
+/// succeeding on a machine with enough memory.
+fn run_limited(env: &Env, args: &[&str]) -> std::process::Output {
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -v 3145728 && exec \"$0\" \"$@\"")
+        .arg(bin())
+        .arg("--config")
+        .arg(&env.config)
+        .arg("--no-progress")
+        .args(args)
+        .env_remove("BLOCKVAULT_LOG")
+        .output()
+        .unwrap()
+}
+
+/// Issue 9 item 7: a chunk whose header has valid checksums but claims
+/// `plain_len = 0xFFFFFFFF` made restore and `verify --deep` allocate 4 GiB
+/// per worker before failing. Under a 3 GiB address-space limit both now
+/// fail with an error that names the chunk and the bad length (the old
+/// code aborted: "memory allocation of 4294967295 bytes failed").
+#[test]
+fn crafted_chunk_length_is_rejected_before_allocating() {
+    let env = Env::new(&[], "");
+    let a = env.path("a");
+    // compressible blocks, so their chunks are zstd frames
+    let mut data = Vec::new();
+    for i in 0..8u32 {
+        data.extend(format!("block {i} compresses well ").repeat(BS / 16).into_bytes().into_iter().take(BS));
+    }
+    fs::write(&a, &data).unwrap();
+    env.write_config(&[("a", &src(&a))], "", DEFAULTS);
+    env.ok(&["init"]);
+    env.ok(&["backup", "a"]);
+    let id = num(&env.list()[0], "id");
+    let spec = format!("a@{id}");
+
+    // the limit leaves normal runs alone
+    let good = env.path("good");
+    let o = run_limited(&env, &["restore", &spec, "--to", good.to_str().unwrap()]);
+    assert!(o.status.success(), "restore under the limit failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert_same(&a, &good);
+
+    // block 3's chunk: header rewritten to claim 4 GiB, both crcs valid
+    let bad = ChunkId::of(&data[3 * BS..4 * BS]);
+    let path = env.store().join("chunks").join(&bad.to_hex()[..4]).join(bad.to_hex());
+    let mut b = fs::read(&path).unwrap();
+    let mut h = ChunkHeader::decode(&bad, &b).unwrap();
+    assert_eq!(h.codec, CODEC_ZSTD, "block 3 is not stored as zstd");
+    h.plain_len = u32::MAX;
+    b[..CHUNK_HEADER_LEN].copy_from_slice(&h.encode());
+    fs::write(&path, &b).unwrap();
+
+    let to = env.path("restored");
+    let o = run_limited(&env, &["restore", &spec, "--to", to.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "restore of a crafted chunk: {}\n{err}", o.status);
+    assert!(err.contains(&format!("chunk {bad} is corrupt")) && err.contains("4294967295 plaintext bytes"), "{err}");
+
+    let o = run_limited(&env, &["verify", "--deep"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "verify --deep of a crafted chunk: {}\n{out}\n{}", o.status, String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains(&format!("chunk {bad} is corrupt")) && out.contains("4294967295 plaintext bytes"), "{out}");
+}
+

@@ -13,3 +13,4 @@ mod rbd;
 mod restore_image;
 mod roundtrip;
 mod run;
+mod store_truth;

@@ -52,6 +52,17 @@ pub fn run(g: &GlobalArgs, a: ListArgs) -> Result<ExitCode> {
             anyhow::bail!("image '{name}' is neither configured nor in the catalog");
         }
     }
+    // the store is the truth: list what only the store holds, report what it lacks
+    let rec = crate::rebuild::reconcile(&ctx.store, &ctx.catalog).unwrap_or_else(|e| {
+        tracing::warn!(error = %format!("{e:#}"), "could not reconcile the catalog with the store; listing the catalog as it is");
+        Default::default()
+    });
+    for id in &rec.missing {
+        eprintln!("warning: backup {id} is in the catalog but its manifest is not in the store: it cannot be restored");
+    }
+    for (id, why) in &rec.unreadable {
+        eprintln!("warning: backup {id} in the store cannot be read ({why}); `blockvault forget @{id}` removes it");
+    }
     let rows = ctx.catalog.committed_backups(a.image.as_deref())?;
     if a.json {
         let v: Vec<_> = rows.iter().map(backup_json).collect();

@@ -26,6 +26,8 @@ pub struct PruneArgs {
 pub fn run(g: &GlobalArgs, a: PruneArgs) -> Result<ExitCode> {
     let cfg = load_config(g)?;
     let ctx = Ctx::open(cfg)?;
+    // the store is the truth: a backup only the store holds is pruned too
+    crate::rebuild::reconcile(&ctx.store, &ctx.catalog)?;
     let images: Vec<String> = match &a.image {
         Some(name) => {
             if ctx.catalog.image(name)?.is_none() && ctx.cfg.image(name).is_err() {

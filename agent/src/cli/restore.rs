@@ -43,7 +43,21 @@ pub fn run(g: &GlobalArgs, a: RestoreArgs) -> Result<ExitCode> {
     // shared store lock: a concurrent prune + GC cannot sweep the chunks of
     // the backup being restored until it is done
     let _lock = ctx.store.lock_shared()?;
-    let manifest = ctx.store.read_manifest(row.id)?;
+    let manifest = match ctx.store.read_manifest(row.id) {
+        Ok(m) => m,
+        // a corrupt manifest: the block map has its own header and checksum,
+        // and the catalog row the geometry to check it against
+        Err(e) if e.is_corruption() || matches!(e, blockvault_store::Error::UnsupportedVersion { .. }) => {
+            let source = ctx.catalog.image(&row.image)?.map(|i| i.source).unwrap_or_default();
+            let m = ctx
+                .store
+                .manifest_from_blockmap(row.id, &row.image, &source, row.image_size, row.block_size)
+                .with_context(|| format!("backup {}: {e}; its block map cannot stand in for it either", row.id))?;
+            tracing::warn!(backup = row.id.0, error = %e, "manifest unreadable: restoring from the block map, checked against the catalog's image and block size");
+            m
+        }
+        Err(e) => return Err(e.into()),
+    };
     crate::restore::check_manifest(&manifest, &row.image, row.id)?;
     let threads = ctx.cfg.workers() * 2;
     let bar = Bar::new(manifest.image_size, &image, !g.no_progress);

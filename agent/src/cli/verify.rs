@@ -7,6 +7,7 @@ use clap::Args;
 
 use super::{load_config, parse_backup_ref, GlobalArgs};
 use crate::context::Ctx;
+use crate::rebuild::Unreadable;
 use crate::verify::{self, VerifyOptions};
 
 /// Threads that read and decode chunks: enough to overlap reads with
@@ -49,6 +50,10 @@ fn select(ctx: &Ctx, spec: Option<&str>) -> Result<Vec<BackupRow>> {
 pub fn run(g: &GlobalArgs, a: VerifyArgs) -> Result<ExitCode> {
     let cfg = load_config(g)?;
     let ctx = Ctx::open(cfg)?;
+    let rec = crate::rebuild::reconcile(&ctx.store, &ctx.catalog).unwrap_or_else(|e| {
+        tracing::warn!(error = %format!("{e:#}"), "could not reconcile the catalog with the store; verifying the catalog's backups");
+        Default::default()
+    });
     let rows = select(&ctx, a.backup.as_deref())?;
     let opts = VerifyOptions {
         deep: a.deep,
@@ -56,7 +61,18 @@ pub fn run(g: &GlobalArgs, a: VerifyArgs) -> Result<ExitCode> {
         threads: ctx.cfg.workers().clamp(1, MAX_VERIFY_THREADS),
         progress: !g.no_progress && !a.json,
     };
-    let report = verify::verify(&ctx, &rows, &opts)?;
+    let mut report = verify::verify(&ctx, &rows, &opts)?;
+    if a.backup.is_none() {
+        // backups the store holds but that do not read, so no catalog row
+        // names them: findings too (`forget @ID` removes one)
+        for (id, why) in rec.unreadable {
+            report.findings.push(match why {
+                Unreadable::Manifest(error) => verify::Finding::ManifestUnreadable { backup: id.0, error },
+                Unreadable::BlockMap(error) => verify::Finding::BlockMapUnreadable { backup: id.0, error },
+            });
+            report.invalid.push(id.0);
+        }
+    }
     if a.json {
         let mut v = serde_json::to_value(&report)?;
         v["ok"] = report.is_clean().into();

@@ -70,6 +70,15 @@ fn write_atomic(path: &Path, bytes: &[u8], tear: Option<usize>) -> Result<()> {
     fsync_dir(dir)
 }
 
+/// Reads at most `limit + 1` bytes of a file: enough for a decoder to see
+/// that it is larger than `limit`, never more, so a crafted (or sparse)
+/// file cannot make a reader allocate its length.
+fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    File::open(path)?.take(limit.saturating_add(1)).read_to_end(&mut out)?;
+    Ok(out)
+}
+
 fn write_maybe_torn(f: &mut File, path: &Path, bytes: &[u8], tear: Option<usize>) -> Result<()> {
     match tear {
         None => f.write_all(bytes).map_err(|e| Error::io("write", path, e)),
@@ -245,7 +254,8 @@ impl Backend for DirBackend {
             Err(e) => return Err(Error::io("open", &p, e)),
         };
         out.clear();
-        f.read_to_end(out).map_err(|e| Error::io("read", &p, e))?;
+        // bounded: chunk::check_frame refuses what is longer than any chunk
+        (&mut f).take(crate::format::MAX_CHUNK_OBJECT_LEN + 1).read_to_end(out).map_err(|e| Error::io("read", &p, e))?;
         // Restores and verifies read each chunk about once: keep the page
         // cache for the host's working set. Advice only.
         let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
@@ -313,9 +323,9 @@ impl Backend for DirBackend {
         }
     }
 
-    fn get_object(&self, key: &str) -> Result<Option<Vec<u8>>> {
+    fn get_object(&self, key: &str, limit: u64) -> Result<Option<Vec<u8>>> {
         let p = self.root.join(key);
-        match fs::read(&p) {
+        match read_bounded(&p, limit) {
             Ok(b) => Ok(Some(b)),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::io("read", &p, e)),

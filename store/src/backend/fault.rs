@@ -237,9 +237,9 @@ impl<B: Backend> Backend for FaultBackend<B> {
         self.inner.quarantine_chunk(id)
     }
 
-    fn get_object(&self, key: &str) -> Result<Option<Vec<u8>>> {
+    fn get_object(&self, key: &str, limit: u64) -> Result<Option<Vec<u8>>> {
         self.gate("read", || self.inner.object_name(key))?;
-        self.inner.get_object(key)
+        self.inner.get_object(key, limit)
     }
 
     fn object_exists(&self, key: &str) -> Result<bool> {

@@ -170,8 +170,9 @@ impl Backend for MemoryBackend {
     fn get_chunk(&self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
         let st = self.state();
         let (bytes, _) = st.chunks.get(id).ok_or(Error::ChunkMissing { id: *id })?;
+        let n = usize::try_from(crate::format::MAX_CHUNK_OBJECT_LEN + 1).unwrap_or(usize::MAX);
         out.clear();
-        out.extend_from_slice(bytes);
+        out.extend_from_slice(&bytes[..bytes.len().min(n)]);
         Ok(())
     }
 
@@ -206,8 +207,9 @@ impl Backend for MemoryBackend {
         Ok(Some(p.with_file_name(format!("{id}.bad"))))
     }
 
-    fn get_object(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self.state().objects.get(key).cloned())
+    fn get_object(&self, key: &str, limit: u64) -> Result<Option<Vec<u8>>> {
+        let n = usize::try_from(limit.saturating_add(1)).unwrap_or(usize::MAX);
+        Ok(self.state().objects.get(key).map(|b| b[..b.len().min(n)].to_vec()))
     }
 
     fn object_exists(&self, key: &str) -> Result<bool> {
