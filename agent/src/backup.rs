@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use blockvault_catalog::{now_rfc3339, BackupState};
 use blockvault_store::{format::MANIFEST_VERSION, BackupId, BlockMap, ChunkId, Manifest, Store};
-use tracing::{info, info_span, warn};
+use tracing::{debug, info, info_span, warn};
 
 use crate::config::{ImageConfig, Source};
 use crate::context::Ctx;
@@ -58,7 +58,7 @@ pub fn recover_stale(ctx: &mut Ctx, image_id: i64) -> Result<Vec<BackupId>> {
                     continue;
                 }
                 Err(e) => {
-                    warn!(backup = b.id.0, error = %e, "interrupted backup has an unreadable manifest: removing it from the store");
+                    warn!(backup = b.id.0, error = %crate::logging::Chain(&e), "interrupted backup has an unreadable manifest: removing it from the store");
                     ctx.store.remove_backup(b.id)?;
                 }
             }
@@ -88,18 +88,22 @@ pub fn load_parent(ctx: &Ctx, image_id: i64) -> Result<Option<Parent>> {
     // Each round either returns or marks one more backup invalid, which
     // `latest_valid_backup` then skips: the loop ends.
     loop {
-        let Some(row) = ctx.catalog.latest_valid_backup(image_id)? else { return Ok(None) };
+        let Some(row) = ctx.catalog.latest_valid_backup(image_id)? else {
+            debug!(image_id, "no valid committed backup: no parent, every block is read");
+            return Ok(None);
+        };
         let loaded = ctx.store.read_manifest(row.id).and_then(|m| ctx.store.read_blockmap(&m).map(|map| (m, map)));
         let (manifest, map) = match loaded {
             Ok(l) => l,
             Err(e) => {
-                warn!(backup = row.id.0, error = %e, "parent backup does not read back from the store; not using it as a base");
+                warn!(backup = row.id.0, error = %crate::logging::Chain(&e), "parent backup does not read back from the store; not using it as a base");
                 return Ok(None);
             }
         };
         let missing = missing_chunks(&ctx.store, &map, ctx.cfg.workers())
             .with_context(|| format!("checking the chunks of parent backup {} of image '{}'", row.id, row.image))?;
         if missing.is_empty() {
+            debug!(parent = row.id.0, blocks = map.len(), verify_state = row.verify_state.as_str(), "parent chosen: the newest valid committed backup");
             return Ok(Some(Parent { manifest, map }));
         }
         warn!(
@@ -176,6 +180,7 @@ pub fn backup_image(ctx: &mut Ctx, img: &ImageConfig, progress: &dyn Progress, c
             }
             let parent = load_parent(ctx, image.id)?;
             let actions = src.plan(image.block_size)?;
+            debug!(blocks = actions.len(), "full read: a file source has no diff, so every allocated extent is read and deduplication finds what is unchanged");
             let map = BlockMap::new_zeroed(src.size(), image.block_size);
             run_backup(ctx, img, image.id, parent.as_ref(), image.block_size, progress, cancel, move |_, _| {
                 Ok(Prepared { source: Box::new(src), actions, map, full_read: true, snapshot: None, rbd: None })
@@ -264,7 +269,7 @@ pub fn run_backup<'s>(
         Err(e) => {
             ctx.store.discard_pending();
             if let Err(e2) = ctx.catalog.fail_backup(id, &format!("{e:#}")) {
-                warn!(backup = id.0, error = %e2, "could not mark backup failed in the catalog");
+                warn!(backup = id.0, error = %crate::logging::Chain(&e2), "could not mark backup failed in the catalog");
             }
             Err(e.context(format!("backup {id} of image '{}' failed", img.name)))
         }

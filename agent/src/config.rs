@@ -274,13 +274,7 @@ impl<'de> Deserialize<'de> for Source {
 
 /// Image names become file names (locks) and CLI arguments (`NAME@ID`).
 fn check_image_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 200 {
-        return Err("must be 1 to 200 characters".into());
-    }
-    if !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:+".contains(c)) || name.starts_with('.') {
-        return Err(format!("'{name}' may only use letters, digits and - _ . : + (and not start with '.')"));
-    }
-    Ok(())
+    blockvault_store::manifest::check_image_name(name)
 }
 
 impl Config {

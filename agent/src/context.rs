@@ -12,17 +12,33 @@ pub struct Ctx {
     pub cfg: Config,
     pub store: Store,
     pub catalog: Catalog,
+    /// The catalog lives in memory, built from the store, because its file
+    /// cannot be written (read-only filesystem): nothing recorded in it
+    /// outlives the process.
+    pub catalog_in_memory: bool,
 }
 
 impl Ctx {
     /// Opens the store and catalog; a catalog that is empty while the store
     /// holds backups (deleted or lost) is rebuilt from the store first.
+    /// A catalog on a read-only filesystem (a read-only store's own
+    /// catalog, present or not) is replaced by one built in memory from
+    /// the store, with a warning: list, restore and verify then work, and
+    /// what verify finds is reported but not recorded.
     ///
     /// # Errors
     /// When the store is not initialised or either cannot be opened.
     pub fn open(cfg: Config) -> Result<Ctx> {
         let store = open_store(&cfg)?;
         let cat_path = cfg.catalog_path();
+        if on_read_only_fs(&cat_path) {
+            warn!(
+                catalog = %cat_path.display(),
+                "catalog is on a read-only filesystem: using a catalog built in memory from the store (nothing is recorded)"
+            );
+            let catalog = crate::rebuild::rebuild_in_memory(&store)?;
+            return Ok(Ctx { cfg, store, catalog, catalog_in_memory: true });
+        }
         let catalog_existed = cat_path.exists();
         let mut catalog = Catalog::open(&cat_path).with_context(|| format!("opening catalog {}", cat_path.display()))?;
         if !catalog_existed || catalog.backup_count()? == 0 {
@@ -40,7 +56,22 @@ impl Ctx {
             }
         }
         catalog.bind_store(&store.meta().uuid)?;
-        Ok(Ctx { cfg, store, catalog })
+        Ok(Ctx { cfg, store, catalog, catalog_in_memory: false })
+    }
+}
+
+/// True when `path` (or, while it does not exist, its nearest existing
+/// ancestor) is on a filesystem mounted read-only.
+fn on_read_only_fs(path: &std::path::Path) -> bool {
+    let mut p = path;
+    loop {
+        match rustix::fs::statvfs(p) {
+            Ok(s) => return s.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY),
+            Err(_) => match p.parent() {
+                Some(up) if !up.as_os_str().is_empty() => p = up,
+                _ => return false,
+            },
+        }
     }
 }
 

@@ -272,19 +272,17 @@ fn render(images: &[ImageMetrics]) -> String {
 fn write_atomic(path: &Path, text: &str) -> Result<()> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let file_name = path.file_name().context("metrics path has no file name")?.to_string_lossy();
-    // not ending in .prom, so the collector ignores it
-    let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
+    // Not ending in .prom, so the collector ignores it; created exclusively
+    // under a random name, so a link planted in a directory others can
+    // write (textfile directories often are) is never followed.
     let res = (|| -> std::io::Result<()> {
-        let mut f = fs::File::create(&tmp)?;
-        f.set_permissions(fs::Permissions::from_mode(0o644))?;
+        let mut f = tempfile::Builder::new().prefix(&format!(".{file_name}.")).suffix(".tmp").tempfile_in(dir)?;
+        f.as_file().set_permissions(fs::Permissions::from_mode(0o644))?;
         f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, path)
+        f.as_file().sync_all()?;
+        f.persist(path).map_err(|e| e.error)?;
+        Ok(())
     })();
-    if res.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
     res.with_context(|| format!("writing metrics file {}", path.display()))
 }
 

@@ -102,6 +102,14 @@ pub fn run(
             BlockAction::Read => {}
         }
     }
+    tracing::debug!(
+        blocks = actions.len(),
+        read = to_read.len(),
+        zero = stats.zero_blocks,
+        inherit = stats.inherited_blocks,
+        parent_chunks = known.len(),
+        "plan: blocks per action"
+    );
     if to_read.is_empty() {
         return Ok(stats);
     }
@@ -318,6 +326,8 @@ fn writer(store: &Store, abort: &AtomicBool, write_rx: &Receiver<(usize, Encoded
             .put_chunk(&enc)
             .with_context(|| format!("writing chunk {} (block {block}) to store {}", enc.id, store.root().display()))
             .map(|written| {
+                // per chunk, so trace only (the macro checks the level first)
+                tracing::trace!(block, chunk = %enc.id, bytes = enc.bytes.len(), written, "chunk write");
                 if written {
                     (block, Outcome::New { id: enc.id, stored: enc.bytes.len() as u64, plain: enc.plain_len as u64 })
                 } else {

@@ -24,7 +24,7 @@ use blockvault_store::{BlockMap, ChunkId, Manifest, RbdInfo};
 use rand::seq::SliceRandom;
 use tracing::{info, warn};
 
-use crate::backup::{load_parent, recover_stale, run_backup, Parent, Prepared};
+use crate::backup::{image_lock_name, load_parent, recover_stale, run_backup, Parent, Prepared};
 use crate::config::{Config, ImageConfig, Source};
 use crate::context::Ctx;
 use crate::pipeline::Progress;
@@ -132,6 +132,10 @@ pub fn backup(ctx: &mut Ctx, img: &ImageConfig, progress: &dyn Progress, cancel:
     let image_id = image_row.id;
     let block_size = image_row.block_size;
     recover_stale(ctx, image_id)?;
+    let record = ctx.store.root().join("locks").join(format!("{}.rbd-client", image_lock_name(&img.name)));
+    break_lock_of_dead_run(&head, &record, &img.name);
+    log_lock_owner(&head, &img.name);
+    record_client(&head, &record);
     cleanup_snapshots(ctx, &head, image_id)?;
     let parent = load_parent(ctx, image_id)?;
 
@@ -238,6 +242,17 @@ pub fn backup(ctx: &mut Ctx, img: &ImageConfig, progress: &dyn Progress, cancel:
             Ok(m)
         }
         Err(e) => {
+            if head.has_timed_out() {
+                // The cluster stopped answering: removing the snapshot (and
+                // closing the images, see blockvault-ceph) would each wait
+                // another timeout. The catalog records the snapshot as
+                // this uncommitted backup's, so the next run removes it.
+                if snap_row.get().is_some() {
+                    warn!(image = %img.name, snapshot = %snap,
+                        "the cluster timed out: leaving the snapshot of this failed backup for the next run to remove");
+                }
+                return Err(e);
+            }
             if let Some(row) = snap_row.get() {
                 match remove_snap_if_present(&head, &snap) {
                     Ok(()) => ctx.catalog.set_snapshot_state(row, SnapshotState::Removed)?,
@@ -279,6 +294,95 @@ fn patcher_for(
         return Ok(None);
     }
     Ok(Some(patcher))
+}
+
+/// Who this process is, so a later run can tell that it is dead: the
+/// boot, the pid and the pid's start time (a reused pid has another).
+fn process_identity(pid: u32) -> Option<String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // fields after the command name (which may hold spaces) start at field 3;
+    // the start time is field 22
+    let start = stat.rsplit_once(") ")?.1.split(' ').nth(19)?.to_string();
+    Some(format!("{} {pid} {start}", boot.trim()))
+}
+
+/// Writes `record` (`locks/image-NAME.rbd-client` in the store, under the
+/// image lock): this process and its cluster client's addresses, so the
+/// next run can break the exclusive lock this run may leave behind if it is
+/// killed or gives up on an unresponsive cluster. Best effort.
+fn record_client(head: &Image, record: &std::path::Path) {
+    let (Some(me), Ok(addrs)) = (process_identity(std::process::id()), head.ioctx().client_addrs()) else {
+        return;
+    };
+    let tmp = record.with_extension("rbd-client.tmp");
+    if std::fs::write(&tmp, format!("{me}\n{addrs}\n")).and_then(|()| std::fs::rename(&tmp, record)).is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+/// Breaks the image's exclusive lock when its owner is verifiably dead: the
+/// record of the previous run (see [`record_client`]) names the owner's
+/// address, and that run's process, on this same boot, no longer exists.
+/// We hold the image lock, so no other blockvault run of this image is
+/// alive. librbd blocklists the owner as it breaks the lock. Anything less
+/// certain leaves the lock alone (and [`log_lock_owner`] says so).
+fn break_lock_of_dead_run(head: &Image, record: &std::path::Path, image: &str) {
+    let Ok(text) = std::fs::read_to_string(record) else {
+        return;
+    };
+    let mut lines = text.lines();
+    let (Some(who), Some(addrs)) = (lines.next(), lines.next()) else {
+        return;
+    };
+    let mut f = who.split(' ');
+    let (Some(boot), Some(pid)) = (f.next(), f.next().and_then(|p| p.parse::<u32>().ok())) else {
+        return;
+    };
+    let this_boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    if boot != this_boot.trim() || pid == std::process::id() {
+        return; // another boot or host: cannot tell whether it is dead
+    }
+    if process_identity(pid).as_deref() == Some(who) {
+        return; // still running (cannot be a backup of this image: we hold its lock)
+    }
+    let Ok(owners) = head.lock_owners() else {
+        return;
+    };
+    for owner in owners.iter().filter(|o| !o.is_empty() && addrs.contains(o.as_str())) {
+        match head.break_lock(owner) {
+            Ok(()) => info!(image = %image, owner = %owner, pid,
+                "broke the exclusive lock left by a blockvault run that is dead (killed, or gave up on an unresponsive cluster); its client is blocklisted"),
+            Err(e) => warn!(image = %image, owner = %owner, error = %e,
+                "cannot break the exclusive lock left by a dead blockvault run; waiting for it to expire"),
+        }
+    }
+}
+
+/// Says, before anything waits for it, that another client holds the
+/// image's exclusive lock: snapshot creation and removal then go through
+/// that client, and if it is gone without releasing the lock (a killed
+/// backup, a crashed host) librbd takes the lock over only once the
+/// owner's watch has expired (`osd_client_watch_timeout`, 30 s by
+/// default). Only the lock of a blockvault run known to be dead is broken
+/// ([`break_lock_of_dead_run`]): any other owner may be alive (a running
+/// VM), and breaking a live owner's lock blocklists it.
+fn log_lock_owner(head: &Image, image: &str) {
+    if head.features().is_ok_and(|f| f & rbd::FEATURE_EXCLUSIVE_LOCK == 0) {
+        return;
+    }
+    let me = head.ioctx().client_addrs().unwrap_or_default();
+    match head.lock_owners() {
+        Ok(owners) => {
+            for owner in owners.iter().filter(|o| !me.contains(o.as_str())) {
+                info!(image = %image, owner = %owner,
+                    "another client holds the image's exclusive lock: snapshots are created and removed through it; \
+                     if it is dead (e.g. a killed backup), this waits until its watch expires (osd_client_watch_timeout, 30 s by default); \
+                     the lock is not broken: it is not a blockvault run known to be dead, and breaking a live owner's lock (a VM's) would blocklist it");
+            }
+        }
+        Err(e) => tracing::debug!(image = %image, error = %e, "cannot read the exclusive lock owner"),
+    }
 }
 
 /// Whether the object map / fast-diff of an open image or snapshot can be
@@ -483,6 +587,12 @@ pub fn expand_images(cfg: &Config) -> Result<Vec<ImageConfig>> {
         for n in names.into_iter().filter(|n| pat.matches(n)) {
             let mut c = img.clone();
             c.name = img.name.replace("{image}", &n);
+            // the store rejects a manifest whose name breaks the rule, so
+            // such an image is never backed up under it
+            if let Err(why) = blockvault_store::manifest::check_image_name(&c.name) {
+                warn!(pattern = %img.name, rbd_image = %n.escape_debug(), "skipping an RBD image whose name makes no valid image name: {why}");
+                continue;
+            }
             c.source = Source::Rbd { pool: pool.into(), namespace: ns.map(Into::into), image: n };
             out.push(c);
         }

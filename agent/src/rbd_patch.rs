@@ -179,7 +179,7 @@ impl Patcher {
                             Ok(())
                         }
                         Ok(()) => Err(format!("chunk {id} holds {} bytes, the block {}", plain.len(), buf.len())),
-                        Err(e) => Err(e.to_string()),
+                        Err(e) => Err(crate::logging::Chain(&e).to_string()),
                     }
                 });
                 if let Err(e) = loaded {

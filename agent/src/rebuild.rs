@@ -213,3 +213,16 @@ pub fn reconcile(store: &Store, cat: &Catalog) -> Result<ReconcileReport> {
     }
     Ok(report)
 }
+
+/// A catalog in memory, built from the store: what list, restore and verify
+/// use when the catalog cannot be written (a read-only store whose catalog
+/// lives inside it, or is missing there).
+///
+/// # Errors
+/// When the store cannot be listed.
+pub fn rebuild_in_memory(store: &Store) -> Result<Catalog> {
+    let mut cat = Catalog::open(Path::new(":memory:")).context("creating an in-memory catalog")?;
+    let r = rebuild(store, &mut cat)?;
+    info!(backups = r.imported, "catalog built in memory from the store");
+    Ok(cat)
+}

@@ -191,7 +191,7 @@ fn load(store: &Store, row: &BackupRow) -> Result<(Manifest, BlockMap), Finding>
     let m = match store.read_manifest(row.id) {
         Ok(m) => m,
         Err(blockvault_store::Error::BackupMissing { .. }) => return Err(Finding::ManifestMissing { backup }),
-        Err(e) => return Err(Finding::ManifestUnreadable { backup, error: format!("{e:#}") }),
+        Err(e) => return Err(Finding::ManifestUnreadable { backup, error: crate::logging::Chain(&e).to_string() }),
     };
     let mut diffs = Vec::new();
     if m.image != row.image {
@@ -211,7 +211,7 @@ fn load(store: &Store, row: &BackupRow) -> Result<(Manifest, BlockMap), Finding>
     }
     match store.read_blockmap(&m) {
         Ok(map) => Ok((m, map)),
-        Err(e) => Err(Finding::BlockMapUnreadable { backup, error: format!("{e:#}") }),
+        Err(e) => Err(Finding::BlockMapUnreadable { backup, error: crate::logging::Chain(&e).to_string() }),
     }
 }
 
@@ -241,7 +241,7 @@ fn check_chunks(
                         match store.has_chunk(&id) {
                             Ok(true) => None,
                             Ok(false) => Some(Problem::Missing),
-                            Err(e) => Some(Problem::Unreadable(format!("{e:#}"))),
+                            Err(e) => Some(Problem::Unreadable(crate::logging::Chain(&e).to_string())),
                         }
                     };
                     bytes.fetch_add(raw.len(), Ordering::Relaxed);
@@ -264,7 +264,7 @@ fn check_one(store: &Store, id: &ChunkId, len: u32, raw: &mut Vec<u8>, plain: &m
     if let Err(e) = store.read_chunk_raw(id, raw) {
         return Some(match e {
             blockvault_store::Error::ChunkMissing { .. } => Problem::Missing,
-            e => Problem::Unreadable(format!("{e:#}")),
+            e => Problem::Unreadable(crate::logging::Chain(&e).to_string()),
         });
     }
     match chunk::decode_into(id, raw, plain) {
@@ -324,7 +324,7 @@ pub fn verify(ctx: &Ctx, rows: &[BackupRow], opts: &VerifyOptions) -> Result<Ver
         None
     };
 
-    let shared = store.lock_shared()?;
+    let shared = store.lock_shared_for_reading()?;
     // Phase 1: manifests and block maps; the chunks they use.
     let mut own: BTreeSet<u64> = BTreeSet::new(); // backups with findings of their own
     let mut gone: BTreeSet<u64> = BTreeSet::new();
@@ -414,6 +414,12 @@ pub fn verify(ctx: &Ctx, rows: &[BackupRow], opts: &VerifyOptions) -> Result<Ver
     // all under the exclusive lock (see the module docs).
     let _lock = if corrupt.is_empty() {
         shared
+    } else if store.is_read_only() {
+        // nothing can be moved aside on a read-only store: say so
+        for id in &corrupt {
+            report.skipped.push(format!("chunk {id}: not moved aside: the store is read-only"));
+        }
+        shared
     } else {
         drop(shared);
         let l = match store.try_lock_exclusive()? {
@@ -476,6 +482,11 @@ pub fn verify(ctx: &Ctx, rows: &[BackupRow], opts: &VerifyOptions) -> Result<Ver
         report.backups.push(Checked { id: r.id.0, image: r.image.clone(), state });
     }
     report.invalid = invalid.into_iter().collect();
+    if ctx.catalog_in_memory {
+        report.skipped.push("results not recorded: the catalog is on a read-only filesystem (built in memory)".into());
+    } else if ctx.store.is_read_only() {
+        report.skipped.push("results recorded in the catalog only: the store is read-only".into());
+    }
     for f in &report.findings {
         warn!(finding = %f, "verify");
     }
@@ -491,7 +502,8 @@ fn mark(ctx: &Ctx, id: BackupId, state: VerifyState, reason: Option<String>) -> 
         _ => VerifyResult::Ok,
     };
     let current = ctx.store.verify_mark(id).ok().flatten().map(|m| m.state);
-    if current != Some(result) {
+    // a read-only store cannot take the mark (reported once by `verify`)
+    if current != Some(result) && !ctx.store.is_read_only() {
         let m = VerifyMark { state: result, at: blockvault_catalog::now_rfc3339(), reason };
         ctx.store.set_verify_mark(id, &m).with_context(|| format!("recording the verify result of backup {id} in the store"))?;
     }

@@ -7,7 +7,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    #[error("catalog {path}: {source}{}", rebuild_hint(source))]
+    #[error("catalog {path}{}", rebuild_hint(source))]
     Sqlite {
         path: PathBuf,
         #[source]
@@ -21,7 +21,7 @@ pub enum Error {
     NoSuchImage { name: String },
     #[error("backup {id} does not exist{}", image.as_ref().map(|i| format!(" for image '{i}'")).unwrap_or_default())]
     NoSuchBackup { id: u64, image: Option<String> },
-    #[error("{path}: {op} failed: {source}")]
+    #[error("{path}: {op} failed")]
     Io {
         op: &'static str,
         path: PathBuf,
@@ -38,7 +38,7 @@ fn is_corrupt(e: &rusqlite::Error) -> bool {
 
 fn rebuild_hint(e: &rusqlite::Error) -> &'static str {
     if is_corrupt(e) {
-        " (the catalog is damaged: `blockvault catalog rebuild` recreates it from the store)"
+        " (damaged: `blockvault catalog rebuild` recreates it from the store)"
     } else {
         ""
     }

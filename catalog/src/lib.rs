@@ -251,6 +251,32 @@ pub fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
+/// Makes the catalog file private whatever the umask: created here mode
+/// 0600 when missing (SQLite gives its -wal and -shm files the mode of the
+/// database file), tightened to 0600 when an older build left it readable
+/// by others. It names every image, snapshot and backup.
+fn make_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if path.as_os_str() == ":memory:" {
+        return Ok(());
+    }
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(source) => return Err(Error::Io { op: "create", path: path.to_path_buf(), source }),
+    }
+    for ext in ["", "-wal", "-shm"] {
+        let p = std::path::PathBuf::from(format!("{}{ext}", path.display()));
+        if let Ok(md) = std::fs::symlink_metadata(&p) {
+            if md.is_file() && md.permissions().mode() & 0o077 != 0 {
+                // best effort: a read-only catalog (or another owner's) is still usable
+                let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(md.permissions().mode() & 0o7700));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Catalog {
     fn err(&self, source: rusqlite::Error) -> Error {
         Error::Sqlite { path: self.path.clone(), source }
@@ -266,6 +292,7 @@ impl Catalog {
             std::fs::create_dir_all(dir)
                 .map_err(|source| Error::Io { op: "create directory", path: dir.to_path_buf(), source })?;
         }
+        make_private(path)?;
         let conn = Connection::open(path).map_err(sq)?;
         conn.busy_timeout(Duration::from_secs(30)).map_err(sq)?;
         // Not WAL: its index (-shm) is mmap'd, and on a full filesystem a

@@ -86,6 +86,12 @@ pub trait Backend: Send + Sync {
         None
     }
 
+    /// True when nothing can change the store (a read-only mount): then no
+    /// lock can be taken and none is needed by a reader.
+    fn is_read_only(&self) -> bool {
+        false
+    }
+
     /// Human-readable name of an object, for error messages.
     fn object_name(&self, key: &str) -> PathBuf {
         self.location().join(key)
@@ -241,6 +247,9 @@ impl<B: Backend + ?Sized> Backend for $ptr<B> {
     }
     fn dir(&self) -> Option<&Path> {
         (**self).dir()
+    }
+    fn is_read_only(&self) -> bool {
+        (**self).is_read_only()
     }
     fn object_name(&self, key: &str) -> PathBuf {
         (**self).object_name(key)

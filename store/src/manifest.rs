@@ -101,6 +101,53 @@ impl Manifest {
     }
 }
 
+/// Checks an image name: 1 to 200 of letters, digits and `-_.:+`, not
+/// starting with `.`. The config applies it to configured names and the
+/// store to every manifest it reads, so a name read from the store never
+/// carries a newline, an escape code or a path separator into output,
+/// file names or the catalog.
+///
+/// # Errors
+/// A message that says what is wrong (with the name escaped).
+pub fn check_image_name(name: &str) -> Result<(), String> {
+    check_name(name, "may only use letters, digits and - _ . : + (and not start with '.')")
+}
+
+fn check_name(name: &str, rule: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 200 {
+        return Err(format!("'{}' must be 1 to 200 characters", name.escape_debug()));
+    }
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:+".contains(c)) || name.starts_with('.') {
+        return Err(format!("'{}' {rule}", name.escape_debug()));
+    }
+    Ok(())
+}
+
+impl Manifest {
+    /// Checks the fields a manifest brings into output and the catalog:
+    /// the image name and the snapshot name (blockvault's own snapshot
+    /// names follow the image-name rule), a source without control
+    /// characters, and RFC 3339 times.
+    ///
+    /// # Errors
+    /// A message naming the bad field, its value escaped.
+    pub fn check(&self) -> Result<(), String> {
+        check_image_name(&self.image).map_err(|e| format!("image name {e}"))?;
+        if let Some(s) = &self.snapshot {
+            check_name(s, "is not a snapshot name blockvault makes").map_err(|e| format!("snapshot name {e}"))?;
+        }
+        if self.source.is_empty() || self.source.len() > 4096 || self.source.chars().any(char::is_control) {
+            return Err(format!("source '{}' is empty, too long or holds control characters", self.source.escape_debug()));
+        }
+        for (what, t) in [("created", &self.created), ("finished", &self.finished)] {
+            if chrono::DateTime::parse_from_rfc3339(t).is_err() {
+                return Err(format!("{what} time '{}' is not an RFC 3339 time", t.escape_debug()));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -163,6 +163,27 @@ impl Store {
         self.lock("store", LockMode::Shared)
     }
 
+    /// The store lock, shared, for an operation that only reads the store
+    /// (list, restore, verify): on a store mounted read-only (a snapshot of
+    /// a backup disk, a disaster-recovery copy) no lock can be taken and
+    /// none is needed, since nothing can change it, so it takes none and
+    /// says so, like restic's `--no-lock`.
+    ///
+    /// # Errors
+    /// `Io` when the lock file cannot be opened on a writable store.
+    pub fn lock_shared_for_reading(&self) -> Result<StoreLock> {
+        if self.is_read_only() {
+            tracing::warn!(store = %self.root().display(), "store is read-only: not locking");
+            return Ok(StoreLock::new(()));
+        }
+        self.lock_shared()
+    }
+
+    /// True when the store's filesystem is mounted read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.backend.is_read_only()
+    }
+
     /// The store lock, exclusive (blocking).
     ///
     /// # Errors
@@ -393,6 +414,7 @@ impl Store {
         if m.id != id {
             return Err(Error::CorruptFile { path: p, reason: format!("manifest names backup {}", m.id) });
         }
+        m.check().map_err(|reason| Error::CorruptFile { path: p, reason })?;
         Ok(m)
     }
 

@@ -545,7 +545,7 @@ fn a_torn_chunk_write_never_becomes_a_visible_chunk() {
     for handle in &worlds {
         let b = handle();
         let e = b.put_chunk_torn(&cid, &enc.bytes, enc.bytes.len() / 2);
-        assert!(e.to_string().contains("No space left on device"), "{e}");
+        assert!(chain(&e).contains("No space left on device"), "{}", chain(&e));
         b.sync().unwrap();
         assert!(!b.chunk_exists(&cid).unwrap(), "torn chunk visible after a sync");
         drop(b); // and after a crash

@@ -59,6 +59,10 @@ impl Env {
         let mut c = Command::new(bin());
         c.arg("--config").arg(&self.config).arg("--no-progress").args(args);
         c.env_remove("BLOCKVAULT_LOG");
+        if let Some(conf) = blockvault_tests::started_ceph_conf() {
+            // the cluster this test process started (CEPH_CONF was unset)
+            c.env("CEPH_CONF", conf);
+        }
         c
     }
 

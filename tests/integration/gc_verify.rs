@@ -404,14 +404,10 @@ fn gc_racing_backups_and_prunes_never_loses_a_referenced_chunk() {
     assert!(ok, "{v}");
 }
 
-/// `rbd` against the cluster that tests/run.sh starts (CEPH_CONF).
+/// `rbd` against the test cluster: `$CEPH_CONF`, else the one started for
+/// this test process (`blockvault_tests::ceph_conf`).
 fn rbd(args: &[&str]) -> String {
-    let conf = std::env::var("CEPH_CONF").unwrap_or_else(|_| {
-        panic!(
-            "CEPH_CONF is not set: this test needs a real cluster. Start one with \
-             `eval \"$(tests/ceph/start-cluster.sh /tmp/bv-ceph)\"`, or run everything with tests/run.sh"
-        )
-    });
+    let conf = blockvault_tests::ceph_conf();
     let o = std::process::Command::new("rbd").args(args).env("CEPH_CONF", conf).output().unwrap();
     assert!(o.status.success(), "rbd {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8(o.stdout).unwrap()

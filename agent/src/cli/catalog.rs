@@ -23,7 +23,7 @@ pub fn run(g: &GlobalArgs, c: CatalogCommand) -> Result<ExitCode> {
     match c {
         CatalogCommand::Rebuild => {
             let store = crate::context::open_store(&cfg)?;
-            let _lock = store.lock_shared()?;
+            let _lock = store.lock_shared_for_reading()?;
             let path = cfg.catalog_path();
             let open = |p: &std::path::Path| Catalog::open(p).with_context(|| format!("opening catalog {}", p.display()));
             let mut cat = match Catalog::open(&path) {

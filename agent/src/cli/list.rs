@@ -7,6 +7,7 @@ use serde_json::json;
 
 use super::{load_config, GlobalArgs};
 use crate::context::Ctx;
+use crate::logging::printable;
 
 #[derive(Args, Debug)]
 pub struct ListArgs {
@@ -75,12 +76,12 @@ pub fn run(g: &GlobalArgs, a: ListArgs) -> Result<ExitCode> {
         println!(
             "{:>6}  {:<20} {:<21} {:>12} {:>12} {:>6}  {}",
             b.id.0,
-            b.image,
-            b.created,
+            printable(&b.image),
+            printable(&b.created),
             human(b.image_size),
             human(s.new_bytes),
             b.parent.map(|p| p.0.to_string()).unwrap_or_else(|| "-".into()),
-            b.snapshot.as_deref().unwrap_or("-")
+            printable(b.snapshot.as_deref().unwrap_or("-"))
         );
     }
     Ok(ExitCode::SUCCESS)

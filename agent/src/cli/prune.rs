@@ -5,6 +5,7 @@ use clap::Args;
 
 use super::{load_config, GlobalArgs};
 use crate::context::Ctx;
+use crate::logging::printable;
 use crate::prune;
 use crate::retention::render_plan;
 
@@ -50,7 +51,7 @@ pub fn run(g: &GlobalArgs, a: PruneArgs) -> Result<ExitCode> {
         if a.json {
             json.push(plan.to_json(a.dry_run));
         } else {
-            println!("image '{name}': {policy}");
+            println!("image '{}': {policy}", printable(name));
             if plan.items.is_empty() {
                 println!("no committed backups");
             } else {
@@ -60,7 +61,7 @@ pub fn run(g: &GlobalArgs, a: PruneArgs) -> Result<ExitCode> {
                 _ if a.dry_run => println!("dry run: nothing removed"),
                 Ok(0) => {}
                 Ok(n) => println!("removed {n} backups (`blockvault gc` frees their chunks)"),
-                Err(e) => println!("removal failed: {e:#}"),
+                Err(e) => println!("removal failed: {}", printable(&format!("{e:#}"))),
             }
             println!();
         }

@@ -20,6 +20,17 @@ pub struct RestoreArgs {
     /// Overwrite an existing, non-empty target.
     #[arg(long)]
     pub force: bool,
+    /// Mode of the restored file, in octal (default: 600 for a new file;
+    /// a file replaced with --force keeps its mode and owner).
+    #[arg(long, value_parser = parse_mode)]
+    pub mode: Option<u32>,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    match u32::from_str_radix(s.trim_start_matches("0o"), 8) {
+        Ok(m) if m <= 0o7777 => Ok(m),
+        _ => Err(format!("'{s}' is not an octal file mode (e.g. 600 or 0640)")),
+    }
 }
 
 pub fn run(g: &GlobalArgs, a: RestoreArgs) -> Result<ExitCode> {
@@ -42,7 +53,7 @@ pub fn run(g: &GlobalArgs, a: RestoreArgs) -> Result<ExitCode> {
     };
     // shared store lock: a concurrent prune + GC cannot sweep the chunks of
     // the backup being restored until it is done
-    let _lock = ctx.store.lock_shared()?;
+    let _lock = ctx.store.lock_shared_for_reading()?;
     let manifest = match ctx.store.read_manifest(row.id) {
         Ok(m) => m,
         // a corrupt manifest: the block map has its own header and checksum,
@@ -62,10 +73,13 @@ pub fn run(g: &GlobalArgs, a: RestoreArgs) -> Result<ExitCode> {
     let threads = ctx.cfg.workers() * 2;
     let bar = Bar::new(manifest.image_size, &image, !g.no_progress);
     let res = if a.to.starts_with("rbd:") {
+        if a.mode.is_some() {
+            bail!("--mode applies to a file target, not to {}", a.to);
+        }
         crate::rbd_backup::restore(&ctx, &manifest, &a.to, a.force, threads, &bar)
     } else {
         let to = PathBuf::from(a.to.strip_prefix("file:").unwrap_or(&a.to));
-        crate::restore::restore_to_path(&ctx.store, &manifest, &to, a.force, threads, &bar)
+        crate::restore::restore_to_path(&ctx.store, &manifest, &to, a.force, a.mode, threads, &bar)
             .with_context(|| format!("restoring backup {} of image '{image}' to {}", row.id, to.display()))
     };
     bar.finish();

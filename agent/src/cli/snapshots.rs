@@ -8,6 +8,7 @@ use serde_json::json;
 use super::{load_config, GlobalArgs};
 use crate::config::Source;
 use crate::context::Ctx;
+use crate::logging::printable;
 use crate::rbd_backup::{connect, expand_images, SNAP_PREFIX};
 
 #[derive(Args, Debug)]
@@ -71,11 +72,12 @@ pub fn run(g: &GlobalArgs, a: SnapshotsArgs) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         for i in &out {
-            println!("{} ({})", i["image"].as_str().unwrap(), i["source"].as_str().unwrap());
+            // snapshot names come from the cluster: anyone may have made them
+            println!("{} ({})", printable(i["image"].as_str().unwrap()), printable(i["source"].as_str().unwrap()));
             for s in i["snapshots"].as_array().unwrap() {
                 println!(
                     "  {:<40} {:<8} {}",
-                    s["name"].as_str().unwrap(),
+                    printable(s["name"].as_str().unwrap()),
                     s["state"].as_str().unwrap(),
                     s["backup"].as_u64().map(|b| format!("backup {b}")).unwrap_or_default()
                 );

@@ -8,6 +8,7 @@ use clap::Args;
 use super::{load_config, parse_backup_ref, GlobalArgs};
 use crate::context::Ctx;
 use crate::rebuild::Unreadable;
+use crate::logging::printable;
 use crate::verify::{self, VerifyOptions};
 
 /// Threads that read and decode chunks: enough to overlap reads with
@@ -79,13 +80,14 @@ pub fn run(g: &GlobalArgs, a: VerifyArgs) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         for f in &report.findings {
-            println!("{f}");
+            // findings quote names and errors read from the store
+            println!("{}", printable(&f.to_string()));
         }
         for s in &report.skipped {
-            println!("skipped: {s}");
+            println!("skipped: {}", printable(s));
         }
         for b in &report.backups {
-            println!("backup {} of image '{}': {}", b.id, b.image, b.state);
+            println!("backup {} of image '{}': {}", b.id, printable(&b.image), b.state);
         }
         let others: Vec<String> = report
             .invalid

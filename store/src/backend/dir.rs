@@ -45,15 +45,43 @@ struct Pending {
     bytes: u64,
 }
 
+/// Mode of every directory the store creates: private whatever the umask
+/// (a store holds every byte of every image it backs up).
+pub(crate) const DIR_MODE: u32 = 0o700;
+/// Mode of every file the store creates.
+pub(crate) const FILE_MODE: u32 = 0o600;
+
+/// Creates a directory with [`DIR_MODE`]; an existing one is left alone.
+fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match fs::DirBuilder::new().mode(DIR_MODE).create(path) {
+        Err(e) if e.kind() == ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
+        r => r,
+    }
+}
+
+/// Creates a new file exclusively (`O_EXCL`: never through a symlink or
+/// into an existing file) with [`FILE_MODE`].
+fn create_new_private(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new().write(true).create_new(true).mode(FILE_MODE).open(path)
+}
+
 fn fsync_dir(path: &Path) -> Result<()> {
     let d = File::open(path).map_err(|e| Error::io("open directory", path, e))?;
     d.sync_all().map_err(|e| Error::io("fsync directory", path, e))
 }
 
-/// Temp file of an atomic write of `path`: a dot file beside it.
+/// Temp file of an atomic write of `path`: a dot file beside it, under a
+/// random name (created exclusively).
 fn atomic_tmp(path: &Path) -> PathBuf {
     let dir = path.parent().expect("path has a parent");
-    dir.join(format!(".{}.tmp.{}", path.file_name().unwrap().to_string_lossy(), std::process::id()))
+    dir.join(format!(
+        ".{}.tmp.{}.{:016x}",
+        path.file_name().unwrap().to_string_lossy(),
+        std::process::id(),
+        rand::random::<u64>()
+    ))
 }
 
 /// Writes `bytes` to `path` atomically and durably: a temp file beside it,
@@ -62,11 +90,17 @@ fn atomic_tmp(path: &Path) -> PathBuf {
 fn write_atomic(path: &Path, bytes: &[u8], tear: Option<usize>) -> Result<()> {
     let dir = path.parent().expect("path has a parent");
     let tmp = atomic_tmp(path);
-    let mut f = File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
-    write_maybe_torn(&mut f, &tmp, bytes, tear)?;
-    f.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
-    drop(f);
-    fs::rename(&tmp, path).map_err(|e| Error::io("rename", path, e))?;
+    let res = (|| {
+        let mut f = create_new_private(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
+        write_maybe_torn(&mut f, &tmp, bytes, tear)?;
+        f.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
+        drop(f);
+        fs::rename(&tmp, path).map_err(|e| Error::io("rename", path, e))
+    })();
+    if res.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    res?;
     fsync_dir(dir)
 }
 
@@ -102,10 +136,18 @@ impl DirBackend {
     /// `Io`.
     pub fn create_layout(&self) -> Result<()> {
         let path = &self.root;
-        fs::create_dir_all(path).map_err(|e| Error::io("create directory", path, e))?;
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent).map_err(|e| Error::io("create directory", parent, e))?;
+        }
+        create_private_dir(path).map_err(|e| Error::io("create directory", path, e))?;
+        // an existing empty directory becomes private too
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(path, fs::Permissions::from_mode(DIR_MODE)).map_err(|e| Error::io("chmod", path, e))?;
+        }
         for sub in ["chunks", "backups", "tmp", "locks"] {
             let p = path.join(sub);
-            fs::create_dir_all(&p).map_err(|e| Error::io("create directory", &p, e))?;
+            create_private_dir(&p).map_err(|e| Error::io("create directory", &p, e))?;
         }
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             fsync_dir(parent)?;
@@ -126,16 +168,12 @@ impl DirBackend {
         }
         let dir = dest.parent().unwrap();
         if !dir.exists() {
-            match fs::create_dir(dir) {
-                // made durable by the syncfs of the next flush
-                Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(Error::io("create directory", dir, e)),
-            }
+            // made durable by the syncfs of the next flush
+            create_private_dir(dir).map_err(|e| Error::io("create directory", dir, e))?;
         }
         let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
         let tmp = self.root.join("tmp").join(format!("{}-{}-{}", std::process::id(), seq, id));
-        let mut f = File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
+        let mut f = create_new_private(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
         // A failed write leaves its temp file out of `pending`: it is never
         // renamed into chunks/.
         write_maybe_torn(&mut f, &tmp, bytes, tear)?;
@@ -190,15 +228,19 @@ impl DirBackend {
             }
         }
         rustix::fs::syncfs(&root).map_err(|e| Error::io("syncfs", &self.root, e.into()))?;
+        tracing::debug!(chunks = files.len(), "flush: new chunks durable and moved into chunks/");
         Ok(())
     }
 
     fn lock_file(&self, name: &str, op: FlockOperation) -> Result<Option<StoreLock>> {
         let path = self.root.join("locks").join(format!("{name}.lock"));
+        use std::os::unix::fs::OpenOptionsExt;
         let f = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(FILE_MODE)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
             .open(&path)
             .map_err(|e| Error::io("open lock", &path, e))?;
         match rustix::fs::flock(f.as_fd(), op) {
@@ -216,6 +258,10 @@ impl Backend for DirBackend {
 
     fn dir(&self) -> Option<&Path> {
         Some(&self.root)
+    }
+
+    fn is_read_only(&self) -> bool {
+        rustix::fs::statvfs(&self.root).is_ok_and(|s| s.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
     }
 
     fn chunk_exists(&self, id: &ChunkId) -> Result<bool> {

@@ -179,6 +179,10 @@ impl<B: Backend> Backend for FaultBackend<B> {
         self.inner.dir()
     }
 
+    fn is_read_only(&self) -> bool {
+        self.inner.is_read_only()
+    }
+
     fn object_name(&self, key: &str) -> PathBuf {
         self.inner.object_name(key)
     }

@@ -23,15 +23,19 @@ use std::ffi::{c_char, c_int, c_void, CStr};
 use std::fmt;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::ptr::{self, NonNull};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use libloading::Library;
 
 /// Linux errno values used here (Ceph runs on Linux only).
 pub const ENOENT: i32 = 2;
+pub const EEXIST: i32 = 17;
 pub const EIO: i32 = 5;
 pub const EINVAL: i32 = 22;
 pub const ERANGE: i32 = 34;
+pub const ENAMETOOLONG: i32 = 36;
+pub const ETIMEDOUT: i32 = 110;
 pub const ECANCELED: i32 = 125;
 
 /// Largest byte count passed to one librbd read/write/discard call: librbd
@@ -67,6 +71,10 @@ type RadosT = *mut c_void;
 type IoCtxT = *mut c_void;
 type ImageT = *mut c_void;
 type ImageOptionsT = *mut c_void;
+type WriteOpT = *mut c_void;
+type ListCtxT = *mut c_void;
+/// `time_t` on the 64-bit Linux targets Ceph supports.
+type TimeT = i64;
 /// `int (*cb)(uint64_t, size_t, int, void *)` of `rbd_diff_iterate2`.
 type DiffCallback = extern "C" fn(u64, usize, c_int, *mut c_void) -> c_int;
 
@@ -97,6 +105,12 @@ struct RbdImageInfo {
     parent_name: [c_char; 96],
 }
 
+/// `LIBRADOS_CREATE_EXCLUSIVE` of `rados_write_op_create`.
+const LIBRADOS_CREATE_EXCLUSIVE: c_int = 1;
+
+/// `RBD_LOCK_MODE_EXCLUSIVE` (`rbd_lock_mode_t`).
+pub const RBD_LOCK_MODE_EXCLUSIVE: c_int = 0;
+
 /// `RBD_IMAGE_OPTION_*`
 const RBD_IMAGE_OPTION_FORMAT: c_int = 0;
 const RBD_IMAGE_OPTION_FEATURES: c_int = 1;
@@ -116,12 +130,34 @@ struct Api {
     rados_conf_read_file: unsafe extern "C" fn(RadosT, *const c_char) -> c_int,
     rados_conf_parse_env: unsafe extern "C" fn(RadosT, *const c_char) -> c_int,
     rados_conf_set: unsafe extern "C" fn(RadosT, *const c_char, *const c_char) -> c_int,
+    rados_conf_get: unsafe extern "C" fn(RadosT, *const c_char, *mut c_char, usize) -> c_int,
     rados_connect: unsafe extern "C" fn(RadosT) -> c_int,
     rados_shutdown: unsafe extern "C" fn(RadosT),
     rados_cluster_fsid: unsafe extern "C" fn(RadosT, *mut c_char, usize) -> c_int,
     rados_ioctx_create: unsafe extern "C" fn(RadosT, *const c_char, *mut IoCtxT) -> c_int,
     rados_ioctx_destroy: unsafe extern "C" fn(IoCtxT),
     rados_ioctx_set_namespace: unsafe extern "C" fn(IoCtxT, *const c_char),
+    rados_get_instance_id: unsafe extern "C" fn(RadosT) -> u64,
+    rados_getaddrs: unsafe extern "C" fn(RadosT, *mut *mut c_char) -> c_int,
+    rados_buffer_free: unsafe extern "C" fn(*mut c_char),
+    rados_write_full: unsafe extern "C" fn(IoCtxT, *const c_char, *const c_char, usize) -> c_int,
+    rados_read: unsafe extern "C" fn(IoCtxT, *const c_char, *mut c_char, usize, u64) -> c_int,
+    rados_stat: unsafe extern "C" fn(IoCtxT, *const c_char, *mut u64, *mut TimeT) -> c_int,
+    rados_remove: unsafe extern "C" fn(IoCtxT, *const c_char) -> c_int,
+    rados_create_write_op: unsafe extern "C" fn() -> WriteOpT,
+    rados_release_write_op: unsafe extern "C" fn(WriteOpT),
+    rados_write_op_create: unsafe extern "C" fn(WriteOpT, c_int, *const c_char),
+    rados_write_op_write_full: unsafe extern "C" fn(WriteOpT, *const c_char, usize),
+    rados_write_op_operate:
+        unsafe extern "C" fn(WriteOpT, IoCtxT, *const c_char, *mut TimeT, c_int) -> c_int,
+    rados_nobjects_list_open: unsafe extern "C" fn(IoCtxT, *mut ListCtxT) -> c_int,
+    rados_nobjects_list_next: unsafe extern "C" fn(
+        ListCtxT,
+        *mut *const c_char,
+        *mut *const c_char,
+        *mut *const c_char,
+    ) -> c_int,
+    rados_nobjects_list_close: unsafe extern "C" fn(ListCtxT),
     rbd_version: unsafe extern "C" fn(*mut c_int, *mut c_int, *mut c_int),
     rbd_list2: unsafe extern "C" fn(IoCtxT, *mut RbdImageSpec, *mut usize) -> c_int,
     rbd_image_spec_list_cleanup: unsafe extern "C" fn(*mut RbdImageSpec, usize),
@@ -158,6 +194,9 @@ struct Api {
     rbd_discard: unsafe extern "C" fn(ImageT, u64, u64) -> c_int,
     rbd_resize: unsafe extern "C" fn(ImageT, u64) -> c_int,
     rbd_flush: unsafe extern "C" fn(ImageT) -> c_int,
+    rbd_lock_get_owners: unsafe extern "C" fn(ImageT, *mut c_int, *mut *mut c_char, *mut usize) -> c_int,
+    rbd_lock_get_owners_cleanup: unsafe extern "C" fn(*mut *mut c_char, usize),
+    rbd_lock_break: unsafe extern "C" fn(ImageT, c_int, *const c_char) -> c_int,
 }
 
 /// Why librados/librbd could not be used at all.
@@ -248,12 +287,28 @@ impl Api {
             rados_conf_read_file: rados!(rados_conf_read_file),
             rados_conf_parse_env: rados!(rados_conf_parse_env),
             rados_conf_set: rados!(rados_conf_set),
+            rados_conf_get: rados!(rados_conf_get),
             rados_connect: rados!(rados_connect),
             rados_shutdown: rados!(rados_shutdown),
             rados_cluster_fsid: rados!(rados_cluster_fsid),
             rados_ioctx_create: rados!(rados_ioctx_create),
             rados_ioctx_destroy: rados!(rados_ioctx_destroy),
             rados_ioctx_set_namespace: rados!(rados_ioctx_set_namespace),
+            rados_get_instance_id: rados!(rados_get_instance_id),
+            rados_getaddrs: rados!(rados_getaddrs),
+            rados_buffer_free: rados!(rados_buffer_free),
+            rados_write_full: rados!(rados_write_full),
+            rados_read: rados!(rados_read),
+            rados_stat: rados!(rados_stat),
+            rados_remove: rados!(rados_remove),
+            rados_create_write_op: rados!(rados_create_write_op),
+            rados_release_write_op: rados!(rados_release_write_op),
+            rados_write_op_create: rados!(rados_write_op_create),
+            rados_write_op_write_full: rados!(rados_write_op_write_full),
+            rados_write_op_operate: rados!(rados_write_op_operate),
+            rados_nobjects_list_open: rados!(rados_nobjects_list_open),
+            rados_nobjects_list_next: rados!(rados_nobjects_list_next),
+            rados_nobjects_list_close: rados!(rados_nobjects_list_close),
             rbd_version: rbd!(rbd_version),
             rbd_list2: rbd!(rbd_list2),
             rbd_image_spec_list_cleanup: rbd!(rbd_image_spec_list_cleanup),
@@ -280,6 +335,9 @@ impl Api {
             rbd_discard: rbd!(rbd_discard),
             rbd_resize: rbd!(rbd_resize),
             rbd_flush: rbd!(rbd_flush),
+            rbd_lock_get_owners: rbd!(rbd_lock_get_owners),
+            rbd_lock_get_owners_cleanup: rbd!(rbd_lock_get_owners_cleanup),
+            rbd_lock_break: rbd!(rbd_lock_break),
             _rados_lib: rados,
             _rbd_lib: rbd,
         })
@@ -382,6 +440,26 @@ impl RadosConfig {
             .map(drop)
     }
 
+    /// `rados_conf_get(option)`: the option's current value.
+    pub fn get(&self, option: &CStr) -> Result<String, Errno> {
+        let mut len = 256;
+        loop {
+            let mut buf = vec![0 as c_char; len];
+            // SAFETY: live handle; buf writable for len bytes.
+            let r = unsafe {
+                (self.raw.api.rados_conf_get)(self.raw.h.as_ptr(), option.as_ptr(), buf.as_mut_ptr(), len)
+            };
+            if r == -ENAMETOOLONG && len < 1 << 16 {
+                len *= 4;
+                continue;
+            }
+            check(r)?;
+            buf[len - 1] = 0;
+            // SAFETY: NUL-terminated buffer.
+            return Ok(unsafe { string_from(buf.as_ptr()) });
+        }
+    }
+
     /// `rados_conf_set(option, value)`.
     pub fn set(&mut self, option: &CStr, value: &CStr) -> Result<(), Errno> {
         // SAFETY: live unconnected handle; NUL-terminated strings.
@@ -395,13 +473,21 @@ impl RadosConfig {
     pub fn connect(self) -> Result<Rados, Errno> {
         // SAFETY: live handle, connected at most once (self is consumed).
         check(unsafe { (self.raw.api.rados_connect)(self.raw.h.as_ptr()) })?;
-        Ok(Rados { raw: self.raw })
+        Ok(Rados {
+            raw: self.raw,
+            timed_out: AtomicBool::new(false),
+        })
     }
 }
 
 /// A connected cluster handle.
 pub struct Rados {
     raw: RawRados,
+    /// An operation through this connection returned ETIMEDOUT: the
+    /// cluster (an OSD, a monitor) does not answer. From then on handles
+    /// are closed on a background thread instead of blocking their owner
+    /// for another timeout each (see `Drop for Image`).
+    timed_out: AtomicBool,
 }
 
 // SAFETY: a connected rados_t may be used from several threads at once
@@ -409,6 +495,17 @@ pub struct Rados {
 unsafe impl Sync for Rados {}
 
 impl Rados {
+    /// Whether an operation through this connection timed out.
+    pub fn has_timed_out(&self) -> bool {
+        self.timed_out.load(Ordering::Relaxed)
+    }
+
+    fn note(&self, e: Errno) -> Errno {
+        if e.0 == ETIMEDOUT {
+            self.timed_out.store(true, Ordering::Relaxed);
+        }
+        e
+    }
     /// `rados_cluster_fsid`.
     pub fn fsid(&self) -> Result<String, Errno> {
         let mut buf = [0 as c_char; 64];
@@ -420,6 +517,28 @@ impl Rados {
         buf[buf.len() - 1] = 0;
         // SAFETY: NUL-terminated buffer.
         Ok(unsafe { string_from(buf.as_ptr()) })
+    }
+
+    /// `rados_get_instance_id`: the global id of this client; it is
+    /// `client.<id>` in lock owners, `rbd status` and the blocklist.
+    pub fn instance_id(&self) -> u64 {
+        // SAFETY: connected handle.
+        unsafe { (self.raw.api.rados_get_instance_id)(self.raw.h.as_ptr()) }
+    }
+
+    /// `rados_getaddrs`: this client's addresses, e.g.
+    /// `[v2:127.0.0.1:0/3262212345]`; lock owners are named by the address.
+    pub fn addrs(&self) -> Result<String, Errno> {
+        let mut p: *mut c_char = ptr::null_mut();
+        // SAFETY: connected handle, valid out-pointer.
+        check(unsafe { (self.raw.api.rados_getaddrs)(self.raw.h.as_ptr(), &mut p) })?;
+        // SAFETY: on success p is a NUL-terminated string librados allocated.
+        let s = unsafe { string_from(p) };
+        if !p.is_null() {
+            // SAFETY: freed once, with the function librados documents for it.
+            unsafe { (self.raw.api.rados_buffer_free)(p) };
+        }
+        Ok(s)
     }
 
     /// `rados_ioctx_create(pool)` then, with `namespace`, `rados_ioctx_set_namespace`.
@@ -505,7 +624,7 @@ impl IoCtx {
                 cap = n + 16; // images may be created meanwhile
                 continue;
             }
-            check(r)?;
+            self.check(r)?;
             let n = n.min(cap);
             // SAFETY: on success librbd filled the first n entries.
             unsafe { specs.set_len(n) };
@@ -542,14 +661,14 @@ impl IoCtx {
             opts.set(RBD_IMAGE_OPTION_STRIPE_COUNT, count)?;
         }
         // SAFETY: live ioctx and options, NUL-terminated name.
-        check(unsafe { (self.api.rbd_create4)(self.h.as_ptr(), name.as_ptr(), size, opts.h) })
+        self.check(unsafe { (self.api.rbd_create4)(self.h.as_ptr(), name.as_ptr(), size, opts.h) })
             .map(drop)
     }
 
     /// `rbd_remove` (fails with ENOTEMPTY while the image has snapshots).
     pub fn remove_image(&self, name: &CStr) -> Result<(), Errno> {
         // SAFETY: live ioctx, NUL-terminated name.
-        check(unsafe { (self.api.rbd_remove)(self.h.as_ptr(), name.as_ptr()) }).map(drop)
+        self.check(unsafe { (self.api.rbd_remove)(self.h.as_ptr(), name.as_ptr()) }).map(drop)
     }
 
     /// `rbd_open` (`read_only` false) or `rbd_open_read_only`, at `snap` or the head.
@@ -566,13 +685,162 @@ impl IoCtx {
         };
         let mut h: ImageT = ptr::null_mut();
         // SAFETY: live ioctx, NUL-terminated strings (snap may be null), valid out-pointer.
-        check(unsafe { open(self.h.as_ptr(), name.as_ptr(), &mut h, opt_ptr(snap)) })?;
+        self.check(unsafe { open(self.h.as_ptr(), name.as_ptr(), &mut h, opt_ptr(snap)) })?;
         let h = NonNull::new(h).ok_or(Errno(EIO))?;
         Ok(Image {
             api: self.api,
             h,
             _ioctx: Arc::clone(self),
         })
+    }
+}
+
+
+/// RAII for `rados_write_op_t`.
+struct WriteOp {
+    api: &'static Api,
+    h: NonNull<c_void>,
+}
+
+impl Drop for WriteOp {
+    fn drop(&mut self) {
+        // SAFETY: created by rados_create_write_op, released once.
+        unsafe { (self.api.rados_release_write_op)(self.h.as_ptr()) };
+    }
+}
+
+/// RAII for `rados_list_ctx_t`.
+struct ListCtx {
+    api: &'static Api,
+    h: NonNull<c_void>,
+}
+
+impl Drop for ListCtx {
+    fn drop(&mut self) {
+        // SAFETY: opened by rados_nobjects_list_open, closed once.
+        unsafe { (self.api.rados_nobjects_list_close)(self.h.as_ptr()) };
+    }
+}
+
+/// Largest object payload passed to one librados call (librados returns
+/// byte counts as an `int`; Ceph's default `osd_max_object_size` is 128 MiB).
+pub const MAX_OBJECT_IO: usize = 1 << 30;
+
+impl IoCtx {
+    fn check(&self, r: c_int) -> Result<c_int, Errno> {
+        check(r).map_err(|e| self._rados.note(e))
+    }
+
+    /// Whether an operation through this ioctx's connection timed out.
+    pub fn has_timed_out(&self) -> bool {
+        self._rados.has_timed_out()
+    }
+}
+
+/// RADOS object operations (what a store backend needs).
+impl IoCtx {
+    /// The global id of the client this ioctx belongs to.
+    pub fn instance_id(&self) -> u64 {
+        self._rados.instance_id()
+    }
+
+    /// The addresses of the client this ioctx belongs to.
+    pub fn client_addrs(&self) -> Result<String, Errno> {
+        self._rados.addrs()
+    }
+
+    /// `rados_write_full`: replaces the object's whole content (creates it).
+    pub fn write_full(&self, oid: &CStr, data: &[u8]) -> Result<(), Errno> {
+        if data.len() > MAX_OBJECT_IO {
+            return Err(Errno(EINVAL));
+        }
+        // SAFETY: live ioctx, NUL-terminated oid, data readable for its length
+        // (librados copies it before returning: synchronous call).
+        self.check(unsafe {
+            (self.api.rados_write_full)(self.h.as_ptr(), oid.as_ptr(), data.as_ptr().cast(), data.len())
+        })
+        .map(drop)
+    }
+
+    /// One write operation that creates the object exclusively and writes
+    /// its whole content: atomic on the OSD, so the object either does not
+    /// exist (EEXIST when it already did) or exists with all of `data`.
+    pub fn create_exclusive(&self, oid: &CStr, data: &[u8]) -> Result<(), Errno> {
+        if data.len() > MAX_OBJECT_IO {
+            return Err(Errno(EINVAL));
+        }
+        // SAFETY: no arguments.
+        let h = unsafe { (self.api.rados_create_write_op)() };
+        let op = WriteOp {
+            api: self.api,
+            h: NonNull::new(h).ok_or(Errno(EIO))?,
+        };
+        // SAFETY: live op; the category argument is unused (null allowed);
+        // data stays borrowed until operate returns, which is when librados
+        // is done with it.
+        unsafe {
+            (self.api.rados_write_op_create)(op.h.as_ptr(), LIBRADOS_CREATE_EXCLUSIVE, ptr::null());
+            (self.api.rados_write_op_write_full)(op.h.as_ptr(), data.as_ptr().cast(), data.len());
+        }
+        // SAFETY: live op and ioctx, NUL-terminated oid, null mtime (now).
+        self.check(unsafe {
+            (self.api.rados_write_op_operate)(op.h.as_ptr(), self.h.as_ptr(), oid.as_ptr(), ptr::null_mut(), 0)
+        })
+        .map(drop)
+    }
+
+    /// One `rados_read` of up to `buf.len()` bytes (at most 1 GiB) at `offset`:
+    /// the number of bytes read, fewer at the object's end.
+    pub fn read_object(&self, oid: &CStr, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
+        let len = buf.len().min(MAX_OBJECT_IO);
+        // SAFETY: live ioctx, NUL-terminated oid, buf writable for len bytes.
+        let n = self.check(unsafe {
+            (self.api.rados_read)(self.h.as_ptr(), oid.as_ptr(), buf.as_mut_ptr().cast(), len, offset)
+        })?;
+        Ok(usize::try_from(n).unwrap_or(0).min(len))
+    }
+
+    /// `rados_stat`: the object's size and modification time (seconds since the epoch).
+    pub fn stat_object(&self, oid: &CStr) -> Result<(u64, i64), Errno> {
+        let (mut size, mut mtime) = (0u64, 0 as TimeT);
+        // SAFETY: live ioctx, NUL-terminated oid, valid out-pointers.
+        self.check(unsafe { (self.api.rados_stat)(self.h.as_ptr(), oid.as_ptr(), &mut size, &mut mtime) })?;
+        Ok((size, mtime))
+    }
+
+    /// `rados_remove`.
+    pub fn remove_object(&self, oid: &CStr) -> Result<(), Errno> {
+        // SAFETY: live ioctx, NUL-terminated oid.
+        self.check(unsafe { (self.api.rados_remove)(self.h.as_ptr(), oid.as_ptr()) }).map(drop)
+    }
+
+    /// Lists the names of the objects of the ioctx's namespace, calling
+    /// `f(name)` for each until it returns false.
+    pub fn list_objects(&self, mut f: impl FnMut(String) -> bool) -> Result<(), Errno> {
+        let mut h: ListCtxT = ptr::null_mut();
+        // SAFETY: live ioctx, valid out-pointer.
+        self.check(unsafe { (self.api.rados_nobjects_list_open)(self.h.as_ptr(), &mut h) })?;
+        let list = ListCtx {
+            api: self.api,
+            h: NonNull::new(h).ok_or(Errno(EIO))?,
+        };
+        loop {
+            let mut entry: *const c_char = ptr::null();
+            // SAFETY: live list context; key and namespace may be null (not wanted).
+            let r = unsafe {
+                (self.api.rados_nobjects_list_next)(list.h.as_ptr(), &mut entry, ptr::null_mut(), ptr::null_mut())
+            };
+            if r == -ENOENT {
+                return Ok(());
+            }
+            self.check(r)?;
+            // SAFETY: entry is a NUL-terminated string owned by the list
+            // context, valid until the next call; copied here.
+            let name = unsafe { string_from(entry) };
+            if !f(name) {
+                return Ok(());
+            }
+        }
     }
 }
 
@@ -596,11 +864,51 @@ unsafe impl Sync for Image {}
 
 impl Drop for Image {
     fn drop(&mut self) {
+        if self._ioctx._rados.has_timed_out() {
+            // rbd_close would wait for the unresponsive cluster (releasing
+            // the exclusive lock, unwatching the header: each op another
+            // `rados_osd_op_timeout`). Close on a thread of its own, which
+            // keeps the ioctx and connection alive until it is done.
+            let closing = Closing {
+                api: self.api,
+                h: self.h,
+                _ioctx: Arc::clone(&self._ioctx),
+            };
+            // When no thread can be started, the closure is dropped unused
+            // and `Closing::drop` closes the handle here instead.
+            let _ = std::thread::Builder::new()
+                .name("rbd-close".into())
+                .spawn(move || drop(closing));
+            return;
+        }
         // SAFETY: h came from rbd_open*, is closed exactly once, no borrow of
         // self is left; the IoCtx is still alive (held by self._ioctx).
         let r = unsafe { (self.api.rbd_close)(self.h.as_ptr()) };
         if r < 0 {
             tracing::warn!(errno = -r, "rbd_close failed");
+        }
+    }
+}
+
+/// An image handle being closed after a timeout (see `Drop for Image`).
+struct Closing {
+    api: &'static Api,
+    h: NonNull<c_void>,
+    _ioctx: Arc<IoCtx>,
+}
+
+// SAFETY: the handle is no longer used by anyone but this value (its Image
+// was dropped), and librbd handles may be closed from any thread.
+unsafe impl Send for Closing {}
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        // SAFETY: h came from rbd_open*; the Image it came from did not
+        // close it and is gone, so this is the only close; the IoCtx is
+        // alive (held by self._ioctx).
+        let r = unsafe { (self.api.rbd_close)(self.h.as_ptr()) };
+        if r < 0 {
+            tracing::debug!(errno = -r, "rbd_close after a timeout failed");
         }
     }
 }
@@ -670,6 +978,14 @@ where
 }
 
 impl Image {
+    fn check(&self, r: c_int) -> Result<c_int, Errno> {
+        check(r).map_err(|e| self._ioctx._rados.note(e))
+    }
+
+    fn check_size(&self, r: isize) -> Result<usize, Errno> {
+        check_size(r).map_err(|e| self._ioctx._rados.note(e))
+    }
+
     /// `rbd_stat`.
     pub fn stat(&self) -> Result<Stat, Errno> {
         let mut info = RbdImageInfo {
@@ -682,7 +998,7 @@ impl Image {
             parent_name: [0; 96],
         };
         // SAFETY: open image, info is a correctly laid out rbd_image_info_t of the given size.
-        check(unsafe {
+        self.check(unsafe {
             (self.api.rbd_stat)(
                 self.h.as_ptr(),
                 &mut info,
@@ -700,7 +1016,7 @@ impl Image {
     fn get_u64(&self, f: unsafe extern "C" fn(ImageT, *mut u64) -> c_int) -> Result<u64, Errno> {
         let mut v = 0u64;
         // SAFETY: f is one of rbd_get_size/features/flags: open image, valid out-pointer.
-        check(unsafe { f(self.h.as_ptr(), &mut v) })?;
+        self.check(unsafe { f(self.h.as_ptr(), &mut v) })?;
         Ok(v)
     }
 
@@ -730,7 +1046,7 @@ impl Image {
                 len *= 4;
                 continue;
             }
-            check(r)?;
+            self.check(r)?;
             buf[len - 1] = 0;
             // SAFETY: NUL-terminated buffer.
             return Ok(unsafe { string_from(buf.as_ptr()) });
@@ -750,7 +1066,7 @@ impl Image {
                 cap = max + 8; // snapshots may be created meanwhile
                 continue;
             }
-            let n = check(r)? as usize;
+            let n = self.check(r)? as usize;
             if n >= cap as usize {
                 return Err(Errno(EIO)); // no room for the terminator: cannot happen
             }
@@ -775,13 +1091,13 @@ impl Image {
     /// `rbd_snap_create`.
     pub fn snap_create(&self, name: &CStr) -> Result<(), Errno> {
         // SAFETY: open image, NUL-terminated name.
-        check(unsafe { (self.api.rbd_snap_create)(self.h.as_ptr(), name.as_ptr()) }).map(drop)
+        self.check(unsafe { (self.api.rbd_snap_create)(self.h.as_ptr(), name.as_ptr()) }).map(drop)
     }
 
     /// `rbd_snap_remove`.
     pub fn snap_remove(&self, name: &CStr) -> Result<(), Errno> {
         // SAFETY: open image, NUL-terminated name.
-        check(unsafe { (self.api.rbd_snap_remove)(self.h.as_ptr(), name.as_ptr()) }).map(drop)
+        self.check(unsafe { (self.api.rbd_snap_remove)(self.h.as_ptr(), name.as_ptr()) }).map(drop)
     }
 
     /// `rbd_diff_iterate2`. `cb(offset, len, exists)` returns whether to go
@@ -829,7 +1145,7 @@ impl Image {
         if st.stopped {
             return Ok(());
         }
-        check(r).map(drop)
+        self.check(r).map(drop)
     }
 
     /// One `rbd_read2` call of at most 1 GiB: the number of bytes read
@@ -837,7 +1153,7 @@ impl Image {
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
         let len = buf.len().min(MAX_IO);
         // SAFETY: open image; buf is writable for len bytes.
-        check_size(unsafe {
+        self.check_size(unsafe {
             (self.api.rbd_read2)(self.h.as_ptr(), offset, len, buf.as_mut_ptr().cast(), 0)
         })
     }
@@ -847,7 +1163,7 @@ impl Image {
         let len = buf.len().min(MAX_IO);
         // SAFETY: open image; buf is readable for len bytes and librbd copies
         // it before returning (synchronous call).
-        check_size(unsafe {
+        self.check_size(unsafe {
             (self.api.rbd_write2)(self.h.as_ptr(), offset, len, buf.as_ptr().cast(), 0)
         })
     }
@@ -859,18 +1175,57 @@ impl Image {
             return Err(Errno(EINVAL));
         }
         // SAFETY: open image.
-        check(unsafe { (self.api.rbd_discard)(self.h.as_ptr(), offset, len) }).map(drop)
+        self.check(unsafe { (self.api.rbd_discard)(self.h.as_ptr(), offset, len) }).map(drop)
     }
 
     /// `rbd_resize`.
     pub fn resize(&self, size: u64) -> Result<(), Errno> {
         // SAFETY: open image.
-        check(unsafe { (self.api.rbd_resize)(self.h.as_ptr(), size) }).map(drop)
+        self.check(unsafe { (self.api.rbd_resize)(self.h.as_ptr(), size) }).map(drop)
+    }
+
+    /// `rbd_lock_get_owners`: the clients holding the image's exclusive
+    /// lock (`client.<id>`), empty when nobody holds it.
+    pub fn lock_owners(&self) -> Result<Vec<String>, Errno> {
+        let mut cap: usize = 4;
+        loop {
+            let mut owners: Vec<*mut c_char> = vec![ptr::null_mut(); cap];
+            let mut n = cap;
+            let mut mode: c_int = 0;
+            // SAFETY: open image; owners has room for n pointers, which
+            // librbd fills with strdup'ed strings.
+            let r = unsafe {
+                (self.api.rbd_lock_get_owners)(self.h.as_ptr(), &mut mode, owners.as_mut_ptr(), &mut n)
+            };
+            if r == -ENOENT {
+                return Ok(Vec::new());
+            }
+            if r == -ERANGE && n > cap {
+                cap = n + 2;
+                continue;
+            }
+            self.check(r)?;
+            let n = n.min(cap);
+            // SAFETY: librbd filled the first n entries with NUL-terminated strings.
+            let names = owners[..n].iter().map(|&p| unsafe { string_from(p) }).collect();
+            // SAFETY: frees exactly the n strings librbd allocated, once.
+            unsafe { (self.api.rbd_lock_get_owners_cleanup)(owners.as_mut_ptr(), n) };
+            return Ok(names);
+        }
+    }
+
+    /// `rbd_lock_break(RBD_LOCK_MODE_EXCLUSIVE, owner)`: librbd blocklists
+    /// the owner first (`rbd_blocklist_on_break_lock`, on by default), so it
+    /// cannot write to the image afterwards even if it is still alive.
+    pub fn lock_break(&self, owner: &CStr) -> Result<(), Errno> {
+        // SAFETY: open image, NUL-terminated owner.
+        self.check(unsafe { (self.api.rbd_lock_break)(self.h.as_ptr(), RBD_LOCK_MODE_EXCLUSIVE, owner.as_ptr()) })
+            .map(drop)
     }
 
     /// `rbd_flush`.
     pub fn flush(&self) -> Result<(), Errno> {
         // SAFETY: open image.
-        check(unsafe { (self.api.rbd_flush)(self.h.as_ptr()) }).map(drop)
+        self.check(unsafe { (self.api.rbd_flush)(self.h.as_ptr()) }).map(drop)
     }
 }
