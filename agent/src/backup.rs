@@ -1,7 +1,16 @@
-//! One backup of one image: plan, pipeline, commit.
+//! One backup of one image, top to bottom:
+//!
+//! lock → open the source → recover what a crashed run left → load the
+//! parent → allocate the backup → the source freezes a point in time → the
+//! source reports what changed → plan ([`crate::plan`], pure) → trust
+//! checks (sampled) → pipeline → commit (store, then catalog) → the source
+//! finishes (demote, or remove the snapshot of a failed run).
+//!
+//! Each step calls down into the next one's modules; nothing calls back.
 
 use std::collections::HashSet;
 use std::sync::atomic::AtomicBool;
+use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -9,28 +18,17 @@ use blockvault_catalog::{now_rfc3339, BackupState};
 use blockvault_store::{format::MANIFEST_VERSION, BackupId, BlockMap, ChunkId, Manifest, Store};
 use tracing::{debug, info, info_span, warn};
 
-use crate::config::{ImageConfig, Source};
+use crate::config::{self, ImageConfig};
 use crate::context::Ctx;
+use crate::error::BackupError;
 use crate::pipeline::{self, PipelineOptions, Progress};
+use crate::plan::{self, BlockAction, Changes, FullReason};
+use crate::pool;
 use crate::source::file::FileSource;
-use crate::source::{BlockAction, ImageSource};
+use crate::source::rbd::RbdSource;
+use crate::source::{Job, Outcome, Source};
 
-/// A committed parent backup, with its verified block map.
-pub struct Parent {
-    pub manifest: Manifest,
-    pub map: BlockMap,
-}
-
-/// The work a source hands the generic commit path.
-pub struct Prepared<'a> {
-    pub source: Box<dyn ImageSource + 'a>,
-    pub actions: Vec<BlockAction>,
-    /// The new block map, inherited entries already filled in.
-    pub map: BlockMap,
-    pub full_read: bool,
-    pub snapshot: Option<String>,
-    pub rbd: Option<blockvault_store::RbdInfo>,
-}
+pub use crate::source::Parent;
 
 /// File name of the per-image lock.
 pub fn image_lock_name(image: &str) -> String {
@@ -128,126 +126,78 @@ pub fn load_parent(ctx: &Ctx, image_id: i64) -> Result<Option<Parent>> {
 /// Distinct chunk ids of `map` that the store does not hold, checked by
 /// `threads` threads (a `stat` each: cheap, but a large map of small
 /// blocks has many).
-fn missing_chunks(store: &Store, map: &BlockMap, threads: usize) -> blockvault_store::Result<Vec<ChunkId>> {
+fn missing_chunks(store: &Store, map: &BlockMap, threads: usize) -> Result<Vec<ChunkId>> {
+    /// Ids per work item: one channel message per `stat` would cost more
+    /// than the `stat` of a cached inode.
+    const IDS_PER_ITEM: usize = 256;
     let ids: Vec<ChunkId> = map.chunk_ids().copied().collect::<HashSet<_>>().into_iter().collect();
-    let per = ids.len().div_ceil(threads.max(1)).max(1);
-    let mut missing = std::thread::scope(|s| {
-        let handles: Vec<_> = ids
-            .chunks(per)
-            .map(|part| {
-                s.spawn(move || -> blockvault_store::Result<Vec<ChunkId>> {
-                    let mut out = Vec::new();
-                    for id in part {
-                        if !store.has_chunk(id)? {
-                            out.push(*id);
-                        }
-                    }
-                    Ok(out)
-                })
-            })
-            .collect();
-        let mut all = Vec::new();
-        for h in handles {
-            all.extend(h.join().expect("chunk existence check panicked")?);
+    let missing = Mutex::new(Vec::new());
+    let never = AtomicBool::new(false);
+    pool::for_each(&never, "chunk check", threads, threads * 2, ids.chunks(IDS_PER_ITEM), || (), |_, part: &[ChunkId]| {
+        for id in part {
+            if !store.has_chunk(id)? {
+                missing.lock().unwrap_or_else(|p| p.into_inner()).push(*id);
+            }
         }
-        Ok::<_, blockvault_store::Error>(all)
+        Ok(())
     })?;
+    let mut missing = missing.into_inner().unwrap_or_else(|p| p.into_inner());
     missing.sort();
     Ok(missing)
+}
+
+/// Opens the source a configured image names.
+///
+/// # Errors
+/// When it cannot be opened (missing file, cluster or image unreachable).
+fn open_source(ctx: &Ctx, img: &ImageConfig) -> Result<Box<dyn Source>> {
+    Ok(match &img.source {
+        config::Source::File(path) => Box::new(FileSource::open(path).with_context(|| format!("image '{}'", img.name))?),
+        config::Source::Rbd { .. } => Box::new(RbdSource::open(&ctx.cfg, img)?),
+    })
 }
 
 /// Backs up one configured image. Returns the committed manifest.
 ///
 /// # Errors
-/// Any failure; the backup row is then marked failed and nothing is committed.
+/// Any failure; the backup row is then marked failed and nothing is
+/// committed. [`BackupError::Locked`] when another process backs up the
+/// image, [`BackupError::Cancelled`] when `cancel` was set.
 pub fn backup_image(ctx: &mut Ctx, img: &ImageConfig, progress: &dyn Progress, cancel: &AtomicBool) -> Result<Manifest> {
     let span = info_span!("backup", image = %img.name);
     let _e = span.enter();
-    // temp files of crashed writers go first, while no one else writes
+
+    // lock: temp files of crashed writers go first, while no one else writes
     ctx.store.clean_tmp()?;
     let _store_lock = ctx.store.lock_shared()?;
     let Some(_image_lock) = ctx.store.try_lock_named(&image_lock_name(&img.name))? else {
-        anyhow::bail!("another backup of image '{}' is running", img.name);
+        return Err(BackupError::Locked { image: img.name.clone() }.into());
     };
-    match &img.source {
-        Source::File(path) => {
-            let src = FileSource::open(path).with_context(|| format!("image '{}'", img.name))?;
-            let block_size = img.block_size(&ctx.cfg.defaults).unwrap_or(ctx.store.meta().default_block_size);
-            let image = ctx.catalog.ensure_image(&img.name, &img.source.to_string(), block_size)?;
-            recover_stale(ctx, image.id)?;
-            if image.block_size != block_size {
-                warn!(configured = block_size, kept = image.block_size, "block size of an image is fixed at its first backup; keeping the existing one");
-            }
-            let parent = load_parent(ctx, image.id)?;
-            let actions = src.plan(image.block_size)?;
-            debug!(blocks = actions.len(), "full read: a file source has no diff, so every allocated extent is read and deduplication finds what is unchanged");
-            let map = BlockMap::new_zeroed(src.size(), image.block_size);
-            run_backup(ctx, img, image.id, parent.as_ref(), image.block_size, progress, cancel, move |_, _| {
-                Ok(Prepared { source: Box::new(src), actions, map, full_read: true, snapshot: None, rbd: None })
-            })
-        }
-        Source::Rbd { .. } => crate::rbd_backup::backup(ctx, img, progress, cancel),
-    }
-}
 
-/// Allocates a backup id, lets `prepare` build the plan (RBD: snapshot
-/// intent, snapshot, diff), runs the pipeline and commits the result: store
-/// first (chunks, block map, manifest), then the catalog row.
-///
-/// # Errors
-/// Any failure; the backup row is then marked failed.
-#[allow(clippy::too_many_arguments)]
-pub fn run_backup<'s>(
-    ctx: &mut Ctx,
-    img: &ImageConfig,
-    image_id: i64,
-    parent: Option<&Parent>,
-    block_size: u32,
-    progress: &dyn Progress,
-    cancel: &AtomicBool,
-    prepare: impl FnOnce(&mut Ctx, BackupId) -> Result<Prepared<'s>>,
-) -> Result<Manifest> {
+    // open the source: what can fail on its side fails before the catalog is touched
+    let mut source = open_source(ctx, img)?;
+    let configured = img.block_size(&ctx.cfg.defaults).unwrap_or(ctx.store.meta().default_block_size);
+    let row = ctx.catalog.ensure_image(&img.name, &img.source.to_string(), configured)?;
+    if row.block_size != configured {
+        warn!(configured, kept = row.block_size, "block size of an image is fixed at its first backup; keeping the existing one");
+    }
+    let job = Job { image: img.name.clone(), image_id: row.id, block_size: row.block_size, image_lock: image_lock_name(&img.name) };
+
+    // recover what a crashed run left: catalog rows, then the source's side
+    recover_stale(ctx, job.image_id)?;
+    source.recover(&ctx.store, &ctx.catalog, &job)?;
+
+    let parent = load_parent(ctx, job.image_id)?;
+
+    // allocate the backup
     let started = Instant::now();
     let created = now_rfc3339();
     let min_id = ctx.store.list_backups()?.last().map(|b| b.0 + 1).unwrap_or(1);
-    let id = ctx.catalog.begin_backup(image_id, parent.map(|p| p.manifest.id), block_size, &created, min_id)?;
-    let result = (|| -> Result<Manifest> {
-        let mut p = prepare(ctx, id)?;
-        info!(backup = id.0, parent = ?parent.map(|p| p.manifest.id.0), source = %p.source.describe(), size = p.source.size(), "backup started");
-        // every id of a parent from `load_parent` was found in the store
-        let known: HashSet<_> = parent.map(|p| p.map.chunk_ids().copied().collect()).unwrap_or_default();
-        let opts = PipelineOptions {
-            workers: ctx.cfg.workers(),
-            readers: ctx.cfg.store.readers,
-            compression_level: ctx.cfg.store.compression_level,
-        };
-        let mut stats = pipeline::run(&ctx.store, &*p.source, &p.actions, &mut p.map, &known, &opts, progress, cancel)?;
-        stats.full_read = p.full_read;
-        let (patched, patched_read) = p.source.patched();
-        stats.patched_blocks = patched;
-        stats.read_bytes = stats.read_bytes - patched * block_size as u64 + patched_read;
-        stats.duration_ms = started.elapsed().as_millis() as u64;
-        let mut manifest = Manifest {
-            format: MANIFEST_VERSION,
-            id,
-            image: img.name.clone(),
-            source: img.source.to_string(),
-            created: created.clone(),
-            finished: now_rfc3339(),
-            parent: parent.map(|p| p.manifest.id),
-            image_size: p.map.image_size(),
-            block_size,
-            blockmap_blake3: String::new(),
-            snapshot: p.snapshot.clone(),
-            stats,
-            rbd: p.rbd.clone(),
-        };
-        ctx.store
-            .write_backup(&mut manifest, &p.map)
-            .with_context(|| format!("writing backup {id} to store {}", ctx.store.root().display()))?;
-        ctx.catalog.commit_backup(&manifest)?;
-        Ok(manifest)
-    })();
+    let id = ctx.catalog.begin_backup(job.image_id, parent.as_ref().map(|p| p.manifest.id), job.block_size, &created, min_id)?;
+
+    let result = freeze_to_commit(ctx, img, &job, &mut *source, id, parent.as_ref(), &created, started, progress, cancel);
+
+    // the source finishes either way
     match result {
         Ok(m) => {
             let s = &m.stats;
@@ -264,6 +214,9 @@ pub fn run_backup<'s>(
                 duration_ms = s.duration_ms,
                 "backup committed"
             );
+            if let Err(e) = source.finish(&ctx.catalog, &job, Outcome::Committed) {
+                warn!(backup = id.0, error = %format!("{e:#}"), "could not finish the source after the commit; the next run retries");
+            }
             Ok(m)
         }
         Err(e) => {
@@ -271,7 +224,115 @@ pub fn run_backup<'s>(
             if let Err(e2) = ctx.catalog.fail_backup(id, &format!("{e:#}")) {
                 warn!(backup = id.0, error = %crate::logging::Chain(&e2), "could not mark backup failed in the catalog");
             }
+            if let Err(e2) = source.finish(&ctx.catalog, &job, Outcome::Failed) {
+                warn!(backup = id.0, error = %format!("{e2:#}"), "could not clean up the source after the failed backup; the next run retries");
+            }
             Err(e.context(format!("backup {id} of image '{}' failed", img.name)))
         }
+    }
+}
+
+/// The steps from the point in time to the commit point, for backup `id`.
+#[allow(clippy::too_many_arguments)]
+fn freeze_to_commit(
+    ctx: &mut Ctx,
+    img: &ImageConfig,
+    job: &Job,
+    source: &mut dyn Source,
+    id: BackupId,
+    parent: Option<&crate::source::Parent>,
+    created: &str,
+    started: Instant,
+    progress: &dyn Progress,
+    cancel: &AtomicBool,
+) -> Result<Manifest> {
+    let size = source.freeze(&ctx.catalog, job, id)?;
+    info!(backup = id.0, parent = ?parent.map(|p| p.manifest.id.0), source = %source.describe(), size, "backup started");
+
+    // what changed, and the plan
+    let changes = source.changes(parent)?;
+    if let Changes::Full { reason, .. } = &changes {
+        log_full_read(&job.image, reason);
+    }
+    let plan_of = |changes: &Changes| {
+        plan::plan(changes, size, job.block_size, parent.map(|p| &p.map))
+            .with_context(|| format!("planning backup {id} of image '{}'", job.image))
+    };
+    let mut plan = plan_of(&changes)?;
+
+    // trust checks: an untrusted diff makes it a full read
+    if let (false, Some(p)) = (plan.full_read, parent) {
+        if let Err(e) = source.check(&ctx.store, p, &plan) {
+            let Some(&BackupError::UntrustedDiff { block, parent, .. }) = BackupError::find(&e) else { return Err(e) };
+            let reason = FullReason::UntrustedDiff { block, parent };
+            log_full_read(&job.image, &reason);
+            let extents = match source.changes(None)? {
+                Changes::Full { extents, .. } | Changes::Since { extents } => extents,
+            };
+            plan = plan_of(&Changes::Full { extents, reason })?;
+        }
+    }
+    info!(image = %job.image, snapshot = ?source.snapshot(), full_read = plan.full_read, blocks = plan.actions.len(),
+        read_blocks = plan.count(BlockAction::Read), "plan ready");
+
+    // pipeline; every id of a parent from `load_parent` was found in the store
+    let known: HashSet<_> = parent.map(|p| p.map.chunk_ids().copied().collect()).unwrap_or_default();
+    let opts = PipelineOptions {
+        workers: ctx.cfg.workers(),
+        readers: ctx.cfg.store.readers,
+        compression_level: ctx.cfg.store.compression_level,
+    };
+    let mut map = plan.map;
+    let mut stats = {
+        let reader = source.reader(&ctx.store)?;
+        pipeline::run(&ctx.store, &*reader, &plan.actions, &mut map, &known, &opts, progress, cancel)?
+    };
+    stats.full_read = plan.full_read;
+    stats.duration_ms = started.elapsed().as_millis() as u64;
+
+    // commit: store first (chunks are durable, then block map, then manifest), then the catalog row
+    let mut manifest = Manifest {
+        format: MANIFEST_VERSION,
+        id,
+        image: img.name.clone(),
+        source: img.source.to_string(),
+        created: created.to_string(),
+        finished: now_rfc3339(),
+        parent: parent.map(|p| p.manifest.id),
+        image_size: map.image_size(),
+        block_size: job.block_size,
+        blockmap_blake3: String::new(),
+        snapshot: source.snapshot(),
+        stats,
+        rbd: source.rbd_info(),
+    };
+    ctx.store
+        .write_backup(&mut manifest, &map)
+        .with_context(|| format!("writing backup {id} to store {}", ctx.store.root().display()))?;
+    ctx.catalog.commit_backup(&manifest)?;
+    Ok(manifest)
+}
+
+/// Logs why a backup reads everything, as the operator needs to know.
+fn log_full_read(image: &str, reason: &FullReason) {
+    match reason {
+        FullReason::NoChangeTracking => debug!(
+            image,
+            "full read: a file source has no diff, so every allocated extent is read and deduplication finds what is unchanged"
+        ),
+        FullReason::FirstBackup => info!(image, "first backup of this image: reading every allocated extent"),
+        FullReason::ParentHasNoSnapshot { parent } => {
+            warn!(image, parent = parent.0, "parent backup has no RBD snapshot: falling back to a full read")
+        }
+        FullReason::BaseSnapshotGone { snapshot, parent } => warn!(image, snapshot = %snapshot, parent = parent.0,
+            "base snapshot is gone from the cluster: falling back to a full read of the allocated extents"),
+        FullReason::BlockSizeChanged { snapshot } => {
+            warn!(image, snapshot = %snapshot, "parent block size differs: falling back to a full read")
+        }
+        FullReason::MapInvalid => {
+            warn!(image, "object map or fast-diff is flagged invalid: falling back to a full read of the allocated extents")
+        }
+        FullReason::UntrustedDiff { block, parent } => warn!(image, block, parent = parent.0,
+            "the diff called a block unchanged whose content differs from the parent backup: falling back to a full read"),
     }
 }

@@ -11,6 +11,7 @@ use tracing::{error, warn};
 
 use crate::config::{Config, ImageConfig};
 use crate::context::Ctx;
+use crate::error::BackupError;
 use crate::pipeline::Progress;
 
 /// What a job did.
@@ -27,6 +28,11 @@ impl JobOutcome {
     pub fn ok(&self) -> bool {
         self.backup.is_ok() && !matches!(self.pruned, Some(Err(_)))
     }
+
+    /// True when the backup was cancelled (SIGTERM, SIGINT, daemon stop).
+    pub fn cancelled(&self) -> bool {
+        matches!(&self.backup, Err(e) if BackupError::is_cancelled(e))
+    }
 }
 
 /// Runs one job. Never panics on a failed step: every step's error is in
@@ -36,7 +42,11 @@ pub fn run_image(ctx: &mut Ctx, img: &ImageConfig, progress: &dyn Progress, canc
     let before = ctx.catalog.max_backup_id().unwrap_or(u64::MAX);
     let backup = crate::backup::backup_image(ctx, img, progress, cancel);
     if let Err(e) = &backup {
-        error!(image = %img.name, error = %format!("{e:#}"), "backup failed");
+        if BackupError::is_cancelled(e) {
+            warn!(image = %img.name, error = %format!("{e:#}"), "backup cancelled: nothing of it is committed");
+        } else {
+            error!(image = %img.name, error = %format!("{e:#}"), "backup failed");
+        }
         if let Err(e2) = note_failure(ctx, img, before, started, e) {
             warn!(image = %img.name, error = %format!("{e2:#}"), "could not record the failure for metrics");
         }
@@ -71,7 +81,7 @@ pub fn expand_entry(cfg: &Config, entry: &ImageConfig) -> Result<Vec<ImageConfig
     }
     let mut one = cfg.clone();
     one.images = vec![entry.clone()];
-    crate::rbd_backup::expand_images(&one)
+    crate::source::rbd::expand_images(&one)
 }
 
 /// A failure that left a failed backup row is counted from the catalog; one

@@ -3,11 +3,12 @@
 //! (`main.rs`) is a thin shell over [`cli`].
 //!
 //! The path of a backup through the tree:
-//! [`config`] names the images → [`backup`] runs one backup (lock, parent,
-//! plan) of a [`source`] (a file, or [`rbd`] through [`rbd_backup`]) →
+//! [`config`] names the images → [`backup`] runs one backup, top to bottom,
+//! of a [`source`] (a file, or an RBD image through the bindings in [`rbd`])
+//! → [`plan`] turns what changed into per-block actions (pure) →
 //! [`pipeline`] reads, hashes, compresses and stores chunks in the
-//! `blockvault-store` crate → the backup is committed to the store, then to
-//! the `blockvault-catalog` crate. [`restore`], [`verify`], [`prune`] and
+//! `blockvault-store` crate, on worker threads from [`pool`] → the backup is
+//! committed to the store, then to the `blockvault-catalog` crate. [`restore`], [`verify`], [`prune`] and
 //! [`rebuild`] work on committed backups; [`daemon`] and [`job`] schedule
 //! them.
 
@@ -16,15 +17,16 @@ pub mod cli;
 pub mod config;
 pub mod context;
 pub mod daemon;
+pub mod error;
 pub mod job;
 pub mod logging;
 pub mod metrics;
 pub mod pipeline;
+pub mod plan;
+pub mod pool;
 pub mod progress;
 pub mod prune;
 pub mod rbd;
-pub mod rbd_backup;
-pub mod rbd_patch;
 pub mod rebuild;
 pub mod restore;
 pub mod retention;

@@ -12,14 +12,16 @@
 //! returned; nothing is committed by this module.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Mutex;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use blockvault_store::{chunk, BackupStats, BlockMap, ChunkId, EncodedChunk, Store};
-use crossbeam_channel::{bounded, Receiver, Sender};
+use crossbeam_channel::{bounded, Sender};
 
-use crate::source::{BlockAction, ImageSource};
+use crate::plan::BlockAction;
+use crate::pool::{Stop, WorkerPool};
+use crate::source::{BlockRead, ImageSource};
 
 /// Plaintext blocks queued between the readers and the hash workers, per
 /// worker: enough to keep workers busy while a read is in flight.
@@ -46,7 +48,22 @@ enum Outcome {
 
 struct Work {
     block: usize,
-    buf: Vec<u8>,
+    buf: Buf,
+    read: BlockRead,
+}
+
+/// A new chunk for the writer.
+struct Write {
+    block: usize,
+    read: BlockRead,
+    enc: EncodedChunk,
+}
+
+/// A finished block, for the collector.
+struct Done {
+    block: usize,
+    read: BlockRead,
+    outcome: Outcome,
 }
 
 /// Receives progress: bytes of the image handled so far.
@@ -64,7 +81,7 @@ impl Progress for () {
 /// `known` holds chunk ids known to be in the store: the parent's, after its
 /// block map checksum was verified and every one of them was found in the
 /// store under the store lock the caller still holds
-/// ([`crate::backup::load_parent`]). Others are looked up in the store. A
+/// (`load_parent` of the backup flow). Others are looked up in the store. A
 /// block read whose id is in `known` is not looked up again, so an id whose
 /// chunk is missing must never be in `known`: the block, data in hand, would
 /// be committed referencing a chunk nobody wrote.
@@ -118,90 +135,121 @@ pub fn run(
     let readers = opts.readers.max(1).min(to_read.len());
     let block_size = map.block_size() as usize;
     let geometry = Geometry { image_size: map.image_size(), block_size: map.block_size() };
-    let abort = AtomicBool::new(false);
-    let next = AtomicUsize::new(0);
     // ids this run has claimed for writing: a block repeated inside the image
     // is written once, and no chunk file is ever written twice.
     let claimed: Mutex<HashSet<ChunkId>> = Mutex::new(HashSet::new());
 
-    // The buffer pool bounds memory: readers take a buffer, workers return it.
+    // The buffer pool bounds memory: readers take a buffer, and it comes
+    // back when the block is done with (or dropped by a stopping stage).
     let pool_size = readers + workers * (WORK_QUEUE_PER_WORKER + 1);
     let (pool_tx, pool_rx) = bounded::<Vec<u8>>(pool_size);
     for _ in 0..pool_size {
-        pool_tx.send(Vec::with_capacity(block_size)).unwrap();
+        pool_tx.send(Vec::with_capacity(block_size)).expect("the pool holds every buffer");
     }
-    let (work_tx, work_rx) = bounded::<Work>(workers * WORK_QUEUE_PER_WORKER);
-    let (write_tx, write_rx) = bounded::<(usize, EncodedChunk)>(workers * WRITE_QUEUE_PER_WORKER);
-    let (res_tx, res_rx) = bounded::<Result<(usize, Outcome)>>(pool_size * 2);
+    let (res_tx, res_rx) = bounded::<Done>(pool_size * 2);
 
-    let mut first_err: Option<anyhow::Error> = None;
+    let stop = Stop::new(cancel);
     std::thread::scope(|s| {
-        // readers
-        for _ in 0..readers {
-            let (work_tx, res_tx, pool_rx) = (work_tx.clone(), res_tx.clone(), pool_rx.clone());
-            let (to_read, next, abort, geometry) = (&to_read, &next, &abort, &geometry);
-            s.spawn(move || {
-                reader(source, to_read, next, abort, cancel, geometry, &pool_rx, &work_tx, &res_tx)
-            });
-        }
-        drop(work_tx);
-        // hash + compress workers
-        for _ in 0..workers {
-            let (work_rx, write_tx, res_tx, pool_tx) =
-                (work_rx.clone(), write_tx.clone(), res_tx.clone(), pool_tx.clone());
-            let (claimed, abort) = (&claimed, &abort);
-            let level = opts.compression_level;
-            s.spawn(move || worker(store, known, claimed, level, abort, &work_rx, &write_tx, &res_tx, &pool_tx));
-        }
-        drop(work_rx);
-        drop(write_tx);
-        drop(pool_tx);
-        // writer
-        {
+        let (store, known, claimed, geometry, level) = (store, known, &claimed, &geometry, opts.compression_level);
+        // writer: chunk files are fsynced one by one, in one thread
+        let writer = {
             let res_tx = res_tx.clone();
-            let abort = &abort;
-            s.spawn(move || writer(store, abort, &write_rx, &res_tx));
-        }
-        drop(res_tx);
-
-        // collector: drains every result so no stage blocks on a full channel
-        for r in res_rx.iter() {
-            match r {
-                Ok((block, outcome)) => {
-                    let (_, len) = map.block_range(block);
-                    stats.read_blocks += 1;
-                    stats.read_bytes += len as u64;
-                    match outcome {
-                        Outcome::Zero => {
-                            map.set(block, None);
-                            stats.zero_blocks += 1;
-                        }
-                        Outcome::Dedup(id) => {
-                            map.set(block, Some(id));
-                            stats.dedup_blocks += 1;
-                        }
-                        Outcome::New { id, stored, plain } => {
-                            map.set(block, Some(id));
-                            stats.new_chunks += 1;
-                            stats.new_bytes += stored;
-                            stats.new_plain_bytes += plain;
-                        }
+            WorkerPool::spawn(s, &stop, "chunk writer", 1, workers * WRITE_QUEUE_PER_WORKER, || (), move |_, w: Write| {
+                let Write { block, read, enc } = w;
+                let written = store
+                    .put_chunk(&enc)
+                    .with_context(|| format!("writing chunk {} (block {block}) to store {}", enc.id, store.root().display()))?;
+                // per chunk, so trace only (the macro checks the level first)
+                tracing::trace!(block, chunk = %enc.id, bytes = enc.bytes.len(), written, "chunk write");
+                let outcome = if written {
+                    Outcome::New { id: enc.id, stored: enc.bytes.len() as u64, plain: enc.plain_len as u64 }
+                } else {
+                    Outcome::Dedup(enc.id)
+                };
+                let _ = res_tx.send(Done { block, read, outcome });
+                Ok(())
+            })
+        };
+        // zero-check + hash + compress
+        let hashers = {
+            let (res_tx, to_writer) = (res_tx.clone(), writer.feed());
+            let init = move || (level != 0).then(|| zstd::bulk::Compressor::new(level).expect("valid zstd level"));
+            WorkerPool::spawn(s, &stop, "hash", workers, workers * WORK_QUEUE_PER_WORKER, init, move |compressor, w: Work| {
+                let Work { block, buf, read } = w;
+                match process(store, known, claimed, level, compressor.as_mut(), block, &buf.data)? {
+                    Step::Write(enc) => {
+                        drop(buf);
+                        let _ = to_writer.send(Write { block, read, enc });
                     }
-                    progress.advance(len as u64);
+                    Step::Report(outcome) => {
+                        drop(buf);
+                        let _ = res_tx.send(Done { block, read, outcome });
+                    }
                 }
-                Err(e) => {
-                    abort.store(true, Ordering::Relaxed);
-                    first_err.get_or_insert(e);
+                Ok(())
+            })
+        };
+        // readers
+        let readers = {
+            let (pool_tx, pool_rx, to_hash) = (pool_tx.clone(), pool_rx.clone(), hashers.feed());
+            WorkerPool::spawn(s, &stop, "read", readers, readers * 2, || (), move |_, block: usize| {
+                let Ok(data) = pool_rx.recv() else { return Ok(()) };
+                let mut buf = Buf { data, home: pool_tx.clone() };
+                let (off, len) = geometry.range(block);
+                buf.data.resize(len, 0);
+                let read = source.read_block(off, &mut buf.data).map_err(|e| {
+                    anyhow::Error::new(e).context(format!("reading {} at offset {off} (block {block}, {len} bytes)", source.describe()))
+                })?;
+                let _ = to_hash.send(Work { block, buf, read });
+                Ok(())
+            })
+        };
+        drop(res_tx);
+        // feeder: the stages end in order once it has fed every block (or stopped)
+        let (feed, to_read) = (readers.feed(), &to_read);
+        s.spawn(move || {
+            for &block in to_read {
+                if feed.send(block).is_err() {
+                    break;
                 }
             }
+            drop(feed);
+            readers.finish();
+            hashers.finish();
+            writer.finish();
+        });
+
+        // collector: drains every result so no stage blocks on a full channel
+        for Done { block, read, outcome } in res_rx.iter() {
+            let (_, len) = map.block_range(block);
+            stats.read_blocks += 1;
+            match read {
+                BlockRead::Whole => stats.read_bytes += len as u64,
+                BlockRead::Patched { source_bytes } => {
+                    stats.read_bytes += source_bytes;
+                    stats.patched_blocks += 1;
+                }
+            }
+            match outcome {
+                Outcome::Zero => {
+                    map.set(block, None);
+                    stats.zero_blocks += 1;
+                }
+                Outcome::Dedup(id) => {
+                    map.set(block, Some(id));
+                    stats.dedup_blocks += 1;
+                }
+                Outcome::New { id, stored, plain } => {
+                    map.set(block, Some(id));
+                    stats.new_chunks += 1;
+                    stats.new_bytes += stored;
+                    stats.new_plain_bytes += plain;
+                }
+            }
+            progress.advance(len as u64);
         }
     });
-    if let Some(e) = first_err {
-        return Err(e);
-    }
-    if cancel.load(Ordering::Relaxed) {
-        return Err(anyhow!("backup cancelled"));
-    }
+    stop.result()?;
     Ok(stats)
 }
 
@@ -218,40 +266,17 @@ impl Geometry {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn reader(
-    source: &dyn ImageSource,
-    to_read: &[usize],
-    next: &AtomicUsize,
-    abort: &AtomicBool,
-    cancel: &AtomicBool,
-    geometry: &Geometry,
-    pool_rx: &Receiver<Vec<u8>>,
-    work_tx: &Sender<Work>,
-    res_tx: &Sender<Result<(usize, Outcome)>>,
-) {
-    loop {
-        let i = next.fetch_add(1, Ordering::Relaxed);
-        let Some(&block) = to_read.get(i) else { return };
-        // check for cancellation every block: cheap, and reads are the slow part
-        if abort.load(Ordering::Relaxed) {
-            return;
-        }
-        if cancel.load(Ordering::Relaxed) {
-            let _ = res_tx.send(Err(anyhow!("backup cancelled")));
-            return;
-        }
-        let Ok(mut buf) = pool_rx.recv() else { return };
-        let (off, len) = geometry.range(block);
-        buf.resize(len, 0);
-        if let Err(e) = source.read_at(off, &mut buf) {
-            let _ = res_tx.send(Err(anyhow::Error::new(e)
-                .context(format!("reading {} at offset {off} (block {block}, {len} bytes)", source.describe()))));
-            return;
-        }
-        if work_tx.send(Work { block, buf }).is_err() {
-            return;
-        }
+/// A block buffer of the pool; it goes back to the pool when dropped, so a
+/// stage that stops and drops its queue never starves the readers.
+struct Buf {
+    data: Vec<u8>,
+    home: Sender<Vec<u8>>,
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        // never full: the pool channel holds every buffer there is
+        let _ = self.home.try_send(std::mem::take(&mut self.data));
     }
 }
 
@@ -261,37 +286,6 @@ enum Step {
     Report(Outcome),
     /// A new chunk for the writer.
     Write(EncodedChunk),
-}
-
-#[allow(clippy::too_many_arguments)]
-fn worker(
-    store: &Store,
-    known: &HashSet<ChunkId>,
-    claimed: &Mutex<HashSet<ChunkId>>,
-    level: i32,
-    abort: &AtomicBool,
-    work_rx: &Receiver<Work>,
-    write_tx: &Sender<(usize, EncodedChunk)>,
-    res_tx: &Sender<Result<(usize, Outcome)>>,
-    pool_tx: &Sender<Vec<u8>>,
-) {
-    let mut compressor = (level != 0).then(|| zstd::bulk::Compressor::new(level).expect("valid zstd level"));
-    for Work { block, buf } in work_rx.iter() {
-        if abort.load(Ordering::Relaxed) {
-            let _ = pool_tx.send(buf);
-            continue; // keep draining so the readers never block
-        }
-        let r = process(store, known, claimed, level, compressor.as_mut(), block, &buf);
-        let _ = pool_tx.send(buf);
-        let sent = match r {
-            Ok(Step::Write(enc)) => write_tx.send((block, enc)).is_ok(),
-            Ok(Step::Report(o)) => res_tx.send(Ok((block, o))).is_ok(),
-            Err(e) => res_tx.send(Err(e)).is_ok(),
-        };
-        if !sent {
-            return;
-        }
-    }
 }
 
 fn process(
@@ -315,27 +309,4 @@ fn process(
     }
     let enc = chunk::encode(buf, id, level, compressor).with_context(|| format!("encoding block {block}"))?;
     Ok(Step::Write(enc))
-}
-
-fn writer(store: &Store, abort: &AtomicBool, write_rx: &Receiver<(usize, EncodedChunk)>, res_tx: &Sender<Result<(usize, Outcome)>>) {
-    for (block, enc) in write_rx.iter() {
-        if abort.load(Ordering::Relaxed) {
-            continue;
-        }
-        let r = store
-            .put_chunk(&enc)
-            .with_context(|| format!("writing chunk {} (block {block}) to store {}", enc.id, store.root().display()))
-            .map(|written| {
-                // per chunk, so trace only (the macro checks the level first)
-                tracing::trace!(block, chunk = %enc.id, bytes = enc.bytes.len(), written, "chunk write");
-                if written {
-                    (block, Outcome::New { id: enc.id, stored: enc.bytes.len() as u64, plain: enc.plain_len as u64 })
-                } else {
-                    (block, Outcome::Dedup(enc.id))
-                }
-            });
-        if res_tx.send(r).is_err() {
-            return;
-        }
-    }
 }

@@ -7,6 +7,8 @@
 //! whole. Zero blocks, and zero 4 KiB pages inside blocks, are left as
 //! holes.
 
+pub mod rbd;
+
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};

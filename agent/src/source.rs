@@ -1,23 +1,128 @@
-//! Image sources and backup plans.
+//! Where a backup reads from: the [`Source`] trait, one implementation per
+//! kind of image (a file or block device in [`file`], an RBD image in
+//! [`rbd`]), and [`ImageSource`], the random-access reads of one frozen
+//! version that the pipeline runs on.
 //!
-//! A source gives random-access reads of one image version. The plan says,
-//! per block, whether to read it, to take it as zeros (a hole, or an extent
-//! the RBD diff reports as no longer existing), or to inherit the parent
-//! backup's entry (unchanged since the parent's snapshot).
+//! The backup flow (`backup_image` in the `backup` module) drives a source through its steps, in
+//! this order: [`Source::recover`] (what a crashed run left) →
+//! [`Source::freeze`] (the point in time) → [`Source::changes`] (what
+//! changed since the parent, for the planner in [`crate::plan`]) →
+//! [`Source::check`] (sampled trust checks of the plan) →
+//! [`Source::reader`] (for the pipeline) → [`Source::finish`].
 
 pub mod file;
+pub mod rbd;
 
 use std::io;
 
-/// What the pipeline does with one block.
+use anyhow::Result;
+use blockvault_catalog::Catalog;
+use blockvault_store::{BackupId, BlockMap, Manifest, RbdInfo, Store};
+
+use crate::plan::{Changes, Plan};
+
+pub use crate::plan::BlockAction;
+
+/// A committed parent backup, with its verified block map.
+pub struct Parent {
+    pub manifest: Manifest,
+    pub map: BlockMap,
+}
+
+/// The image a backup is for, as the catalog knows it.
+#[derive(Clone, Debug)]
+pub struct Job {
+    /// The configured image name.
+    pub image: String,
+    /// Its catalog row.
+    pub image_id: i64,
+    /// Its block size, fixed at its first backup.
+    pub block_size: u32,
+    /// The name of its lock in the store (held for the whole backup).
+    pub image_lock: String,
+}
+
+/// How a backup ended, for [`Source::finish`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BlockAction {
-    /// Take the parent block map's entry without reading.
-    Inherit,
-    /// The block is all zeros; don't read it.
-    Zero,
-    /// Read, hash, and store the block if the store lacks it.
-    Read,
+pub enum Outcome {
+    Committed,
+    Failed,
+}
+
+/// One kind of image a backup reads. The caller holds the store lock and
+/// the image lock for the whole life of a `Source`.
+pub trait Source {
+    /// Human-readable name for logs and errors.
+    fn describe(&self) -> String;
+
+    /// Cleans up what a crashed or failed earlier run of this image left on
+    /// the source side (RBD: the snapshots of uncommitted backups).
+    ///
+    /// # Errors
+    /// Source or catalog errors.
+    fn recover(&mut self, _store: &Store, _catalog: &Catalog, _job: &Job) -> Result<()> {
+        Ok(())
+    }
+
+    /// Fixes the point in time that `backup` reads and returns its size in
+    /// bytes (RBD: records the snapshot intent, then creates the snapshot).
+    ///
+    /// # Errors
+    /// Source or catalog errors.
+    fn freeze(&mut self, catalog: &Catalog, job: &Job, backup: BackupId) -> Result<u64>;
+
+    /// What changed in the frozen version since `since`, or everything
+    /// (with the reason) when there is no usable base.
+    ///
+    /// # Errors
+    /// Source errors.
+    fn changes(&mut self, since: Option<&Parent>) -> Result<Changes>;
+
+    /// Sampled checks that an incremental plan can be trusted. An
+    /// untrustworthy diff is [`crate::error::BackupError::UntrustedDiff`]:
+    /// the caller then reads everything instead.
+    ///
+    /// # Errors
+    /// `UntrustedDiff`, or source errors.
+    fn check(&mut self, _store: &Store, _parent: &Parent, _plan: &Plan) -> Result<()> {
+        Ok(())
+    }
+
+    /// Random-access reads of the frozen version, for the pipeline.
+    ///
+    /// # Errors
+    /// When called before [`Source::freeze`].
+    fn reader<'a>(&'a self, store: &'a Store) -> Result<Box<dyn ImageSource + 'a>>;
+
+    /// The snapshot the backup is of, for the manifest.
+    fn snapshot(&self) -> Option<String> {
+        None
+    }
+
+    /// What a restore to RBD needs to recreate the image, for the manifest.
+    fn rbd_info(&self) -> Option<RbdInfo> {
+        None
+    }
+
+    /// Ends the run on the source side (RBD: demotes older snapshots after a
+    /// commit, removes the snapshot of a failed run). Recoverable problems
+    /// are logged; the next run retries.
+    ///
+    /// # Errors
+    /// Catalog errors.
+    fn finish(&mut self, _catalog: &Catalog, _job: &Job, _outcome: Outcome) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// What reading one block cost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockRead {
+    /// Read whole from the source.
+    Whole,
+    /// Built from the parent backup's chunk, with only `source_bytes` read
+    /// from the source.
+    Patched { source_bytes: u64 },
 }
 
 /// Random-access reads of one image version.
@@ -31,60 +136,28 @@ pub trait ImageSource: Sync {
     /// # Errors
     /// An I/O error; reading past the end is an error.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
-    /// Whole blocks that `read_at` built from the parent backup instead of
-    /// reading them, and the bytes it did read from the source for them.
-    fn patched(&self) -> (u64, u64) {
-        (0, 0)
+    /// Reads the block at `offset` for the pipeline (the same bytes as
+    /// [`ImageSource::read_at`]) and says what that cost.
+    ///
+    /// # Errors
+    /// As `read_at`.
+    fn read_block(&self, offset: u64, buf: &mut [u8]) -> io::Result<BlockRead> {
+        self.read_at(offset, buf)?;
+        Ok(BlockRead::Whole)
     }
 }
 
-/// Marks every block touched by `[off, off + len)` with `action`.
-pub fn mark_range(actions: &mut [BlockAction], block_size: u32, off: u64, len: u64, action: BlockAction) {
-    if len == 0 || actions.is_empty() {
-        return;
+impl<T: ImageSource + ?Sized> ImageSource for &T {
+    fn describe(&self) -> String {
+        (**self).describe()
     }
-    let bs = block_size as u64;
-    let first = (off / bs) as usize;
-    let last = (((off + len - 1) / bs) as usize).min(actions.len() - 1);
-    for a in actions.iter_mut().take(last + 1).skip(first) {
-        *a = action;
+    fn size(&self) -> u64 {
+        (**self).size()
     }
-}
-
-#[cfg(test)]
-/// Marks with `action` only the blocks that `[off, off + len)` covers
-/// entirely (a partly covered block keeps its current action).
-pub fn mark_covered(actions: &mut [BlockAction], block_size: u32, image_size: u64, off: u64, len: u64, action: BlockAction) {
-    let bs = block_size as u64;
-    let end = (off + len).min(image_size);
-    let first = off.div_ceil(bs);
-    // the last block may be short: it is covered when the range reaches the image end
-    let last_excl = if end == image_size { image_size.div_ceil(bs) } else { end / bs };
-    for b in first..last_excl {
-        if let Some(a) = actions.get_mut(b as usize) {
-            *a = action;
-        }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        (**self).read_at(offset, buf)
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use BlockAction::*;
-
-    #[test]
-    fn marking_aligns_to_blocks() {
-        let mut a = vec![Inherit; 5];
-        mark_range(&mut a, 100, 150, 100, Read); // touches blocks 1 and 2
-        assert_eq!(a, vec![Inherit, Read, Read, Inherit, Inherit]);
-        let mut a = vec![Read; 5];
-        mark_covered(&mut a, 100, 450, 50, 300, Zero); // covers 1 and 2 entirely
-        assert_eq!(a, vec![Read, Zero, Zero, Read, Read]);
-        let mut a = vec![Read; 5];
-        mark_covered(&mut a, 100, 450, 400, 50, Zero); // short last block fully covered
-        assert_eq!(a, vec![Read, Read, Read, Read, Zero]);
-        let mut a = vec![Read; 2];
-        mark_range(&mut a, 100, 0, 1000, Zero); // clamps at the end
-        assert_eq!(a, vec![Zero, Zero]);
+    fn read_block(&self, offset: u64, buf: &mut [u8]) -> io::Result<BlockRead> {
+        (**self).read_block(offset, buf)
     }
 }

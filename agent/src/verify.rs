@@ -319,7 +319,7 @@ pub fn verify(ctx: &Ctx, rows: &[BackupRow], opts: &VerifyOptions) -> Result<Ver
         skipped: Vec::new(),
     };
     let cluster = if opts.source && rows.iter().any(|r| r.snapshot.is_some()) {
-        Some(crate::rbd_backup::connect(&ctx.cfg).context("--source needs the Ceph cluster")?)
+        Some(crate::source::rbd::connect(&ctx.cfg).context("--source needs the Ceph cluster")?)
     } else {
         None
     };

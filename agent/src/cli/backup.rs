@@ -64,7 +64,7 @@ pub fn select_images(cfg: &crate::config::Config, names: &[String], all: bool) -
     if !all && names.iter().all(|n| plain(n).is_some()) {
         return Ok(names.iter().filter_map(plain).collect());
     }
-    let expanded = crate::rbd_backup::expand_images(cfg)?;
+    let expanded = crate::source::rbd::expand_images(cfg)?;
     if all {
         return Ok(expanded);
     }

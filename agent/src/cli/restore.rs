@@ -76,7 +76,7 @@ pub fn run(g: &GlobalArgs, a: RestoreArgs) -> Result<ExitCode> {
         if a.mode.is_some() {
             bail!("--mode applies to a file target, not to {}", a.to);
         }
-        crate::rbd_backup::restore(&ctx, &manifest, &a.to, a.force, threads, &bar)
+        crate::restore::rbd::restore(&ctx, &manifest, &a.to, a.force, threads, &bar)
     } else {
         let to = PathBuf::from(a.to.strip_prefix("file:").unwrap_or(&a.to));
         crate::restore::restore_to_path(&ctx.store, &manifest, &to, a.force, a.mode, threads, &bar)

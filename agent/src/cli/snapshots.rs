@@ -9,7 +9,7 @@ use super::{load_config, GlobalArgs};
 use crate::config::Source;
 use crate::context::Ctx;
 use crate::logging::printable;
-use crate::rbd_backup::{connect, expand_images, SNAP_PREFIX};
+use crate::source::rbd::{connect, expand_images, SNAP_PREFIX};
 
 #[derive(Args, Debug)]
 pub struct SnapshotsArgs {

@@ -10,10 +10,15 @@ use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use blockvault_catalog::Catalog;
+use blockvault_store::{BackupId, Store};
 use rustix::fs::SeekFrom;
 
-use super::{mark_range, BlockAction, ImageSource};
+use super::{ImageSource, Job, Parent, Source};
+use crate::plan::{Changes, Extent, FullReason};
 
+/// A raw image file or block device, read in place (no point-in-time copy:
+/// the operator quiesces it, as for any file backup).
 pub struct FileSource {
     path: PathBuf,
     file: File,
@@ -43,17 +48,18 @@ impl FileSource {
         Ok(FileSource { path: path.to_path_buf(), file, size, is_block_device })
     }
 
-    /// Plans a full read of every block that holds allocated data; blocks
-    /// entirely inside holes are zero.
+    /// The extents that hold allocated data (found with SEEK_DATA /
+    /// SEEK_HOLE); a block device, or a filesystem that cannot tell, is one
+    /// extent over everything.
     ///
     /// # Errors
     /// When SEEK_DATA fails for another reason than "no more data".
-    pub fn plan(&self, block_size: u32) -> Result<Vec<BlockAction>> {
-        let n = blockvault_store::blockmap::block_count(self.size, block_size) as usize;
+    pub fn allocated(&self) -> Result<Vec<Extent>> {
+        let everything = vec![Extent::changed(0, self.size)];
         if self.is_block_device {
-            return Ok(vec![BlockAction::Read; n]);
+            return Ok(everything);
         }
-        let mut actions = vec![BlockAction::Zero; n];
+        let mut extents = Vec::new();
         let mut pos = 0u64;
         while pos < self.size {
             let data = match rustix::fs::seek(&self.file, SeekFrom::Data(pos)) {
@@ -61,7 +67,7 @@ impl FileSource {
                 Err(rustix::io::Errno::NXIO) => break, // no data after pos
                 Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::NOTSUP) => {
                     // the filesystem cannot tell: read everything
-                    return Ok(vec![BlockAction::Read; n]);
+                    return Ok(everything);
                 }
                 Err(e) => return Err(io::Error::from(e)).with_context(|| format!("SEEK_DATA on {}", self.path.display())),
             };
@@ -69,10 +75,26 @@ impl FileSource {
                 Ok(h) => h,
                 Err(e) => return Err(io::Error::from(e)).with_context(|| format!("SEEK_HOLE on {}", self.path.display())),
             };
-            mark_range(&mut actions, block_size, data, hole.min(self.size) - data, BlockAction::Read);
+            extents.push(Extent::changed(data, hole.min(self.size).saturating_sub(data)));
             pos = hole;
         }
-        Ok(actions)
+        Ok(extents)
+    }
+}
+
+impl Source for FileSource {
+    fn describe(&self) -> String {
+        ImageSource::describe(self)
+    }
+    fn freeze(&mut self, _catalog: &Catalog, _job: &Job, _backup: BackupId) -> Result<u64> {
+        Ok(self.size)
+    }
+    /// Files have no change tracking: always everything allocated.
+    fn changes(&mut self, _since: Option<&Parent>) -> Result<Changes> {
+        Ok(Changes::Full { extents: self.allocated()?, reason: FullReason::NoChangeTracking })
+    }
+    fn reader<'a>(&'a self, _store: &'a Store) -> Result<Box<dyn ImageSource + 'a>> {
+        Ok(Box::new(self))
     }
 }
 
@@ -100,6 +122,7 @@ impl ImageSource for FileSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::BlockAction;
     use std::io::Write;
 
     #[test]
@@ -111,10 +134,11 @@ mod tests {
         f.write_all_at(b"x", 3 * 65536 + 10).unwrap();
         f.flush().unwrap();
         drop(f);
-        let src = FileSource::open(&p).unwrap();
-        let plan = src.plan(65536).unwrap();
-        assert_eq!(plan[3], BlockAction::Read);
+        let mut src = FileSource::open(&p).unwrap();
+        let changes = src.changes(None).unwrap();
+        let plan = crate::plan::plan(&changes, src.size, 65536, None).unwrap();
+        assert_eq!(plan.actions[3], BlockAction::Read);
         // a filesystem may report a larger data extent than written, but never miss one
-        assert!(plan.iter().filter(|a| **a == BlockAction::Read).count() < 10);
+        assert!(plan.count(BlockAction::Read) < 10);
     }
 }

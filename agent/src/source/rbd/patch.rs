@@ -21,15 +21,14 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result};
 use blockvault_store::{BlockMap, ChunkId, Store};
 use rand::seq::SliceRandom;
 use tracing::warn;
 
+use crate::plan::BlockAction;
 use crate::rbd::Image;
-use crate::source::BlockAction;
 
 /// A block is patched when its changed extents cover at most this share of it
 /// (in 1/8ths); above, reading the whole block from the cluster is cheaper
@@ -124,56 +123,44 @@ thread_local! {
     static SCRATCH: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// Builds patched blocks: the parent's chunk with the changed extents read
-/// from the snapshot over it.
+/// Builds patched blocks: the parent's chunk (read through the backup's own
+/// store handle) with the changed extents read from the snapshot over it.
 pub struct Patcher {
-    store: Store,
     block_size: u64,
     patches: HashMap<usize, Patch>,
-    patched: AtomicU64,
-    cluster_bytes: AtomicU64,
 }
 
 impl Patcher {
-    /// # Errors
-    /// When the store cannot be opened (a second, read-only handle).
-    pub fn new(store_root: &std::path::Path, block_size: u32, patches: HashMap<usize, Patch>) -> Result<Patcher> {
-        let store = Store::open(store_root).with_context(|| format!("opening store {} to read parent chunks", store_root.display()))?;
-        Ok(Patcher {
-            store,
-            block_size: block_size as u64,
-            patches,
-            patched: AtomicU64::new(0),
-            cluster_bytes: AtomicU64::new(0),
-        })
+    pub fn new(block_size: u32, patches: HashMap<usize, Patch>) -> Patcher {
+        Patcher { block_size: block_size as u64, patches }
     }
 
     pub fn len(&self) -> usize {
         self.patches.len()
     }
 
-    /// (blocks patched, bytes read from the cluster for them).
-    pub fn counters(&self) -> (u64, u64) {
-        (self.patched.load(Ordering::Relaxed), self.cluster_bytes.load(Ordering::Relaxed))
+    pub fn is_empty(&self) -> bool {
+        self.patches.is_empty()
     }
 
     /// Fills `buf` with the block at `offset` when it is a patched block and
-    /// returns `Ok(true)`; `Ok(false)` means "read it whole yourself".
+    /// returns the bytes it read from the cluster for it; `Ok(None)` means
+    /// "read it whole yourself".
     ///
     /// # Errors
     /// A cluster read error.
-    pub fn read_patched(&self, image: &Image, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
+    pub fn read_patched(&self, store: &Store, image: &Image, offset: u64, buf: &mut [u8]) -> io::Result<Option<u64>> {
         if !offset.is_multiple_of(self.block_size) || buf.len() as u64 != self.block_size {
-            return Ok(false);
+            return Ok(None);
         }
         let block = (offset / self.block_size) as usize;
-        let Some(p) = self.patches.get(&block) else { return Ok(false) };
+        let Some(p) = self.patches.get(&block) else { return Ok(None) };
         match p.parent {
             None => buf.fill(0),
             Some(id) => {
                 let loaded = SCRATCH.with(|s| {
                     let (raw, plain) = &mut *s.borrow_mut();
-                    match self.store.load_chunk(&id, raw, plain) {
+                    match store.load_chunk(&id, raw, plain) {
                         Ok(()) if plain.len() == buf.len() => {
                             buf.copy_from_slice(plain);
                             Ok(())
@@ -184,7 +171,7 @@ impl Patcher {
                 });
                 if let Err(e) = loaded {
                     warn!(block, chunk = %id, error = %e, "parent chunk of a partly changed block does not load: reading the block whole");
-                    return Ok(false);
+                    return Ok(None);
                 }
             }
         }
@@ -192,9 +179,7 @@ impl Patcher {
             let (s, e) = (off as usize, (off + len) as usize);
             image.read_at(offset + off as u64, &mut buf[s..e]).map_err(io::Error::other)?;
         }
-        self.patched.fetch_add(1, Ordering::Relaxed);
-        self.cluster_bytes.fetch_add(p.changed_bytes(), Ordering::Relaxed);
-        Ok(true)
+        Ok(Some(p.changed_bytes()))
     }
 
     /// Checks a sample of patched blocks against whole-block reads of the
@@ -202,7 +187,7 @@ impl Patcher {
     ///
     /// # Errors
     /// A cluster read error.
-    pub fn sample_check(&self, image: &Image) -> Result<Option<usize>> {
+    pub fn sample_check(&self, store: &Store, image: &Image) -> Result<Option<usize>> {
         let mut blocks: Vec<usize> = self.patches.keys().copied().collect();
         blocks.sort_unstable();
         blocks.shuffle(&mut rand::thread_rng());
@@ -211,7 +196,7 @@ impl Patcher {
         let (mut patched, mut whole) = (vec![0u8; bs], vec![0u8; bs]);
         for &b in &blocks[..want] {
             let off = b as u64 * self.block_size;
-            if !self.read_patched(image, off, &mut patched)? {
+            if self.read_patched(store, image, off, &mut patched)?.is_none() {
                 continue; // its parent chunk did not load: it will be read whole
             }
             image.read_at(off, &mut whole).with_context(|| format!("reading sample block {b}"))?;
@@ -219,9 +204,6 @@ impl Patcher {
                 return Ok(Some(b));
             }
         }
-        // the sample reads are not part of the run's figures
-        self.patched.store(0, Ordering::Relaxed);
-        self.cluster_bytes.store(0, Ordering::Relaxed);
         Ok(None)
     }
 }

@@ -1,0 +1,608 @@
+//! RBD sources: snapshot, diff against the previous backup's snapshot, read
+//! only the changed blocks (partly changed ones patched from the parent
+//! backup, see [`patch`]), then demote older snapshots.
+//!
+//! Safety rules, each a place where real tools lost data:
+//! * An extent the diff reports as no longer existing (discarded, or cut off
+//!   by a shrink) becomes zero blocks, never "unchanged" (the planner's rule,
+//!   [`crate::plan`]).
+//! * A vanished base snapshot, an object map or fast-diff flagged invalid, or
+//!   a diff that fails a sampled check falls back to a full read of the
+//!   allocated extents: one warning, and the job still succeeds.
+//! * The snapshot is recorded in the catalog (intent) before it is created,
+//!   so a crash between the two leaves a row the next run cleans up; a
+//!   failure after it was created removes it.
+//! * Only snapshots that this catalog recorded as created by blockvault are
+//!   ever removed.
+
+pub mod patch;
+
+use std::io;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use blockvault_catalog::{BackupState, Catalog, SnapshotState};
+use blockvault_store::{BackupId, ChunkId, RbdInfo, Store};
+use rand::seq::SliceRandom;
+use tracing::{info, warn};
+
+use self::patch::{plan_patches, Patcher};
+use super::{BlockRead, ImageSource, Job, Outcome, Parent, Source};
+use crate::config::{self, Config, ImageConfig};
+use crate::error::BackupError;
+use crate::plan::{BlockAction, Changes, Extent, FullReason, Plan};
+use crate::rbd::{self, CephOptions, Cluster, Image, IoCtx};
+
+/// Prefix of every snapshot blockvault creates.
+pub const SNAP_PREFIX: &str = "blockvault-";
+
+/// Inherited blocks checked against the snapshot before a diff is trusted:
+/// at least this many…
+const MIN_SAMPLES: usize = 8;
+/// …or this fraction of them (per mille), whichever is more.
+const SAMPLE_PER_MILLE: usize = 1;
+
+/// Cluster connection options from the config, defaulting as Ceph's tools do.
+pub fn ceph_options(cfg: &Config) -> CephOptions {
+    let c = &cfg.ceph;
+    CephOptions {
+        conf: c.conf.clone(),
+        client_id: c.client_id.clone().unwrap_or_else(|| "admin".into()),
+        keyring: c.keyring.clone(),
+        timeout_secs: c.timeout.unwrap_or(rbd::DEFAULT_TIMEOUT_SECS),
+    }
+}
+
+/// Connects to the configured cluster.
+///
+/// # Errors
+/// When the libraries are missing or the cluster cannot be reached in time.
+pub fn connect(cfg: &Config) -> Result<Arc<Cluster>> {
+    let opts = ceph_options(cfg);
+    let conf = opts
+        .conf
+        .clone()
+        .or_else(|| std::env::var_os("CEPH_CONF").map(Into::into))
+        .unwrap_or_else(|| "/etc/ceph/ceph.conf".into());
+    Cluster::connect(&opts)
+        .with_context(|| format!("connecting to the Ceph cluster of {} as client.{}", conf.display(), opts.client_id))
+}
+
+/// Splits an RBD source.
+pub(crate) fn rbd_parts(src: &config::Source) -> (&str, Option<&str>, &str) {
+    match src {
+        config::Source::Rbd { pool, namespace, image } => (pool, namespace.as_deref(), image),
+        config::Source::File(_) => unreachable!("not an RBD source"),
+    }
+}
+
+pub(crate) fn open_pool(cluster: &Arc<Cluster>, pool: &str, ns: Option<&str>) -> Result<IoCtx> {
+    cluster.ioctx(pool, ns).with_context(|| match ns {
+        Some(ns) => format!("opening pool '{pool}' namespace '{ns}'"),
+        None => format!("opening pool '{pool}'"),
+    })
+}
+
+fn snapshot_name() -> String {
+    format!("{SNAP_PREFIX}{}", chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ"))
+}
+
+/// The snapshot of one backup run and what was learnt about it.
+struct Frozen {
+    image: Image,
+    size: u64,
+    /// The object map and fast-diff of the snapshot can be trusted.
+    fast_diff_ok: bool,
+}
+
+/// One RBD image, backed up through a snapshot per run.
+pub struct RbdSource {
+    /// `rbd:POOL[/NS]/IMAGE`, as configured.
+    spec: String,
+    name: String,
+    ioctx: IoCtx,
+    head: Image,
+    features: u64,
+    object_size: u64,
+    /// The image's block size (from the catalog, at [`Source::freeze`]).
+    block_size: u32,
+    /// Snapshots to keep on the cluster after a commit.
+    keep: u32,
+    /// Snapshots the catalog records as present (after [`Source::recover`]).
+    present: Vec<String>,
+    /// This run's snapshot, and its catalog row once the intent is recorded.
+    snap: String,
+    snap_row: Option<i64>,
+    frozen: Option<Frozen>,
+    /// The base snapshot of an incremental plan.
+    base: Option<String>,
+    patcher: Option<Patcher>,
+}
+
+impl RbdSource {
+    /// Connects and opens the image. Everything that can fail on the cluster
+    /// side fails here, before the catalog is touched.
+    ///
+    /// # Errors
+    /// When the cluster, the pool or the image cannot be reached.
+    pub fn open(cfg: &Config, img: &ImageConfig) -> Result<RbdSource> {
+        let (pool, ns, name) = rbd_parts(&img.source);
+        let cluster = connect(cfg)?;
+        let ioctx = open_pool(&cluster, pool, ns)?;
+        let head = ioctx.open_rw(name).with_context(|| format!("opening RBD image {}", img.source))?;
+        let features = head.features()?;
+        let object_size = head.object_size()?;
+        Ok(RbdSource {
+            spec: img.source.to_string(),
+            name: name.to_string(),
+            ioctx,
+            head,
+            features,
+            object_size,
+            block_size: 0,
+            keep: img.keep_snapshots(&cfg.defaults),
+            present: Vec::new(),
+            snap: snapshot_name(),
+            snap_row: None,
+            frozen: None,
+            base: None,
+            patcher: None,
+        })
+    }
+
+    fn frozen(&self) -> Result<&Frozen> {
+        self.frozen.as_ref().with_context(|| format!("RBD image {}: no snapshot taken yet", self.spec))
+    }
+
+    /// The base snapshot an incremental can diff against, or why there is none.
+    fn base_for(&self, parent: &Parent, block_size: u32) -> Result<Result<String, FullReason>> {
+        let parent_id = parent.manifest.id;
+        let Some(s) = &parent.manifest.snapshot else {
+            return Ok(Err(FullReason::ParentHasNoSnapshot { parent: parent_id }));
+        };
+        let on_cluster = self.head.snaps()?;
+        if !on_cluster.iter().any(|c| &c.name == s) || !self.present.contains(s) {
+            return Ok(Err(FullReason::BaseSnapshotGone { snapshot: s.clone(), parent: parent_id }));
+        }
+        if parent.map.block_size() != block_size {
+            return Ok(Err(FullReason::BlockSizeChanged { snapshot: s.clone() }));
+        }
+        Ok(Ok(s.clone()))
+    }
+
+    /// Every extent that exists in the snapshot.
+    fn allocated(&self, f: &Frozen) -> Result<Vec<Extent>> {
+        let mut extents = Vec::new();
+        f.image.diff_iterate(None, 0, f.size, f.fast_diff_ok, |off, len, exists| {
+            if exists {
+                extents.push(Extent::changed(off, len));
+            }
+            true
+        })?;
+        Ok(extents)
+    }
+
+    /// What changed since `base`: written extents, and extents that no
+    /// longer exist.
+    fn diff(&self, f: &Frozen, base: &str, whole_object: bool) -> Result<Vec<Extent>> {
+        let mut extents = Vec::new();
+        f.image.diff_iterate(Some(base), 0, f.size, whole_object, |off, len, exists| {
+            extents.push(if exists { Extent::changed(off, len) } else { Extent::gone(off, len) });
+            true
+        })?;
+        Ok(extents)
+    }
+}
+
+impl Source for RbdSource {
+    fn describe(&self) -> String {
+        format!("rbd:{}", self.head.spec())
+    }
+
+    fn recover(&mut self, store: &Store, catalog: &Catalog, job: &Job) -> Result<()> {
+        let record = store.root().join("locks").join(format!("{}.rbd-client", job.image_lock));
+        break_lock_of_dead_run(&self.head, &record, &job.image);
+        log_lock_owner(&self.head, &job.image);
+        record_client(&self.head, &record);
+        cleanup_snapshots(catalog, &self.head, job.image_id)?;
+        self.present = catalog
+            .snapshots(job.image_id)?
+            .into_iter()
+            .filter(|s| s.state == SnapshotState::Present)
+            .map(|s| s.name)
+            .collect();
+        Ok(())
+    }
+
+    fn freeze(&mut self, catalog: &Catalog, job: &Job, backup: BackupId) -> Result<u64> {
+        self.block_size = job.block_size;
+        let row = catalog.snapshot_intent(job.image_id, &self.snap, backup)?;
+        self.snap_row = Some(row);
+        self.head
+            .create_snap(&self.snap)
+            .with_context(|| format!("creating snapshot {} of {}", self.snap, self.spec))?;
+        catalog.set_snapshot_state(row, SnapshotState::Present)?;
+        let image = self.ioctx.open(&self.name, Some(&self.snap))?;
+        let size = image.size()?;
+        let fast_diff_ok = fast_diff_usable(&image, self.features)?;
+        self.frozen = Some(Frozen { image, size, fast_diff_ok });
+        Ok(size)
+    }
+
+    fn changes(&mut self, since: Option<&Parent>) -> Result<Changes> {
+        self.base = None;
+        let f = self.frozen()?;
+        let full = |reason| -> Result<Changes> { Ok(Changes::Full { extents: self.allocated(f)?, reason }) };
+        let Some(parent) = since else { return full(FullReason::FirstBackup) };
+        let block_size = self.block_size;
+        let base = match self.base_for(parent, block_size)? {
+            Ok(b) => b,
+            Err(reason) => return full(reason),
+        };
+        let base_ok = match self.ioctx.open(&self.name, Some(&base)) {
+            Ok(b) => fast_diff_usable(&b, self.features)?,
+            Err(e) => {
+                warn!(snapshot = %base, error = %e, "cannot open the base snapshot");
+                false
+            }
+        };
+        if (self.features & rbd::FEATURE_OBJECT_MAP != 0) && !(f.fast_diff_ok && base_ok) {
+            return full(FullReason::MapInvalid);
+        }
+        let whole_object = f.fast_diff_ok && block_size as u64 >= self.object_size;
+        let extents = self.diff(f, &base, whole_object)?;
+        self.base = Some(base);
+        Ok(Changes::Since { extents })
+    }
+
+    fn check(&mut self, store: &Store, parent: &Parent, plan: &Plan) -> Result<()> {
+        self.patcher = None;
+        let f = self.frozen()?;
+        let Some(base) = &self.base else { return Ok(()) };
+        if let Some(block) = sample_check(&f.image, parent, plan)? {
+            return Err(BackupError::UntrustedDiff { image: self.spec.clone(), block, parent: parent.manifest.id }.into());
+        }
+        let patcher = patcher_for(store, &self.spec, &f.image, base, parent, &plan.actions, f.size)?;
+        self.patcher = patcher;
+        Ok(())
+    }
+
+    fn reader<'a>(&'a self, store: &'a Store) -> Result<Box<dyn ImageSource + 'a>> {
+        let f = self.frozen()?;
+        Ok(Box::new(RbdReader { image: &f.image, size: f.size, patcher: self.patcher.as_ref(), store }))
+    }
+
+    fn snapshot(&self) -> Option<String> {
+        Some(self.snap.clone())
+    }
+
+    fn rbd_info(&self) -> Option<RbdInfo> {
+        Some(RbdInfo { features: self.features, object_size: self.object_size })
+    }
+
+    fn finish(&mut self, catalog: &Catalog, job: &Job, outcome: Outcome) -> Result<()> {
+        match outcome {
+            Outcome::Committed => {
+                if let Err(e) = demote(catalog, &self.head, job.image_id, self.keep) {
+                    warn!(image = %job.image, error = %format!("{e:#}"), "could not demote older snapshots; the next run retries");
+                }
+            }
+            Outcome::Failed => {
+                if self.head.has_timed_out() {
+                    // The cluster stopped answering: removing the snapshot (and
+                    // closing the images, see blockvault-ceph) would each wait
+                    // another timeout. The catalog records the snapshot as
+                    // this uncommitted backup's, so the next run removes it.
+                    if self.snap_row.is_some() {
+                        warn!(image = %job.image, snapshot = %self.snap,
+                            "the cluster timed out: leaving the snapshot of this failed backup for the next run to remove");
+                    }
+                    return Ok(());
+                }
+                if let Some(row) = self.snap_row {
+                    // the snapshot is closed before it is removed
+                    self.frozen = None;
+                    match remove_snap_if_present(&self.head, &self.snap) {
+                        Ok(()) => catalog.set_snapshot_state(row, SnapshotState::Removed)?,
+                        Err(e) => warn!(snapshot = %self.snap, error = %format!("{e:#}"),
+                            "could not remove the snapshot of a failed backup; the next run retries"),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A snapshot opened read-only, as a pipeline source; partly changed
+/// blocks are patched from the parent backup when a patcher is given.
+struct RbdReader<'a> {
+    image: &'a Image,
+    size: u64,
+    patcher: Option<&'a Patcher>,
+    store: &'a Store,
+}
+
+impl ImageSource for RbdReader<'_> {
+    fn describe(&self) -> String {
+        format!("rbd:{}", self.image.spec())
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.image.read_at(offset, buf).map_err(io::Error::other)
+    }
+    fn read_block(&self, offset: u64, buf: &mut [u8]) -> io::Result<BlockRead> {
+        if let Some(p) = self.patcher {
+            if let Some(source_bytes) = p.read_patched(self.store, self.image, offset, buf)? {
+                return Ok(BlockRead::Patched { source_bytes });
+            }
+        }
+        self.read_at(offset, buf)?;
+        Ok(BlockRead::Whole)
+    }
+}
+
+/// The patcher for the partly changed blocks of an incremental, or `None`
+/// when there are none or the exact diff cannot be trusted (both logged).
+///
+/// # Errors
+/// When a sample read fails.
+fn patcher_for(
+    store: &Store,
+    spec: &str,
+    at: &Image,
+    base: &str,
+    parent: &Parent,
+    actions: &[BlockAction],
+    size: u64,
+) -> Result<Option<Patcher>> {
+    let patches = match plan_patches(at, base, &parent.map, actions, size) {
+        Ok(p) if p.is_empty() => return Ok(None),
+        Ok(p) => p,
+        Err(e) => {
+            warn!(image = %spec, snapshot = %base, error = %format!("{e:#}"),
+                "exact diff of the changed blocks failed: reading them whole");
+            return Ok(None);
+        }
+    };
+    let patcher = Patcher::new(parent.map.block_size(), patches);
+    if let Some(b) = patcher.sample_check(store, at)? {
+        warn!(image = %spec, block = b, parent = parent.manifest.id.0,
+            "a partly changed block patched from the parent backup differs from the snapshot: reading every changed block whole");
+        return Ok(None);
+    }
+    info!(image = %spec, patched_blocks = patcher.len(), "partly changed blocks are patched from the parent backup");
+    Ok(Some(patcher))
+}
+
+/// Who this process is, so a later run can tell that it is dead: the
+/// boot, the pid and the pid's start time (a reused pid has another).
+fn process_identity(pid: u32) -> Option<String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // fields after the command name (which may hold spaces) start at field 3;
+    // the start time is field 22
+    let start = stat.rsplit_once(") ")?.1.split(' ').nth(19)?.to_string();
+    Some(format!("{} {pid} {start}", boot.trim()))
+}
+
+/// Writes `record` (`locks/image-NAME.rbd-client` in the store, under the
+/// image lock): this process and its cluster client's addresses, so the
+/// next run can break the exclusive lock this run may leave behind if it is
+/// killed or gives up on an unresponsive cluster. Best effort.
+fn record_client(head: &Image, record: &std::path::Path) {
+    let (Some(me), Ok(addrs)) = (process_identity(std::process::id()), head.ioctx().client_addrs()) else {
+        return;
+    };
+    let tmp = record.with_extension("rbd-client.tmp");
+    if std::fs::write(&tmp, format!("{me}\n{addrs}\n")).and_then(|()| std::fs::rename(&tmp, record)).is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+/// Breaks the image's exclusive lock when its owner is verifiably dead: the
+/// record of the previous run (see [`record_client`]) names the owner's
+/// address, and that run's process, on this same boot, no longer exists.
+/// We hold the image lock, so no other blockvault run of this image is
+/// alive. librbd blocklists the owner as it breaks the lock. Anything less
+/// certain leaves the lock alone (and [`log_lock_owner`] says so).
+fn break_lock_of_dead_run(head: &Image, record: &std::path::Path, image: &str) {
+    let Ok(text) = std::fs::read_to_string(record) else {
+        return;
+    };
+    let mut lines = text.lines();
+    let (Some(who), Some(addrs)) = (lines.next(), lines.next()) else {
+        return;
+    };
+    let mut f = who.split(' ');
+    let (Some(boot), Some(pid)) = (f.next(), f.next().and_then(|p| p.parse::<u32>().ok())) else {
+        return;
+    };
+    let this_boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    if boot != this_boot.trim() || pid == std::process::id() {
+        return; // another boot or host: cannot tell whether it is dead
+    }
+    if process_identity(pid).as_deref() == Some(who) {
+        return; // still running (cannot be a backup of this image: we hold its lock)
+    }
+    let Ok(owners) = head.lock_owners() else {
+        return;
+    };
+    for owner in owners.iter().filter(|o| !o.is_empty() && addrs.contains(o.as_str())) {
+        match head.break_lock(owner) {
+            Ok(()) => info!(image = %image, owner = %owner, pid,
+                "broke the exclusive lock left by a blockvault run that is dead (killed, or gave up on an unresponsive cluster); its client is blocklisted"),
+            Err(e) => warn!(image = %image, owner = %owner, error = %e,
+                "cannot break the exclusive lock left by a dead blockvault run; waiting for it to expire"),
+        }
+    }
+}
+
+/// Says, before anything waits for it, that another client holds the
+/// image's exclusive lock: snapshot creation and removal then go through
+/// that client, and if it is gone without releasing the lock (a killed
+/// backup, a crashed host) librbd takes the lock over only once the
+/// owner's watch has expired (`osd_client_watch_timeout`, 30 s by
+/// default). Only the lock of a blockvault run known to be dead is broken
+/// ([`break_lock_of_dead_run`]): any other owner may be alive (a running
+/// VM), and breaking a live owner's lock blocklists it.
+fn log_lock_owner(head: &Image, image: &str) {
+    if head.features().is_ok_and(|f| f & rbd::FEATURE_EXCLUSIVE_LOCK == 0) {
+        return;
+    }
+    let me = head.ioctx().client_addrs().unwrap_or_default();
+    match head.lock_owners() {
+        Ok(owners) => {
+            for owner in owners.iter().filter(|o| !me.contains(o.as_str())) {
+                info!(image = %image, owner = %owner,
+                    "another client holds the image's exclusive lock: snapshots are created and removed through it; \
+                     if it is dead (e.g. a killed backup), this waits until its watch expires (osd_client_watch_timeout, 30 s by default); \
+                     the lock is not broken: it is not a blockvault run known to be dead, and breaking a live owner's lock (a VM's) would blocklist it");
+            }
+        }
+        Err(e) => tracing::debug!(image = %image, error = %e, "cannot read the exclusive lock owner"),
+    }
+}
+
+/// Whether the object map / fast-diff of an open image or snapshot can be
+/// trusted (true also when the image has no object map: then librbd diffs
+/// by listing objects, which is slower but exact).
+fn fast_diff_usable(img: &Image, features: u64) -> Result<bool> {
+    if features & rbd::FEATURE_OBJECT_MAP == 0 {
+        return Ok(false);
+    }
+    let flags = img.flags()?;
+    Ok(flags & (rbd::FLAG_OBJECT_MAP_INVALID | rbd::FLAG_FAST_DIFF_INVALID) == 0)
+}
+
+/// Reads a random sample of the blocks the plan inherits and checks them
+/// against the parent's block map. Returns the first mismatching block.
+fn sample_check(at: &Image, parent: &Parent, plan: &Plan) -> Result<Option<usize>> {
+    let mut inherited: Vec<usize> = plan
+        .actions
+        .iter()
+        .enumerate()
+        .filter_map(|(b, a)| (*a == BlockAction::Inherit).then_some(b))
+        .collect();
+    let want = (inherited.len() * SAMPLE_PER_MILLE / 1000).max(MIN_SAMPLES).min(inherited.len());
+    inherited.shuffle(&mut rand::thread_rng());
+    let mut buf = Vec::new();
+    for &b in &inherited[..want] {
+        let (off, len) = plan.map.block_range(b);
+        buf.resize(len, 0);
+        at.read_at(off, &mut buf).with_context(|| format!("reading sample block {b}"))?;
+        let id = (!blockvault_store::chunk::is_zero(&buf)).then(|| ChunkId::of(&buf));
+        if id != parent.map.get(b) {
+            return Ok(Some(b));
+        }
+    }
+    Ok(None)
+}
+
+fn remove_snap_if_present(head: &Image, snap: &str) -> Result<()> {
+    match head.remove_snap(snap) {
+        Ok(()) => Ok(()),
+        Err(e) if e.is_not_found() => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Cleans up after crashed or failed runs: snapshots recorded as intended or
+/// present whose backup never committed are removed from the cluster;
+/// present rows whose snapshot was deleted by hand are marked removed;
+/// blockvault snapshots that a committed backup names but that the catalog
+/// lost (rebuilt catalog) are adopted.
+fn cleanup_snapshots(catalog: &Catalog, head: &Image, image_id: i64) -> Result<()> {
+    let on_cluster: Vec<String> = head.snaps()?.into_iter().map(|s| s.name).collect();
+    let rows = catalog.snapshots(image_id)?;
+    for s in &rows {
+        if s.state == SnapshotState::Removed {
+            continue;
+        }
+        let committed = match s.backup_id {
+            Some(b) => catalog.backup(b)?.is_some_and(|r| r.state == BackupState::Committed),
+            None => false,
+        };
+        let exists = on_cluster.contains(&s.name);
+        if !committed {
+            if exists {
+                warn!(snapshot = %s.name, backup = ?s.backup_id.map(|b| b.0), "removing the snapshot of an interrupted or failed backup");
+                remove_snap_if_present(head, &s.name)?;
+            }
+            catalog.set_snapshot_state(s.id, SnapshotState::Removed)?;
+        } else if !exists {
+            warn!(snapshot = %s.name, "snapshot was deleted outside blockvault; the next incremental needs a full read");
+            catalog.set_snapshot_state(s.id, SnapshotState::Removed)?;
+        } else if s.state == SnapshotState::Intent {
+            catalog.set_snapshot_state(s.id, SnapshotState::Present)?;
+        }
+    }
+    // adopt snapshots of committed backups the catalog has no row for
+    for b in catalog.backups_in_state(image_id, BackupState::Committed)? {
+        if let Some(snap) = &b.snapshot {
+            if on_cluster.contains(snap) && !rows.iter().any(|r| &r.name == snap) {
+                info!(snapshot = %snap, backup = b.id.0, "adopting a blockvault snapshot the catalog did not know");
+                let row = catalog.snapshot_intent(image_id, snap, b.id)?;
+                catalog.set_snapshot_state(row, SnapshotState::Present)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Keeps the newest `keep` present snapshots of committed backups and
+/// deletes the older ones from the cluster (their backups live on in the
+/// store).
+fn demote(catalog: &Catalog, head: &Image, image_id: i64, keep: u32) -> Result<()> {
+    let mut present: Vec<_> = catalog
+        .snapshots(image_id)?
+        .into_iter()
+        .filter(|s| s.state == SnapshotState::Present && s.name.starts_with(SNAP_PREFIX))
+        .collect();
+    present.sort_by_key(|s| std::cmp::Reverse(s.backup_id.map(|b| b.0).unwrap_or(0)));
+    for s in present.iter().skip(keep as usize) {
+        remove_snap_if_present(head, &s.name).with_context(|| format!("removing snapshot {}", s.name))?;
+        catalog.set_snapshot_state(s.id, SnapshotState::Removed)?;
+        info!(snapshot = %s.name, backup = ?s.backup_id.map(|b| b.0), "demoted: snapshot removed, backup lives on in the store");
+    }
+    Ok(())
+}
+
+/// Every configured image, with glob sources (`rbd:pool/vm-*`) expanded to
+/// one image per match; the name's `{image}` becomes the RBD image name.
+///
+/// # Errors
+/// When a glob needs the cluster and it cannot be reached.
+pub fn expand_images(cfg: &Config) -> Result<Vec<ImageConfig>> {
+    let mut out = Vec::new();
+    let mut cluster: Option<Arc<Cluster>> = None;
+    for img in &cfg.images {
+        if !img.source.is_glob() {
+            out.push(img.clone());
+            continue;
+        }
+        let (pool, ns, pattern) = rbd_parts(&img.source);
+        let pat = glob::Pattern::new(pattern).with_context(|| format!("image '{}': bad glob '{pattern}'", img.name))?;
+        if cluster.is_none() {
+            cluster = Some(connect(cfg)?);
+        }
+        let ioctx = open_pool(cluster.as_ref().unwrap(), pool, ns)?;
+        let mut names = ioctx.list_images()?;
+        names.sort();
+        for n in names.into_iter().filter(|n| pat.matches(n)) {
+            let mut c = img.clone();
+            c.name = img.name.replace("{image}", &n);
+            // the store rejects a manifest whose name breaks the rule, so
+            // such an image is never backed up under it
+            if let Err(why) = blockvault_store::manifest::check_image_name(&c.name) {
+                warn!(pattern = %img.name, rbd_image = %n.escape_debug(), "skipping an RBD image whose name makes no valid image name: {why}");
+                continue;
+            }
+            c.source = config::Source::Rbd { pool: pool.into(), namespace: ns.map(Into::into), image: n };
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
