@@ -251,4 +251,28 @@ mod tests {
         let e = format!("{:#}", check_manifest(&manifest(8, "alpha"), "alpha", BackupId(7)).unwrap_err());
         assert!(e.contains("backup 7") && e.contains("backup 8"), "{e}");
     }
+
+    #[test]
+    fn restore_target_spec_is_parsed_not_prefix_matched() {
+        let rbd = |pool: &str, ns: Option<&str>, image: &str| TargetSpec::Rbd {
+            pool: pool.into(),
+            namespace: ns.map(Into::into),
+            image: image.into(),
+        };
+        assert_eq!(TargetSpec::parse("rbd:pool/img").unwrap(), rbd("pool", None, "img"));
+        assert_eq!(TargetSpec::parse("rbd:pool/ns/img").unwrap(), rbd("pool", Some("ns"), "img"));
+        assert_eq!(TargetSpec::parse("rbd:pool/ns/img").unwrap().to_string(), "rbd:pool/ns/img");
+        assert_eq!(TargetSpec::parse("/dev/sdb").unwrap(), TargetSpec::Path("/dev/sdb".into()));
+        assert_eq!(TargetSpec::parse("file:/srv/vm.img").unwrap(), TargetSpec::Path("/srv/vm.img".into()));
+        assert_eq!(TargetSpec::parse("out/vm.img").unwrap(), TargetSpec::Path("out/vm.img".into()));
+        // a relative file whose name merely contains "rbd:" is a path
+        assert_eq!(TargetSpec::parse("./rbd:pool/img").unwrap(), TargetSpec::Path("./rbd:pool/img".into()));
+        for bad in ["rbd:pool", "rbd:/img", "rbd:a/b/c/d", "rbd:"] {
+            let e = format!("{:#}", TargetSpec::parse(bad).unwrap_err());
+            assert!(e.contains("restore target") && e.contains("rbd:POOL/IMAGE"), "{bad}: {e}");
+        }
+        let e = format!("{:#}", TargetSpec::parse("rbd:pool/vm-*").unwrap_err());
+        assert!(e.contains("must name one image"), "{e}");
+        assert!(TargetSpec::parse("file:").is_err());
+    }
 }

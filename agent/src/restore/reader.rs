@@ -198,3 +198,180 @@ impl<'s> BackupReader<'s> {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blockvault_store::format::MANIFEST_VERSION;
+    use blockvault_store::{chunk, BackupId, InitOptions};
+    use rand::{Rng, RngCore, SeedableRng};
+
+    const BS: u32 = 65536;
+    /// Blocks left as zeros (holes) in the test image.
+    const ZERO_BLOCKS: [usize; 3] = [2, 3, 7];
+
+    /// A store holding one backup of a random image of 9 full blocks and a
+    /// short last one, with [`ZERO_BLOCKS`] stored as zero blocks.
+    fn store_with_backup() -> (tempfile::TempDir, Store, Manifest, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::init(&dir.path().join("store"), &InitOptions { default_block_size: BS }).unwrap();
+        let size = 9 * u64::from(BS) + 1000;
+        let mut image = vec![0u8; size as usize];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        rng.fill_bytes(&mut image);
+        let mut map = BlockMap::new_zeroed(size, BS);
+        for b in 0..map.len() {
+            let (off, len) = map.block_range(b);
+            let block = &mut image[off as usize..off as usize + len];
+            if ZERO_BLOCKS.contains(&b) {
+                block.fill(0);
+                continue;
+            }
+            let id = ChunkId::of(block);
+            store.put_chunk(&chunk::encode(block, id, 1, None).unwrap()).unwrap();
+            map.set(b, Some(id));
+        }
+        let mut m = Manifest {
+            format: MANIFEST_VERSION,
+            id: BackupId(3),
+            image: "vm".into(),
+            source: "file:/srv/vm.img".into(),
+            created: "2026-01-01T00:00:00Z".into(),
+            finished: "2026-01-01T00:00:01Z".into(),
+            parent: None,
+            image_size: 0,
+            block_size: BS,
+            blockmap_blake3: String::new(),
+            snapshot: None,
+            stats: Default::default(),
+            rbd: None,
+        };
+        store.write_backup(&mut m, &map).unwrap();
+        (dir, store, m, image)
+    }
+
+    #[test]
+    fn reads_at_random_offsets_equal_the_image() {
+        let (_d, store, m, image) = store_with_backup();
+        let r = BackupReader::with_cache(&store, &m, 2).unwrap();
+        assert_eq!(r.size(), image.len() as u64);
+        assert_eq!(r.block_size(), BS);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for i in 0..500 {
+            // every fifth read is large enough to span several blocks
+            let max = if i % 5 == 0 { image.len() } else { 3 * BS as usize };
+            let len = rng.gen_range(0..=max.min(image.len()));
+            let off = rng.gen_range(0..=image.len() - len);
+            let mut buf = vec![0xAAu8; len];
+            r.read_at(off as u64, &mut buf).unwrap();
+            assert!(buf == image[off..off + len], "read of {len} bytes at {off} differs from the image");
+        }
+        // the short last block, to the last byte, and the whole image
+        let mut tail = vec![0u8; 1000];
+        r.read_at(9 * u64::from(BS), &mut tail).unwrap();
+        assert_eq!(tail, image[9 * BS as usize..]);
+        let mut all = vec![0u8; image.len()];
+        r.read_at(0, &mut all).unwrap();
+        assert!(all == image);
+    }
+
+    #[test]
+    fn reads_past_the_end_are_refused() {
+        let (_d, store, m, image) = store_with_backup();
+        let r = BackupReader::open(&store, &m).unwrap();
+        let mut buf = [0u8; 2];
+        let e = format!("{:#}", r.read_at(image.len() as u64 - 1, &mut buf).unwrap_err());
+        assert!(e.contains("past the end") && e.contains("backup 3"), "{e}");
+        assert!(r.read_at(u64::MAX, &mut buf).is_err());
+        r.read_at(image.len() as u64, &mut []).unwrap();
+    }
+
+    #[test]
+    fn extents_match_the_zero_blocks() {
+        let (_d, store, m, image) = store_with_backup();
+        let r = BackupReader::open(&store, &m).unwrap();
+        let bs = u64::from(BS);
+        let e = |b: u64, n: u64, kind| Extent { offset: b * bs, len: n * bs, kind };
+        let last = Extent { offset: 8 * bs, len: bs + 1000, kind: ExtentKind::Data };
+        assert_eq!(
+            r.extents(),
+            vec![
+                e(0, 2, ExtentKind::Data),
+                e(2, 2, ExtentKind::Zero),
+                e(4, 3, ExtentKind::Data),
+                e(7, 1, ExtentKind::Zero),
+                last
+            ]
+        );
+        // and the zero extents read as zeros, the data ones as the image
+        for x in r.extents() {
+            let mut buf = vec![0xAAu8; x.len as usize];
+            r.read_at(x.offset, &mut buf).unwrap();
+            let want = &image[x.offset as usize..(x.offset + x.len) as usize];
+            assert!(buf == want);
+            assert_eq!(x.kind == ExtentKind::Zero, chunk::is_zero(want));
+        }
+    }
+
+    #[test]
+    fn a_corrupt_chunk_gives_an_error_naming_the_chunk_and_the_backup() {
+        let (_d, store, m, _image) = store_with_backup();
+        let r = BackupReader::open(&store, &m).unwrap();
+        let id = r.block_map().get(5).unwrap();
+        // flip a byte near the end of the stored chunk (its payload)
+        let p = store.chunk_path(&id);
+        let mut bytes = std::fs::read(&p).unwrap();
+        let n = bytes.len();
+        bytes[n - 10] ^= 0x40;
+        std::fs::write(&p, &bytes).unwrap();
+        let mut buf = vec![0u8; 100];
+        let e = format!("{:#}", r.read_at(5 * u64::from(BS) + 10, &mut buf).unwrap_err());
+        assert!(e.contains(&id.to_hex()) && e.contains("backup 3 of image 'vm'") && e.contains("block 5"), "{e}");
+        // other blocks still read
+        r.read_at(0, &mut buf).unwrap();
+    }
+
+    #[test]
+    fn a_cached_block_is_not_read_from_the_store_again_and_the_cache_is_bounded() {
+        let (_d, store, m, image) = store_with_backup();
+        let r = BackupReader::with_cache(&store, &m, 2).unwrap();
+        let mut buf = vec![0u8; 10];
+        for b in [0u64, 1, 4] {
+            r.read_at(b * u64::from(BS), &mut buf).unwrap();
+        }
+        // blocks 1 and 4 are cached, block 0 was evicted: removing their
+        // chunks shows which reads reach the store
+        for b in [0usize, 1, 4] {
+            std::fs::remove_file(store.chunk_path(&r.block_map().get(b).unwrap())).unwrap();
+        }
+        for b in [1u64, 4] {
+            r.read_at(b * u64::from(BS) + 5, &mut buf).unwrap();
+            assert_eq!(buf, image[(b * u64::from(BS) + 5) as usize..][..10]);
+        }
+        assert!(r.read_at(0, &mut buf).is_err(), "block 0 should have been evicted (cache of 2)");
+        assert_eq!(r.lock_cache().blocks.len(), 2);
+    }
+
+    #[test]
+    fn several_threads_read_through_one_reader() {
+        fn assert_sync<T: Sync>(_: &T) {}
+        let (_d, store, m, image) = store_with_backup();
+        let r = BackupReader::with_cache(&store, &m, 3).unwrap();
+        assert_sync(&r);
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let (r, image) = (&r, &image);
+                s.spawn(move || {
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(t);
+                    for _ in 0..100 {
+                        let len = rng.gen_range(1..=2 * BS as usize);
+                        let off = rng.gen_range(0..=image.len() - len);
+                        let mut buf = vec![0u8; len];
+                        r.read_at(off as u64, &mut buf).unwrap();
+                        assert!(buf == image[off..off + len]);
+                    }
+                });
+            }
+        });
+    }
+}
