@@ -979,6 +979,16 @@ mod tests {
     /// build wrote) is an error naming it, never read as `failed`.
     #[test]
     fn unknown_backup_state_is_an_error_not_failed() {
+        // the error and its causes, as the CLI prints them
+        fn chain(e: &dyn std::error::Error) -> String {
+            let mut s = e.to_string();
+            let mut cur = e.source();
+            while let Some(c) = cur {
+                s.push_str(&format!(": {c}"));
+                cur = c.source();
+            }
+            s
+        }
         let dir = tempfile::tempdir().unwrap();
         let c = Catalog::open(&dir.path().join("c.sqlite")).unwrap();
         let img = c.ensure_image("vm", "file:/vm", 65536).unwrap();
@@ -987,11 +997,11 @@ mod tests {
         c.set_verify_state(id, VerifyState::Invalid).unwrap();
         assert_eq!(c.backup(id).unwrap().unwrap().verify_state, VerifyState::Invalid);
         c.conn.execute_batch("PRAGMA ignore_check_constraints = ON; UPDATE backups SET state = 'archived'").unwrap();
-        let e = c.backup(id).unwrap_err().to_string();
+        let e = chain(&c.backup(id).unwrap_err());
         assert!(e.contains("unknown backup state 'archived'") && e.contains("catalog rebuild"), "{e}");
         assert!(c.backup_states().is_err());
         c.conn.execute_batch("UPDATE backups SET state = 'committed', verify_state = 'maybe'").unwrap();
-        let e = c.committed_backups(None).unwrap_err().to_string();
+        let e = chain(&c.committed_backups(None).unwrap_err());
         assert!(e.contains("unknown verify state 'maybe'"), "{e}");
     }
 

@@ -183,7 +183,7 @@ fn read_live_map(store: &Store, id: BackupId) -> Result<Option<BlockMap>> {
     match store.read_blockmap(&manifest) {
         Ok(map) => Ok(Some(map)),
         // a prune removes the manifest first, then the block map
-        Err(Error::BackupMissing { .. }) if !store.has_backup(id) => Ok(None),
+        Err(Error::BackupMissing { .. }) if !store.try_has_backup(id)? => Ok(None),
         Err(e) => Err(unreadable(e)),
     }
 }
@@ -349,12 +349,8 @@ pub fn apply(store: &Store, mut plan: GcPlan) -> Result<GcReport> {
 /// manifest is gone. Only called with the store lock exclusive: a block map
 /// without a manifest is then not a commit in progress.
 fn remove_orphans(store: &Store) -> Result<u64> {
-    let dir = store.root().join("backups");
     let mut n = 0;
-    for e in std::fs::read_dir(&dir).map_err(|e| Error::io("read directory", &dir, e))? {
-        let e = e.map_err(|e| Error::io("read directory", &dir, e))?;
-        let name = e.file_name();
-        let name = name.to_string_lossy();
+    for name in store.list_backup_files()? {
         let Some(stem) = name
             .strip_suffix(".blockmap")
             .or_else(|| name.strip_suffix(".protected"))
@@ -363,14 +359,12 @@ fn remove_orphans(store: &Store) -> Result<u64> {
             continue;
         };
         let Ok(id) = stem.parse::<u64>() else { continue };
-        if store.has_backup(BackupId(id)) {
+        if store.try_has_backup(BackupId(id))? {
             continue;
         }
-        warn!(file = %e.path().display(), "removing a backup file that has no manifest");
-        match std::fs::remove_file(e.path()) {
-            Ok(()) => n += 1,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-            Err(err) => return Err(Error::io("remove", e.path(), err)),
+        warn!(file = %store.root().join("backups").join(&name).display(), "removing a backup file that has no manifest");
+        if store.remove_backup_file(&name)? {
+            n += 1;
         }
     }
     Ok(n)

@@ -13,6 +13,17 @@
 //! zstd-compressed payload (or the raw bytes when compression does not help)
 //! behind a checked header (see [`format`]).
 //!
+//! ## Backends
+//! The store keeps its objects on a [`Backend`] ([`backend`]): chunks
+//! (put-if-absent, visible only when complete and durable), metadata
+//! objects replaced atomically (store meta, block maps, manifests,
+//! markers), and the locks below. [`Store`], block maps, manifests and
+//! [`gc`] are written against the trait and touch no file. The directory
+//! backend ([`backend::dir`], what [`Store::open`] and [`Store::init`]
+//! use) keeps the layout below; [`backend::memory`] keeps a store in
+//! process and [`backend::fault`] injects I/O errors, torn writes and
+//! crashes into any backend, for tests ([`Store::with_backend`]).
+//!
 //! ## Layout of a store directory
 //! ```text
 //! blockvault-store.json        format version, uuid, hash, codec, default block size
@@ -79,6 +90,7 @@
 //! (and will only see what survives). The full argument, including the
 //! prune/GC race that lost chunks in Proxmox Backup Server, is in [`gc`].
 
+pub mod backend;
 pub mod blockmap;
 pub mod chunk;
 pub mod error;
@@ -89,6 +101,7 @@ pub mod manifest;
 pub mod store;
 pub mod verify_mark;
 
+pub use backend::{Backend, LockMode};
 pub use blockmap::BlockMap;
 pub use chunk::EncodedChunk;
 pub use error::{Error, Result};

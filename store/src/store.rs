@@ -1,15 +1,16 @@
-//! The local directory store.
+//! The store: chunks, block maps and manifests, over a [`Backend`].
+//!
+//! Nothing here touches a file: the directory layout, durability and locks
+//! are the backend's ([`crate::backend`]).
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Read, Write};
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use rustix::fs::FlockOperation;
 use serde::{Deserialize, Serialize};
 
+use crate::backend::dir::DirBackend;
+use crate::backend::{Backend, LockMode};
+pub use crate::backend::StoreLock;
 use crate::blockmap::BlockMap;
 use crate::chunk::{self, EncodedChunk};
 use crate::error::{Error, Result};
@@ -45,123 +46,44 @@ impl Default for InitOptions {
 }
 
 /// A content-addressed chunk store with the block maps and manifests of
-/// every backup, in one directory.
+/// every backup, kept by a [`Backend`] (normally a directory).
 pub struct Store {
-    root: PathBuf,
+    backend: Box<dyn Backend>,
     meta: StoreMeta,
-    /// Chunks written to `tmp/` but not yet made durable and moved into
-    /// `chunks/` (see [`Store::sync`]).
-    pending: Mutex<Pending>,
-    tmp_seq: AtomicU64,
     poisoned: AtomicBool,
 }
 
-/// Chunk files written to `tmp/`, waiting for the next flush.
-#[derive(Default)]
-struct Pending {
-    /// (temp file, final path)
-    files: Vec<(PathBuf, PathBuf)>,
-    bytes: u64,
-}
+/// Key of the store meta object.
+const META_KEY: &str = STORE_MARKER;
 
-/// Pending chunk bytes that trigger a flush: bounds the data a crash can
-/// leave in `tmp/` and makes new chunks visible to concurrent backups soon.
-const FLUSH_PENDING_BYTES: u64 = 1 << 30;
-
-/// A held lock; released on drop. On a read-only store a reader's lock
-/// holds nothing (see [`Store::lock_shared_for_reading`]).
-#[derive(Debug)]
-pub struct StoreLock {
-    _file: Option<File>,
-}
-
-fn fsync_dir(path: &Path) -> Result<()> {
-    let d = File::open(path).map_err(|e| Error::io("open directory", path, e))?;
-    d.sync_all().map_err(|e| Error::io("fsync directory", path, e))
-}
-
-/// Mode of every directory the store creates: private whatever the umask
-/// (a store holds every byte of every image it backs up).
-pub(crate) const DIR_MODE: u32 = 0o700;
-/// Mode of every file the store creates.
-pub(crate) const FILE_MODE: u32 = 0o600;
-
-/// Creates a directory with [`DIR_MODE`]; an existing one is left alone.
-fn create_private_dir(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    match fs::DirBuilder::new().mode(DIR_MODE).create(path) {
-        Err(e) if e.kind() == ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
-        r => r,
-    }
-}
-
-/// Creates a new file exclusively (`O_EXCL`: never through a symlink or
-/// into an existing file) with [`FILE_MODE`].
-fn create_new_private(path: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    OpenOptions::new().write(true).create_new(true).mode(FILE_MODE).open(path)
-}
-
-/// Writes `bytes` to `path` atomically and durably: a temp file beside it
-/// (created exclusively under a random name), fsync, rename, fsync of the
-/// directory.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().expect("path has a parent");
-    let tmp = dir.join(format!(
-        ".{}.tmp.{}.{:016x}",
-        path.file_name().unwrap().to_string_lossy(),
-        std::process::id(),
-        rand::random::<u64>()
-    ));
-    let res = (|| {
-        let mut f = create_new_private(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
-        f.write_all(bytes).map_err(|e| Error::io("write", &tmp, e))?;
-        f.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
-        drop(f);
-        fs::rename(&tmp, path).map_err(|e| Error::io("rename", path, e))
-    })();
-    if res.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    res?;
-    fsync_dir(dir)
-}
-
-/// Reads at most `limit + 1` bytes of a file: enough for a decoder to see
-/// that it is larger than `limit`, never more, so a crafted (or sparse)
-/// file cannot make a reader allocate its length.
-fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    File::open(path)?.take(limit.saturating_add(1)).read_to_end(&mut out)?;
-    Ok(out)
-}
-
-fn read_file(path: &Path) -> Result<Vec<u8>> {
-    fs::read(path).map_err(|e| Error::io("read", path, e))
+fn backup_key(id: BackupId, ext: &str) -> String {
+    format!("backups/{:012}.{ext}", id.0)
 }
 
 impl Store {
-    /// Creates a new, empty store at `path` (the directory may exist if empty).
+    /// Creates a new, empty store in directory `path` (which may exist if
+    /// empty).
     ///
     /// # Errors
     /// `AlreadyExists` when `path` already holds a store; `Io` when it cannot be created.
     pub fn init(path: &Path, opts: &InitOptions) -> Result<Store> {
         format::check_block_size(opts.default_block_size)?;
-        if path.join(STORE_MARKER).exists() {
+        let backend = DirBackend::new(path);
+        if backend.object_exists(META_KEY)? {
             return Err(Error::AlreadyExists { path: path.to_path_buf() });
         }
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            fs::create_dir_all(parent).map_err(|e| Error::io("create directory", parent, e))?;
-        }
-        create_private_dir(path).map_err(|e| Error::io("create directory", path, e))?;
-        // an existing empty directory becomes private too
-        {
-            use std::os::unix::fs::PermissionsExt;
-            fs::set_permissions(path, fs::Permissions::from_mode(DIR_MODE)).map_err(|e| Error::io("chmod", path, e))?;
-        }
-        for sub in ["chunks", "backups", "tmp", "locks"] {
-            let p = path.join(sub);
-            create_private_dir(&p).map_err(|e| Error::io("create directory", &p, e))?;
+        backend.create_layout()?;
+        Store::init_with_backend(Box::new(backend), opts)
+    }
+
+    /// Creates a new, empty store on `backend`.
+    ///
+    /// # Errors
+    /// `AlreadyExists` when the backend already holds a store; `Io`.
+    pub fn init_with_backend(backend: Box<dyn Backend>, opts: &InitOptions) -> Result<Store> {
+        format::check_block_size(opts.default_block_size)?;
+        if backend.object_exists(META_KEY)? {
+            return Err(Error::AlreadyExists { path: backend.location().to_path_buf() });
         }
         let uuid = format!("{:032x}", rand::random::<u128>());
         let meta = StoreMeta {
@@ -173,64 +95,62 @@ impl Store {
             default_block_size: opts.default_block_size,
         };
         let json = serde_json::to_vec_pretty(&meta).expect("meta serialises");
-        write_atomic(&path.join(STORE_MARKER), &json)?;
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            fsync_dir(parent)?;
-        }
-        Store::open(path)
+        backend.put_object(META_KEY, &json)?;
+        Store::with_backend(backend)
     }
 
-    /// Opens an existing store.
+    /// Opens the existing store in directory `path`.
     ///
     /// # Errors
     /// `NotAStore` when the marker file is missing, `UnsupportedVersion` for a newer format.
     pub fn open(path: &Path) -> Result<Store> {
-        let marker = path.join(STORE_MARKER);
-        let bytes = match fs::read(&marker) {
-            Ok(b) => b,
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                return Err(Error::NotAStore { path: path.to_path_buf(), marker: STORE_MARKER })
-            }
-            Err(e) => return Err(Error::io("read", &marker, e)),
+        Store::with_backend(Box::new(DirBackend::new(path)))
+    }
+
+    /// Opens the existing store on `backend`.
+    ///
+    /// # Errors
+    /// As [`Store::open`].
+    pub fn with_backend(backend: Box<dyn Backend>) -> Result<Store> {
+        let Some(bytes) = backend.get_object(META_KEY, format::MAX_MANIFEST_LEN)? else {
+            return Err(Error::NotAStore { path: backend.location().to_path_buf(), marker: STORE_MARKER });
         };
+        let marker = backend.object_name(META_KEY);
         let meta: StoreMeta = serde_json::from_slice(&bytes)
             .map_err(|e| Error::CorruptFile { path: marker.clone(), reason: e.to_string() })?;
         if meta.format != STORE_VERSION {
             return Err(Error::UnsupportedVersion { path: marker, found: meta.format, supported: STORE_VERSION });
         }
-        Ok(Store {
-            root: path.to_path_buf(),
-            meta,
-            pending: Mutex::new(Pending::default()),
-            tmp_seq: AtomicU64::new(0),
-            poisoned: AtomicBool::new(false),
-        })
+        Ok(Store { backend, meta, poisoned: AtomicBool::new(false) })
     }
 
+    /// Where the store is: its directory, or for a backend without one a
+    /// name such as `memory:`. For messages; see [`Store::dir`].
     pub fn root(&self) -> &Path {
-        &self.root
+        self.backend.location()
     }
+
+    /// The store's directory, when its backend is one.
+    pub fn dir(&self) -> Option<&Path> {
+        self.backend.dir()
+    }
+
+    /// The backend the store keeps its objects on.
+    pub fn backend(&self) -> &dyn Backend {
+        &*self.backend
+    }
+
     pub fn meta(&self) -> &StoreMeta {
         &self.meta
     }
 
     // ---- locks -------------------------------------------------------
 
-    fn lock_file(&self, name: &str, op: FlockOperation) -> Result<Option<StoreLock>> {
-        let path = self.root.join("locks").join(name);
-        use std::os::unix::fs::OpenOptionsExt;
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(FILE_MODE)
-            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-            .open(&path)
-            .map_err(|e| Error::io("open lock", &path, e))?;
-        match rustix::fs::flock(f.as_fd(), op) {
-            Ok(()) => Ok(Some(StoreLock { _file: Some(f) })),
-            Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
-            Err(e) => Err(Error::io("lock", &path, e.into())),
+    fn lock(&self, name: &str, mode: LockMode) -> Result<StoreLock> {
+        match self.backend.lock(name, mode, true)? {
+            Some(l) => Ok(l),
+            // a waiting lock call only returns once it holds the lock
+            None => Err(Error::io("lock", self.root().join("locks").join(name), std::io::ErrorKind::WouldBlock.into())),
         }
     }
 
@@ -240,7 +160,7 @@ impl Store {
     /// # Errors
     /// `Io` when the lock file cannot be opened.
     pub fn lock_shared(&self) -> Result<StoreLock> {
-        Ok(self.lock_file("store.lock", FlockOperation::LockShared)?.expect("blocking lock"))
+        self.lock("store", LockMode::Shared)
     }
 
     /// The store lock, shared, for an operation that only reads the store
@@ -253,15 +173,15 @@ impl Store {
     /// `Io` when the lock file cannot be opened on a writable store.
     pub fn lock_shared_for_reading(&self) -> Result<StoreLock> {
         if self.is_read_only() {
-            tracing::warn!(store = %self.root.display(), "store is read-only: not locking");
-            return Ok(StoreLock { _file: None });
+            tracing::warn!(store = %self.root().display(), "store is read-only: not locking");
+            return Ok(StoreLock::new(()));
         }
         self.lock_shared()
     }
 
     /// True when the store's filesystem is mounted read-only.
     pub fn is_read_only(&self) -> bool {
-        rustix::fs::statvfs(&self.root).is_ok_and(|s| s.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
+        self.backend.is_read_only()
     }
 
     /// The store lock, exclusive (blocking).
@@ -269,7 +189,7 @@ impl Store {
     /// # Errors
     /// `Io` when the lock file cannot be opened.
     pub fn lock_exclusive(&self) -> Result<StoreLock> {
-        Ok(self.lock_file("store.lock", FlockOperation::LockExclusive)?.expect("blocking lock"))
+        self.lock("store", LockMode::Exclusive)
     }
 
     /// The store lock, exclusive, without waiting: `None` when anyone holds it.
@@ -277,7 +197,7 @@ impl Store {
     /// # Errors
     /// `Io` when the lock file cannot be opened.
     pub fn try_lock_exclusive(&self) -> Result<Option<StoreLock>> {
-        self.lock_file("store.lock", FlockOperation::NonBlockingLockExclusive)
+        self.backend.lock("store", LockMode::Exclusive, false)
     }
 
     /// A named exclusive lock (e.g. one per image), without waiting:
@@ -286,8 +206,7 @@ impl Store {
     /// # Errors
     /// `Io` when the lock file cannot be opened.
     pub fn try_lock_named(&self, name: &str) -> Result<Option<StoreLock>> {
-        debug_assert!(!name.contains('/'));
-        self.lock_file(&format!("{name}.lock"), FlockOperation::NonBlockingLockExclusive)
+        self.backend.lock(name, LockMode::Exclusive, false)
     }
 
     /// A named exclusive lock, waiting for it. `name` must be a safe file name.
@@ -295,8 +214,7 @@ impl Store {
     /// # Errors
     /// `Io` when the lock file cannot be opened.
     pub fn lock_named(&self, name: &str) -> Result<StoreLock> {
-        debug_assert!(!name.contains('/'));
-        Ok(self.lock_file(&format!("{name}.lock"), FlockOperation::LockExclusive)?.expect("blocking lock"))
+        self.lock(name, LockMode::Exclusive)
     }
 
     /// Removes temp files left by crashed writers. Only safe while no other
@@ -318,30 +236,16 @@ impl Store {
     /// # Errors
     /// `Io` when a temp file cannot be removed.
     pub fn remove_temp_files(&self, _exclusive: &StoreLock) -> Result<usize> {
-        let dir = self.root.join("tmp");
-        let mut n = 0;
-        for e in fs::read_dir(&dir).map_err(|e| Error::io("read directory", &dir, e))? {
-            let e = e.map_err(|e| Error::io("read directory", &dir, e))?;
-            fs::remove_file(e.path()).map_err(|err| Error::io("remove", e.path(), err))?;
-            n += 1;
-        }
-        let bdir = self.root.join("backups");
-        for e in fs::read_dir(&bdir).map_err(|e| Error::io("read directory", &bdir, e))? {
-            let e = e.map_err(|e| Error::io("read directory", &bdir, e))?;
-            if e.file_name().to_string_lossy().starts_with('.') {
-                fs::remove_file(e.path()).map_err(|err| Error::io("remove", e.path(), err))?;
-                n += 1;
-            }
-        }
-        Ok(n)
+        self.backend.remove_temp_files()
     }
 
     // ---- chunks ------------------------------------------------------
 
-    /// Path of a chunk object: `chunks/<4 hex>/<64 hex>`.
+    /// Path of a chunk object, `chunks/<4 hex>/<64 hex>` under
+    /// [`Store::root`] (a real file for the directory backend).
     pub fn chunk_path(&self, id: &ChunkId) -> PathBuf {
         let h = id.to_hex();
-        self.root.join("chunks").join(&h[..4]).join(h)
+        self.root().join("chunks").join(&h[..4]).join(h)
     }
 
     /// True when the store holds the chunk.
@@ -349,17 +253,12 @@ impl Store {
     /// # Errors
     /// `Io` on anything but "not found".
     pub fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
-        let p = self.chunk_path(id);
-        match fs::symlink_metadata(&p) {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(Error::io("stat", &p, e)),
-        }
+        self.backend.chunk_exists(id)
     }
 
     /// Stores a chunk durably unless the store already has it; an existing
     /// chunk is never rewritten. Returns true when it was written.
-    /// The chunk's directory entry is made durable by the next [`Store::sync`].
+    /// The chunk is durable and visible after the next [`Store::sync`].
     ///
     /// After a failed write the store refuses further writes (it is poisoned):
     /// a half-done write must not be followed by a commit.
@@ -370,93 +269,17 @@ impl Store {
         if self.poisoned.load(Ordering::Relaxed) {
             return Err(Error::Poisoned);
         }
-        let res = self.put_chunk_inner(chunk);
+        let res = self.backend.put_chunk(&chunk.id, &chunk.bytes);
         if res.is_err() {
             self.poisoned.store(true, Ordering::Relaxed);
         }
         res
     }
 
-    fn put_chunk_inner(&self, chunk: &EncodedChunk) -> Result<bool> {
-        let dest = self.chunk_path(&chunk.id);
-        if self.has_chunk(&chunk.id)? {
-            return Ok(false);
-        }
-        let dir = dest.parent().unwrap();
-        if !dir.exists() {
-            // made durable by the syncfs of the next flush
-            create_private_dir(dir).map_err(|e| Error::io("create directory", dir, e))?;
-        }
-        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.root.join("tmp").join(format!("{}-{}-{}", std::process::id(), seq, chunk.id));
-        let mut f = create_new_private(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
-        f.write_all(&chunk.bytes).map_err(|e| Error::io("write", &tmp, e))?;
-        // Starts writeback now (DONTNEED on dirty pages writes them out
-        // without waiting), so the flush's syncfs finds little left to do.
-        let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
-        drop(f);
-        let flush = {
-            let mut p = self.pending.lock().unwrap();
-            p.files.push((tmp, dest));
-            p.bytes += chunk.bytes.len() as u64;
-            p.bytes >= FLUSH_PENDING_BYTES
-        };
-        if flush {
-            self.flush_pending()?;
-        }
-        Ok(true)
-    }
-
-    /// Makes pending chunks durable, then moves them into `chunks/`:
-    /// syncfs (every temp file's data is on disk), rename each into place
-    /// (never over an existing chunk), syncfs (the renames are on disk).
-    /// One filesystem sync per batch instead of one fsync per chunk: on
-    /// disks where an fsync costs tens of milliseconds this is the
-    /// difference between I/O-bound and fsync-bound backups. A chunk is
-    /// visible in `chunks/` only once its bytes are durable.
-    fn flush_pending(&self) -> Result<()> {
-        let files = {
-            let mut p = self.pending.lock().unwrap();
-            p.bytes = 0;
-            std::mem::take(&mut p.files)
-        };
-        if files.is_empty() {
-            return Ok(());
-        }
-        let root = File::open(&self.root).map_err(|e| Error::io("open", &self.root, e))?;
-        rustix::fs::syncfs(&root).map_err(|e| Error::io("syncfs", &self.root, e.into()))?;
-        for (tmp, _) in &files {
-            // The chunk's pages are clean now: drop them from the page cache.
-            // A backup writes gigabytes it will not read back soon. Advice only.
-            if let Ok(f) = File::open(tmp) {
-                let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
-            }
-        }
-        for (tmp, dest) in &files {
-            // NOREPLACE: a chunk written meanwhile by another process (another
-            // image's backup with the same block) is never replaced.
-            match rustix::fs::renameat_with(rustix::fs::CWD, tmp, rustix::fs::CWD, dest, rustix::fs::RenameFlags::NOREPLACE) {
-                Ok(()) => {}
-                Err(rustix::io::Errno::EXIST) => fs::remove_file(tmp).map_err(|e| Error::io("remove", tmp, e))?,
-                Err(e) => return Err(Error::io("rename", dest, e.into())),
-            }
-        }
-        rustix::fs::syncfs(&root).map_err(|e| Error::io("syncfs", &self.root, e.into()))?;
-        tracing::debug!(chunks = files.len(), "flush: new chunks durable and moved into chunks/");
-        Ok(())
-    }
-
     /// Removes the temp files of chunks not yet flushed (a backup that failed
     /// or was cancelled): nothing references them.
     pub fn discard_pending(&self) {
-        let files = {
-            let mut p = self.pending.lock().unwrap();
-            p.bytes = 0;
-            std::mem::take(&mut p.files)
-        };
-        for (tmp, _) in files {
-            let _ = fs::remove_file(tmp);
-        }
+        self.backend.discard_pending()
     }
 
     /// Makes every chunk written since the last call durable and visible in
@@ -468,7 +291,7 @@ impl Store {
         if self.poisoned.load(Ordering::Relaxed) {
             return Err(Error::Poisoned);
         }
-        let r = self.flush_pending();
+        let r = self.backend.sync();
         if r.is_err() {
             self.poisoned.store(true, Ordering::Relaxed);
         }
@@ -480,19 +303,7 @@ impl Store {
     /// # Errors
     /// `ChunkMissing` when absent, `Io` otherwise.
     pub fn read_chunk_raw(&self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
-        let p = self.chunk_path(id);
-        let mut f = match File::open(&p) {
-            Ok(f) => f,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Err(Error::ChunkMissing { id: *id }),
-            Err(e) => return Err(Error::io("open", &p, e)),
-        };
-        out.clear();
-        // bounded: chunk::check_frame refuses what is longer than any chunk
-        (&mut f).take(format::MAX_CHUNK_OBJECT_LEN + 1).read_to_end(out).map_err(|e| Error::io("read", &p, e))?;
-        // Restores and verifies read each chunk about once: keep the page
-        // cache for the host's working set. Advice only.
-        let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
-        Ok(())
+        self.backend.get_chunk(id, out)
     }
 
     /// Reads, checks and decompresses a chunk into `out`; `scratch` holds the
@@ -510,23 +321,7 @@ impl Store {
     /// # Errors
     /// `Io` when a directory cannot be read.
     pub fn list_chunks(&self) -> Result<Vec<(ChunkId, u64, std::time::SystemTime)>> {
-        let mut out = Vec::new();
-        let cdir = self.root.join("chunks");
-        for shard in fs::read_dir(&cdir).map_err(|e| Error::io("read directory", &cdir, e))? {
-            let shard = shard.map_err(|e| Error::io("read directory", &cdir, e))?;
-            let sp = shard.path();
-            if !sp.is_dir() {
-                continue;
-            }
-            for ent in fs::read_dir(&sp).map_err(|e| Error::io("read directory", &sp, e))? {
-                let ent = ent.map_err(|e| Error::io("read directory", &sp, e))?;
-                let name = ent.file_name();
-                let Ok(id) = name.to_string_lossy().parse::<ChunkId>() else { continue };
-                let md = ent.metadata().map_err(|e| Error::io("stat", ent.path(), e))?;
-                out.push((id, md.len(), md.modified().map_err(|e| Error::io("stat", ent.path(), e))?));
-            }
-        }
-        Ok(out)
+        self.backend.list_chunks()
     }
 
     /// Removes a chunk (GC only).
@@ -534,12 +329,7 @@ impl Store {
     /// # Errors
     /// `Io` on anything but "not found".
     pub fn remove_chunk(&self, id: &ChunkId) -> Result<()> {
-        let p = self.chunk_path(id);
-        match fs::remove_file(&p) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io("remove", &p, e)),
-        }
+        self.backend.delete_chunk(id)
     }
 
     /// Marks a chunk as recently used (updates its mtime), so that a GC
@@ -548,13 +338,7 @@ impl Store {
     /// # Errors
     /// `ChunkMissing` when it vanished, `Io` otherwise.
     pub fn touch_chunk(&self, id: &ChunkId) -> Result<()> {
-        let p = self.chunk_path(id);
-        let f = match File::options().append(true).open(&p) {
-            Ok(f) => f,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Err(Error::ChunkMissing { id: *id }),
-            Err(e) => return Err(Error::io("open", &p, e)),
-        };
-        f.set_modified(std::time::SystemTime::now()).map_err(|e| Error::io("touch", &p, e))
+        self.backend.touch_chunk(id)
     }
 
     /// A chunk's mtime, or `None` when the store does not hold it.
@@ -562,12 +346,7 @@ impl Store {
     /// # Errors
     /// `Io` on anything but "not found".
     pub fn chunk_modified(&self, id: &ChunkId) -> Result<Option<std::time::SystemTime>> {
-        let p = self.chunk_path(id);
-        match fs::symlink_metadata(&p) {
-            Ok(md) => Ok(Some(md.modified().map_err(|e| Error::io("stat", &p, e))?)),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io("stat", &p, e)),
-        }
+        self.backend.chunk_modified(id)
     }
 
     /// Moves a corrupt chunk aside to `<chunk path>.bad` (replacing an older
@@ -581,23 +360,10 @@ impl Store {
     /// # Errors
     /// `Io` when the rename or the directory fsync fails.
     pub fn quarantine_chunk(&self, id: &ChunkId) -> Result<Option<PathBuf>> {
-        let p = self.chunk_path(id);
-        let bad = p.with_file_name(format!("{id}.bad"));
-        match fs::rename(&p, &bad) {
-            Ok(()) => {
-                fsync_dir(p.parent().expect("chunk path has a parent"))?;
-                Ok(Some(bad))
-            }
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io("rename", &p, e)),
-        }
+        self.backend.quarantine_chunk(id)
     }
 
     // ---- backups -----------------------------------------------------
-
-    fn backup_path(&self, id: BackupId, ext: &str) -> PathBuf {
-        self.root.join("backups").join(format!("{:012}.{ext}", id.0))
-    }
 
     /// Commits a backup to the store: makes pending chunks durable, then
     /// writes the block map, then the manifest (each atomically). Once this
@@ -606,8 +372,8 @@ impl Store {
     /// # Errors
     /// `BackupExists` when the id is taken; `Io` on any failed write.
     pub fn write_backup(&self, manifest: &mut Manifest, map: &BlockMap) -> Result<()> {
-        let mpath = self.backup_path(manifest.id, "json");
-        if mpath.exists() {
+        let mkey = backup_key(manifest.id, "json");
+        if self.backend.object_exists(&mkey)? {
             return Err(Error::BackupExists { id: manifest.id.0 });
         }
         self.sync()?;
@@ -615,14 +381,23 @@ impl Store {
         manifest.blockmap_blake3 = blake3::hash(&enc).to_hex().to_string();
         manifest.image_size = map.image_size();
         manifest.block_size = map.block_size();
-        write_atomic(&self.backup_path(manifest.id, "blockmap"), &enc)?;
+        self.backend.put_object(&backup_key(manifest.id, "blockmap"), &enc)?;
         let json = serde_json::to_vec_pretty(manifest).expect("manifest serialises");
-        write_atomic(&mpath, &json)
+        self.backend.put_object(&mkey, &json)
+    }
+
+    /// True when the store holds the backup's manifest (false when that
+    /// cannot be found out; see [`Store::try_has_backup`]).
+    pub fn has_backup(&self, id: BackupId) -> bool {
+        self.try_has_backup(id).unwrap_or(false)
     }
 
     /// True when the store holds the backup's manifest.
-    pub fn has_backup(&self, id: BackupId) -> bool {
-        self.backup_path(id, "json").exists()
+    ///
+    /// # Errors
+    /// `Io`.
+    pub fn try_has_backup(&self, id: BackupId) -> Result<bool> {
+        self.backend.object_exists(&backup_key(id, "json"))
     }
 
     /// Reads a backup's manifest.
@@ -630,12 +405,11 @@ impl Store {
     /// # Errors
     /// `BackupMissing`, `CorruptFile` or `Io`.
     pub fn read_manifest(&self, id: BackupId) -> Result<Manifest> {
-        let p = self.backup_path(id, "json");
-        let bytes = match read_bounded(&p, format::MAX_MANIFEST_LEN) {
-            Ok(b) => b,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Err(Error::BackupMissing { id: id.0 }),
-            Err(e) => return Err(Error::io("read", &p, e)),
+        let key = backup_key(id, "json");
+        let Some(bytes) = self.backend.get_object(&key, format::MAX_MANIFEST_LEN)? else {
+            return Err(Error::BackupMissing { id: id.0 });
         };
+        let p = self.backend.object_name(&key);
         let m = Manifest::parse(&p, &bytes)?;
         if m.id != id {
             return Err(Error::CorruptFile { path: p, reason: format!("manifest names backup {}", m.id) });
@@ -649,15 +423,12 @@ impl Store {
     /// # Errors
     /// `BackupMissing`, `CorruptFile` or `Io`.
     pub fn read_blockmap(&self, manifest: &Manifest) -> Result<BlockMap> {
-        let p = self.backup_path(manifest.id, "blockmap");
+        let key = backup_key(manifest.id, "blockmap");
         // the manifest's geometry bounds the read (checked against the map below)
         let len = crate::blockmap::encoded_len(manifest.image_size, manifest.block_size)
-            .map_err(|reason| Error::CorruptFile { path: self.backup_path(manifest.id, "json"), reason })?;
-        let bytes = match read_bounded(&p, len) {
-            Ok(b) => b,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Err(Error::BackupMissing { id: manifest.id.0 }),
-            Err(e) => return Err(Error::io("read", &p, e)),
-        };
+            .map_err(|reason| Error::CorruptFile { path: self.backend.object_name(&backup_key(manifest.id, "json")), reason })?;
+        let Some(bytes) = self.backend.get_object(&key, len)? else { return Err(Error::BackupMissing { id: manifest.id.0 }) };
+        let p = self.backend.object_name(&key);
         if blake3::hash(&bytes).to_hex().as_str() != manifest.blockmap_blake3 {
             return Err(Error::CorruptFile { path: p, reason: "block map does not match its manifest's checksum".into() });
         }
@@ -673,20 +444,32 @@ impl Store {
     /// # Errors
     /// `Io` when the directory cannot be read.
     pub fn list_backups(&self) -> Result<Vec<BackupId>> {
-        let dir = self.root.join("backups");
-        let mut ids = Vec::new();
-        for e in fs::read_dir(&dir).map_err(|e| Error::io("read directory", &dir, e))? {
-            let e = e.map_err(|e| Error::io("read directory", &dir, e))?;
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            if let Some(stem) = name.strip_suffix(".json") {
-                if let Ok(n) = stem.parse::<u64>() {
-                    ids.push(BackupId(n));
-                }
-            }
-        }
+        let mut ids: Vec<BackupId> = self
+            .backend
+            .list_objects("backups/")?
+            .iter()
+            .filter_map(|name| name.strip_suffix(".json")?.parse::<u64>().ok().map(BackupId))
+            .collect();
         ids.sort();
         Ok(ids)
+    }
+
+    /// Names of the objects in `backups/` (manifests, block maps, markers),
+    /// without temp files.
+    ///
+    /// # Errors
+    /// `Io` when the directory cannot be read.
+    pub fn list_backup_files(&self) -> Result<Vec<String>> {
+        self.backend.list_objects("backups/")
+    }
+
+    /// Removes one object of `backups/` (GC: files without a manifest);
+    /// false when it was not there.
+    ///
+    /// # Errors
+    /// `Io`.
+    pub(crate) fn remove_backup_file(&self, name: &str) -> Result<bool> {
+        self.backend.delete_object(&format!("backups/{name}"))
     }
 
     /// Removes a backup from the store: manifest first (so a crash leaves at
@@ -697,14 +480,9 @@ impl Store {
     /// `Io` on a failed removal.
     pub fn remove_backup(&self, id: BackupId) -> Result<()> {
         for ext in ["json", "blockmap", "protected", "verify"] {
-            let p = self.backup_path(id, ext);
-            match fs::remove_file(&p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io("remove", &p, e)),
-            }
+            self.backend.delete_object(&backup_key(id, ext))?;
         }
-        fsync_dir(&self.root.join("backups"))
+        Ok(())
     }
 
     /// Protects a backup from pruning, or lifts the protection, by writing
@@ -714,23 +492,28 @@ impl Store {
     /// # Errors
     /// `BackupMissing` when the store does not hold the backup; `Io`.
     pub fn set_protected(&self, id: BackupId, protected: bool) -> Result<()> {
-        let p = self.backup_path(id, "protected");
+        let key = backup_key(id, "protected");
         if protected {
-            if !self.has_backup(id) {
+            if !self.try_has_backup(id)? {
                 return Err(Error::BackupMissing { id: id.0 });
             }
-            return write_atomic(&p, b"");
+            return self.backend.put_object(&key, b"");
         }
-        match fs::remove_file(&p) {
-            Ok(()) => fsync_dir(&self.root.join("backups")),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io("remove", &p, e)),
-        }
+        self.backend.delete_object(&key).map(|_| ())
+    }
+
+    /// True when the backup carries a protection marker (false when that
+    /// cannot be found out; see [`Store::try_is_protected`]).
+    pub fn is_protected(&self, id: BackupId) -> bool {
+        self.try_is_protected(id).unwrap_or(false)
     }
 
     /// True when the backup carries a protection marker.
-    pub fn is_protected(&self, id: BackupId) -> bool {
-        self.backup_path(id, "protected").exists()
+    ///
+    /// # Errors
+    /// `Io`.
+    pub fn try_is_protected(&self, id: BackupId) -> Result<bool> {
+        self.backend.object_exists(&backup_key(id, "protected"))
     }
 
     /// Records the result of a verify in `backups/<id>.verify` (atomically).
@@ -739,11 +522,11 @@ impl Store {
     /// # Errors
     /// `Io`.
     pub fn set_verify_mark(&self, id: BackupId, mark: &crate::VerifyMark) -> Result<()> {
-        if !self.has_backup(id) {
+        if !self.try_has_backup(id)? {
             return Ok(());
         }
         let json = serde_json::to_vec(mark).expect("verify mark serialises");
-        write_atomic(&self.backup_path(id, "verify"), &json)
+        self.backend.put_object(&backup_key(id, "verify"), &json)
     }
 
     /// The result of the last verify of a backup; `None` when never verified.
@@ -751,13 +534,11 @@ impl Store {
     /// # Errors
     /// `CorruptFile` for a marker that does not parse, `Io`.
     pub fn verify_mark(&self, id: BackupId) -> Result<Option<crate::VerifyMark>> {
-        let p = self.backup_path(id, "verify");
-        let bytes = match fs::read(&p) {
-            Ok(b) => b,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io("read", &p, e)),
-        };
-        serde_json::from_slice(&bytes).map(Some).map_err(|e| Error::CorruptFile { path: p, reason: e.to_string() })
+        let key = backup_key(id, "verify");
+        let Some(bytes) = self.backend.get_object(&key, format::MAX_MANIFEST_LEN)? else { return Ok(None) };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::CorruptFile { path: self.backend.object_name(&key), reason: e.to_string() })
     }
 
     /// A manifest standing in for an unreadable one, so that a backup whose
@@ -777,12 +558,12 @@ impl Store {
         image_size: u64,
         block_size: u32,
     ) -> Result<Manifest> {
-        let p = self.backup_path(id, "blockmap");
-        let bytes = match fs::read(&p) {
-            Ok(b) => b,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Err(Error::BackupMissing { id: id.0 }),
-            Err(e) => return Err(Error::io("read", &p, e)),
-        };
+        let key = backup_key(id, "blockmap");
+        let p = self.backend.object_name(&key);
+        // the catalog's geometry bounds the read (checked against the map below)
+        let len = crate::blockmap::encoded_len(image_size, block_size)
+            .map_err(|reason| Error::CorruptFile { path: p.clone(), reason })?;
+        let Some(bytes) = self.backend.get_object(&key, len)? else { return Err(Error::BackupMissing { id: id.0 }) };
         let map = BlockMap::decode(&p, &bytes)?;
         if map.image_size() != image_size || map.block_size() != block_size {
             return Err(Error::CorruptFile {
@@ -811,11 +592,15 @@ impl Store {
         })
     }
 
-    /// Reads the whole of a small metadata file relative to the store root.
+    /// Reads the whole of a small metadata object, by its path relative to
+    /// the store root (`blockvault-store.json`).
     ///
     /// # Errors
-    /// `Io`.
+    /// `Io`, also when it does not exist.
     pub fn read_meta_file(&self, rel: &str) -> Result<Vec<u8>> {
-        read_file(&self.root.join(rel))
+        match self.backend.get_object(rel, format::MAX_MANIFEST_LEN)? {
+            Some(b) => Ok(b),
+            None => Err(Error::io("read", self.backend.object_name(rel), std::io::ErrorKind::NotFound.into())),
+        }
     }
 }
