@@ -1,4 +1,3 @@
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
@@ -9,6 +8,7 @@ use clap::Args;
 use super::{load_config, parse_backup_ref, GlobalArgs};
 use crate::context::Ctx;
 use crate::progress::Bar;
+use crate::restore::TargetSpec;
 
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
@@ -37,6 +37,7 @@ pub fn run(g: &GlobalArgs, a: RestoreArgs) -> Result<ExitCode> {
     let cfg = load_config(g)?;
     let ctx = Ctx::open(cfg)?;
     let (image, id) = parse_backup_ref(&a.backup)?;
+    let to = TargetSpec::parse(&a.to)?;
     let row = match id {
         Some(id) => {
             let row = ctx.catalog.backup(BackupId(id))?;
@@ -72,16 +73,7 @@ pub fn run(g: &GlobalArgs, a: RestoreArgs) -> Result<ExitCode> {
     crate::restore::check_manifest(&manifest, &row.image, row.id)?;
     let threads = ctx.cfg.workers() * 2;
     let bar = Bar::new(manifest.image_size, &image, !g.no_progress);
-    let res = if a.to.starts_with("rbd:") {
-        if a.mode.is_some() {
-            bail!("--mode applies to a file target, not to {}", a.to);
-        }
-        crate::restore::rbd::restore(&ctx, &manifest, &a.to, a.force, threads, &bar)
-    } else {
-        let to = PathBuf::from(a.to.strip_prefix("file:").unwrap_or(&a.to));
-        crate::restore::restore_to_path(&ctx.store, &manifest, &to, a.force, a.mode, threads, &bar)
-            .with_context(|| format!("restoring backup {} of image '{image}' to {}", row.id, to.display()))
-    };
+    let res = crate::restore::restore_to(&ctx, &manifest, &to, a.force, a.mode, threads, &bar);
     bar.finish();
     res?;
     println!("restored backup {} of image '{image}' ({} bytes) to {}", row.id, manifest.image_size, a.to);

@@ -1,4 +1,4 @@
-//! Restore to an RBD image (`rbd:POOL[/NS]/IMAGE`).
+//! Restoring a backup to an RBD image (`rbd:POOL[/NS]/IMAGE`).
 
 use std::io;
 
@@ -6,11 +6,10 @@ use anyhow::{bail, Context, Result};
 use blockvault_store::{Manifest, RbdInfo};
 
 use super::{restore_map, RestoreTarget};
-use crate::config::Source;
 use crate::context::Ctx;
 use crate::pipeline::Progress;
 use crate::rbd::{self, Image};
-use crate::source::rbd::{connect, open_pool, rbd_parts};
+use crate::source::rbd::{connect, open_pool};
 
 struct RbdTarget {
     image: Image,
@@ -66,12 +65,18 @@ impl RbdTarget {
 ///
 /// # Errors
 /// Cluster, store or chunk errors, naming the object.
-pub fn restore(ctx: &Ctx, m: &Manifest, to: &str, force: bool, threads: usize, progress: &dyn Progress) -> Result<()> {
-    let src = Source::parse(to).map_err(|e| anyhow::anyhow!("restore target {e}"))?;
-    if src.is_glob() {
-        bail!("restore target {to} must name one image");
-    }
-    let (pool, ns, name) = rbd_parts(&src);
+pub fn restore(
+    ctx: &Ctx,
+    m: &Manifest,
+    (pool, ns, name): (&str, Option<&str>, &str),
+    force: bool,
+    threads: usize,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let to = match ns {
+        Some(ns) => format!("rbd:{pool}/{ns}/{name}"),
+        None => format!("rbd:{pool}/{name}"),
+    };
     let map = ctx.store.read_blockmap(m)?;
     let cluster = connect(&ctx.cfg)?;
     let ioctx = open_pool(&cluster, pool, ns)?;
@@ -97,3 +102,4 @@ pub fn restore(ctx: &Ctx, m: &Manifest, to: &str, force: bool, threads: usize, p
     target.image.flush().with_context(|| format!("flushing {to}"))?;
     Ok(())
 }
+
