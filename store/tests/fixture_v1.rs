@@ -4,6 +4,9 @@
 //! image, passes a deep check, and a backup rewritten through the trait
 //! gives byte-identical block map, manifest and marker files.
 
+mod common;
+use common::copy_tree;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -11,19 +14,6 @@ use blockvault_store::{BackupId, Store};
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/store-v1")
-}
-
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dest = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_tree(&e.path(), &dest);
-        } else {
-            std::fs::copy(e.path(), &dest).unwrap();
-        }
-    }
 }
 
 /// A writable copy of the fixture (git keeps no empty `tmp/` or `locks/`).
