@@ -113,13 +113,8 @@ pub fn load_parent(ctx: &Ctx, image_id: i64) -> Result<Option<Parent>> {
              (this backup rewrites the chunks whose data it reads; run `blockvault verify --deep`)"
         );
         // in the store first (a rebuilt catalog keeps it), then the catalog
-        let mark = blockvault_store::VerifyMark {
-            state: blockvault_store::VerifyResult::Invalid,
-            at: now_rfc3339(),
-            reason: Some(format!("references {} chunks missing from the store, e.g. {}", missing.len(), missing[0])),
-        };
-        ctx.store.set_verify_mark(row.id, &mark)?;
-        ctx.catalog.set_verify_state(row.id, blockvault_catalog::VerifyState::Invalid)?;
+        let reason = format!("references {} chunks missing from the store, e.g. {}", missing.len(), missing[0]);
+        crate::verify::mark(ctx, row.id, blockvault_catalog::VerifyState::Invalid, Some(reason))?;
     }
 }
 

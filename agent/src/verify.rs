@@ -496,7 +496,7 @@ pub fn verify(ctx: &Ctx, rows: &[BackupRow], opts: &VerifyOptions) -> Result<Ver
 /// Records a verify result: in the store first (`backups/<id>.verify`, so
 /// a rebuilt catalog keeps it; rewritten only when it changes), then in the
 /// catalog.
-fn mark(ctx: &Ctx, id: BackupId, state: VerifyState, reason: Option<String>) -> Result<()> {
+pub fn mark(ctx: &Ctx, id: BackupId, state: VerifyState, reason: Option<String>) -> Result<()> {
     let result = match state {
         VerifyState::Invalid => VerifyResult::Invalid,
         _ => VerifyResult::Ok,
