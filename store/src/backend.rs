@@ -185,6 +185,16 @@ pub trait Backend: Send + Sync {
     /// `Io`; the object then holds its old bytes (or does not exist).
     fn put_object(&self, key: &str, bytes: &[u8]) -> Result<()>;
 
+    /// Creates an object only when no object of that name exists, atomically
+    /// and durably (put-if-absent, as chunks): `O_EXCL` link on a directory,
+    /// an exclusive create on RADOS, `If-None-Match: *` on S3. Returns
+    /// false, writing nothing, when the object already existed. What ids
+    /// and leases are claimed with, across processes and hosts.
+    ///
+    /// # Errors
+    /// `Io`; the object then does not exist (or is another writer's).
+    fn create_object(&self, key: &str, bytes: &[u8]) -> Result<bool>;
+
     /// Deletes an object durably; returns false when it did not exist.
     ///
     /// # Errors
@@ -292,6 +302,9 @@ impl<B: Backend + ?Sized> Backend for $ptr<B> {
     }
     fn put_object(&self, key: &str, bytes: &[u8]) -> Result<()> {
         (**self).put_object(key, bytes)
+    }
+    fn create_object(&self, key: &str, bytes: &[u8]) -> Result<bool> {
+        (**self).create_object(key, bytes)
     }
     fn delete_object(&self, key: &str) -> Result<bool> {
         (**self).delete_object(key)

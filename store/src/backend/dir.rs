@@ -391,6 +391,30 @@ impl Backend for DirBackend {
         write_atomic(&self.root.join(key), bytes, None)
     }
 
+    fn create_object(&self, key: &str, bytes: &[u8]) -> Result<bool> {
+        // complete in a temp file first, then hard-link: link(2) fails with
+        // EEXIST instead of replacing, so the name appears complete or not at all
+        let path = self.root.join(key);
+        let tmp = atomic_tmp(&path);
+        let res = (|| {
+            let mut f = create_new_private(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
+            write_maybe_torn(&mut f, &tmp, bytes, None)?;
+            f.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
+            drop(f);
+            match fs::hard_link(&tmp, &path) {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(Error::io("link", &path, e)),
+            }
+        })();
+        let _ = fs::remove_file(&tmp);
+        let created = res?;
+        if created {
+            fsync_dir(path.parent().expect("key has a parent"))?;
+        }
+        Ok(created)
+    }
+
     fn delete_object(&self, key: &str) -> Result<bool> {
         let p = self.root.join(key);
         match fs::remove_file(&p) {

@@ -259,6 +259,15 @@ impl<B: Backend> Backend for FaultBackend<B> {
         }
     }
 
+    fn create_object(&self, key: &str, bytes: &[u8]) -> Result<bool> {
+        match self.control.decide("write", true) {
+            Decision::Pass => self.inner.create_object(key, bytes),
+            Decision::Fail(errno) => Err(injected(self.inner.object_name(key), "write", errno)),
+            // a torn exclusive create leaves no new object, as a torn replace keeps the old one
+            Decision::Tear => Err(self.inner.put_object_torn(key, bytes, bytes.len() / 2)),
+        }
+    }
+
     fn delete_object(&self, key: &str) -> Result<bool> {
         self.gate("remove", || self.inner.object_name(key))?;
         self.inner.delete_object(key)

@@ -221,6 +221,15 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 
+    fn create_object(&self, key: &str, bytes: &[u8]) -> Result<bool> {
+        let mut st = self.state();
+        if st.objects.contains_key(key) {
+            return Ok(false);
+        }
+        st.objects.insert(key.to_owned(), bytes.to_vec());
+        Ok(true)
+    }
+
     fn delete_object(&self, key: &str) -> Result<bool> {
         Ok(self.state().objects.remove(key).is_some())
     }
@@ -280,6 +289,22 @@ impl Backend for MemoryBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Put-if-absent for metadata objects, on the in-memory and directory
+    /// backends alike: the first create wins, a second one writes nothing.
+    #[test]
+    fn create_object_never_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = crate::backend::dir::DirBackend::new(&dir.path().join("s"));
+        d.create_layout().unwrap();
+        let m = MemoryBackend::new();
+        for b in [&d as &dyn Backend, &m as &dyn Backend] {
+            assert!(b.create_object("backups/000000000001.claim", b"first").unwrap());
+            assert!(!b.create_object("backups/000000000001.claim", b"second").unwrap());
+            assert_eq!(b.get_object("backups/000000000001.claim", 100).unwrap().unwrap(), b"first");
+            assert!(b.list_objects("backups/").unwrap().iter().all(|n| !n.starts_with('.')), "no temp file is left");
+        }
+    }
 
     #[test]
     fn locks_behave_as_flock() {
