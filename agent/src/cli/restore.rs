@@ -24,6 +24,22 @@ pub struct RestoreArgs {
     /// a file replaced with --force keeps its mode and owner).
     #[arg(long, value_parser = parse_mode)]
     pub mode: Option<u32>,
+    /// To rbd:POOL/NEW: a clone of the backup's RBD snapshot, ready at once
+    /// (fails when the snapshot is gone; --clone=auto then writes the data
+    /// from the store).
+    #[arg(long, value_enum, num_args = 0..=1, require_equals = true, default_missing_value = "yes")]
+    pub clone: Option<CloneMode>,
+    /// With --clone: copy the parent's data into the clone and detach it.
+    #[arg(long, requires = "clone")]
+    pub flatten: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CloneMode {
+    /// Clone, or fail when the snapshot is gone.
+    Yes,
+    /// Clone, or restore from the store when the snapshot is gone.
+    Auto,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -71,6 +87,24 @@ pub fn run(g: &GlobalArgs, a: RestoreArgs) -> Result<ExitCode> {
         Err(e) => return Err(e.into()),
     };
     crate::restore::check_manifest(&manifest, &row.image, row.id)?;
+    if let Some(mode) = a.clone {
+        let TargetSpec::Rbd { pool, namespace, image: name } = &to else {
+            bail!("--clone needs an rbd:POOL/IMAGE target, not {}", a.to);
+        };
+        match crate::restore::rbd::restore_clone(&ctx, &manifest, (pool, namespace.as_deref(), name), a.flatten)? {
+            crate::restore::rbd::CloneOutcome::Cloned { parent } => {
+                let how = if a.flatten { "cloned and flattened" } else { "cloned" };
+                println!("restored backup {} of image '{image}' to {} ({how} from {parent})", row.id, a.to);
+                return Ok(ExitCode::SUCCESS);
+            }
+            crate::restore::rbd::CloneOutcome::NoSnapshot(why) if mode == CloneMode::Auto => {
+                tracing::warn!("cannot clone: {why}; --clone=auto: writing the data from the store instead");
+            }
+            crate::restore::rbd::CloneOutcome::NoSnapshot(why) => {
+                bail!("cannot restore by clone: {why}; restore without --clone (or with --clone=auto) to write the data from the store");
+            }
+        }
+    }
     let threads = ctx.cfg.workers() * 2;
     let bar = Bar::new(manifest.image_size, &image, !g.no_progress);
     let res = crate::restore::restore_to(&ctx, &manifest, &to, a.force, a.mode, threads, &bar);
