@@ -107,8 +107,13 @@ impl DiffSource {
     /// A source reading `input`; `force` applies a stream whose
     /// from-snapshot is not the parent's.
     pub fn new(input: Input, force: bool) -> DiffSource {
+        // the manifest records this as the source: no control characters
+        // (a manifest with them does not read back), and bounded
         let name = match &input {
-            Input::File(p) => format!("import-diff:{}", p.display()),
+            Input::File(p) => {
+                let p: String = p.display().to_string().chars().map(|c| if c.is_control() { '?' } else { c }).take(1024).collect();
+                format!("import-diff:{p}")
+            }
             Input::Pipe(_) => "import-diff:stdin".to_string(),
         };
         DiffSource { name, input: Some(input), force, header: None, overlay: Overlay::default(), data: None, base: None }
