@@ -216,7 +216,12 @@ pub fn backup_image(ctx: &mut Ctx, img: &ImageConfig, progress: &dyn Progress, c
         }
         Err(e) => {
             ctx.store.discard_pending();
-            if let Err(e2) = ctx.catalog.fail_backup(id, &format!("{e:#}")) {
+            let marked = if BackupError::is_cancelled(&e) {
+                ctx.catalog.cancel_backup(id)
+            } else {
+                ctx.catalog.fail_backup(id, &format!("{e:#}"))
+            };
+            if let Err(e2) = marked {
                 warn!(backup = id.0, error = %crate::logging::Chain(&e2), "could not mark backup failed in the catalog");
             }
             if let Err(e2) = source.finish(&ctx.catalog, &job, Outcome::Failed) {

@@ -142,3 +142,184 @@ fn after_kill_9_the_next_backup_says_what_it_does_about_the_lock() {
     let l = latest(&env, "img");
     assert_eq!(blockvault_snaps(&img), vec![l["snapshot"].as_str().unwrap().to_string()]);
 }
+
+/// The sample value of `metric{label="value"}` in a Prometheus text file.
+fn sample(text: &str, metric: &str, label: &str, value: &str) -> Option<f64> {
+    let prefix = format!("{metric}{{{label}=\"{value}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(&prefix)).map(|v| v.parse().unwrap())
+}
+
+fn img_sample(text: &str, metric: &str, image: &str) -> Option<f64> {
+    sample(text, metric, "image", image)
+}
+
+fn metrics_extra(env: &Env, more: &str) -> (String, std::path::PathBuf) {
+    let prom = env.path("blockvault.prom");
+    (format!("[metrics]\npath = \"{}\"\n{more}", prom.display()), prom)
+}
+
+/// Writes a config whose `[[image]]` entries are `(name, source)` as given
+/// (a glob source as is), with `extra` before them.
+fn write_raw_config(env: &Env, images: &[(&str, &str)], extra: &str) {
+    env.write_config(images, "", extra);
+}
+
+/// A copy of the cluster's conf whose monitor nobody listens on.
+fn dead_conf(env: &Env) -> std::path::PathBuf {
+    let real = fs::read_to_string(crate::rbd::ceph_conf()).unwrap();
+    let dead: Vec<String> = real
+        .lines()
+        .map(|l| {
+            let t = l.trim_start();
+            if t.starts_with("mon_host") || t.starts_with("mon host") { "mon_host = v2:127.0.0.1:9".to_string() } else { l.to_string() }
+        })
+        .collect();
+    let p = env.path("dead.conf");
+    fs::write(&p, dead.join("\n")).unwrap();
+    p
+}
+
+/// Issue 14 items 1, 2 and 11, on globs:
+/// 1. a glob that matched nothing made `run --all` print nothing, exit 0
+///    and write no metrics (a one-character typo meant no backups and no
+///    signal): now a warning, a non-zero exit and a metric that alerts;
+/// 11. an RBD image deleted from the cluster kept its series under the
+///    glob forever (tripping the staleness alert): it leaves the file;
+/// 2. with the cluster down, the glob entry failed as `{image}` and the
+///    images under it kept `last_run_success 1`, `failures_total 0`: now
+///    every image known under the glob is marked failed.
+#[test]
+fn globs_that_match_nothing_or_cannot_be_listed_alert() {
+    let tag = unique("glob");
+    let (a, b) = (format!("{tag}-a"), format!("{tag}-b"));
+    for i in [&a, &b] {
+        rbd_io(i, json!([["create", 8 * MIB, 0, FEATURES, 0, 0], ["write", 0, MIB, 31]]));
+    }
+    let env = rbd_env(&[], "");
+    let (mx, prom) = metrics_extra(&env, "");
+    let glob = format!("rbd:rbd/{tag}-*");
+    let nomatch = format!("rbd:rbd/{tag}-nomatch-*");
+    write_raw_config(&env, &[("g-{image}", &glob), ("typo-{image}", &nomatch)], &mx);
+
+    // 1: the typo fails the run, loudly, and the metrics say so
+    let o = env.run(&["run", "--all"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a glob matching nothing exited 0: {err}");
+    assert!(err.contains("the glob matches no RBD image"), "no warning: {err}");
+    assert!(err.contains("typo-{image}"), "the entry is not named: {err}");
+    let text = fs::read_to_string(&prom).expect("no metrics written");
+    assert_eq!(sample(&text, "blockvault_glob_matched_images", "entry", "typo-{image}"), Some(0.0), "{text}");
+    assert_eq!(sample(&text, "blockvault_glob_matched_images", "entry", "g-{image}"), Some(2.0), "{text}");
+    for i in [&a, &b] {
+        assert_eq!(img_sample(&text, "blockvault_last_run_success", &format!("g-{i}")), Some(1.0), "{text}");
+    }
+
+    // 11: an RBD image removed from the cluster leaves the metrics
+    write_raw_config(&env, &[("g-{image}", &glob)], &mx);
+    crate::rbd::rbd_cli(&["snap", "purge", "--no-progress", &format!("rbd/{b}")]);
+    crate::rbd::rbd_cli(&["rm", "--no-progress", &format!("rbd/{b}")]);
+    env.ok(&["run", "--all"]);
+    let text = fs::read_to_string(&prom).unwrap();
+    assert_eq!(img_sample(&text, "blockvault_last_run_success", &format!("g-{a}")), Some(1.0), "{text}");
+    assert!(!text.contains(&format!("image=\"g-{b}\"")), "a deleted image keeps its series: {text}");
+    assert!(!text.contains("typo-{image}"), "an entry no longer configured keeps its series: {text}");
+
+    // 2: cluster down: every image known under the glob is failed
+    let dead = dead_conf(&env);
+    let (mx, _) = metrics_extra(&env, &format!("[ceph]\nconf = \"{}\"\ntimeout = 5\n", dead.display()));
+    write_raw_config(&env, &[("g-{image}", &glob)], &mx);
+    let o = env.run(&["run", "--all"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    let text = fs::read_to_string(&prom).unwrap();
+    assert_eq!(img_sample(&text, "blockvault_last_run_success", &format!("g-{a}")), Some(0.0), "{text}");
+    assert_eq!(img_sample(&text, "blockvault_backup_failures_total", &format!("g-{a}")), Some(1.0), "{text}");
+    assert_eq!(sample(&text, "blockvault_glob_last_expansion_success", "entry", "g-{image}"), Some(0.0), "{text}");
+    assert!(!text.contains("image=\"g-{image}\""), "the template is reported as an image: {text}");
+}
+
+/// Issue 14 item 2: the daemon ran a glob entry as one job named `{image}`
+/// (its images one after another, `max-concurrent` not applied, failures
+/// reported as `{image}`). Now each image the glob matches is its own job.
+#[test]
+fn daemon_runs_each_image_of_a_glob_as_its_own_job() {
+    let tag = unique("dglob");
+    let names: Vec<String> = (0..3).map(|i| format!("{tag}-{i}")).collect();
+    for (i, n) in names.iter().enumerate() {
+        rbd_io(n, json!([["create", 8 * MIB, 0, FEATURES, 0, 0], ["write", 0, MIB, 40 + i]]));
+    }
+    let env = rbd_env(&[], "");
+    let glob = format!("rbd:rbd/{tag}-*");
+    write_raw_config(&env, &[("d-{image}", &glob)], "[defaults]\nschedule = \"*/2 * * * * *\"\n[daemon]\nmax-concurrent = 1\n");
+    let mut r = Running::start(&env, &["daemon"]);
+    let mut done = std::collections::BTreeSet::new();
+    while done.len() < names.len() {
+        assert!(r.wait_for_line("scheduled run done"), "daemon ended: {:?}", r.seen);
+        let l = r.seen.last().unwrap().clone();
+        if let Some(n) = names.iter().find(|n| l.contains(&format!("d-{n}"))) {
+            done.insert(n.clone());
+        }
+    }
+    for l in r.seen.iter().filter(|l| l.contains("starting scheduled backup") || l.contains("scheduled run")) {
+        assert!(!l.contains("{image}"), "a glob entry ran as one job: {l}");
+    }
+    r.signal("TERM");
+    let (st, log) = r.finish();
+    assert!(st.success(), "{log}");
+    assert!(log.contains("glob expanded: queueing each image"), "{log}");
+    let listed: std::collections::BTreeSet<String> =
+        env.list().iter().map(|b| b["image"].as_str().unwrap().to_string()).collect();
+    for n in &names {
+        assert!(listed.contains(&format!("d-{n}")), "no backup of d-{n}: {listed:?}");
+    }
+}
+
+/// Bytes that zstd compresses well but slowly at level 19 (3 bits of
+/// entropy per byte), so a backup lasts long enough to be signalled.
+fn slow_data(path: &std::path::Path, len: usize, seed: u64) {
+    use rand::Rng;
+    let mut r = rng(seed);
+    let buf: Vec<u8> = (0..len).map(|_| b'a' + r.gen_range(0..8u8)).collect();
+    fs::write(path, buf).unwrap();
+}
+
+/// Issue 14 items 10 and 11: stopping the daemon (SIGTERM during a backup)
+/// set `last_run_success 0`, so every reboot alerted; and an image taken out
+/// of the config kept its series. A cancel is not a failure: the metrics
+/// keep the run before it. An image no longer configured leaves the file.
+#[test]
+fn metrics_after_a_daemon_stop_and_after_an_image_leaves_the_config() {
+    let env = Env::new(&[], "");
+    let img = env.path("slow.img");
+    slow_data(&img, 96 << 20, 77);
+    let other = env.path("other.img");
+    write_random(&other, 0, 1 << 20, &mut rng(78));
+    let (mx, prom) = metrics_extra(&env, "[defaults]\nblock-size = \"1M\"\n");
+    let src = format!("file:{}", img.display());
+    let osrc = format!("file:{}", other.display());
+    env.write_config(&[("slow", &src), ("other", &osrc)], "compression-level = 1\n", &mx);
+    env.ok(&["init"]);
+    env.ok(&["run", "--all"]);
+    let text = fs::read_to_string(&prom).unwrap();
+    assert_eq!(img_sample(&text, "blockvault_last_run_success", "slow"), Some(1.0), "{text}");
+    assert_eq!(img_sample(&text, "blockvault_last_run_success", "other"), Some(1.0), "{text}");
+
+    // new data, so the next backup has work; level 19 makes it slow
+    slow_data(&img, 96 << 20, 79);
+    let cfg = format!(
+        "[defaults]\nblock-size = \"1M\"\nschedule = \"*/2 * * * * *\"\n[metrics]\npath = \"{}\"\n",
+        prom.display()
+    );
+    env.write_config(&[("slow", &src)], "compression-level = 19\n", &cfg);
+    let mut r = Running::start(&env, &["daemon"]);
+    assert!(r.wait_for_line("backup started"), "{:?}", r.seen);
+    r.signal("TERM");
+    let (st, log) = r.finish();
+    assert!(st.success(), "{log}");
+    assert!(log.contains("backup cancelled"), "the backup was not cancelled by the stop (it finished first?): {log}");
+    let text = fs::read_to_string(&prom).unwrap();
+    assert_eq!(img_sample(&text, "blockvault_last_run_success", "slow"), Some(1.0), "a daemon stop counted as a failure: {text}");
+    assert_eq!(img_sample(&text, "blockvault_backup_failures_total", "slow"), Some(0.0), "{text}");
+    // 11: "other" is no longer configured: no series for it
+    assert!(!text.contains("image=\"other\""), "an image no longer configured keeps its series: {text}");
+}
