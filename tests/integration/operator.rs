@@ -323,3 +323,36 @@ fn metrics_after_a_daemon_stop_and_after_an_image_leaves_the_config() {
     // 11: "other" is no longer configured: no series for it
     assert!(!text.contains("image=\"other\""), "an image no longer configured keeps its series: {text}");
 }
+
+/// Issue 14 item 5: with `keep-snapshots = 2`, deleting the newest
+/// blockvault snapshot by hand gave a full read although the older one was
+/// still held. The newest held snapshot whose backup is valid is the base.
+#[test]
+fn keep_snapshots_falls_back_to_the_newest_held_snapshot() {
+    let img = unique("keep2");
+    rbd_io(&img, json!([["create", 64 * MIB, 0, FEATURES, 0, 0], ["write", 0, 20 * MIB, 51]]));
+    let env = rbd_env(&[("img", &img)], "[defaults]\nkeep-snapshots = 2\n");
+    env.ok(&["backup", "img"]);
+    let first = latest(&env, "img");
+    rbd_io(&img, json!([["write", 40 * MIB, 100, 52]]));
+    env.ok(&["backup", "img"]);
+    let second = latest(&env, "img");
+    assert_eq!(blockvault_snaps(&img).len(), 2);
+    let newest = second["snapshot"].as_str().unwrap();
+    crate::rbd::rbd_cli(&["snap", "rm", "--no-progress", &format!("rbd/{img}@{newest}")]);
+
+    rbd_io(&img, json!([["write", 50 * MIB, 100, 53]]));
+    let o = env.run(&["backup", "img"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(!err.contains("falling back to a full read"), "a full read although an older snapshot is held: {err}");
+    assert!(err.contains("an older backup whose snapshot is still held is the base"), "{err}");
+    let third = latest(&env, "img");
+    assert_eq!(third["full_read"], false, "{third}");
+    assert_eq!(third["parent"], first["id"], "{third}");
+    // two 4 MiB blocks changed since the first backup's snapshot
+    assert!(num(&third, "read_bytes") <= 8 * MIB, "{third}");
+    let snap = third["snapshot"].as_str().unwrap();
+    let out = env.restore(&format!("img@{}", num(&third, "id")));
+    assert_eq!(crate::rbd::file_hash(&out), crate::rbd::export_hash(&format!("{img}@{snap}")));
+}

@@ -272,6 +272,10 @@ impl Source for RbdSource {
         Ok(Box::new(RbdReader { image: &f.image, size: f.size, patcher: self.patcher.as_ref(), store }))
     }
 
+    fn held_snapshots(&self) -> Option<Vec<String>> {
+        Some(self.present.clone())
+    }
+
     fn snapshot(&self) -> Option<String> {
         Some(self.snap.clone())
     }
