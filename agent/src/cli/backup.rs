@@ -34,7 +34,7 @@ pub fn run(g: &GlobalArgs, a: BackupArgs) -> Result<ExitCode> {
             failures += 1;
             continue;
         }
-        let bar = Bar::new(0, n, !g.no_progress);
+        let bar = Bar::for_plan(n, !g.no_progress);
         match crate::backup::backup_image(&mut ctx, &img, &bar, &cancel) {
             Ok(m) => {
                 bar.finish();

@@ -63,7 +63,7 @@ pub fn run(g: &GlobalArgs, a: RunArgs) -> Result<ExitCode> {
                 failed.push(img.name.clone());
                 continue;
             }
-            let bar = Bar::new(0, &img.name, !g.no_progress);
+            let bar = Bar::for_plan(&img.name, !g.no_progress);
             let out = crate::job::run_image(&mut ctx, &img, &bar, &cancel);
             bar.finish();
             if let Ok(m) = &out.backup {
