@@ -356,3 +356,32 @@ fn keep_snapshots_falls_back_to_the_newest_held_snapshot() {
     let out = env.restore(&format!("img@{}", num(&third, "id")));
     assert_eq!(crate::rbd::file_hash(&out), crate::rbd::export_hash(&format!("{img}@{snap}")));
 }
+
+/// Issue 14 item 8: cron errors said `Minutes must be less than 59` and
+/// showed the internal six-field form, `"daily"` talked of the Seconds
+/// field, `"0 2 * *"` printed a caret with no reason, and seven fields were
+/// accepted. Now each names the field and the forms a schedule takes, and
+/// the `@daily` style shorthands work.
+#[test]
+fn cron_errors_speak_the_operators_terms() {
+    let env = Env::new(&[], "");
+    let img = env.path("a.img");
+    sparse_file(&img, 1 << 20);
+    let src = format!("file:{}", img.display());
+    let cases = [
+        ("61 1 * * *", "minute 61 is out of range"),
+        ("daily", "'@daily'"),
+        ("0 2 * *", "has 4 fields"),
+        ("0 0 2 * * * 2030", "has 7 fields"),
+    ];
+    for (expr, needle) in cases {
+        env.write_config(&[("a", &src)], "", &format!("[defaults]\nschedule = \"{expr}\"\n"));
+        let err = env.fails(&["list"]);
+        assert!(err.contains(needle), "{expr}: {err}");
+        assert!(err.contains("defaults.schedule"), "{expr}: the key is not named: {err}");
+        assert!(!err.contains(&format!("0 {expr}")), "{expr}: the internal form is shown: {err}");
+    }
+    env.write_config(&[("a", &src)], "", "[defaults]\nschedule = \"@daily\"\n");
+    env.ok(&["init"]);
+    env.ok(&["list"]);
+}
