@@ -38,10 +38,7 @@ pub fn run(g: &GlobalArgs, a: BackupArgs) -> Result<ExitCode> {
         match crate::backup::backup_image(&mut ctx, &img, &bar, &cancel) {
             Ok(m) => {
                 bar.finish();
-                println!(
-                    "{}: backup {} committed: {} read, {} new chunks ({} stored), {} ms",
-                    n, m.id, m.stats.read_bytes, m.stats.new_chunks, m.stats.new_bytes, m.stats.duration_ms
-                );
+                println!("{n}: {}", crate::progress::summary(&m));
             }
             Err(e) => {
                 bar.finish();

@@ -72,10 +72,7 @@ pub fn run(g: &GlobalArgs, a: RunArgs) -> Result<ExitCode> {
                     Some(Err(_)) => ", prune failed".into(),
                     None => String::new(),
                 };
-                println!(
-                    "{}: backup {} committed: {} read, {} new chunks ({} stored), {} ms{pruned}",
-                    img.name, m.id, m.stats.read_bytes, m.stats.new_chunks, m.stats.new_bytes, m.stats.duration_ms
-                );
+                println!("{}: {}{pruned}", img.name, crate::progress::summary(m));
             }
             if !out.ok() {
                 failed.push(img.name.clone());
