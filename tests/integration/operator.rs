@@ -3,6 +3,7 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -384,4 +385,25 @@ fn cron_errors_speak_the_operators_terms() {
     env.write_config(&[("a", &src)], "", "[defaults]\nschedule = \"@daily\"\n");
     env.ok(&["init"]);
     env.ok(&["list"]);
+}
+
+/// Issue 14 item 12: the shipped /etc/blockvault/config.toml backed up two
+/// placeholder images, so an enabled timer failed on a fresh install. The
+/// package's config (packaging/config.toml) has a valid store section and
+/// no image: it loads, `init` works on it, and a run names the cause.
+#[test]
+fn the_packaged_config_backs_up_nothing() {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/config.toml");
+    let text = fs::read_to_string(&shipped).unwrap();
+    assert!(!text.lines().any(|l| l.trim_start().starts_with("[[image]]")), "an image is configured");
+    let env = Env::new(&[], "");
+    let t = text
+        .replace("/var/lib/blockvault/store", env.store().to_str().unwrap())
+        .replace("/var/lib/blockvault/catalog.sqlite", env.catalog().to_str().unwrap());
+    assert_ne!(t, text, "the store and catalog paths moved: update this test");
+    fs::write(&env.config, t).unwrap();
+    env.ok(&["init"]);
+    assert_eq!(env.list(), Vec::<serde_json::Value>::new());
+    let err = env.fails(&["run", "--all"]);
+    assert!(err.contains("has no [[image]]"), "{err}");
 }
