@@ -272,7 +272,7 @@ fn freeze_to_commit(
     cancel: &AtomicBool,
 ) -> Result<Manifest> {
     let size = source.freeze(&ctx.catalog, job, id)?;
-    info!(backup = id.0, parent = ?parent.map(|p| p.manifest.id.0), source = %source.describe(), size, "backup started");
+    info!(backup = id.0, parent = parent.map(|p| p.manifest.id.0), source = %source.describe(), size, "backup started");
 
     // what changed, and the plan
     let changes = source.changes(parent)?;
@@ -297,7 +297,7 @@ fn freeze_to_commit(
             plan = plan_of(&Changes::Full { extents, reason })?;
         }
     }
-    info!(image = %job.image, snapshot = ?source.snapshot(), full_read = plan.full_read, blocks = plan.actions.len(),
+    info!(image = %job.image, snapshot = source.snapshot().as_deref(), full_read = plan.full_read, blocks = plan.actions.len(),
         read_blocks = plan.count(BlockAction::Read), "plan ready");
 
     // pipeline; every id of a parent from `load_parent` was found in the store

@@ -345,9 +345,9 @@ impl Daemon {
                 let secs = self.running.remove(&name).map(|r| r.since.elapsed().as_secs()).unwrap_or(0);
                 let ids: Vec<u64> = rep.committed.iter().map(|b| b.0).collect();
                 if rep.ok {
-                    info!(image = %name, backups = ?ids, duration_s = secs, "scheduled run done");
+                    info!(image = %name, backups = %join_ids(&ids), duration_s = secs, "scheduled run done");
                 } else {
-                    warn!(image = %name, backups = ?ids, duration_s = secs, "scheduled run failed");
+                    warn!(image = %name, backups = %join_ids(&ids), duration_s = secs, "scheduled run failed");
                 }
             }
             // jobs are never aborted and panics are caught inside
@@ -424,6 +424,11 @@ impl Daemon {
             self.last_status = status;
         }
     }
+}
+
+/// Backup ids for a log field: `12,13` (not a Rust debug string).
+fn join_ids(ids: &[u64]) -> String {
+    ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
 }
 
 /// What a job reports back to the loop (details are in the log).

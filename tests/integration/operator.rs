@@ -407,3 +407,40 @@ fn the_packaged_config_backs_up_nothing() {
     let err = env.fails(&["run", "--all"]);
     assert!(err.contains("has no [[image]]"), "{err}");
 }
+
+/// Issue 14 item 6: JSON logs carried Rust debug strings
+/// (`"parent":"Some(25)"`), and config errors and the final error line
+/// stayed plain text under `--log-format json`. Every stderr line is now a
+/// JSON object, and no value is a debug string.
+#[test]
+fn json_logs_are_json_to_the_last_line() {
+    let env = Env::new(&[], "");
+    let img = env.path("a.img");
+    write_random(&img, 0, 1 << 20, &mut rng(91));
+    env.write_config(&[("a", &format!("file:{}", img.display()))], "", "");
+    env.ok(&["init"]);
+    let check = |o: &std::process::Output| -> Vec<serde_json::Value> {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!err.contains("Some("), "a debug string in the log: {err}");
+        err.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect()
+    };
+    for _ in 0..2 {
+        let o = env.run(&["--log-format", "json", "backup", "a"]);
+        assert!(o.status.success());
+        check(&o);
+    }
+    let lines = check(&env.run(&["--log-format", "json", "backup", "a"]));
+    let started = lines.iter().find(|l| l["message"] == "backup started").expect("no 'backup started'");
+    assert!(started["parent"].is_u64(), "{started}");
+
+    // a config error, then the final error line: JSON too
+    fs::write(&env.config, "[store]\npath = \"relative\"\n").unwrap();
+    let o = env.run(&["--log-format", "json", "list"]);
+    assert!(!o.status.success());
+    let lines = check(&o);
+    let last = lines.last().expect("no error line");
+    assert_eq!(last["level"], "ERROR", "{last}");
+    assert!(last["error"].as_str().unwrap().contains("store.path"), "{last}");
+}
