@@ -3,11 +3,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use blockvault_catalog::{BackupRow, BackupState};
+use blockvault_catalog::BackupRow;
 use blockvault_store::{BackupId, Manifest};
 use clap::{Args, ValueEnum};
 
-use super::{load_config, parse_backup_ref, GlobalArgs};
+use super::{load_config, GlobalArgs};
 use crate::context::Ctx;
 use crate::diffstream::Version;
 use crate::progress::Bar;
@@ -41,19 +41,10 @@ pub enum FormatArg {
 /// The committed backup `IMAGE[@ID]` names (the latest without an id).
 ///
 /// # Errors
-/// When there is no such committed backup.
+/// When there is no such committed backup (the typed errors of [`crate::lookup`]).
 pub(crate) fn committed_backup(ctx: &Ctx, image: &str, id: Option<u64>) -> Result<BackupRow> {
-    match id {
-        Some(id) => match ctx.catalog.backup(BackupId(id))? {
-            Some(r) if r.image == image && r.state == BackupState::Committed => Ok(r),
-            Some(r) if r.image == image => bail!("backup {id} of image '{image}' is {:?}, not committed", r.state),
-            _ => bail!("backup {id} does not exist for image '{image}' (see `blockvault list {image}`)"),
-        },
-        None => match ctx.catalog.committed_backups(Some(image))?.pop() {
-            Some(r) => Ok(r),
-            None => bail!("image '{image}' has no committed backup"),
-        },
-    }
+    let r = crate::lookup::BackupRef { image: image.to_string(), id: id.map(BackupId) };
+    Ok(crate::lookup::committed_backup(ctx, &r)?)
 }
 
 fn manifest(ctx: &Ctx, row: &BackupRow) -> Result<Manifest> {
@@ -65,8 +56,9 @@ fn manifest(ctx: &Ctx, row: &BackupRow) -> Result<Manifest> {
 pub fn run(g: &GlobalArgs, a: ExportDiffArgs) -> Result<ExitCode> {
     let cfg = load_config(g)?;
     let ctx = Ctx::open(cfg)?;
-    let (image, id) = parse_backup_ref(&a.backup)?;
-    let to_row = committed_backup(&ctx, &image, id)?;
+    let spec = crate::lookup::BackupRef::parse(&a.backup)?;
+    let image = spec.image.clone();
+    let to_row = crate::lookup::committed_backup(&ctx, &spec)?;
     let from_row = match a.from.as_deref() {
         Some("none") => None,
         Some(s) => {
