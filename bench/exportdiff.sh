@@ -24,7 +24,7 @@ EOC
 bv() { "$BIN" --config "$W/c.toml" --no-progress -q "$@"; }
 t() { local what=$1; shift; /usr/bin/time -f "$what %e s" "$@"; }
 rbd create --size "${MIB}M" rbd/bench
-python3 - "$MIB" "$WRITES" <<'EOP'
+/usr/bin/python3 - "$MIB" "$WRITES" <<'EOP'
 import os, random, sys, rados, rbd
 mib, writes = int(sys.argv[1]), int(sys.argv[2])
 c = rados.Rados(conffile=os.environ["CEPH_CONF"]); c.connect()
