@@ -610,3 +610,52 @@ pub fn expand_images(cfg: &Config) -> Result<Vec<ImageConfig>> {
     }
     Ok(out)
 }
+
+/// A connection for reopening the snapshots committed backups were read
+/// from (`verify --source`), behind [`super::Origins`].
+pub(crate) struct SnapshotOpener {
+    cluster: Arc<Cluster>,
+}
+
+impl SnapshotOpener {
+    /// Connects to the configured cluster.
+    ///
+    /// # Errors
+    /// As [`connect`].
+    pub(crate) fn connect(cfg: &Config) -> Result<SnapshotOpener> {
+        Ok(SnapshotOpener { cluster: connect(cfg)? })
+    }
+
+    /// Opens snapshot `snap` of `rbd:POOL[/NS]/IMAGE` read-only.
+    ///
+    /// # Errors
+    /// The snapshot no longer exists (said so), or a cluster error.
+    pub(crate) fn open(&self, (pool, ns, image): (&str, Option<&str>, &str), snap: &str) -> Result<SnapshotImage> {
+        let ioctx = self.cluster.ioctx(pool, ns)?;
+        let img = match ioctx.open(image, Some(snap)) {
+            Ok(i) => i,
+            Err(e) if e.is_not_found() => anyhow::bail!("snapshot {snap} no longer exists"),
+            Err(e) => return Err(e.into()),
+        };
+        let size = img.size()?;
+        Ok(SnapshotImage { image: img, size })
+    }
+}
+
+/// One snapshot opened read-only, for comparing a backup with it.
+pub(crate) struct SnapshotImage {
+    image: Image,
+    size: u64,
+}
+
+impl ImageSource for SnapshotImage {
+    fn describe(&self) -> String {
+        format!("rbd:{}", self.image.spec())
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.image.read_at(offset, buf).map_err(io::Error::other)
+    }
+}
