@@ -19,6 +19,7 @@ pub mod context;
 pub mod daemon;
 pub mod error;
 pub mod job;
+pub mod keys;
 pub mod logging;
 pub mod metrics;
 pub mod pipeline;
