@@ -163,13 +163,13 @@ impl Sealer {
     pub fn open_in_place(&self, ad: &[u8], buf: &mut Vec<u8>) -> std::result::Result<(), String> {
         let n = buf.len();
         if n < SEAL_OVERHEAD {
-            return Err(format!("{n} bytes is too short for a sealed object (at least {SEAL_OVERHEAD})"));
+            return Err(format!("authentication failed: {n} bytes is too short for a sealed object (at least {SEAL_OVERHEAD}): truncated"));
         }
         if buf[n - 4..] != SEAL_MAGIC {
-            return Err("not a sealed object (no BVSL trailer): truncated, or written unencrypted".into());
+            return Err("authentication failed: no seal trailer (truncated, or not written sealed)".into());
         }
         if buf[n - 5] != SEAL_VERSION {
-            return Err(format!("unsupported sealed object version {}", buf[n - 5]));
+            return Err(format!("authentication failed: unknown sealed object version {} (truncated?)", buf[n - 5]));
         }
         let body = n - SEAL_OVERHEAD;
         let tag = Tag::clone_from_slice(&buf[body..body + TAG_LEN]);

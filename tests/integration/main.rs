@@ -5,6 +5,7 @@ mod common;
 mod compat;
 mod crash;
 mod daemon;
+mod encryption;
 mod errors;
 mod fs_safety;
 mod gc_verify;
