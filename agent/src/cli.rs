@@ -15,6 +15,7 @@ mod verify;
 mod forget;
 mod export_diff;
 mod import_diff;
+mod key;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -96,6 +97,9 @@ pub enum Command {
     ExportDiff(export_diff::ExportDiffArgs),
     /// Apply an `rbd export-diff` stream to an image's latest backup, as a new backup.
     ImportDiff(import_diff::ImportDiffArgs),
+    /// Key slots of an encrypted store: list, add, remove, passwd, export (--paper).
+    #[command(subcommand)]
+    Key(key::KeyCommand),
 }
 
 pub fn load_config(g: &GlobalArgs) -> Result<Config> {
@@ -121,6 +125,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Forget(a) => forget::run(g, a),
         Command::ExportDiff(a) => export_diff::run(g, a),
         Command::ImportDiff(a) => import_diff::run(g, a),
+        Command::Key(c) => key::run(g, c),
     }
 }
 

@@ -54,6 +54,10 @@ pub struct StoreConfig {
     /// retry to reuse. Safety against running backups does not depend on it.
     #[serde(default = "default_gc_grace")]
     pub gc_grace: Duration,
+    /// Key file of an encrypted store (`init --encrypt` writes it; every
+    /// command needs it). Absolute.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
 }
 
 fn default_gc_grace() -> Duration {
@@ -302,6 +306,11 @@ impl Config {
     fn validate(&self) -> Result<()> {
         if !self.store.path.is_absolute() {
             bail!("store.path: '{}' must be an absolute path", self.store.path.display());
+        }
+        if let Some(p) = &self.store.key_file {
+            if !p.is_absolute() || p.file_name().is_none() {
+                bail!("store.key-file: '{}' must be an absolute file path", p.display());
+            }
         }
         if !(0..=22).contains(&self.store.compression_level) {
             bail!("store.compression-level: {} is not in 0..=22", self.store.compression_level);

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use blockvault_catalog::Catalog;
-use blockvault_store::Store;
+use blockvault_store::{Store, Unlock};
 use tracing::warn;
 
 use crate::config::Config;
@@ -80,8 +80,21 @@ fn on_read_only_fs(path: &std::path::Path) -> bool {
 /// # Errors
 /// When the store is missing or unreadable.
 pub fn open_store(cfg: &Config) -> Result<Store> {
-    match Store::open(&cfg.store.path) {
-        Ok(s) => Ok(s),
+    let key_file = cfg.store.key_file.as_deref();
+    let pass = crate::keys::existing(key_file.unwrap_or(std::path::Path::new("")));
+    let unlock = Unlock { key_file, passphrase: &pass };
+    match Store::open_unlocked(&cfg.store.path, &unlock) {
+        Ok(s) => {
+            if let (false, Some(k)) = (s.is_encrypted(), key_file) {
+                warn!(key_file = %k.display(), "the store is not encrypted: [store] key-file is not used");
+            }
+            Ok(s)
+        }
+        Err(blockvault_store::Error::KeyRequired { path }) => bail!(
+            "store {} is encrypted: set [store] key-file in {} to one of its key files",
+            path.display(),
+            cfg.path.display()
+        ),
         Err(blockvault_store::Error::NotAStore { path, .. }) => bail!(
             "no blockvault store at {} (run `blockvault --config {} init` first)",
             path.display(),

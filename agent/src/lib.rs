@@ -22,6 +22,7 @@ pub mod diffstream;
 pub mod error;
 pub mod gc;
 pub mod job;
+pub mod keys;
 pub mod logging;
 pub mod lookup;
 pub mod metrics;

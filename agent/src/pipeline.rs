@@ -304,7 +304,7 @@ fn process(
     if chunk::is_zero(buf) {
         return Ok(Step::Report(Outcome::Zero));
     }
-    let id = ChunkId::of(buf);
+    let id = store.chunk_id(buf);
     if known.contains(&id) || !claimed.lock().unwrap().insert(id) {
         return Ok(Step::Report(Outcome::Dedup(id)));
     }

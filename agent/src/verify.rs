@@ -290,10 +290,12 @@ fn check_one(store: &Store, id: &ChunkId, len: u32, raw: &mut Vec<u8>, plain: &m
     if let Err(e) = store.read_chunk_raw(id, raw) {
         return Some(match e {
             blockvault_store::Error::ChunkMissing { .. } => Problem::Missing,
+            // a sealed chunk that does not authenticate
+            blockvault_store::Error::CorruptChunk { reason, .. } => Problem::Corrupt(reason),
             e => Problem::Unreadable(crate::logging::Chain(&e).to_string()),
         });
     }
-    match chunk::decode_into(id, raw, plain) {
+    match store.decode_chunk(id, raw, plain) {
         Err(blockvault_store::Error::CorruptChunk { reason, .. }) => Some(Problem::Corrupt(reason)),
         Err(e) => Some(Problem::Corrupt(format!("{e:#}"))),
         Ok(()) if plain.len() != len as usize => {

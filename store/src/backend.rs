@@ -35,6 +35,7 @@
 pub mod dir;
 pub mod fault;
 pub mod memory;
+pub mod sealed;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -4,6 +4,7 @@ use crate::error::{Error, Result};
 use crate::format::{
     zstd_compress_bound, ChunkHeader, CHUNK_HEADER_LEN, CODEC_RAW, CODEC_ZSTD, MAX_CHUNK_OBJECT_LEN, MAX_CHUNK_PLAIN_LEN,
 };
+use crate::id::ChunkHasher;
 use crate::ChunkId;
 
 /// A block ready to be stored: its id and its framed bytes (header + payload).
@@ -151,12 +152,22 @@ fn check_lengths(h: &ChunkHeader) -> std::result::Result<(), String> {
     }
 }
 
-/// Decodes a stored chunk into `out` (cleared first) and verifies that the
-/// plaintext hashes to `id`. Never returns unverified data.
+/// Decodes a chunk of an unencrypted store (plain blake3 ids): see
+/// [`decode_with`].
 ///
 /// # Errors
 /// `CorruptChunk` on any framing, decompression, length or hash mismatch.
 pub fn decode_into(id: &ChunkId, bytes: &[u8], out: &mut Vec<u8>) -> Result<()> {
+    decode_with(&ChunkHasher::Plain, id, bytes, out)
+}
+
+/// Decodes a stored chunk into `out` (cleared first) and verifies that the
+/// plaintext hashes to `id` under the store's `hasher`. Never returns
+/// unverified data.
+///
+/// # Errors
+/// `CorruptChunk` on any framing, decompression, length or hash mismatch.
+pub fn decode_with(hasher: &ChunkHasher, id: &ChunkId, bytes: &[u8], out: &mut Vec<u8>) -> Result<()> {
     let h = check_frame(id, bytes)?;
     let payload = &bytes[CHUNK_HEADER_LEN..];
     out.clear();
@@ -177,7 +188,7 @@ pub fn decode_into(id: &ChunkId, bytes: &[u8], out: &mut Vec<u8>) -> Result<()> 
             reason: format!("plaintext is {} bytes, header says {}", out.len(), h.plain_len),
         });
     }
-    if ChunkId::of(out) != *id {
+    if hasher.id(out) != *id {
         return Err(Error::CorruptChunk { id: *id, reason: "content hash mismatch".into() });
     }
     Ok(())

@@ -45,6 +45,14 @@ pub enum Error {
     InvalidSetting { key: &'static str, reason: String },
     #[error("writer is poisoned by an earlier failed write; refusing further writes")]
     Poisoned,
+    #[error("store {path} is encrypted: set [store] key-file to one of its key files")]
+    KeyRequired { path: PathBuf },
+    #[error("key file {path}: {reason}")]
+    KeyFile { path: PathBuf, reason: String },
+    #[error("key file {key_file} does not open store {store}: {reason}")]
+    WrongKey { store: PathBuf, key_file: PathBuf, reason: String },
+    #[error("store {path} is not encrypted: it has no keys")]
+    NotEncrypted { path: PathBuf },
     /// A backup whose manifest or block map does not read, met where every
     /// backup's chunk references must be known (garbage collection).
     #[error("backup {id} cannot be read, so the chunks it references are unknown")]

@@ -65,8 +65,14 @@ pub const BLOCKMAP_HEADER_LEN: usize = 32;
 /// Version of the manifest JSON document.
 pub const MANIFEST_VERSION: u32 = 1;
 
-/// Version of the store layout (`blockvault-store.json`).
+/// Version of the store layout (`blockvault-store.json`) of an
+/// unencrypted store.
 pub const STORE_VERSION: u32 = 1;
+/// Version of an encrypted store: the layout of format 1, every object but
+/// `blockvault-store.json` sealed (layout in [`crate::crypto`]), chunk ids
+/// keyed blake3, and an `encryption` record in the meta. A format-1 reader
+/// refuses it on the version alone.
+pub const STORE_VERSION_ENCRYPTED: u32 = 2;
 /// Name of the file that marks a directory as a store.
 pub const STORE_MARKER: &str = "blockvault-store.json";
 

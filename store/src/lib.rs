@@ -24,6 +24,18 @@
 //! process and [`backend::fault`] injects I/O errors, torn writes and
 //! crashes into any backend, for tests ([`Store::with_backend`]).
 //!
+//! ## Encrypted stores
+//! A store made with [`Store::init_encrypted`] (format 2) seals every
+//! object but its meta with XChaCha20-Poly1305, the object's name as
+//! associated data, through [`backend::sealed::SealedBackend`] over any
+//! backend; chunk ids are blake3 keyed with a key derived from the store's
+//! data key ([`ChunkHasher`]), so the same data in two stores has unrelated
+//! ids. The meta stays plain (it tells how to unlock: key check, key
+//! slots, Argon2id settings) and is authenticated by a MAC once unlocked.
+//! Keys, key files and slots: [`crypto`]. The layout below is the same,
+//! and so are the names; objects are [`crypto::SEAL_OVERHEAD`] bytes
+//! longer. [`Store::raw_backend`] gives the sealed objects as they are.
+//!
 //! ## Layout of a store directory
 //! ```text
 //! blockvault-store.json        format version, uuid, hash, codec, default block size
@@ -93,6 +105,7 @@
 pub mod backend;
 pub mod blockmap;
 pub mod chunk;
+pub mod crypto;
 pub mod error;
 pub mod format;
 pub mod gc;
@@ -107,5 +120,6 @@ pub use chunk::EncodedChunk;
 pub use error::{Error, Result};
 pub use id::{BackupId, ChunkId};
 pub use manifest::{BackupStats, Manifest, RbdInfo};
-pub use store::{InitOptions, Store, StoreLock, StoreMeta};
+pub use id::ChunkHasher;
+pub use store::{read_meta, InitOptions, NewKey, Store, StoreLock, StoreMeta, Unlock};
 pub use verify_mark::{VerifyMark, VerifyResult};

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -14,7 +15,11 @@ pub use crate::backend::StoreLock;
 use crate::blockmap::BlockMap;
 use crate::chunk::{self, EncodedChunk};
 use crate::error::{Error, Result};
-use crate::format::{self, STORE_MARKER, STORE_VERSION};
+use crate::backend::sealed::SealedBackend;
+use crate::crypto::{self, DataKey, EncryptionMeta, KeyFile, KeySlot, AEAD_NAME, KEYED_HASH_NAME};
+use crate::format::{self, STORE_MARKER, STORE_VERSION, STORE_VERSION_ENCRYPTED};
+use crate::id::ChunkHasher;
+use zeroize::Zeroizing;
 use crate::manifest::Manifest;
 use crate::{BackupId, ChunkId};
 
@@ -25,12 +30,16 @@ pub struct StoreMeta {
     /// Random id; the catalog records it to catch a catalog paired with the wrong store.
     pub uuid: String,
     pub created: String,
-    /// Hash of chunk plaintexts.
+    /// Hash of chunk plaintexts: `blake3`, or `blake3-keyed` in an encrypted store.
     pub hash: String,
     /// Codec of chunk payloads.
     pub codec: String,
     /// Block size given to images that do not set their own.
     pub default_block_size: u32,
+    /// Set in an encrypted store (format 2), absent (not even `null`) in
+    /// an unencrypted one, whose meta stays byte-identical to format 1's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<EncryptionMeta>,
 }
 
 /// Options for [`Store::init`].
@@ -45,19 +54,113 @@ impl Default for InitOptions {
     }
 }
 
+/// Where the passphrase of a key slot comes from, when one is needed: the
+/// caller's (an environment variable, a terminal prompt). `Err` says why
+/// there is none.
+pub type PassphraseSource<'a> = &'a dyn Fn() -> std::result::Result<Zeroizing<String>, String>;
+
+/// What opens an encrypted store: a key file, and a passphrase when its
+/// slot has one. An unencrypted store needs neither.
+#[derive(Clone, Copy)]
+pub struct Unlock<'a> {
+    pub key_file: Option<&'a Path>,
+    pub passphrase: PassphraseSource<'a>,
+}
+
+fn no_passphrase() -> std::result::Result<Zeroizing<String>, String> {
+    Err("no passphrase was given".into())
+}
+
+impl Unlock<'static> {
+    /// No key: opens unencrypted stores only.
+    pub fn none() -> Unlock<'static> {
+        Unlock { key_file: None, passphrase: &no_passphrase }
+    }
+}
+
+/// A new encrypted store's first key ([`Store::init_encrypted`]).
+#[derive(Clone, Copy, Debug)]
+pub struct NewKey<'a> {
+    /// Written there (mode 0600), never over an existing file.
+    pub key_file: &'a Path,
+    /// When set, the key slot also needs this passphrase.
+    pub passphrase: Option<&'a str>,
+}
+
 /// A content-addressed chunk store with the block maps and manifests of
 /// every backup, kept by a [`Backend`] (normally a directory).
+///
+/// In an encrypted store every object but the meta goes through a
+/// [`SealedBackend`] and chunk ids are keyed ([`ChunkHasher`]); callers see
+/// the same plaintext API either way.
 pub struct Store {
+    /// What everything reads and writes through: the sealed view in an
+    /// encrypted store, the backend itself otherwise.
     backend: Box<dyn Backend>,
+    /// The backend as it is (sealed bytes in an encrypted store).
+    raw: Arc<dyn Backend>,
     meta: StoreMeta,
+    hasher: ChunkHasher,
+    data_key: Option<DataKey>,
     poisoned: AtomicBool,
 }
 
 /// Key of the store meta object.
 const META_KEY: &str = STORE_MARKER;
+/// Objects an encrypted store keeps unsealed: the meta says how to unlock.
+const PLAIN_OBJECTS: &[&str] = &[META_KEY];
 
 fn backup_key(id: BackupId, ext: &str) -> String {
     format!("backups/{:012}.{ext}", id.0)
+}
+
+/// Reads and parses the store meta of `backend`, without unlocking
+/// anything: what a tool that copies a store as it is needs, and what says
+/// whether a store is encrypted.
+///
+/// # Errors
+/// `NotAStore`, `CorruptFile`, `UnsupportedVersion`, `Io`.
+pub fn read_meta(backend: &dyn Backend) -> Result<StoreMeta> {
+    let Some(bytes) = backend.get_object(META_KEY, format::MAX_MANIFEST_LEN)? else {
+        return Err(Error::NotAStore { path: backend.location().to_path_buf(), marker: STORE_MARKER });
+    };
+    let marker = backend.object_name(META_KEY);
+    let meta: StoreMeta =
+        serde_json::from_slice(&bytes).map_err(|e| Error::CorruptFile { path: marker.clone(), reason: e.to_string() })?;
+    match (meta.format, &meta.encryption) {
+        (STORE_VERSION, None) | (STORE_VERSION_ENCRYPTED, Some(_)) => Ok(meta),
+        (STORE_VERSION, Some(_)) | (STORE_VERSION_ENCRYPTED, None) => Err(Error::CorruptFile {
+            path: marker,
+            reason: format!("format {} with{} encryption settings", meta.format, if meta.encryption.is_some() { "" } else { "out" }),
+        }),
+        (found, _) => Err(Error::UnsupportedVersion { path: marker, found, supported: STORE_VERSION_ENCRYPTED }),
+    }
+}
+
+/// The bytes the meta MAC covers: the meta with an empty `mac`.
+fn mac_input(meta: &StoreMeta) -> Vec<u8> {
+    let mut m = meta.clone();
+    if let Some(e) = m.encryption.as_mut() {
+        e.mac.clear();
+    }
+    serde_json::to_vec(&m).expect("meta serialises")
+}
+
+/// Checks that `meta` belongs to `dk` (key check) and that nobody changed
+/// it (MAC).
+fn authenticate_meta(marker: &Path, meta: &StoreMeta, dk: &DataKey) -> Result<()> {
+    let enc = meta.encryption.as_ref().expect("checked by read_meta");
+    let bad = |reason: &str| Error::CorruptFile { path: marker.to_path_buf(), reason: reason.into() };
+    if dk.key_check() != enc.key_check {
+        return Err(bad("the key check does not match the unlocked data key"));
+    }
+    if dk.meta_mac(&mac_input(meta)) != enc.mac {
+        return Err(bad("the store meta was altered: its MAC does not match"));
+    }
+    if meta.hash != KEYED_HASH_NAME || enc.aead != AEAD_NAME {
+        return Err(bad(&format!("unsupported hash '{}' or cipher '{}'", meta.hash, enc.aead)));
+    }
+    Ok(())
 }
 
 impl Store {
@@ -93,10 +196,74 @@ impl Store {
             hash: "blake3".into(),
             codec: "zstd".into(),
             default_block_size: opts.default_block_size,
+            encryption: None,
         };
         let json = serde_json::to_vec_pretty(&meta).expect("meta serialises");
         backend.put_object(META_KEY, &json)?;
         Store::with_backend(backend)
+    }
+
+    /// Creates a new, empty encrypted store in directory `path`, writing its
+    /// first key file.
+    ///
+    /// # Errors
+    /// As [`Store::init_encrypted_with_backend`].
+    pub fn init_encrypted(path: &Path, opts: &InitOptions, key: &NewKey<'_>) -> Result<Store> {
+        format::check_block_size(opts.default_block_size)?;
+        let backend = DirBackend::new(path);
+        if backend.object_exists(META_KEY)? {
+            return Err(Error::AlreadyExists { path: path.to_path_buf() });
+        }
+        // refused before the store directory is made
+        if key.key_file.symlink_metadata().is_ok() {
+            return Err(Error::KeyFile { path: key.key_file.into(), reason: "already exists: refusing to overwrite a key file".into() });
+        }
+        backend.create_layout()?;
+        Store::init_encrypted_with_backend(Box::new(backend), opts, key)
+    }
+
+    /// Creates a new, empty encrypted store on `backend`: a random data key,
+    /// wrapped into one key slot for a new key file written to
+    /// `key.key_file` (before anything is written to the store).
+    ///
+    /// # Errors
+    /// `AlreadyExists`; `KeyFile` when the key file exists or cannot be
+    /// written (the store is then not created); `Io`.
+    pub fn init_encrypted_with_backend(backend: Box<dyn Backend>, opts: &InitOptions, key: &NewKey<'_>) -> Result<Store> {
+        format::check_block_size(opts.default_block_size)?;
+        if backend.object_exists(META_KEY)? {
+            return Err(Error::AlreadyExists { path: backend.location().to_path_buf() });
+        }
+        let uuid = format!("{:032x}", rand::random::<u128>());
+        let dk = DataKey::generate();
+        let kf = KeyFile::generate(key.key_file, &uuid);
+        let slot = crypto::make_slot(&uuid, &dk, &kf, key.passphrase)?;
+        kf.write_new()?;
+        let mut meta = StoreMeta {
+            format: STORE_VERSION_ENCRYPTED,
+            uuid,
+            created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            hash: KEYED_HASH_NAME.into(),
+            codec: "zstd".into(),
+            default_block_size: opts.default_block_size,
+            encryption: Some(EncryptionMeta { aead: AEAD_NAME.into(), key_check: dk.key_check(), slots: vec![slot], mac: String::new() }),
+        };
+        let mac = dk.meta_mac(&mac_input(&meta));
+        meta.encryption.as_mut().expect("just set").mac = mac;
+        let json = serde_json::to_vec_pretty(&meta).expect("meta serialises");
+        backend.put_object(META_KEY, &json)?;
+        Ok(Store::from_parts(Arc::from(backend), meta, Some(dk)))
+    }
+
+    fn from_parts(raw: Arc<dyn Backend>, meta: StoreMeta, data_key: Option<DataKey>) -> Store {
+        let (backend, hasher): (Box<dyn Backend>, ChunkHasher) = match &data_key {
+            None => (Box::new(raw.clone()), ChunkHasher::Plain),
+            Some(dk) => (
+                Box::new(SealedBackend::new(raw.clone(), dk.sealer(), PLAIN_OBJECTS)),
+                ChunkHasher::Keyed(dk.chunk_id_key()),
+            ),
+        };
+        Store { backend, raw, meta, hasher, data_key, poisoned: AtomicBool::new(false) }
     }
 
     /// Opens the existing store in directory `path`.
@@ -107,21 +274,159 @@ impl Store {
         Store::with_backend(Box::new(DirBackend::new(path)))
     }
 
-    /// Opens the existing store on `backend`.
+    /// Opens the existing store in directory `path`, unlocking it when it
+    /// is encrypted.
     ///
     /// # Errors
-    /// As [`Store::open`].
+    /// As [`Store::with_backend_unlocked`].
+    pub fn open_unlocked(path: &Path, unlock: &Unlock<'_>) -> Result<Store> {
+        Store::with_backend_unlocked(Box::new(DirBackend::new(path)), unlock)
+    }
+
+    /// Opens the existing (unencrypted) store on `backend`.
+    ///
+    /// # Errors
+    /// As [`Store::open`]; `KeyRequired` for an encrypted store.
     pub fn with_backend(backend: Box<dyn Backend>) -> Result<Store> {
-        let Some(bytes) = backend.get_object(META_KEY, format::MAX_MANIFEST_LEN)? else {
-            return Err(Error::NotAStore { path: backend.location().to_path_buf(), marker: STORE_MARKER });
+        Store::with_backend_unlocked(backend, &Unlock::none())
+    }
+
+    /// Opens the existing store on `backend`; an encrypted one is unlocked
+    /// with `unlock` before anything but its meta is read.
+    ///
+    /// # Errors
+    /// `NotAStore`, `UnsupportedVersion`, `CorruptFile` (a meta that does
+    /// not parse or authenticate); for an encrypted store `KeyRequired`
+    /// without a key file, `KeyFile` for one that does not read, `WrongKey`
+    /// for a key file or passphrase that does not open it.
+    pub fn with_backend_unlocked(backend: Box<dyn Backend>, unlock: &Unlock<'_>) -> Result<Store> {
+        let raw: Arc<dyn Backend> = Arc::from(backend);
+        let meta = read_meta(&*raw)?;
+        let Some(enc) = &meta.encryption else { return Ok(Store::from_parts(raw, meta, None)) };
+        let Some(kf_path) = unlock.key_file else {
+            return Err(Error::KeyRequired { path: raw.location().to_path_buf() });
         };
-        let marker = backend.object_name(META_KEY);
-        let meta: StoreMeta = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::CorruptFile { path: marker.clone(), reason: e.to_string() })?;
-        if meta.format != STORE_VERSION {
-            return Err(Error::UnsupportedVersion { path: marker, found: meta.format, supported: STORE_VERSION });
+        let kf = KeyFile::read(kf_path)?;
+        let wrong = |reason: String| Error::WrongKey { store: raw.location().to_path_buf(), key_file: kf_path.to_path_buf(), reason };
+        if kf.store != meta.uuid {
+            return Err(wrong(format!("the key file is for store {}, this store is {}", kf.store, meta.uuid)));
         }
-        Ok(Store { backend, meta, poisoned: AtomicBool::new(false) })
+        let Some(slot) = enc.slots.iter().find(|s| s.id == kf.slot()) else {
+            return Err(wrong(format!("the store has no key slot {} for it (removed with `key remove`?)", kf.slot())));
+        };
+        let dk = crypto::open_slot(&meta.uuid, slot, &kf, unlock.passphrase).map_err(|e| match e {
+            crypto::SlotError::NoPassphrase(why) => wrong(format!("its key slot needs a passphrase: {why}")),
+            crypto::SlotError::Rejected(why) => wrong(why),
+        })?;
+        authenticate_meta(&raw.object_name(META_KEY), &meta, &dk)?;
+        Ok(Store::from_parts(raw, meta, Some(dk)))
+    }
+
+    /// True for an encrypted store.
+    pub fn is_encrypted(&self) -> bool {
+        self.data_key.is_some()
+    }
+
+    /// The id of a plaintext block in this store: the plain blake3 hash in
+    /// an unencrypted store, blake3 keyed with the store's chunk id key in
+    /// an encrypted one. Every chunk id looked up or stored comes from here.
+    pub fn chunk_id(&self, data: &[u8]) -> ChunkId {
+        self.hasher.id(data)
+    }
+
+    /// The chunk hasher ([`Store::chunk_id`]), for threads that hash.
+    pub fn hasher(&self) -> &ChunkHasher {
+        &self.hasher
+    }
+
+    /// The key slots of an encrypted store (none for an unencrypted one).
+    pub fn key_slots(&self) -> &[KeySlot] {
+        self.meta.encryption.as_ref().map(|e| e.slots.as_slice()).unwrap_or(&[])
+    }
+
+    /// Adds a key slot for a new key file written to `key.key_file`.
+    /// Returns the new slot's id.
+    ///
+    /// # Errors
+    /// `NotEncrypted`; `KeyFile` when the file exists or cannot be written
+    /// (the store is then unchanged); `CorruptFile` when the meta changed
+    /// under us and no longer authenticates; `Io`.
+    pub fn add_key(&mut self, key: &NewKey<'_>) -> Result<String> {
+        let uuid = self.meta.uuid.clone();
+        let kf = KeyFile::generate(key.key_file, &uuid);
+        let slot = crypto::make_slot(&uuid, self.data_key()?, &kf, key.passphrase)?;
+        let id = slot.id.clone();
+        kf.write_new()?;
+        self.update_slots(|slots| {
+            slots.push(slot);
+            Ok(())
+        })?;
+        Ok(id)
+    }
+
+    /// Removes key slot `id`: its key file no longer opens the store. The
+    /// last slot is never removed.
+    ///
+    /// # Errors
+    /// `NotEncrypted`; `InvalidSetting` for an unknown or the last slot; `Io`.
+    pub fn remove_key(&mut self, id: &str) -> Result<()> {
+        self.update_slots(|slots| {
+            if !slots.iter().any(|s| s.id == id) {
+                return Err(Error::InvalidSetting { key: "slot", reason: format!("the store has no key slot {id}") });
+            }
+            if slots.len() == 1 {
+                return Err(Error::InvalidSetting {
+                    key: "slot",
+                    reason: format!("{id} is the store's only key slot: removing it would lock every backup away"),
+                });
+            }
+            slots.retain(|s| s.id != id);
+            Ok(())
+        })
+    }
+
+    /// Re-wraps the data key in the slot of key file `kf` under a new
+    /// passphrase (`None`: the key file alone opens it). The key file is
+    /// unchanged; the old passphrase no longer opens the slot.
+    ///
+    /// # Errors
+    /// `NotEncrypted`; `InvalidSetting` when `kf` has no slot; `Io`.
+    pub fn change_passphrase(&mut self, kf: &KeyFile, new: Option<&str>) -> Result<()> {
+        let uuid = self.meta.uuid.clone();
+        let slot = crypto::make_slot(&uuid, self.data_key()?, kf, new)?;
+        self.update_slots(|slots| {
+            let Some(s) = slots.iter_mut().find(|s| s.id == slot.id) else {
+                return Err(Error::InvalidSetting { key: "key-file", reason: format!("the store has no key slot {} for {}", slot.id, kf.path.display()) });
+            };
+            *s = slot;
+            Ok(())
+        })
+    }
+
+    fn data_key(&self) -> Result<&DataKey> {
+        self.data_key.as_ref().ok_or_else(|| Error::NotEncrypted { path: self.root().to_path_buf() })
+    }
+
+    /// Changes the key slots in the meta under the `keys` lock: re-reads
+    /// the meta (another host may have changed it), checks it, applies `f`,
+    /// and replaces it atomically with a new MAC.
+    fn update_slots(&mut self, f: impl FnOnce(&mut Vec<KeySlot>) -> Result<()>) -> Result<()> {
+        let _keys = self.lock_named("keys")?;
+        let dk = self.data_key()?;
+        let mut meta = read_meta(&*self.raw)?;
+        let marker = self.raw.object_name(META_KEY);
+        if meta.uuid != self.meta.uuid || meta.encryption.is_none() {
+            return Err(Error::CorruptFile { path: marker, reason: "the store meta changed to another store's".into() });
+        }
+        authenticate_meta(&marker, &meta, dk)?;
+        let enc = meta.encryption.as_mut().expect("checked");
+        f(&mut enc.slots)?;
+        let mac = dk.meta_mac(&mac_input(&meta));
+        meta.encryption.as_mut().expect("checked").mac = mac;
+        let json = serde_json::to_vec_pretty(&meta).expect("meta serialises");
+        self.raw.put_object(META_KEY, &json)?;
+        self.meta = meta;
+        Ok(())
     }
 
     /// Where the store is: its directory, or for a backend without one a
@@ -135,9 +440,17 @@ impl Store {
         self.backend.dir()
     }
 
-    /// The backend the store keeps its objects on.
+    /// The backend the store keeps its objects on, as the store sees it:
+    /// in an encrypted store the sealing view, which takes and returns
+    /// plaintext.
     pub fn backend(&self) -> &dyn Backend {
         &*self.backend
+    }
+
+    /// The backend below any sealing: objects exactly as stored (sealed in
+    /// an encrypted store). For copying a store as it is, without its key.
+    pub fn raw_backend(&self) -> &Arc<dyn Backend> {
+        &self.raw
     }
 
     pub fn meta(&self) -> &StoreMeta {
@@ -313,7 +626,17 @@ impl Store {
     /// `ChunkMissing`, `CorruptChunk` or `Io`.
     pub fn load_chunk(&self, id: &ChunkId, scratch: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<()> {
         self.read_chunk_raw(id, scratch)?;
-        chunk::decode_into(id, scratch, out)
+        self.decode_chunk(id, scratch, out)
+    }
+
+    /// Checks and decompresses a chunk's stored bytes (as
+    /// [`Store::read_chunk_raw`] gives them) into `out`, checking the
+    /// plaintext against `id` with the store's hasher.
+    ///
+    /// # Errors
+    /// `CorruptChunk`.
+    pub fn decode_chunk(&self, id: &ChunkId, bytes: &[u8], out: &mut Vec<u8>) -> Result<()> {
+        chunk::decode_with(&self.hasher, id, bytes, out)
     }
 
     /// Every chunk id in the store, with its stored size and mtime.
@@ -602,5 +925,102 @@ impl Store {
             Some(b) => Ok(b),
             None => Err(Error::io("read", self.backend.object_name(rel), std::io::ErrorKind::NotFound.into())),
         }
+    }
+}
+
+#[cfg(test)]
+mod encryption_tests {
+    use super::*;
+    use crate::backend::memory::MemoryBackend;
+    use crate::chunk;
+
+    fn pass(p: &'static str) -> impl Fn() -> std::result::Result<Zeroizing<String>, String> {
+        move || Ok(Zeroizing::new(p.to_string()))
+    }
+
+    #[test]
+    fn an_encrypted_store_opens_only_with_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let kf = dir.path().join("key");
+        let mem = Arc::new(MemoryBackend::new());
+        let s = Store::init_encrypted_with_backend(Box::new(mem.clone()), &InitOptions::default(), &NewKey { key_file: &kf, passphrase: None })
+            .unwrap();
+        assert!(s.is_encrypted());
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&kf).unwrap().permissions().mode() & 0o777, 0o600);
+        let data = b"some block".repeat(100);
+        let id = s.chunk_id(&data);
+        assert_ne!(id, ChunkId::of(&data), "an encrypted store's ids are keyed");
+        s.put_chunk(&chunk::encode(&data, id, 3, None).unwrap()).unwrap();
+        s.sync().unwrap();
+        let (mut scratch, mut out) = (Vec::new(), Vec::new());
+        s.load_chunk(&id, &mut scratch, &mut out).unwrap();
+        assert_eq!(out, data);
+        // below the sealing, the bytes are not the plain encoded chunk
+        mem.get_chunk(&id, &mut scratch).unwrap();
+        assert!(chunk::check_frame(&id, &scratch).is_err());
+        drop(s);
+
+        // no key, another store's key, a key file that is not one
+        let e = Store::with_backend(Box::new(mem.clone())).err().unwrap();
+        assert!(matches!(e, Error::KeyRequired { .. }), "{e}");
+        let other = dir.path().join("other");
+        Store::init_encrypted_with_backend(Box::new(MemoryBackend::new()), &InitOptions::default(), &NewKey { key_file: &other, passphrase: None })
+            .unwrap();
+        let e = Store::with_backend_unlocked(Box::new(mem.clone()), &Unlock { key_file: Some(&other), passphrase: &pass("") })
+            .err()
+            .unwrap();
+        assert!(matches!(e, Error::WrongKey { .. }) && e.to_string().contains("is for store"), "{e}");
+        // the right one
+        let s = Store::with_backend_unlocked(Box::new(mem.clone()), &Unlock { key_file: Some(&kf), passphrase: &pass("") }).unwrap();
+        s.load_chunk(&id, &mut scratch, &mut out).unwrap();
+        assert_eq!(out, data);
+        // a key file is never overwritten
+        let e = Store::init_encrypted_with_backend(Box::new(MemoryBackend::new()), &InitOptions::default(), &NewKey { key_file: &kf, passphrase: None })
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("refusing to overwrite"), "{e}");
+    }
+
+    #[test]
+    fn key_slots_add_remove_and_passphrase_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        let mem = Arc::new(MemoryBackend::new());
+        let mut s =
+            Store::init_encrypted_with_backend(Box::new(mem.clone()), &InitOptions::default(), &NewKey { key_file: &a, passphrase: Some("one") })
+                .unwrap();
+        let open = |kf: &Path, p: &'static str| Store::with_backend_unlocked(Box::new(mem.clone()), &Unlock { key_file: Some(kf), passphrase: &pass(p) });
+        let e = open(&a, "two").err().unwrap();
+        assert!(e.to_string().contains("wrong passphrase"), "{e}");
+        let slot_b = s.add_key(&NewKey { key_file: &b, passphrase: None }).unwrap();
+        assert_eq!(s.key_slots().len(), 2);
+        open(&b, "").unwrap();
+        open(&a, "one").unwrap();
+        // passwd on a's slot
+        s.change_passphrase(&KeyFile::read(&a).unwrap(), Some("two")).unwrap();
+        assert!(open(&a, "one").is_err());
+        open(&a, "two").unwrap();
+        // remove b: b no longer opens
+        s.remove_key(&slot_b).unwrap();
+        let e = open(&b, "").err().unwrap();
+        assert!(e.to_string().contains("no key slot"), "{e}");
+        // the last slot stays
+        let slot_a = KeyFile::read(&a).unwrap().slot();
+        assert!(s.remove_key(&slot_a).unwrap_err().to_string().contains("only key slot"));
+        // a meta altered without the key is refused after unlocking
+        let mut meta = read_meta(&*mem).unwrap();
+        meta.default_block_size = 65536;
+        mem.put_object(META_KEY, &serde_json::to_vec(&meta).unwrap()).unwrap();
+        let e = open(&a, "two").err().unwrap();
+        assert!(e.to_string().contains("altered"), "{e}");
+    }
+
+    #[test]
+    fn an_unencrypted_meta_is_unchanged() {
+        let mem = Arc::new(MemoryBackend::new());
+        Store::init_with_backend(Box::new(mem.clone()), &InitOptions::default()).unwrap();
+        let text = String::from_utf8(mem.get_object(META_KEY, 1 << 20).unwrap().unwrap()).unwrap();
+        assert!(!text.contains("encryption") && text.contains("\"format\": 1"), "{text}");
     }
 }

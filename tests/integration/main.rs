@@ -5,6 +5,7 @@ mod common;
 mod compat;
 mod crash;
 mod daemon;
+mod encryption;
 mod errors;
 mod exportdiff;
 mod fs_safety;

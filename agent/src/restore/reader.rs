@@ -228,7 +228,7 @@ mod tests {
                 block.fill(0);
                 continue;
             }
-            let id = ChunkId::of(block);
+            let id = store.chunk_id(block);
             store.put_chunk(&chunk::encode(block, id, 1, None).unwrap()).unwrap();
             map.set(b, Some(id));
         }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use blockvault_catalog::{BackupState, Catalog, SnapshotState};
-use blockvault_store::{BackupId, ChunkId, RbdInfo, Store};
+use blockvault_store::{BackupId, RbdInfo, Store};
 use rand::seq::SliceRandom;
 use tracing::{info, warn};
 
@@ -259,7 +259,7 @@ impl Source for RbdSource {
         self.patcher = None;
         let f = self.frozen()?;
         let Some(base) = &self.base else { return Ok(()) };
-        if let Some(block) = sample_check(&f.image, parent, plan)? {
+        if let Some(block) = sample_check(store, &f.image, parent, plan)? {
             return Err(BackupError::UntrustedDiff { image: self.spec.clone(), block, parent: parent.manifest.id }.into());
         }
         let patcher = patcher_for(store, &self.spec, &f.image, base, parent, &plan.actions, f.size)?;
@@ -483,7 +483,7 @@ fn fast_diff_usable(img: &Image, features: u64) -> Result<bool> {
 
 /// Reads a random sample of the blocks the plan inherits and checks them
 /// against the parent's block map. Returns the first mismatching block.
-fn sample_check(at: &Image, parent: &Parent, plan: &Plan) -> Result<Option<usize>> {
+fn sample_check(store: &Store, at: &Image, parent: &Parent, plan: &Plan) -> Result<Option<usize>> {
     let mut inherited: Vec<usize> = plan
         .actions
         .iter()
@@ -497,7 +497,7 @@ fn sample_check(at: &Image, parent: &Parent, plan: &Plan) -> Result<Option<usize
         let (off, len) = plan.map.block_range(b);
         buf.resize(len, 0);
         at.read_at(off, &mut buf).with_context(|| format!("reading sample block {b}"))?;
-        let id = (!blockvault_store::chunk::is_zero(&buf)).then(|| ChunkId::of(&buf));
+        let id = (!blockvault_store::chunk::is_zero(&buf)).then(|| store.chunk_id(&buf));
         if id != parent.map.get(b) {
             return Ok(Some(b));
         }
