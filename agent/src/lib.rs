@@ -13,6 +13,7 @@
 //! them.
 
 pub mod backup;
+pub mod cancel;
 pub mod cli;
 pub mod config;
 pub mod context;

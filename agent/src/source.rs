@@ -95,6 +95,13 @@ pub trait Source {
     /// When called before [`Source::freeze`].
     fn reader<'a>(&'a self, store: &'a Store) -> Result<Box<dyn ImageSource + 'a>>;
 
+    /// The snapshots an incremental can diff from, after [`Source::recover`]
+    /// (RBD: the blockvault snapshots still held on the cluster); `None`
+    /// for a source without snapshots, for which any parent will do.
+    fn held_snapshots(&self) -> Option<Vec<String>> {
+        None
+    }
+
     /// The snapshot the backup is of, for the manifest.
     fn snapshot(&self) -> Option<String> {
         None

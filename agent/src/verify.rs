@@ -226,7 +226,8 @@ fn load(store: &Store, row: &BackupRow) -> Result<(Manifest, BlockMap), Finding>
         diffs.push(format!("image '{}' in the manifest, '{}' in the catalog", m.image, row.image));
     }
     if m.parent != row.parent {
-        diffs.push(format!("parent {:?} in the manifest, {:?} in the catalog", m.parent.map(|p| p.0), row.parent.map(|p| p.0)));
+        let show = |p: Option<BackupId>| p.map_or("none".to_string(), |p| p.0.to_string());
+        diffs.push(format!("parent {} in the manifest, {} in the catalog", show(m.parent), show(row.parent)));
     }
     if m.image_size != row.image_size || m.block_size != row.block_size {
         diffs.push(format!(

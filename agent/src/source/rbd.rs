@@ -272,6 +272,10 @@ impl Source for RbdSource {
         Ok(Box::new(RbdReader { image: &f.image, size: f.size, patcher: self.patcher.as_ref(), store }))
     }
 
+    fn held_snapshots(&self) -> Option<Vec<String>> {
+        Some(self.present.clone())
+    }
+
     fn snapshot(&self) -> Option<String> {
         Some(self.snap.clone())
     }
@@ -528,7 +532,7 @@ fn cleanup_snapshots(catalog: &Catalog, head: &Image, image_id: i64) -> Result<(
         let exists = on_cluster.contains(&s.name);
         if !committed {
             if exists {
-                warn!(snapshot = %s.name, backup = ?s.backup_id.map(|b| b.0), "removing the snapshot of an interrupted or failed backup");
+                warn!(snapshot = %s.name, backup = s.backup_id.map(|b| b.0), "removing the snapshot of an interrupted or failed backup");
                 remove_snap_if_present(head, &s.name)?;
             }
             catalog.set_snapshot_state(s.id, SnapshotState::Removed)?;
@@ -565,7 +569,7 @@ fn demote(catalog: &Catalog, head: &Image, image_id: i64, keep: u32) -> Result<(
     for s in present.iter().skip(keep as usize) {
         remove_snap_if_present(head, &s.name).with_context(|| format!("removing snapshot {}", s.name))?;
         catalog.set_snapshot_state(s.id, SnapshotState::Removed)?;
-        info!(snapshot = %s.name, backup = ?s.backup_id.map(|b| b.0), "demoted: snapshot removed, backup lives on in the store");
+        info!(snapshot = %s.name, backup = s.backup_id.map(|b| b.0), "demoted: snapshot removed, backup lives on in the store");
     }
     Ok(())
 }
