@@ -165,12 +165,35 @@ pub fn apply(ctx: &Ctx, plan: &ImagePrune) -> Result<usize> {
 ///
 /// # Errors
 /// Catalog or store errors.
+///
+/// The store removes the manifest first, and without it the backup no
+/// longer exists (its other files are orphans that gc removes). So when the
+/// store fails part-way (a full disk, an I/O error), the row goes too
+/// unless the manifest is demonstrably still there: rolling it back would
+/// leave a committed row for a backup that cannot be restored (found by
+/// the agent-level fault injection test). When the store cannot even say,
+/// the row goes and the error is returned: a backup still in the store is
+/// brought back by the next reconcile.
 pub fn remove_backup(ctx: &Ctx, id: blockvault_store::BackupId) -> Result<()> {
+    let mut unsure = None;
     ctx.catalog.with_write_lock(|c| -> Result<()> {
         c.delete_backup(id)?;
-        ctx.store.remove_backup(id)?;
+        if let Err(e) = ctx.store.remove_backup(id) {
+            match ctx.store.try_has_backup(id) {
+                Ok(true) => return Err(e.into()),
+                Ok(false) => {
+                    warn!(backup = id.0, error = %crate::logging::Chain(&e), "backup removed, but some of its files were left behind; gc removes them");
+                }
+                Err(_) => unsure = Some(e),
+            }
+        }
         Ok(())
-    })
+    })?;
+    match unsure {
+        Some(e) => Err(anyhow::Error::from(e)
+            .context(format!("removing backup {id} from the store failed part-way; the next reconcile brings it back if it is still whole"))),
+        None => Ok(()),
+    }
 }
 
 /// Backups `forget` removes, chosen and checked by [`forget`], with the

@@ -44,7 +44,7 @@ use blockvault_store::{BackupId, InitOptions, Store};
 use rand::{Rng, SeedableRng};
 
 const BS: usize = 65536;
-const BLOCKS: usize = 10;
+const BLOCKS: usize = 18;
 const IMAGE: &str = "vm";
 
 /// Image version `v`: some blocks zero, some shared between versions (so
