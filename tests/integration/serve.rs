@@ -252,6 +252,30 @@ fn serve_exports_backups_that_real_clients_read_identically() {
     in_flight.write_all(&q).unwrap();
     drop(in_flight);
     let silent = TcpStream::connect(("127.0.0.1", srv.port)).unwrap();
+    // a write (which no read-only client would send) is refused with EPERM,
+    // its payload skipped: the next read on that connection is in step
+    let mut w = raw_client(srv.port, "vm");
+    let mut q = 0x2560_9513u32.to_be_bytes().to_vec();
+    q.extend_from_slice(&[0, 0, 0, 1]); // NBD_CMD_WRITE
+    q.extend_from_slice(&5u64.to_be_bytes());
+    q.extend_from_slice(&0u64.to_be_bytes());
+    q.extend_from_slice(&4096u32.to_be_bytes());
+    q.extend_from_slice(&[0xAAu8; 4096]);
+    q.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    q.extend_from_slice(&[0, 0, 0, 0]); // NBD_CMD_READ (simple reply)
+    q.extend_from_slice(&6u64.to_be_bytes());
+    q.extend_from_slice(&(30 * BS).to_be_bytes());
+    q.extend_from_slice(&4096u32.to_be_bytes());
+    w.write_all(&q).unwrap();
+    let mut reply = [0u8; 16];
+    w.read_exact(&mut reply).unwrap();
+    assert_eq!(reply, [&0x6744_6698u32.to_be_bytes()[..], &1u32.to_be_bytes(), &5u64.to_be_bytes()].concat()[..], "EPERM");
+    w.read_exact(&mut reply).unwrap();
+    assert_eq!(reply, [&0x6744_6698u32.to_be_bytes()[..], &0u32.to_be_bytes(), &6u64.to_be_bytes()].concat()[..]);
+    let mut got = vec![0u8; 4096];
+    w.read_exact(&mut got).unwrap();
+    assert!(got == fs::read(&r2).unwrap()[(30 * BS) as usize..][..4096]);
+    drop(w);
     srv.assert_alive();
 
     // nbdcopy of each export, two at once (each with several connections,
@@ -318,4 +342,37 @@ fn a_corrupt_chunk_reaches_the_client_as_an_io_error_never_as_data() {
     assert!(o.status.success() && out.contains(&format!("read {BS}/{BS} bytes")), "{out}");
     srv.assert_alive();
     assert!(srv.log().contains("read failed") && srv.log().contains(&h), "the server must log the corrupt chunk: {}", srv.log());
+}
+
+/// The server holds the store lock shared for its whole life: a gc started
+/// while it serves a backup that was meanwhile forgotten plans, then waits;
+/// the client reads the forgotten backup whole; the sweep happens only once
+/// the server is gone.
+#[test]
+fn gc_waits_for_the_server_before_removing_a_served_backups_chunks() {
+    let (env, r1, _r2) = two_backups();
+    let img = env.path("vm.img");
+    env.write_config(&[("vm", &format!("file:{}", img.display()))], "gc-grace = 0", "[defaults]\nblock-size = \"64K\"\n");
+    let mut srv = Server::start(&env, &["vm@1"], None);
+    env.ok(&["forget", "vm@1"]);
+    let log = env.path("gc.log");
+    let gc = env.cmd(&["gc", "--json"]).stdout(Stdio::piped()).stderr(fs::File::create(&log).unwrap()).spawn().unwrap();
+    // until gc says it waits for the lock (bounded: gc plans in well under
+    // a second here, and exits if anything goes wrong)
+    let mut waiting = false;
+    for _ in 0..600 {
+        if fs::read_to_string(&log).unwrap().contains("gc waiting") {
+            waiting = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(waiting, "gc did not wait for the server: {}", fs::read_to_string(&log).unwrap());
+    assert_identical(&srv.url("vm@1"), &r1);
+    srv.assert_alive();
+    drop(srv);
+    let out = gc.wait_with_output().unwrap();
+    assert!(out.status.success(), "gc: {}", fs::read_to_string(&log).unwrap());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(num(&v, "removed_chunks") > 0, "backup 1's own chunks are garbage once the server is gone: {v}");
 }
