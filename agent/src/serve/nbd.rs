@@ -1193,4 +1193,51 @@ mod tests {
         assert_eq!(parse_meta_request(&meta_data("a", &["base:allocation", "x:y"])), Some(("a".into(), vec!["base:allocation".into(), "x:y".into()])));
         assert_eq!(parse_meta_request(b"\0\0\0\x01a\0\0\0\x01\0\0\0\x09ab"), None);
     }
+
+    /// Arbitrary bytes from a client, after a valid start or not, end in an
+    /// error or a clean end, never a panic or a hang.
+    #[test]
+    fn random_client_bytes_never_panic() {
+        use rand::{Rng, RngCore, SeedableRng};
+        let (a, b) = (mem(), mem());
+        let exports = Exports::new(vec![("a".into(), &a as &dyn Export), ("b".into(), &b as &dyn Export)]);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        let mut good = 3u32.to_be_bytes().to_vec();
+        for opt in [OPT_STRUCTURED_REPLY] {
+            good.extend_from_slice(&IHAVEOPT.to_be_bytes());
+            good.extend_from_slice(&opt.to_be_bytes());
+            good.extend_from_slice(&0u32.to_be_bytes());
+        }
+        let meta = meta_data("a", &[BASE_ALLOCATION]);
+        good.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        good.extend_from_slice(&OPT_SET_META_CONTEXT.to_be_bytes());
+        good.extend_from_slice(&(meta.len() as u32).to_be_bytes());
+        good.extend_from_slice(&meta);
+        let go = info_data("a", &[]);
+        good.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        good.extend_from_slice(&OPT_GO.to_be_bytes());
+        good.extend_from_slice(&(go.len() as u32).to_be_bytes());
+        good.extend_from_slice(&go);
+        for i in 0..3000 {
+            let mut input = if i % 2 == 0 { good[..rng.gen_range(0..=good.len())].to_vec() } else { good.clone() };
+            let mut tail = vec![0u8; rng.gen_range(0..300)];
+            rng.fill_bytes(&mut tail);
+            // now and then a well-formed request header with random fields
+            if i % 3 == 0 {
+                let mut q = REQUEST_MAGIC.to_be_bytes().to_vec();
+                q.extend_from_slice(&(rng.gen::<u16>() & 0xf).to_be_bytes());
+                q.extend_from_slice(&rng.gen_range(0u16..9).to_be_bytes());
+                q.extend_from_slice(&rng.gen::<u64>().to_be_bytes());
+                q.extend_from_slice(&rng.gen_range(0..a.size() + 10).to_be_bytes());
+                q.extend_from_slice(&rng.gen_range(0u32..3 * BS as u32).to_be_bytes());
+                tail = [q, tail].concat();
+            }
+            input.extend_from_slice(&tail);
+            let mut r = BufReader::new(input.as_slice());
+            let mut out = Vec::new();
+            if let Ok(Some(s)) = negotiate(&mut r, &mut out, &exports) {
+                let _ = transmit(&mut r, &mut out, &s, &mut |_, _| {});
+            }
+        }
+    }
 }
