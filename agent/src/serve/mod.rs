@@ -20,7 +20,7 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tracing::{debug, info, warn};
@@ -32,8 +32,9 @@ use nbd::{Export, Exports};
 /// flood of connections costs a bounded number of threads and buffers (each
 /// client may hold a 32 MiB read buffer).
 pub const MAX_CLIENTS: usize = 64;
-/// A client must finish the handshake within this time (a client that
-/// connects and says nothing does not hold a thread forever).
+/// A client must finish the whole handshake within this time (a client that
+/// connects and says nothing, or trickles a byte at a time, does not hold a
+/// thread forever).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A client that stops reading its replies for this long is dropped.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -187,16 +188,41 @@ fn spawn_client<'scope, 'env, S>(
     }
 }
 
+/// Reads from a socket; while `deadline` is set, each read may wait only
+/// until then, so the handshake as a whole is bounded, not each read.
+struct Deadline<'a, S> {
+    s: &'a S,
+    set_read: SetTimeout<S>,
+    deadline: Option<Instant>,
+}
+
+impl<S> Read for Deadline<'_, S>
+where
+    for<'x> &'x S: Read,
+{
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if let Some(d) = self.deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake not finished in time"));
+            }
+            (self.set_read)(self.s, Some(left))?;
+        }
+        let mut s = self.s;
+        s.read(buf)
+    }
+}
+
 /// One client, start to end. Errors end this connection only.
 fn client<S>(s: S, peer: &str, exports: &Exports<'_>, set_read: SetTimeout<S>, set_write: SetTimeout<S>)
 where
     for<'x> &'x S: Read + Write,
 {
-    if let Err(e) = set_read(&s, Some(HANDSHAKE_TIMEOUT)).and_then(|()| set_write(&s, Some(WRITE_TIMEOUT))) {
+    if let Err(e) = set_write(&s, Some(WRITE_TIMEOUT)) {
         warn!(peer, error = %e, "cannot set socket timeouts: connection closed");
         return;
     }
-    let mut r = BufReader::new(&s);
+    let mut r = BufReader::new(Deadline { s: &s, set_read, deadline: Some(Instant::now() + HANDSHAKE_TIMEOUT) });
     let mut w = BufWriter::with_capacity(WRITE_BUFFER, &s);
     let session = match nbd::negotiate(&mut r, &mut w, exports) {
         Ok(Some(x)) => x,
@@ -210,6 +236,7 @@ where
         }
     };
     // transmission: an idle client is legitimate, a deaf one is not
+    r.get_mut().deadline = None;
     if let Err(e) = set_read(&s, None) {
         warn!(peer, error = %e, "cannot clear the handshake timeout: connection closed");
         return;
