@@ -31,13 +31,13 @@ q=$((MIB / 4))
 img=$W/img.raw
 truncate -s "${MIB}M" "$img"
 dd if=/dev/urandom of="$img" bs=1M count=$((2 * q)) conv=notrunc status=none
-base64 -w 0 /dev/urandom | head -c $((q << 20)) | dd of="$img" bs=1M seek=$((2 * q)) conv=notrunc status=none
+head -c $((q << 20)) < <(base64 -w 0 /dev/urandom) | dd of="$img" bs=1M seek=$((2 * q)) conv=notrunc iflag=fullblock status=none
 printf '[store]\npath = "%s/store"\n[[image]]\nname = "img"\nsource = "file:%s"\n' "$W" "$img" > "$W/config.toml"
 bv() { "$BIN" --config "$W/config.toml" -q --no-progress "$@"; }
 bv init >/dev/null
 bv backup img >/dev/null
 
-bv serve img --listen 127.0.0.1:0 > "$W/serve.out" 2> "$W/serve.err" &
+"$BIN" --config "$W/config.toml" -q serve img --listen 127.0.0.1:0 > "$W/serve.out" 2> "$W/serve.err" &
 SRV=$!
 for _ in $(seq 100); do grep -q "^export" "$W/serve.out" 2>/dev/null && break; sleep 0.1; done
 PORT=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$W/serve.out")

@@ -139,7 +139,7 @@ pub fn find_backup(ctx: &Ctx, spec: &str) -> Result<(BackupRow, Manifest)> {
             let row = ctx.catalog.backup(BackupId(id))?;
             match row {
                 Some(r) if r.image == image && r.state == BackupState::Committed => r,
-                Some(r) if r.image == image => bail!("backup {id} of image '{image}' is {:?}, not committed: nothing to restore", r.state),
+                Some(r) if r.image == image => bail!("backup {id} of image '{image}' is {:?}, not committed: nothing to read", r.state),
                 _ => bail!("backup {id} does not exist for image '{image}' (see `blockvault list {image}`)"),
             }
         }
@@ -158,7 +158,7 @@ pub fn find_backup(ctx: &Ctx, spec: &str) -> Result<(BackupRow, Manifest)> {
                 .store
                 .manifest_from_blockmap(row.id, &row.image, &source, row.image_size, row.block_size)
                 .with_context(|| format!("backup {}: {e}; its block map cannot stand in for it either", row.id))?;
-            tracing::warn!(backup = row.id.0, error = %e, "manifest unreadable: restoring from the block map, checked against the catalog's image and block size");
+            tracing::warn!(backup = row.id.0, error = %e, "manifest unreadable: reading the backup through its block map, checked against the catalog's image and block size");
             m
         }
         Err(e) => return Err(e.into()),
