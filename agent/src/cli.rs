@@ -18,13 +18,10 @@ mod serve;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
-use blockvault_catalog::{BackupRow, BackupState};
-use blockvault_store::{BackupId, Manifest};
+use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{Config, DEFAULT_CONFIG};
-use crate::context::Ctx;
 
 #[derive(Parser, Debug)]
 #[command(name = "blockvault", version, about = "Incremental, deduplicating backups of Ceph RBD images and disk images")]
@@ -123,59 +120,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-/// The committed backup `spec` (`IMAGE` for the latest, `IMAGE@ID`) names,
-/// with its manifest from the store, checked against the catalog row (a
-/// corrupt manifest is stood in for by the block map, checked against the
-/// catalog's image and block size). The caller holds the store lock shared,
-/// so the backup cannot be swept between this lookup and its reads.
+/// Splits `IMAGE[@ID]` (see [`crate::lookup::BackupRef`], which commands
+/// resolve through [`crate::lookup`]).
 ///
 /// # Errors
-/// An unknown image or backup, one not committed, a manifest that does not
-/// match the catalog.
-pub fn find_backup(ctx: &Ctx, spec: &str) -> Result<(BackupRow, Manifest)> {
-    let (image, id) = parse_backup_ref(spec)?;
-    let row = match id {
-        Some(id) => {
-            let row = ctx.catalog.backup(BackupId(id))?;
-            match row {
-                Some(r) if r.image == image && r.state == BackupState::Committed => r,
-                Some(r) if r.image == image => bail!("backup {id} of image '{image}' is {:?}, not committed: nothing to read", r.state),
-                _ => bail!("backup {id} does not exist for image '{image}' (see `blockvault list {image}`)"),
-            }
-        }
-        None => match ctx.catalog.committed_backups(Some(&image))?.pop() {
-            Some(r) => r,
-            None => bail!("image '{image}' has no committed backup"),
-        },
-    };
-    let manifest = match ctx.store.read_manifest(row.id) {
-        Ok(m) => m,
-        // a corrupt manifest: the block map has its own header and checksum,
-        // and the catalog row the geometry to check it against
-        Err(e) if e.is_corruption() || matches!(e, blockvault_store::Error::UnsupportedVersion { .. }) => {
-            let source = ctx.catalog.image(&row.image)?.map(|i| i.source).unwrap_or_default();
-            let m = ctx
-                .store
-                .manifest_from_blockmap(row.id, &row.image, &source, row.image_size, row.block_size)
-                .with_context(|| format!("backup {}: {e}; its block map cannot stand in for it either", row.id))?;
-            tracing::warn!(backup = row.id.0, error = %e, "manifest unreadable: reading the backup through its block map, checked against the catalog's image and block size");
-            m
-        }
-        Err(e) => return Err(e.into()),
-    };
-    crate::restore::check_manifest(&manifest, &row.image, row.id)?;
-    Ok((row, manifest))
-}
-
-/// Splits `IMAGE[@ID]`.
+/// When what follows `@` is not a number.
 pub fn parse_backup_ref(s: &str) -> Result<(String, Option<u64>)> {
-    match s.rsplit_once('@') {
-        None => Ok((s.to_string(), None)),
-        Some((img, id)) => {
-            let id = id
-                .parse::<u64>()
-                .map_err(|_| anyhow::anyhow!("'{s}': the backup id after '@' must be a number"))?;
-            Ok((img.to_string(), Some(id)))
-        }
-    }
+    let r = crate::lookup::BackupRef::parse(s)?;
+    Ok((r.image, r.id.map(|id| id.0)))
 }

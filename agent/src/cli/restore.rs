@@ -1,12 +1,15 @@
 use std::process::ExitCode;
 
+use std::sync::atomic::AtomicBool;
+
 use anyhow::Result;
 use clap::Args;
 
-use super::{find_backup, load_config, GlobalArgs};
+use super::{load_config, GlobalArgs};
 use crate::context::Ctx;
+use crate::lookup::BackupRef;
 use crate::progress::Bar;
-use crate::restore::TargetSpec;
+use crate::restore::{OpenBackup, RestoreOptions, TargetSpec};
 
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
@@ -34,17 +37,15 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 pub fn run(g: &GlobalArgs, a: RestoreArgs) -> Result<ExitCode> {
     let cfg = load_config(g)?;
     let ctx = Ctx::open(cfg)?;
+    let spec = BackupRef::parse(&a.backup)?;
     let to = TargetSpec::parse(&a.to)?;
-    // shared store lock: a concurrent prune + GC cannot sweep the chunks of
-    // the backup being restored until it is done
-    let _lock = ctx.store.lock_shared_for_reading()?;
-    let (row, manifest) = find_backup(&ctx, &a.backup)?;
-    let image = row.image.clone();
-    let threads = ctx.cfg.workers() * 2;
-    let bar = Bar::new(manifest.image_size, &image, !g.no_progress);
-    let res = crate::restore::restore_to(&ctx, &manifest, &to, a.force, a.mode, threads, &bar);
+    let backup = OpenBackup::open(&ctx, &spec)?;
+    let never = AtomicBool::new(false);
+    let opts = RestoreOptions { force: a.force, mode: a.mode, threads: ctx.cfg.workers() * 2, cancel: &never };
+    let bar = Bar::new(backup.size(), &spec.image, !g.no_progress);
+    let res = backup.restore_to(&ctx, &to, &opts, &bar);
     bar.finish();
     res?;
-    println!("restored backup {} of image '{image}' ({} bytes) to {}", row.id, manifest.image_size, a.to);
+    println!("restored backup {} of image '{}' ({} bytes) to {}", backup.row.id, spec.image, backup.size(), a.to);
     Ok(ExitCode::SUCCESS)
 }

@@ -8,9 +8,11 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use tracing::{info, warn};
 
-use super::{find_backup, load_config, GlobalArgs};
+use super::{load_config, GlobalArgs};
 use crate::context::Ctx;
+use crate::lookup::BackupRef;
 use crate::restore::reader::BackupReader;
+use crate::restore::OpenBackup;
 use crate::serve::nbd::{Export, Exports};
 use crate::serve::{BackupExport, Listener, CACHE_BLOCKS};
 
@@ -43,15 +45,19 @@ pub fn run(g: &GlobalArgs, a: ServeArgs) -> Result<ExitCode> {
             bail!("'{s}' is given twice: each backup is exported once, under the name given");
         }
     }
-    // Held until the process exits: a gc waits for the server to stop
-    // before it sweeps, so no chunk of a served backup disappears.
-    let _lock = ctx.store.lock_shared_for_reading()?;
+    // Each OpenBackup holds the store lock shared until the process exits:
+    // a gc waits for the server to stop before it sweeps, so no chunk of a
+    // served backup disappears under a client.
+    let opened = a
+        .specs
+        .iter()
+        .map(|spec| OpenBackup::open(&ctx, &BackupRef::parse(spec)?))
+        .collect::<Result<Vec<_>>>()?;
     let mut backups = Vec::new();
-    for spec in &a.specs {
-        let (row, manifest) = find_backup(&ctx, spec)?;
-        let reader = BackupReader::with_cache(&ctx.store, &manifest, CACHE_BLOCKS)?;
-        let desc = format!("blockvault backup {} of image '{}' ({})", row.id, row.image, manifest.finished);
-        backups.push((spec.clone(), row, BackupExport::new(reader, desc)));
+    for (spec, b) in a.specs.iter().zip(&opened) {
+        let reader = BackupReader::with_cache(&ctx.store, &b.manifest, CACHE_BLOCKS)?;
+        let desc = format!("blockvault backup {} of image '{}' ({})", b.row.id, b.row.image, b.manifest.finished);
+        backups.push((spec.clone(), &b.row, BackupExport::new(reader, desc)));
     }
     let exports = Exports::new(backups.iter().map(|(s, _, e)| (s.clone(), e as &dyn Export)).collect());
 
