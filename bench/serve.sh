@@ -3,7 +3,7 @@
 # serve` with nbdcopy, next to `blockvault restore --to FILE` of the same
 # backup. One image of SIZE_MIB (default 1024): half random data, a quarter
 # base64 text (compressible, so zstd decodes it), a quarter holes; one backup
-# (64 KiB blocks would favour neither; the default 4 MiB blocks are used).
+# with the default 4 MiB blocks.
 # Then, alternating, ROUNDS (default 3) of each, after dropping the page
 # cache when run as root:
 #   restore:  blockvault restore img --to OUT
@@ -11,7 +11,7 @@
 # Both outputs are compared with the image. Prints wall/user/sys seconds
 # and peak RSS (KiB) per run; the server's CPU is not in nbdcopy's figures,
 # so its user+sys over all nbdcopy runs is printed at the end.
-# Needs qemu-utils? no: libnbd-bin (nbdcopy) and /usr/bin/time.
+# Needs libnbd-bin (nbdcopy) and /usr/bin/time; root to drop the page cache.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 BIN=${1:-$HERE/../target/release/blockvault}
