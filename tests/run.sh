@@ -19,6 +19,7 @@ log() { echo "[tests/run.sh $(date +%T)] $*" >&2; }
 need=()
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
+command -v nbdcopy >/dev/null || need+=(libnbd-bin)   # nbdinfo, nbdcopy: tests/integration/serve.rs
 command -v chattr >/dev/null || need+=(e2fsprogs)
 if [ ${#need[@]} -gt 0 ]; then
   log "installing ${need[*]}"

@@ -16,6 +16,7 @@ mod forget;
 mod export_diff;
 mod import_diff;
 mod key;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -100,6 +101,8 @@ pub enum Command {
     /// Key slots of an encrypted store: list, add, remove, passwd, export (--paper).
     #[command(subcommand)]
     Key(key::KeyCommand),
+    /// Serve backups read-only over NBD (IMAGE or IMAGE@ID, each an export).
+    Serve(serve::ServeArgs),
 }
 
 pub fn load_config(g: &GlobalArgs) -> Result<Config> {
@@ -126,6 +129,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::ExportDiff(a) => export_diff::run(g, a),
         Command::ImportDiff(a) => import_diff::run(g, a),
         Command::Key(c) => key::run(g, c),
+        Command::Serve(a) => serve::run(g, a),
     }
 }
 

@@ -36,5 +36,6 @@ pub mod rebuild;
 pub mod restore;
 pub mod retention;
 pub mod schedule;
+pub mod serve;
 pub mod source;
 pub mod verify;

@@ -17,4 +17,5 @@ mod rbd;
 mod restore_image;
 mod roundtrip;
 mod run;
+mod serve;
 mod store_truth;
