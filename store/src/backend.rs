@@ -34,7 +34,9 @@
 
 pub mod dir;
 pub mod fault;
+pub mod lease;
 pub mod memory;
+pub mod s3;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

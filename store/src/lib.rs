@@ -76,6 +76,22 @@
 //!   before it waits), so a waiting GC gets the lock once the running jobs
 //!   end.
 //!
+//! ## Stores shared across hosts (S3)
+//! [`backend::s3`] keeps the same keys as objects in a bucket (under an
+//! optional prefix). An S3 PUT is atomic, so every object, chunk or
+//! manifest, is visible whole or not at all and there are no temp objects;
+//! chunks are written with `If-None-Match: *` and never replaced. Locks are
+//! leases ([`backend::lease`]): `locks/<name>/x.<generation>` objects won
+//! by conditional create (exclusive) and `locks/<name>/s.<token>` objects
+//! (shared), each naming holder, host and pid, renewed by a thread the
+//! [`StoreLock`] owns and taken over only after they expire. The rules
+//! above hold across hosts with "flock" read as "lease": a backup on any
+//! host holds the `store` lease shared from before it relies on a chunk
+//! until its manifest is written, and GC's sweep holds it exclusive, so
+//! the GC safety argument of [`gc`] carries over unchanged; it adds one
+//! assumption, that a holder's lease does not run out while it works
+//! (renewals every third of the lease; clocks within a fraction of it).
+//!
 //! ## Garbage collection
 //! A chunk is live when the block map of a backup whose manifest is in
 //! `backups/` references it; the catalog plays no part, so a backup that
