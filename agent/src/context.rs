@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use blockvault_catalog::Catalog;
-use blockvault_store::Store;
+use blockvault_store::{Backend, InitOptions, Store, StoreUrl};
 use tracing::warn;
 
 use crate::config::Config;
@@ -75,18 +75,74 @@ fn on_read_only_fs(path: &std::path::Path) -> bool {
     }
 }
 
+/// The backend of a store that is not a directory (`[store] url`).
+///
+/// # Errors
+/// When the store's cluster or service cannot be reached, or the kind is
+/// not built into this binary.
+pub fn remote_backend(cfg: &Config, url: &StoreUrl) -> Result<Box<dyn Backend>> {
+    match url {
+        StoreUrl::Dir(p) => Ok(Box::new(blockvault_store::backend::dir::DirBackend::new(p))),
+        StoreUrl::Rados { pool, namespace } => {
+            let c = cfg.store_ceph();
+            let opts = crate::rbd::CephOptions {
+                conf: c.conf.clone(),
+                client_id: c.client_id.clone().unwrap_or_else(|| "admin".into()),
+                keyring: c.keyring.clone(),
+                timeout_secs: c.timeout.unwrap_or(crate::rbd::DEFAULT_TIMEOUT_SECS),
+            };
+            let ropts = blockvault_store::backend::rados::RadosOptions { lease: cfg.store.lock_lease.0 };
+            let b = blockvault_store::backend::rados::RadosBackend::connect(&opts, pool, namespace.as_deref(), &ropts)
+                .with_context(|| format!("opening store {url}"))?;
+            Ok(Box::new(b))
+        }
+        StoreUrl::S3 { .. } => bail!("store {url}: S3 stores are not built into this version of blockvault"),
+    }
+}
+
 /// Opens the configured store with an error that says what to do.
 ///
 /// # Errors
 /// When the store is missing or unreadable.
 pub fn open_store(cfg: &Config) -> Result<Store> {
-    match Store::open(&cfg.store.path) {
+    let url = cfg.store_url();
+    let opened = match &url {
+        StoreUrl::Dir(p) => Store::open(p),
+        _ => Store::with_backend(remote_backend(cfg, &url)?),
+    };
+    match opened {
         Ok(s) => Ok(s),
-        Err(blockvault_store::Error::NotAStore { path, .. }) => bail!(
-            "no blockvault store at {} (run `blockvault --config {} init` first)",
-            path.display(),
+        Err(blockvault_store::Error::NotAStore { .. }) => bail!(
+            "no blockvault store at {url} (run `blockvault --config {} init` first)",
             cfg.path.display()
         ),
-        Err(e) => Err(e).with_context(|| format!("opening store {}", cfg.store.path.display())),
+        Err(e) => Err(e).with_context(|| format!("opening store {url}")),
+    }
+}
+
+/// Opens the configured store, creating it first when it does not exist
+/// (`blockvault init`): a directory, the objects of a RADOS pool or
+/// namespace, or an S3 bucket's. Returns the store and whether it was
+/// created now.
+///
+/// # Errors
+/// When the store cannot be reached, read or created.
+pub fn init_store(cfg: &Config, opts: &InitOptions) -> Result<(Store, bool)> {
+    let url = cfg.store_url();
+    let opened = match &url {
+        StoreUrl::Dir(p) => Store::open(p),
+        _ => Store::with_backend(remote_backend(cfg, &url)?),
+    };
+    match opened {
+        Ok(s) => Ok((s, false)),
+        Err(blockvault_store::Error::NotAStore { .. }) => {
+            let s = match &url {
+                StoreUrl::Dir(p) => Store::init(p, opts),
+                _ => Store::init_with_backend(remote_backend(cfg, &url)?, opts),
+            }
+            .with_context(|| format!("initialising store {url}"))?;
+            Ok((s, true))
+        }
+        Err(e) => Err(e).with_context(|| format!("opening store {url}")),
     }
 }

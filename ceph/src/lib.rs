@@ -23,7 +23,10 @@ mod ffi;
 mod keyring;
 mod object;
 
-pub use object::ObjectStat;
+pub use object::{Locker, ObjectStat};
+
+/// Largest payload of one object read or write.
+pub const MAX_OBJECT_IO: usize = ffi::MAX_OBJECT_IO;
 
 use std::ffi::CString;
 use std::fmt;
@@ -120,6 +123,10 @@ pub enum Op {
     StatObject,
     RemoveObject,
     ListObjects,
+    TouchObject,
+    Lock,
+    Unlock,
+    ListLockers,
 }
 
 impl fmt::Display for Op {
@@ -153,6 +160,10 @@ impl fmt::Display for Op {
             Op::StatObject => "rados stat",
             Op::RemoveObject => "rados rm",
             Op::ListObjects => "rados ls",
+            Op::TouchObject => "rados setxattr",
+            Op::Lock => "rados lock get",
+            Op::Unlock => "rados lock release",
+            Op::ListLockers => "rados lock info",
         })
     }
 }

@@ -115,6 +115,7 @@ pub mod gc;
 pub mod id;
 pub mod manifest;
 pub mod store;
+pub mod url;
 pub mod verify_mark;
 
 pub use backend::{Backend, LockMode};
@@ -124,4 +125,5 @@ pub use error::{Error, Result};
 pub use id::{BackupId, ChunkId};
 pub use manifest::{BackupStats, Manifest, RbdInfo};
 pub use store::{InitOptions, Store, StoreLock, StoreMeta};
+pub use url::StoreUrl;
 pub use verify_mark::{VerifyMark, VerifyResult};
