@@ -13,6 +13,7 @@ mod snapshots;
 mod gc;
 mod verify;
 mod forget;
+mod store;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -90,6 +91,9 @@ pub enum Command {
     Unprotect(protect::ProtectArgs),
     /// Remove one backup (IMAGE@ID) or every backup of an image (IMAGE --all).
     Forget(forget::ForgetArgs),
+    /// Operations on the store as a whole (`store copy`).
+    #[command(subcommand)]
+    Store(store::StoreCommand),
 }
 
 pub fn load_config(g: &GlobalArgs) -> Result<Config> {
@@ -113,6 +117,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Gc(a) => gc::run(g, a),
         Command::Verify(a) => verify::run(g, a),
         Command::Forget(a) => forget::run(g, a),
+        Command::Store(c) => store::run(g, c),
     }
 }
 

@@ -96,8 +96,33 @@ pub fn remote_backend(cfg: &Config, url: &StoreUrl) -> Result<Box<dyn Backend>> 
                 .with_context(|| format!("opening store {url}"))?;
             Ok(Box::new(b))
         }
-        StoreUrl::S3 { .. } => bail!("store {url}: S3 stores are not built into this version of blockvault"),
+        StoreUrl::S3 { .. } => Ok(Box::new(s3_backend(cfg, url)?)),
     }
+}
+
+/// The backend of an `s3:` store; keys from the environment or the AWS
+/// credentials file (see `blockvault_store::backend::s3`).
+///
+/// # Errors
+/// When the URL is not an S3 one or no credentials are found.
+pub fn s3_backend(cfg: &Config, url: &StoreUrl) -> Result<blockvault_store::backend::s3::S3Backend> {
+    use blockvault_store::backend::s3::{S3Backend, S3Location, S3Options};
+    let StoreUrl::S3 { endpoint, bucket, prefix } = url else { bail!("store {url} is not an S3 store") };
+    let loc = S3Location { endpoint: endpoint.clone(), bucket: bucket.clone(), prefix: prefix.clone().unwrap_or_default() };
+    let opts = S3Options { lease: cfg.store.lock_lease.0 };
+    S3Backend::from_env(loc, &opts).with_context(|| format!("opening store {url}"))
+}
+
+/// Creates what a store at `url` needs before its first object can be
+/// written: an S3 bucket (when missing). Nothing for other kinds.
+///
+/// # Errors
+/// When the bucket cannot be created.
+pub fn prepare_store(cfg: &Config, url: &StoreUrl) -> Result<()> {
+    if let StoreUrl::S3 { .. } = url {
+        s3_backend(cfg, url)?.create_bucket().with_context(|| format!("creating the bucket of store {url}"))?;
+    }
+    Ok(())
 }
 
 /// Opens the configured store with an error that says what to do.
@@ -129,6 +154,7 @@ pub fn open_store(cfg: &Config) -> Result<Store> {
 /// When the store cannot be reached, read or created.
 pub fn init_store(cfg: &Config, opts: &InitOptions) -> Result<(Store, bool)> {
     let url = cfg.store_url();
+    prepare_store(cfg, &url)?;
     let opened = match &url {
         StoreUrl::Dir(p) => Store::open(p),
         _ => Store::with_backend(remote_backend(cfg, &url)?),

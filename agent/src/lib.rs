@@ -16,6 +16,7 @@ pub mod backup;
 pub mod cli;
 pub mod config;
 pub mod context;
+pub mod copy;
 pub mod daemon;
 pub mod error;
 pub mod job;

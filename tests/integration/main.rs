@@ -14,4 +14,6 @@ mod rbd;
 mod restore_image;
 mod roundtrip;
 mod run;
+mod s3;
+mod s3_agent;
 mod store_truth;

@@ -245,7 +245,8 @@ impl<B: Backend + ?Sized + 'static> Leases<B> {
         // the gate is ours; the store lock's shared holders must be gone too
         loop {
             if self.shared_holders(name)?.is_empty() {
-                return Ok(Some(StoreLock::new(guard)));
+                let lost = guard.lost.clone();
+                return Ok(Some(StoreLock::with_lease(guard, lost)));
             }
             if !wait {
                 return Ok(None); // dropping the guard releases the gate
@@ -269,7 +270,9 @@ impl<B: Backend + ?Sized + 'static> Leases<B> {
                 continue; // a token collision: draw another
             }
             if self.exclusive_holder(name)?.1.is_none() {
-                return Ok(Some(StoreLock::new(self.hold(key, rec, None))));
+                let guard = self.hold(key, rec, None);
+                let lost = guard.lost.clone();
+                return Ok(Some(StoreLock::with_lease(guard, lost)));
             }
             // an exclusive taker got in between: let it go first
             self.backend.delete_object(&key)?;

@@ -501,7 +501,7 @@ impl S3Backend {
     ///
     /// # Errors
     /// `Io`.
-    pub fn lock_holder(&self, name: &str) -> Result<Option<LeaseRecord>> {
+    pub fn lease_holder(&self, name: &str) -> Result<Option<LeaseRecord>> {
         self.leases().holder(name)
     }
 }
@@ -673,6 +673,10 @@ impl Backend for S3Backend {
 
     fn lock(&self, name: &str, mode: LockMode, wait: bool) -> Result<Option<StoreLock>> {
         self.leases().lock(name, mode, wait)
+    }
+
+    fn lock_holder(&self, name: &str) -> Result<Option<String>> {
+        Ok(self.lease_holder(name)?.map(|r| r.describe()))
     }
 }
 
