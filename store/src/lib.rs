@@ -34,6 +34,8 @@
 //! backups/<id:012>.protected   empty marker: backup <id> is protected from pruning
 //! backups/<id:012>.verify      JSON {"state":"ok"|"invalid","at":...,"reason":...}: the
 //!                              last verify of backup <id> (none: unverified); see [`verify_mark`]
+//! backups/<id:012>.claim       JSON {host, pid, at}: id <id> was handed out (put-if-absent,
+//!                              never removed), see [`Store::claim_backup_id`]
 //! tmp/                         temp files of chunk writes in progress
 //! locks/                       flock(2) files
 //! ```

@@ -26,7 +26,10 @@ pub fn run(g: &GlobalArgs, a: GcArgs) -> Result<ExitCode> {
     let cfg = load_config(g)?;
     let store = open_store(&cfg)?;
     let Some(_gc_lock) = store.try_lock_named("gc")? else {
-        bail!("another gc is running on store {}", store.root().display());
+        match store.backend().lock_holder("gc") {
+            Ok(Some(who)) => bail!("another gc is running on store {} ({who})", store.root().display()),
+            _ => bail!("another gc is running on store {}", store.root().display()),
+        }
     };
     let opts = GcOptions { grace: cfg.store.gc_grace.0 };
     // The live set comes from the store's manifests, not from the catalog: a
