@@ -255,32 +255,19 @@ fn rados_lock_of_a_killed_holder_is_free_only_after_its_lease() {
     let mut holder = e1.cmd(&["backup", "big"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     // freeze the holder as soon as it holds the image lock: its lease is
     // then no longer renewed, as for a host that died
-    let poll = Command::new("/usr/bin/python3")
-        .arg("-c")
-        .arg(
-            r#"
-import os, signal, sys, time, rados
-c = rados.Rados(conffile=sys.argv[1]); c.connect()
-io = c.open_ioctx("rbd"); io.set_namespace(sys.argv[2])
-for _ in range(200000):
-    try:
-        l = io.list_lockers("locks/image-big", "blockvault")
-        if l["lockers"]:
-            os.kill(int(sys.argv[3]), signal.SIGSTOP); print(l["lockers"][0][1]); sys.exit(0)
-    except rados.ObjectNotFound:
-        pass
-    time.sleep(0.005)
-sys.exit(1)
-"#,
-        )
-        .arg(bluestore_conf())
-        .arg(&ns)
-        .arg(holder.id().to_string())
-        .output()
-        .unwrap();
-    assert!(poll.status.success(), "the holder never held the lock: {}", String::from_utf8_lossy(&poll.stderr));
-    let cookie = String::from_utf8_lossy(&poll.stdout).trim().to_string();
-    assert!(cookie.contains(&format!("pid={}", holder.id())), "{cookie}");
+    let mut cookie = String::new();
+    for _ in 0..2000 {
+        let o = rados(&["-p", "rbd", "-N", &ns, "lock", "info", "locks/image-big", "blockvault"]);
+        let text = String::from_utf8_lossy(&o.stdout);
+        if o.status.success() && text.contains("\"cookie\"") {
+            assert!(Command::new("kill").args(["-STOP", &holder.id().to_string()]).status().unwrap().success());
+            cookie = text.to_string();
+            break;
+        }
+        assert!(holder.try_wait().unwrap().is_none(), "the holder finished before it could be stopped");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(cookie.contains(&format!("pid={}", holder.id())), "the holder never held the lock, or its cookie does not name it: {cookie}");
     holder.kill().unwrap();
     holder.wait().unwrap();
 
