@@ -82,14 +82,24 @@ pub fn recover_stale(ctx: &mut Ctx, image_id: i64) -> Result<Vec<BackupId>> {
 ///
 /// # Errors
 /// Catalog errors, or a store error other than "not found" while checking.
-pub fn load_parent(ctx: &Ctx, image_id: i64) -> Result<Option<Parent>> {
+pub fn load_parent(ctx: &Ctx, image_id: i64, held: Option<&[String]>) -> Result<Option<Parent>> {
     // Each round either returns or marks one more backup invalid, which
     // `latest_valid_backup` then skips: the loop ends.
     loop {
-        let Some(row) = ctx.catalog.latest_valid_backup(image_id)? else {
+        let Some(mut row) = ctx.catalog.latest_valid_backup(image_id)? else {
             debug!(image_id, "no valid committed backup: no parent, every block is read");
             return Ok(None);
         };
+        if let Some(held) = held {
+            if !row.snapshot.as_ref().is_some_and(|s| held.contains(s)) {
+                if let Some(older) = newest_valid_with_held_snapshot(ctx, image_id, held)? {
+                    info!(image = %row.image, newest = row.id.0, base = older.id.0,
+                        snapshot = %older.snapshot.as_deref().unwrap_or_default(),
+                        "the newest backup's snapshot is gone: an older backup whose snapshot is still held is the base");
+                    row = older;
+                }
+            }
+        }
         let loaded = ctx.store.read_manifest(row.id).and_then(|m| ctx.store.read_blockmap(&m).map(|map| (m, map)));
         let (manifest, map) = match loaded {
             Ok(l) => l,
@@ -116,6 +126,18 @@ pub fn load_parent(ctx: &Ctx, image_id: i64) -> Result<Option<Parent>> {
         let reason = format!("references {} chunks missing from the store, e.g. {}", missing.len(), missing[0]);
         crate::verify::mark(ctx, row.id, blockvault_catalog::VerifyState::Invalid, Some(reason))?;
     }
+}
+
+/// The newest committed backup not marked invalid whose snapshot is in
+/// `held` (`keep-snapshots` above 1 keeps older bases on the cluster).
+fn newest_valid_with_held_snapshot(ctx: &Ctx, image_id: i64, held: &[String]) -> Result<Option<blockvault_catalog::BackupRow>> {
+    Ok(ctx
+        .catalog
+        .backups_in_state(image_id, BackupState::Committed)?
+        .into_iter()
+        .filter(|b| b.verify_state != blockvault_catalog::VerifyState::Invalid)
+        .filter(|b| b.snapshot.as_ref().is_some_and(|s| held.contains(s)))
+        .max_by_key(|b| b.id.0))
 }
 
 /// Distinct chunk ids of `map` that the store does not hold, checked by
@@ -166,7 +188,12 @@ pub fn backup_image(ctx: &mut Ctx, img: &ImageConfig, progress: &dyn Progress, c
     ctx.store.clean_tmp()?;
     let _store_lock = ctx.store.lock_shared()?;
     let Some(_image_lock) = ctx.store.try_lock_named(&image_lock_name(&img.name))? else {
-        return Err(BackupError::Locked { image: img.name.clone() }.into());
+        let err = anyhow::Error::from(BackupError::Locked { image: img.name.clone() });
+        // a shared store names the holder (host, pid): it may be another host
+        return Err(match ctx.store.backend().lock_holder(&image_lock_name(&img.name)) {
+            Ok(Some(who)) => err.context(format!("the image lock is held by {who}")),
+            _ => err,
+        });
     };
 
     // open the source: what can fail on its side fails before the catalog is touched
@@ -182,15 +209,21 @@ pub fn backup_image(ctx: &mut Ctx, img: &ImageConfig, progress: &dyn Progress, c
     recover_stale(ctx, job.image_id)?;
     source.recover(&ctx.store, &ctx.catalog, &job)?;
 
-    let parent = load_parent(ctx, job.image_id)?;
+    // an RBD source diffs from a snapshot it still holds: with
+    // keep-snapshots > 1, an older one when the newest was deleted by hand
+    let held = source.held_snapshots();
+    let parent = load_parent(ctx, job.image_id, held.as_deref())?;
 
     // allocate the backup
     let started = Instant::now();
     let created = now_rfc3339();
-    let min_id = ctx.store.list_backups()?.last().map(|b| b.0 + 1).unwrap_or(1);
-    let id = ctx.catalog.begin_backup(job.image_id, parent.as_ref().map(|p| p.manifest.id), job.block_size, &created, min_id)?;
+    // the id comes from the store (unique across every agent sharing it);
+    // above this catalog's own ids too, so an older catalog's rows never clash
+    let id = ctx.store.claim_backup_id(ctx.catalog.max_backup_id()? + 1)?;
+    ctx.catalog.begin_backup_as(id, job.image_id, parent.as_ref().map(|p| p.manifest.id), job.block_size, &created)?;
 
-    let result = freeze_to_commit(ctx, img, &job, &mut *source, id, parent.as_ref(), &created, started, progress, cancel);
+    let held = [&_store_lock, &_image_lock];
+    let result = freeze_to_commit(ctx, img, &job, &mut *source, id, parent.as_ref(), &created, started, progress, cancel, &held);
 
     // the source finishes either way
     match result {
@@ -216,7 +249,12 @@ pub fn backup_image(ctx: &mut Ctx, img: &ImageConfig, progress: &dyn Progress, c
         }
         Err(e) => {
             ctx.store.discard_pending();
-            if let Err(e2) = ctx.catalog.fail_backup(id, &format!("{e:#}")) {
+            let marked = if BackupError::is_cancelled(&e) {
+                ctx.catalog.cancel_backup(id)
+            } else {
+                ctx.catalog.fail_backup(id, &format!("{e:#}"))
+            };
+            if let Err(e2) = marked {
                 warn!(backup = id.0, error = %crate::logging::Chain(&e2), "could not mark backup failed in the catalog");
             }
             if let Err(e2) = source.finish(&ctx.catalog, &job, Outcome::Failed) {
@@ -240,9 +278,10 @@ fn freeze_to_commit(
     started: Instant,
     progress: &dyn Progress,
     cancel: &AtomicBool,
+    held: &[&blockvault_store::StoreLock],
 ) -> Result<Manifest> {
     let size = source.freeze(&ctx.catalog, job, id)?;
-    info!(backup = id.0, parent = ?parent.map(|p| p.manifest.id.0), source = %source.describe(), size, "backup started");
+    info!(backup = id.0, parent = parent.map(|p| p.manifest.id.0), source = %source.describe(), size, "backup started");
 
     // what changed, and the plan
     let changes = source.changes(parent)?;
@@ -267,7 +306,7 @@ fn freeze_to_commit(
             plan = plan_of(&Changes::Full { extents, reason })?;
         }
     }
-    info!(image = %job.image, snapshot = ?source.snapshot(), full_read = plan.full_read, blocks = plan.actions.len(),
+    info!(image = %job.image, snapshot = source.snapshot().as_deref(), full_read = plan.full_read, blocks = plan.actions.len(),
         read_blocks = plan.count(BlockAction::Read), "plan ready");
 
     // pipeline; every id of a parent from `load_parent` was found in the store
@@ -301,6 +340,12 @@ fn freeze_to_commit(
         stats,
         rbd: source.rbd_info(),
     };
+    // A lease-based lock (shared store) that ran out means a GC may have
+    // swept meanwhile: what this backup knows about existing chunks is
+    // stale, so it must not commit.
+    for l in held {
+        l.ensure_held(&format!("of backup {id} of image '{}'", img.name))?;
+    }
     ctx.store
         .write_backup(&mut manifest, &map)
         .with_context(|| format!("writing backup {id} to store {}", ctx.store.root().display()))?;

@@ -186,6 +186,23 @@ pub fn started_ceph_conf() -> Option<PathBuf> {
     SHARED.get().map(|c| c.conf.clone())
 }
 
+/// The bluestore cluster started for this process by [`bluestore_conf`].
+static BLUESTORE: OnceLock<TestCluster> = OnceLock::new();
+
+/// The ceph.conf of a cluster with a **bluestore** OSD, for tests that use
+/// a RADOS pool as a blockvault *store* (a memstore OSD would keep every
+/// byte ever written in RAM): `$BV_STORE_CEPH_CONF` when set, else one
+/// cluster started for this test process (pool `rbd`, no mgr), stopped
+/// when the process ends. Tests isolate themselves by RADOS namespace.
+pub fn bluestore_conf() -> PathBuf {
+    if let Some(c) = std::env::var_os("BV_STORE_CEPH_CONF").filter(|c| !c.is_empty()) {
+        return PathBuf::from(c);
+    }
+    BLUESTORE
+        .get_or_init(|| TestCluster::start("store", &[("BV_CEPH_MGR", "0"), ("BV_CEPH_BACKEND", "bluestore")]))
+        .conf
+        .clone()
+
 /// An S3 endpoint for a test: radosgw on a bluestore test cluster
 /// (tests/ceph/start-rgw.sh), with its keys and a bucket name no other
 /// test uses. The bucket is not created: `blockvault init` (or
