@@ -291,7 +291,8 @@ mod tests {
         assert_eq!((r.chunks_copied, r.chunks_present), (1, 2));
         // another store is refused
         let other = Store::init_with_backend(Box::new(MemoryBackend::new()), &InitOptions::default()).unwrap();
-        let e = open_target(&other, Box::new(target.reopen())).unwrap_err().to_string();
+        let Err(e) = open_target(&other, Box::new(target.reopen())) else { panic!("another store was accepted") };
+        let e = e.to_string();
         assert!(e.contains("another store"), "{e}");
         assert!(copy(&src, &dst, &CopyOptions { images: vec!["zz".into()] }).is_err());
     }

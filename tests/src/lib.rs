@@ -202,6 +202,7 @@ pub fn bluestore_conf() -> PathBuf {
         .get_or_init(|| TestCluster::start("store", &[("BV_CEPH_MGR", "0"), ("BV_CEPH_BACKEND", "bluestore")]))
         .conf
         .clone()
+}
 
 /// An S3 endpoint for a test: radosgw on a bluestore test cluster
 /// (tests/ceph/start-rgw.sh), with its keys and a bucket name no other
