@@ -257,11 +257,18 @@ impl RbdError {
             (Op::Connect, 2) => {
                 "no keyring or key for this client (set keyring in ceph.conf or pass one)"
             }
-            (Op::Connect, 1 | 13) => "authentication refused (wrong client id or key?)",
+            (Op::Connect, 1 | 13) => {
+                "authentication refused (wrong client id or key, or no mon caps? a backup user needs \
+                 mon 'profile rbd' osd 'profile rbd pool=POOL')"
+            }
             (Op::Connect, ETIMEDOUT) => {
                 "no monitor answered in time (is the cluster up? is mon_host in ceph.conf right?)"
             }
             (_, ETIMEDOUT) => "the cluster did not answer in time",
+            (_, 1 | 13) => {
+                "the cephx user lacks the caps for this; a backup user needs \
+                 mon 'profile rbd' osd 'profile rbd pool=POOL' (ceph auth caps client.ID ...)"
+            }
             (Op::CreateImage, 17) => "an image of that name exists",
             (Op::CreateObject, 17) => "the object exists",
             (Op::ReadObject | Op::StatObject | Op::RemoveObject, 2) => "the object does not exist",
