@@ -214,7 +214,12 @@ fn run_backup(
     ctx.store.clean_tmp()?;
     let _store_lock = ctx.store.lock_shared()?;
     let Some(_image_lock) = ctx.store.try_lock_named(&image_lock_name(&img.name))? else {
-        return Err(BackupError::Locked { image: img.name.clone() }.into());
+        let err = anyhow::Error::from(BackupError::Locked { image: img.name.clone() });
+        // a shared store names the holder (host, pid): it may be another host
+        return Err(match ctx.store.backend().lock_holder(&image_lock_name(&img.name)) {
+            Ok(Some(who)) => err.context(format!("the image lock is held by {who}")),
+            _ => err,
+        });
     };
 
     // open the source: what can fail on its side fails before the catalog is touched
@@ -241,10 +246,13 @@ fn run_backup(
     // allocate the backup
     let started = Instant::now();
     let created = now_rfc3339();
-    let min_id = ctx.store.list_backups()?.last().map(|b| b.0 + 1).unwrap_or(1);
-    let id = ctx.catalog.begin_backup(job.image_id, parent.as_ref().map(|p| p.manifest.id), job.block_size, &created, min_id)?;
+    // the id comes from the store (unique across every agent sharing it);
+    // above this catalog's own ids too, so an older catalog's rows never clash
+    let id = ctx.store.claim_backup_id(ctx.catalog.max_backup_id()? + 1)?;
+    ctx.catalog.begin_backup_as(id, job.image_id, parent.as_ref().map(|p| p.manifest.id), job.block_size, &created)?;
 
-    let result = freeze_to_commit(ctx, img, &job, &mut *source, id, parent.as_ref(), &created, started, progress, cancel);
+    let held = [&_store_lock, &_image_lock];
+    let result = freeze_to_commit(ctx, img, &job, &mut *source, id, parent.as_ref(), &created, started, progress, cancel, &held);
 
     // the source finishes either way
     match result {
@@ -299,6 +307,7 @@ fn freeze_to_commit(
     started: Instant,
     progress: &dyn Progress,
     cancel: &AtomicBool,
+    held: &[&blockvault_store::StoreLock],
 ) -> Result<Manifest> {
     let size = source.freeze(&ctx.catalog, job, id)?;
     info!(backup = id.0, parent = parent.map(|p| p.manifest.id.0), source = %source.describe(), size, "backup started");
@@ -360,6 +369,12 @@ fn freeze_to_commit(
         stats,
         rbd: source.rbd_info(),
     };
+    // A lease-based lock (shared store) that ran out means a GC may have
+    // swept meanwhile: what this backup knows about existing chunks is
+    // stale, so it must not commit.
+    for l in held {
+        l.ensure_held(&format!("of backup {id} of image '{}'", img.name))?;
+    }
     ctx.store
         .write_backup(&mut manifest, &map)
         .with_context(|| format!("writing backup {id} to store {}", ctx.store.root().display()))?;

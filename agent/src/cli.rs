@@ -17,6 +17,7 @@ mod export_diff;
 mod import_diff;
 mod key;
 mod serve;
+mod store;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -103,6 +104,9 @@ pub enum Command {
     Key(key::KeyCommand),
     /// Serve backups read-only over NBD (IMAGE or IMAGE@ID, each an export).
     Serve(serve::ServeArgs),
+    /// Operations on the store as a whole (`store copy`).
+    #[command(subcommand)]
+    Store(store::StoreCommand),
 }
 
 pub fn load_config(g: &GlobalArgs) -> Result<Config> {
@@ -130,6 +134,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::ImportDiff(a) => import_diff::run(g, a),
         Command::Key(c) => key::run(g, c),
         Command::Serve(a) => serve::run(g, a),
+        Command::Store(c) => store::run(g, c),
     }
 }
 

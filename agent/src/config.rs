@@ -15,6 +15,9 @@ use crate::retention::RetentionPolicy;
 /// Default path of the config file.
 pub const DEFAULT_CONFIG: &str = "/etc/blockvault/config.toml";
 
+/// Where the catalog of a store that is not a directory goes by default.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/blockvault";
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Config {
@@ -38,8 +41,21 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct StoreConfig {
-    /// Directory of the chunk store.
-    pub path: PathBuf,
+    /// Directory of the chunk store. Exactly one of `path` and `url`.
+    pub path: Option<PathBuf>,
+    /// Where the store is when it is not a local directory:
+    /// `rados:POOL[/NAMESPACE]` or `s3:http(s)://HOST[:PORT]/BUCKET[/PREFIX]`
+    /// (see `blockvault_store::url`).
+    pub url: Option<blockvault_store::StoreUrl>,
+    /// The cluster of a `rados:` store; when the table is absent, `[ceph]`
+    /// (the backup cluster is often not the source cluster, so the table
+    /// replaces `[ceph]` as a whole, it does not merge with it).
+    pub ceph: Option<CephConfig>,
+    /// Lease of a lock held in a shared store (RADOS): a holder renews it
+    /// every third of this; one killed loses the lock this long after its
+    /// last renewal, and only then may others take it. Default 30s.
+    #[serde(default = "default_lock_lease")]
+    pub lock_lease: Duration,
     /// zstd level for new chunks (0 stores them uncompressed).
     #[serde(default = "default_level")]
     pub compression_level: i32,
@@ -58,6 +74,10 @@ pub struct StoreConfig {
     /// command needs it). Absolute.
     #[serde(default)]
     pub key_file: Option<PathBuf>,
+}
+
+fn default_lock_lease() -> Duration {
+    Duration(std::time::Duration::from_secs(30))
 }
 
 fn default_gc_grace() -> Duration {
@@ -304,8 +324,18 @@ impl Config {
     }
 
     fn validate(&self) -> Result<()> {
-        if !self.store.path.is_absolute() {
-            bail!("store.path: '{}' must be an absolute path", self.store.path.display());
+        match (&self.store.path, &self.store.url) {
+            (Some(p), None) if !p.is_absolute() => bail!("store.path: '{}' must be an absolute path", p.display()),
+            (Some(_), None) => {}
+            (None, Some(_)) => {}
+            (Some(_), Some(_)) => bail!("store: set either path (a directory) or url (rados:, s3:), not both"),
+            (None, None) => bail!("store: missing path (a directory) or url (rados:POOL, s3:http://HOST/BUCKET)"),
+        }
+        if self.store.ceph.is_some() && !matches!(self.store.url, Some(blockvault_store::StoreUrl::Rados { .. })) {
+            bail!("store.ceph: only a rados: store url uses it");
+        }
+        if self.store.lock_lease.0 < std::time::Duration::from_secs(2) {
+            bail!("store.lock-lease: must be at least 2s");
         }
         if let Some(p) = &self.store.key_file {
             if !p.is_absolute() || p.file_name().is_none() {
@@ -351,8 +381,35 @@ impl Config {
         Ok(())
     }
 
+    /// Where the store is: `[store] url`, or `[store] path` as a directory.
+    pub fn store_url(&self) -> blockvault_store::StoreUrl {
+        match (&self.store.url, &self.store.path) {
+            (Some(u), _) => u.clone(),
+            (None, Some(p)) => blockvault_store::StoreUrl::Dir(p.clone()),
+            (None, None) => unreachable!("validated at load: store has a path or a url"),
+        }
+    }
+
+    /// The Ceph cluster of a `rados:` store: `[store.ceph]`, else `[ceph]`.
+    pub fn store_ceph(&self) -> &CephConfig {
+        self.store.ceph.as_ref().unwrap_or(&self.ceph)
+    }
+
+    /// `[catalog] path`; by default `catalog.sqlite` in the store directory,
+    /// and for a store that is not a directory
+    /// `/var/lib/blockvault/catalog-<16 hex of blake3(url)>.sqlite` (one
+    /// catalog per store a host uses).
     pub fn catalog_path(&self) -> PathBuf {
-        self.catalog.path.clone().unwrap_or_else(|| self.store.path.join("catalog.sqlite"))
+        if let Some(p) = &self.catalog.path {
+            return p.clone();
+        }
+        match self.store_url() {
+            blockvault_store::StoreUrl::Dir(d) => d.join("catalog.sqlite"),
+            url => {
+                let h = blake3::hash(url.to_string().as_bytes()).to_hex();
+                PathBuf::from(format!("{DEFAULT_STATE_DIR}/catalog-{}.sqlite", &h[..16]))
+            }
+        }
     }
 
     pub fn workers(&self) -> usize {
@@ -516,6 +573,36 @@ mod tests {
         assert_eq!(c.store.gc_grace.0.as_secs(), 24 * 3600);
         let e = parse("[store]\npath = \"/s\"\ngc-grace = \"1 fortnight\"\n").unwrap_err();
         assert!(format!("{e:#}").contains("gc-grace"), "{e:#}");
+    }
+
+    #[test]
+    fn store_path_or_url() {
+        let c = parse("[store]\nurl = \"rados:backup/ns\"\n[catalog]\npath = \"/c.sqlite\"\n").unwrap();
+        assert_eq!(c.store_url().to_string(), "rados:backup/ns");
+        assert_eq!(c.catalog_path(), Path::new("/c.sqlite"));
+        let c = parse("[store]\nurl = \"rados:backup\"\nlock-lease = \"5s\"\n[store.ceph]\nconf = \"/b/ceph.conf\"\n[ceph]\nconf = \"/a/ceph.conf\"\n").unwrap();
+        assert_eq!(c.store_ceph().conf.as_deref(), Some(Path::new("/b/ceph.conf")));
+        assert_eq!(c.store.lock_lease.0.as_secs(), 5);
+        let p = c.catalog_path();
+        assert!(p.starts_with(DEFAULT_STATE_DIR) && p.to_string_lossy().ends_with(".sqlite"), "{}", p.display());
+        assert_ne!(p, parse("[store]\nurl = \"rados:other\"\n").unwrap().catalog_path());
+        let c = parse("[store]\nurl = \"rados:backup\"\n[ceph]\nclient-id = \"bv\"\n").unwrap();
+        assert_eq!(c.store_ceph().client_id.as_deref(), Some("bv"));
+        let c = parse("[store]\npath = \"/s\"\n").unwrap();
+        assert_eq!(c.store_url().to_string(), "/s");
+        assert_eq!(c.catalog_path(), Path::new("/s/catalog.sqlite"));
+        assert_eq!(c.store.lock_lease.0.as_secs(), 30);
+        for (t, why) in [
+            ("[store]\npath = \"/s\"\nurl = \"rados:p\"\n", "not both"),
+            ("[store]\nworkers = 1\n", "missing path"),
+            ("[store]\nurl = \"rados:\"\n", "pool is empty"),
+            ("[store]\nurl = \"ftp://x\"\n", "unknown kind"),
+            ("[store]\npath = \"/s\"\n[store.ceph]\nconf = \"/c\"\n", "store.ceph"),
+            ("[store]\nurl = \"rados:p\"\nlock-lease = 1\n", "lock-lease"),
+        ] {
+            let e = parse(t).unwrap_err();
+            assert!(format!("{e:#}").contains(why), "{t}: {e:#}");
+        }
     }
 
     #[test]

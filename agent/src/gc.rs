@@ -36,7 +36,11 @@ pub fn run(cfg: &Config, store: &Store, dry_run: bool) -> Result<GcOutcome> {
     let Some(_gc_lock) = store.try_lock_named(GC_LOCK)? else {
         return Err(Error::Locked {
             lock: GC_LOCK.into(),
-            message: format!("another gc is running on store {}", store.root().display()),
+            message: match store.backend().lock_holder(GC_LOCK) {
+                // a shared store names the holder: it may be another host
+                Ok(Some(who)) => format!("another gc is running on store {} ({who})", store.root().display()),
+                _ => format!("another gc is running on store {}", store.root().display()),
+            },
         }
         .into());
     };

@@ -17,6 +17,7 @@ pub mod cancel;
 pub mod cli;
 pub mod config;
 pub mod context;
+pub mod copy;
 pub mod daemon;
 pub mod diffstream;
 pub mod error;

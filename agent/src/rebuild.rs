@@ -203,6 +203,15 @@ pub fn reconcile(store: &Store, cat: &Catalog) -> Result<ReconcileReport> {
             .filter(|(id, s)| **s == BackupState::Committed && !in_store.contains(id))
             .map(|(id, _)| *id)
             .collect();
+        if store.dir().is_none() {
+            // A shared store (RADOS, S3): another agent's prune removed these
+            // backups. This host's catalog is an index of the store, so the
+            // rows go too (nothing is lost: the store no longer has them).
+            for id in std::mem::take(&mut r.missing) {
+                c.delete_backup(id)?;
+                info!(backup = id.0, "backup removed from the shared store by another agent (pruned): dropped from this catalog");
+            }
+        }
         Ok(r)
     })?;
     for id in &report.imported {

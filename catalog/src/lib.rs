@@ -548,6 +548,30 @@ impl Catalog {
         Ok(BackupId(self.conn.last_insert_rowid() as u64))
     }
 
+    /// Records a new running backup under `id`, an id the store allocated
+    /// ([`blockvault_store::Store::claim_backup_id`]): unique across every
+    /// agent of a shared store, so the catalog never picks one itself.
+    ///
+    /// # Errors
+    /// `Sqlite`, also when the catalog already has a row `id`.
+    pub fn begin_backup_as(
+        &self,
+        id: BackupId,
+        image_id: i64,
+        parent: Option<BackupId>,
+        block_size: u32,
+        created: &str,
+    ) -> Result<BackupId> {
+        self.conn
+            .execute(
+                "INSERT INTO backups (id, image_id, parent_id, state, created, block_size, pid)
+                 VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6)",
+                params![id.0 as i64, image_id, parent.map(|p| p.0 as i64), created, block_size as i64, std::process::id()],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(id)
+    }
+
     /// Marks a backup committed, with the figures from its manifest. Called
     /// only after the manifest is durable in the store.
     ///

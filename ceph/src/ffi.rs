@@ -105,6 +105,20 @@ struct RbdImageInfo {
     parent_name: [c_char; 96],
 }
 
+/// `struct timeval` on 64-bit Linux.
+#[repr(C)]
+struct TimeVal {
+    tv_sec: i64,
+    tv_usec: i64,
+}
+
+/// `LIBRADOS_LOCK_FLAG_MUST_RENEW`: extend a lock this (client, cookie)
+/// holds; fails with ENOENT when it is no longer held (expired, broken).
+const LIBRADOS_LOCK_FLAG_MUST_RENEW: u8 = 1 << 1;
+
+/// `EBUSY`: a lock is held by someone else.
+pub const EBUSY: i32 = 16;
+
 /// `LIBRADOS_CREATE_EXCLUSIVE` of `rados_write_op_create`.
 const LIBRADOS_CREATE_EXCLUSIVE: c_int = 1;
 
@@ -159,6 +173,42 @@ struct Api {
         *mut *const c_char,
     ) -> c_int,
     rados_nobjects_list_close: unsafe extern "C" fn(ListCtxT),
+    rados_write_op_assert_exists: unsafe extern "C" fn(WriteOpT),
+    rados_write_op_setxattr: unsafe extern "C" fn(WriteOpT, *const c_char, *const c_char, usize),
+    rados_lock_exclusive: unsafe extern "C" fn(
+        IoCtxT,
+        *const c_char,
+        *const c_char,
+        *const c_char,
+        *const c_char,
+        *mut TimeVal,
+        u8,
+    ) -> c_int,
+    rados_lock_shared: unsafe extern "C" fn(
+        IoCtxT,
+        *const c_char,
+        *const c_char,
+        *const c_char,
+        *const c_char,
+        *const c_char,
+        *mut TimeVal,
+        u8,
+    ) -> c_int,
+    rados_unlock: unsafe extern "C" fn(IoCtxT, *const c_char, *const c_char, *const c_char) -> c_int,
+    rados_list_lockers: unsafe extern "C" fn(
+        IoCtxT,
+        *const c_char,
+        *const c_char,
+        *mut c_int,
+        *mut c_char,
+        *mut usize,
+        *mut c_char,
+        *mut usize,
+        *mut c_char,
+        *mut usize,
+        *mut c_char,
+        *mut usize,
+    ) -> isize,
     rbd_version: unsafe extern "C" fn(*mut c_int, *mut c_int, *mut c_int),
     rbd_list2: unsafe extern "C" fn(IoCtxT, *mut RbdImageSpec, *mut usize) -> c_int,
     rbd_image_spec_list_cleanup: unsafe extern "C" fn(*mut RbdImageSpec, usize),
@@ -319,6 +369,12 @@ impl Api {
             rados_nobjects_list_open: rados!(rados_nobjects_list_open),
             rados_nobjects_list_next: rados!(rados_nobjects_list_next),
             rados_nobjects_list_close: rados!(rados_nobjects_list_close),
+            rados_write_op_assert_exists: rados!(rados_write_op_assert_exists),
+            rados_write_op_setxattr: rados!(rados_write_op_setxattr),
+            rados_lock_exclusive: rados!(rados_lock_exclusive),
+            rados_lock_shared: rados!(rados_lock_shared),
+            rados_unlock: rados!(rados_unlock),
+            rados_list_lockers: rados!(rados_list_lockers),
             rbd_version: rbd!(rbd_version),
             rbd_list2: rbd!(rbd_list2),
             rbd_image_spec_list_cleanup: rbd!(rbd_image_spec_list_cleanup),
@@ -885,6 +941,147 @@ impl IoCtx {
             if !f(name) {
                 return Ok(());
             }
+        }
+    }
+}
+
+/// One holder of an advisory lock on an object (`rados_list_lockers`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Locker {
+    /// `client.<global id>`
+    pub client: String,
+    pub cookie: String,
+    /// The client's address.
+    pub addr: String,
+}
+
+/// Advisory locks (cls_lock) and the metadata touch of store objects.
+impl IoCtx {
+    /// Sets xattr `name` of an existing object in one write operation
+    /// (ENOENT when it does not exist): the OSD stamps the object's mtime.
+    pub fn touch_object(&self, oid: &CStr, name: &CStr, value: &[u8]) -> Result<(), Errno> {
+        // SAFETY: no arguments.
+        let h = unsafe { (self.api.rados_create_write_op)() };
+        let op = WriteOp {
+            api: self.api,
+            h: NonNull::new(h).ok_or(Errno(EIO))?,
+        };
+        // SAFETY: live op; name NUL-terminated, value borrowed until operate returns.
+        unsafe {
+            (self.api.rados_write_op_assert_exists)(op.h.as_ptr());
+            (self.api.rados_write_op_setxattr)(op.h.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len());
+        }
+        // SAFETY: live op and ioctx, NUL-terminated oid, null mtime (now).
+        self.check(unsafe {
+            (self.api.rados_write_op_operate)(op.h.as_ptr(), self.h.as_ptr(), oid.as_ptr(), ptr::null_mut(), 0)
+        })
+        .map(drop)
+    }
+
+    /// `rados_lock_exclusive` / `rados_lock_shared` (tag "") of lock `name`
+    /// on `oid` for `duration_ms` (the OSD's clock expires it), or with
+    /// `renew` extends one this (client, cookie) holds (ENOENT when it was
+    /// lost). EBUSY when someone else holds it.
+    pub fn lock(
+        &self,
+        oid: &CStr,
+        name: &CStr,
+        cookie: &CStr,
+        desc: &CStr,
+        exclusive: bool,
+        duration_ms: u64,
+        renew: bool,
+    ) -> Result<(), Errno> {
+        let mut tv = TimeVal {
+            tv_sec: (duration_ms / 1000) as i64,
+            tv_usec: ((duration_ms % 1000) * 1000) as i64,
+        };
+        let flags = if renew { LIBRADOS_LOCK_FLAG_MUST_RENEW } else { 0 };
+        // SAFETY: live ioctx, NUL-terminated strings, tv valid for the call.
+        let r = unsafe {
+            if exclusive {
+                (self.api.rados_lock_exclusive)(
+                    self.h.as_ptr(),
+                    oid.as_ptr(),
+                    name.as_ptr(),
+                    cookie.as_ptr(),
+                    desc.as_ptr(),
+                    &mut tv,
+                    flags,
+                )
+            } else {
+                (self.api.rados_lock_shared)(
+                    self.h.as_ptr(),
+                    oid.as_ptr(),
+                    name.as_ptr(),
+                    cookie.as_ptr(),
+                    c"".as_ptr(),
+                    desc.as_ptr(),
+                    &mut tv,
+                    flags,
+                )
+            }
+        };
+        self.check(r).map(drop)
+    }
+
+    /// `rados_unlock`: ENOENT when this (client, cookie) does not hold it.
+    pub fn unlock(&self, oid: &CStr, name: &CStr, cookie: &CStr) -> Result<(), Errno> {
+        // SAFETY: live ioctx, NUL-terminated strings.
+        self.check(unsafe { (self.api.rados_unlock)(self.h.as_ptr(), oid.as_ptr(), name.as_ptr(), cookie.as_ptr()) })
+            .map(drop)
+    }
+
+    /// `rados_list_lockers`: whether the lock is exclusive, and its holders
+    /// (expired holders are not listed once the OSD has dropped them).
+    pub fn lockers(&self, oid: &CStr, name: &CStr) -> Result<(bool, Vec<Locker>), Errno> {
+        let mut cap = 1024usize;
+        loop {
+            let (mut tag, mut clients, mut cookies, mut addrs) =
+                (vec![0u8; cap], vec![0u8; cap], vec![0u8; cap], vec![0u8; cap]);
+            let (mut tl, mut cl, mut kl, mut al) = (cap, cap, cap, cap);
+            let mut exclusive: c_int = 0;
+            // SAFETY: live ioctx, NUL-terminated strings, each buffer
+            // writable for the length passed with it.
+            let r = unsafe {
+                (self.api.rados_list_lockers)(
+                    self.h.as_ptr(),
+                    oid.as_ptr(),
+                    name.as_ptr(),
+                    &mut exclusive,
+                    tag.as_mut_ptr().cast(),
+                    &mut tl,
+                    clients.as_mut_ptr().cast(),
+                    &mut cl,
+                    cookies.as_mut_ptr().cast(),
+                    &mut kl,
+                    addrs.as_mut_ptr().cast(),
+                    &mut al,
+                )
+            };
+            if r == -(ERANGE as isize) && cap < (1 << 24) {
+                cap = cap.max(tl).max(cl).max(kl).max(al).max(cap * 2);
+                continue;
+            }
+            if r == -(ENOENT as isize) {
+                return Ok((false, Vec::new()));
+            }
+            let n = check_size(r).map_err(|e| self._rados.note(e))?;
+            let split = |b: &[u8], len: usize| -> Vec<String> {
+                b[..len.min(b.len())]
+                    .split(|c| *c == 0)
+                    .map(|s| String::from_utf8_lossy(s).into_owned())
+                    .collect()
+            };
+            let (c, k, a) = (split(&clients, cl), split(&cookies, kl), split(&addrs, al));
+            let lockers = (0..n)
+                .map(|i| Locker {
+                    client: c.get(i).cloned().unwrap_or_default(),
+                    cookie: k.get(i).cloned().unwrap_or_default(),
+                    addr: a.get(i).cloned().unwrap_or_default(),
+                })
+                .collect();
+            return Ok((exclusive != 0, lockers));
         }
     }
 }

@@ -23,7 +23,10 @@ mod ffi;
 mod keyring;
 mod object;
 
-pub use object::ObjectStat;
+pub use object::{Locker, ObjectStat};
+
+/// Largest payload of one object read or write.
+pub const MAX_OBJECT_IO: usize = ffi::MAX_OBJECT_IO;
 
 use std::ffi::CString;
 use std::fmt;
@@ -122,6 +125,10 @@ pub enum Op {
     ListObjects,
     Clone,
     Flatten,
+    TouchObject,
+    Lock,
+    Unlock,
+    ListLockers,
 }
 
 impl fmt::Display for Op {
@@ -157,6 +164,10 @@ impl fmt::Display for Op {
             Op::ListObjects => "rados ls",
             Op::Clone => "rbd clone",
             Op::Flatten => "rbd flatten",
+            Op::TouchObject => "rados setxattr",
+            Op::Lock => "rados lock get",
+            Op::Unlock => "rados lock release",
+            Op::ListLockers => "rados lock info",
         })
     }
 }

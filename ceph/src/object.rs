@@ -3,6 +3,8 @@
 
 use crate::{c_string, ffi, IoCtx, Op, RbdError, Result};
 
+pub use ffi::Locker;
+
 /// What [`IoCtx::stat_object`] reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ObjectStat {
@@ -82,6 +84,15 @@ impl IoCtx {
         Ok(done)
     }
 
+    /// One read of up to `buf.len()` bytes of object `oid` at `offset`
+    /// (one round trip): how many there were, fewer at the object's end.
+    pub fn read_object_once(&self, oid: &str, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let (spec, c) = self.oid(Op::ReadObject, oid)?;
+        self.raw
+            .read_object(&c, offset, buf)
+            .map_err(|e| RbdError::errno(Op::ReadObject, format!("{spec} at {offset}+{}", buf.len()), e))
+    }
+
     /// The whole content of object `oid`. `limit` bounds the size accepted
     /// (a larger object is an error, checked before allocating).
     pub fn read_object(&self, oid: &str, limit: u64) -> Result<Vec<u8>> {
@@ -115,5 +126,60 @@ impl IoCtx {
             })
             .map_err(|e| RbdError::errno(Op::ListObjects, self.prefix.clone(), e))?;
         Ok(out)
+    }
+
+    /// Stamps object `oid`'s modification time with the OSD's now (a
+    /// one-byte xattr write); ENOENT when it does not exist.
+    pub fn touch_object(&self, oid: &str) -> Result<()> {
+        let (spec, c) = self.oid(Op::TouchObject, oid)?;
+        self.raw
+            .touch_object(&c, c"blockvault.touched", b"1")
+            .map_err(|e| RbdError::errno(Op::TouchObject, spec, e))
+    }
+
+    /// Takes (or with `renew` extends) the advisory lock `name` on object
+    /// `oid` for `duration` (expired by the OSD's clock, so clock skew
+    /// between clients does not matter), shared or exclusive, as
+    /// (this client, `cookie`). `Ok(false)` when someone else holds it
+    /// (EBUSY, or EEXIST for this very cookie). A renew of a lock no longer
+    /// held is an error (ENOENT: it expired or was broken).
+    pub fn lock(
+        &self,
+        oid: &str,
+        name: &str,
+        cookie: &str,
+        exclusive: bool,
+        duration: std::time::Duration,
+        renew: bool,
+    ) -> Result<bool> {
+        let (spec, c) = self.oid(Op::Lock, oid)?;
+        let n = c_string(Op::Lock, &spec, "lock name", name)?;
+        let k = c_string(Op::Lock, &spec, "lock cookie", cookie)?;
+        let ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX).max(1);
+        match self.raw.lock(&c, &n, &k, c"blockvault", exclusive, ms, renew) {
+            Ok(()) => Ok(true),
+            Err(e) if !renew && (e.0 == ffi::EBUSY || e.0 == ffi::EEXIST) => Ok(false),
+            Err(e) => Err(RbdError::errno(Op::Lock, format!("{spec} lock {name}"), e)),
+        }
+    }
+
+    /// Releases lock `name` held as (this client, `cookie`); a lock no
+    /// longer held (expired) is not an error.
+    pub fn unlock(&self, oid: &str, name: &str, cookie: &str) -> Result<()> {
+        let (spec, c) = self.oid(Op::Unlock, oid)?;
+        let n = c_string(Op::Unlock, &spec, "lock name", name)?;
+        let k = c_string(Op::Unlock, &spec, "lock cookie", cookie)?;
+        match self.raw.unlock(&c, &n, &k) {
+            Ok(()) => Ok(()),
+            Err(e) if e.0 == ffi::ENOENT => Ok(()),
+            Err(e) => Err(RbdError::errno(Op::Unlock, format!("{spec} lock {name}"), e)),
+        }
+    }
+
+    /// The holders of lock `name` on `oid`, and whether it is exclusive.
+    pub fn lockers(&self, oid: &str, name: &str) -> Result<(bool, Vec<Locker>)> {
+        let (spec, c) = self.oid(Op::ListLockers, oid)?;
+        let n = c_string(Op::ListLockers, &spec, "lock name", name)?;
+        self.raw.lockers(&c, &n).map_err(|e| RbdError::errno(Op::ListLockers, format!("{spec} lock {name}"), e))
     }
 }

@@ -29,13 +29,19 @@
 //!
 //! Implementations: [`dir::DirBackend`] (the store directory, the format
 //! blockvault has always written), [`memory::MemoryBackend`] (in-process,
-//! for tests) and [`fault::FaultBackend`] (a wrapper that fails the Nth
-//! operation, tears writes, and so tests the layers above).
+//! for tests), [`fault::FaultBackend`] (a wrapper that fails the Nth
+//! operation, tears writes, and so tests the layers above) and, with the
+//! `rados` feature, `rados::RadosBackend` (a pool of a Ceph cluster,
+//! shared by many hosts; locks are leases).
 
 pub mod dir;
 pub mod fault;
+pub mod lease;
 pub mod memory;
 pub mod sealed;
+pub mod s3;
+#[cfg(feature = "rados")]
+pub mod rados;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -55,12 +61,37 @@ pub enum LockMode {
 /// A held lock; released on drop.
 pub struct StoreLock {
     _held: Box<dyn Send + Sync>,
+    /// Set by a lease-based lock (RADOS) whose lease ran out unrenewed.
+    lost: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl StoreLock {
     /// Wraps whatever keeps a backend's lock held (a locked file, a guard).
     pub fn new(held: impl Send + Sync + 'static) -> StoreLock {
-        StoreLock { _held: Box::new(held) }
+        StoreLock { _held: Box::new(held), lost: None }
+    }
+
+    /// A lock held by a lease that `held` renews; `lost` is set when the
+    /// lease ran out before a renewal (others may hold the lock since).
+    pub fn with_lease(held: impl Send + Sync + 'static, lost: Arc<std::sync::atomic::AtomicBool>) -> StoreLock {
+        StoreLock { _held: Box::new(held), lost: Some(lost) }
+    }
+
+    /// True when the lock's lease ran out before it was renewed.
+    pub fn is_lost(&self) -> bool {
+        self.lost.as_ref().is_some_and(|l| l.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    /// Checks that the lock is still held, before a step whose safety rests
+    /// on it (a commit, a removal).
+    ///
+    /// # Errors
+    /// `LockLost` naming `what` when the lease ran out.
+    pub fn ensure_held(&self, what: &str) -> Result<()> {
+        if self.is_lost() {
+            return Err(Error::LockLost { lock: what.to_string() });
+        }
+        Ok(())
     }
 }
 
@@ -226,6 +257,16 @@ pub trait Backend: Send + Sync {
     /// `Io`.
     fn lock(&self, name: &str, mode: LockMode, wait: bool) -> Result<Option<StoreLock>>;
 
+    /// Who holds lock `name` (host, process), for the message of a caller
+    /// refused or kept waiting; `None` when unknown or free.
+    ///
+    /// # Errors
+    /// `Io`.
+    fn lock_holder(&self, name: &str) -> Result<Option<String>> {
+        let _ = name;
+        Ok(None)
+    }
+
     // ---- fault injection ---------------------------------------------
 
     /// Fault injection ([`fault::FaultBackend`]): does what a
@@ -318,6 +359,9 @@ impl<B: Backend + ?Sized> Backend for $ptr<B> {
     }
     fn lock(&self, name: &str, mode: LockMode, wait: bool) -> Result<Option<StoreLock>> {
         (**self).lock(name, mode, wait)
+    }
+    fn lock_holder(&self, name: &str) -> Result<Option<String>> {
+        (**self).lock_holder(name)
     }
     fn put_chunk_torn(&self, id: &ChunkId, bytes: &[u8], keep: usize) -> Error {
         (**self).put_chunk_torn(id, bytes, keep)

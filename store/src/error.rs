@@ -43,6 +43,10 @@ pub enum Error {
     BackupMissing { id: u64 },
     #[error("invalid setting {key}: {reason}")]
     InvalidSetting { key: &'static str, reason: String },
+    /// A lease-based lock (RADOS) ran out before it was renewed: others may
+    /// hold it now, so what it protected must not go ahead.
+    #[error("lost the store lock {lock}: its lease expired before it was renewed (the process was paused, or the cluster out of reach, for longer than the lease)")]
+    LockLost { lock: String },
     #[error("writer is poisoned by an earlier failed write; refusing further writes")]
     Poisoned,
     #[error("store {path} is encrypted: set [store] key-file to one of its key files")]

@@ -325,6 +325,8 @@ pub fn apply(store: &Store, mut plan: GcPlan) -> Result<GcReport> {
             None => {} // removed by someone else (another GC)
             Some(mtime) if mtime > cutoff => r.rescued_chunks += 1,
             Some(_) => {
+                // a shared store's lock is a lease: never remove after losing it
+                lock.ensure_held("store (exclusive, gc sweep)")?;
                 store.remove_chunk(id)?;
                 r.removed_chunks += 1;
                 r.removed_bytes += size;

@@ -46,6 +46,8 @@
 //! backups/<id:012>.protected   empty marker: backup <id> is protected from pruning
 //! backups/<id:012>.verify      JSON {"state":"ok"|"invalid","at":...,"reason":...}: the
 //!                              last verify of backup <id> (none: unverified); see [`verify_mark`]
+//! backups/<id:012>.claim       JSON {host, pid, at}: id <id> was handed out (put-if-absent,
+//!                              never removed), see [`Store::claim_backup_id`]
 //! tmp/                         temp files of chunk writes in progress
 //! locks/                       flock(2) files
 //! ```
@@ -88,6 +90,68 @@
 //!   before it waits), so a waiting GC gets the lock once the running jobs
 //!   end.
 //!
+//! ## Shared stores: many hosts, one store (RADOS)
+//! A store in a RADOS pool (`backend::rados`, feature `rados`; `[store] url = "rados:POOL/NS"`)
+//! is shared by the agents of many hosts. The rules above hold across hosts,
+//! with leases instead of `flock`:
+//! * every lock (`store` shared/exclusive, `gc`, `image-<name>`) is a
+//!   cls_lock advisory lock on the object `locks/<name>`, held for a lease
+//!   (`[store] lock-lease`, default 30 s) that the holder's [`StoreLock`]
+//!   renews every third of the lease. The OSD expires a lease by its own
+//!   clock: host clocks play no part. A holder that dies (kill -9, crash,
+//!   cut off) keeps the lock until its lease runs out, and nobody gets it
+//!   before then; a waiter or a refused caller names the holder's host and
+//!   pid (its lock cookie).
+//! * a holder whose lease ran out unrenewed (paused, or cut off from the
+//!   cluster, for longer than the lease) finds its lock marked lost: a backup
+//!   checks that before it writes its manifest, GC before each removal
+//!   ([`StoreLock::ensure_held`]), and both stop. This is what keeps the
+//!   argument below true when a lease is lost: a backup that lost its shared
+//!   lock never commits a manifest naming chunks a GC may have swept, and a
+//!   GC that lost its exclusive lock removes nothing more.
+//! * backup ids are allocated in the store, not by a host's catalog:
+//!   [`Store::claim_backup_id`] creates `backups/<id>.claim` exclusively
+//!   (put-if-absent) above every id the store has seen; two agents that race
+//!   for one id get two ids. Claims are never removed, so an id is never
+//!   reused.
+//! * a chunk is written by one exclusive-create operation with its whole
+//!   content: two hosts writing the same chunk at once get one object, never
+//!   a torn or replaced one.
+//!
+//! ### The GC-versus-prune race, across hosts
+//! Proxmox Backup Server lost referenced chunks when a prune removed an index
+//! while GC was marking, and a backup then reused chunks from that index
+//! after the mark had passed: GC swept chunks a new backup referenced. Here
+//! GC's live set is built from manifests, and the backup that reuses a
+//! chunk (one it found in a parent block map or by `chunk_exists`) holds the
+//! store lock shared from before it first relies on that chunk until its
+//! manifest is written. GC re-reads manifests and sweeps only with the lock
+//! exclusive, so every such backup has either written its manifest (read at
+//! GC step 4, its chunks are live) or not yet looked at any chunk (it will
+//! see only what survives; a parent pruned meanwhile still has its chunks
+//! until the sweep, and the backup rewrites a chunk it finds missing). A
+//! prune on another host removes a manifest, never a chunk, so it cannot
+//! make a chunk a running backup relies on disappear: only the sweep removes
+//! chunks, and the sweep waits for every shared holder on every host. The
+//! leases make "holds the lock" true across hosts, and a lost lease stops
+//! its holder before it acts on stale knowledge (above).
+//!
+//! ## Shared stores on S3
+//! [`backend::s3`] keeps the same keys as objects in a bucket (under an
+//! optional prefix). An S3 PUT is atomic, so every object, chunk or
+//! manifest, is visible whole or not at all and there are no temp objects;
+//! chunks are written with `If-None-Match: *` and never replaced. Locks are
+//! leases ([`backend::lease`]): `locks/<name>/x.<generation>` objects won
+//! by conditional create (exclusive) and `locks/<name>/s.<token>` objects
+//! (shared), each naming holder, host and pid, renewed by a thread the
+//! [`StoreLock`] owns and taken over only after they expire. The rules
+//! above hold across hosts with "flock" read as "lease": a backup on any
+//! host holds the `store` lease shared from before it relies on a chunk
+//! until its manifest is written, and GC's sweep holds it exclusive, so
+//! the GC safety argument of [`gc`] carries over unchanged; it adds one
+//! assumption, that a holder's lease does not run out while it works
+//! (renewals every third of the lease; clocks within a fraction of it).
+//!
 //! ## Garbage collection
 //! A chunk is live when the block map of a backup whose manifest is in
 //! `backups/` references it; the catalog plays no part, so a backup that
@@ -112,6 +176,7 @@ pub mod gc;
 pub mod id;
 pub mod manifest;
 pub mod store;
+pub mod url;
 pub mod verify_mark;
 
 pub use backend::{Backend, LockMode};
@@ -122,4 +187,5 @@ pub use id::{BackupId, ChunkId};
 pub use manifest::{BackupStats, Manifest, RbdInfo};
 pub use id::ChunkHasher;
 pub use store::{read_meta, InitOptions, NewKey, Store, StoreLock, StoreMeta, Unlock};
+pub use url::StoreUrl;
 pub use verify_mark::{VerifyMark, VerifyResult};

@@ -709,6 +709,40 @@ impl Store {
         self.backend.put_object(&mkey, &json)
     }
 
+    /// Allocates the id of a new backup in the store: the lowest id above
+    /// every id the store has seen (manifests, block maps, markers, earlier
+    /// claims) and at least `at_least`, claimed by creating
+    /// `backups/<id>.claim` exclusively ([`Backend::create_object`]). Two
+    /// agents that pick the same id race on that create and exactly one
+    /// wins; the other takes the next id. Claims are never removed (GC
+    /// leaves them), so an id is never handed out twice, not even after its
+    /// backup was pruned: `IMAGE@ID` always means one backup.
+    ///
+    /// # Errors
+    /// `Io`.
+    pub fn claim_backup_id(&self, at_least: u64) -> Result<BackupId> {
+        let seen = self
+            .backend
+            .list_objects("backups/")?
+            .iter()
+            .filter_map(|n| n.split_once('.')?.0.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0);
+        let mut next = seen.saturating_add(1).max(at_least).max(1);
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        loop {
+            let body = serde_json::json!({
+                "host": host.trim(),
+                "pid": std::process::id(),
+                "at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            });
+            if self.backend.create_object(&backup_key(BackupId(next), "claim"), body.to_string().as_bytes())? {
+                return Ok(BackupId(next));
+            }
+            next += 1; // another agent claimed it first
+        }
+    }
+
     /// True when the store holds the backup's manifest (false when that
     /// cannot be found out; see [`Store::try_has_backup`]).
     pub fn has_backup(&self, id: BackupId) -> bool {

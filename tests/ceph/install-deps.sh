@@ -4,7 +4,7 @@
 # it does nothing (no apt-get update), so repeated local runs are quick.
 set -euo pipefail
 
-PACKAGES=(ceph-mon ceph-osd ceph-mgr ceph-common librbd-dev librados-dev python3-rbd python3-rados)
+PACKAGES=(ceph-mon ceph-osd ceph-mgr ceph-common librbd-dev librados-dev python3-rbd python3-rados radosgw)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

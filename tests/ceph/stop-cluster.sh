@@ -2,7 +2,7 @@
 # tests/ceph/stop-cluster.sh [--keep] DIR
 #
 # Stop a cluster started by tests/ceph/start-cluster.sh DIR and remove DIR.
-# The daemons are those named by DIR/run/*.pid plus any ceph-mon/ceph-mgr/ceph-osd whose
+# The daemons are those named by DIR/run/*.pid plus any ceph-mon/ceph-mgr/ceph-osd/radosgw whose
 # command line names DIR/ceph.conf (a start interrupted before a pid file was written);
 # no other process is ever signalled.  They get SIGKILL: the data is thrown away anyway.
 # --keep: SIGTERM first (up to 20 s), then SIGKILL, and keep DIR (for its logs).
@@ -32,6 +32,7 @@ is_ours() {
   args=$(tr "\\0" " " 2>/dev/null <"/proc/$1/cmdline") || return 1
   case "$args" in
     ceph-mon\ *|ceph-mgr\ *|ceph-osd\ *|/usr/bin/ceph-mon\ *|/usr/bin/ceph-mgr\ *|/usr/bin/ceph-osd\ *) ;;
+    radosgw\ *|/usr/bin/radosgw\ *) ;;
     *) return 1;;
   esac
   [[ "$args" == *" -c $CONF "* ]]
@@ -53,10 +54,13 @@ for f in "$DIR"/run/*.pid; do
 done
 for d in /proc/[0-9]*; do
   read -r comm 2>/dev/null <"$d/comm" || continue
-  case "$comm" in ceph-mon|ceph-mgr|ceph-osd) ;; *) continue;; esac
+  case "$comm" in ceph-mon|ceph-mgr|ceph-osd|radosgw) ;; *) continue;; esac
   p=${d#/proc/}
   if is_ours "$p"; then add "$p"; fi
 done
+
+# radosgw (tests/ceph/start-rgw.sh) first: a gateway whose cluster is gone hangs in its requests
+"$(dirname "$0")/stop-rgw.sh" "$DIR"
 
 if [ "$KEEP" = 1 ] && [ ${#pids[@]} -gt 0 ]; then
   kill -TERM "${pids[@]}" 2>/dev/null

@@ -185,3 +185,126 @@ pub fn ceph_conf() -> PathBuf {
 pub fn started_ceph_conf() -> Option<PathBuf> {
     SHARED.get().map(|c| c.conf.clone())
 }
+
+/// The bluestore cluster started for this process by [`bluestore_conf`].
+static BLUESTORE: OnceLock<TestCluster> = OnceLock::new();
+
+/// The ceph.conf of a cluster with a **bluestore** OSD, for tests that use
+/// a RADOS pool as a blockvault *store* (a memstore OSD would keep every
+/// byte ever written in RAM): `$BV_STORE_CEPH_CONF` when set, else one
+/// cluster started for this test process (pool `rbd`, no mgr), stopped
+/// when the process ends. Tests isolate themselves by RADOS namespace.
+pub fn bluestore_conf() -> PathBuf {
+    if let Some(c) = std::env::var_os("BV_STORE_CEPH_CONF").filter(|c| !c.is_empty()) {
+        return PathBuf::from(c);
+    }
+    BLUESTORE
+        .get_or_init(|| TestCluster::start("store", &[("BV_CEPH_MGR", "0"), ("BV_CEPH_BACKEND", "bluestore")]))
+        .conf
+        .clone()
+}
+
+/// An S3 endpoint for a test: radosgw on a bluestore test cluster
+/// (tests/ceph/start-rgw.sh), with its keys and a bucket name no other
+/// test uses. The bucket is not created: `blockvault init` (or
+/// `S3Backend::create_bucket`) does that, as it would for a user.
+#[derive(Clone, Debug)]
+pub struct S3Endpoint {
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    pub access_key: String,
+    pub secret_key: String,
+    pub bucket: String,
+    /// The cluster's directory (for tests/ceph/stop-rgw.sh and start-rgw.sh).
+    pub cluster_dir: Option<PathBuf>,
+}
+
+impl S3Endpoint {
+    /// `s3:ENDPOINT/BUCKET`, the store URL of the fresh bucket.
+    pub fn url(&self) -> String {
+        format!("s3:{}/{}", self.endpoint, self.bucket)
+    }
+
+    /// The environment a child needs to reach the store.
+    pub fn env(&self) -> [(&'static str, String); 2] {
+        [("AWS_ACCESS_KEY_ID", self.access_key.clone()), ("AWS_SECRET_ACCESS_KEY", self.secret_key.clone())]
+    }
+}
+
+/// The bluestore cluster with radosgw that [`s3_endpoint`] started.
+static S3_CLUSTER: OnceLock<(TestCluster, String, String, String)> = OnceLock::new();
+
+fn parse_rgw_env(text: &str) -> (String, String, String) {
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("export {k}=")).map(str::to_owned))
+            .unwrap_or_else(|| panic!("start-rgw.sh printed no {k}:\n{text}"))
+    };
+    (get("BV_S3_ENDPOINT"), get("AWS_ACCESS_KEY_ID"), get("AWS_SECRET_ACCESS_KEY"))
+}
+
+/// Starts radosgw on the test cluster in `dir` (again, after
+/// [`stop_rgw`]: same port); returns (endpoint, access key, secret key).
+/// Panics with the script's output on failure.
+pub fn start_rgw(dir: &Path) -> (String, String, String) {
+    assert!(on_path("radosgw"), "radosgw is not installed: run tests/ceph/install-deps.sh (package radosgw)");
+    let out = Command::new(ceph_scripts().join("start-rgw.sh"))
+        .arg(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run start-rgw.sh: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "tests/ceph/start-rgw.sh {} failed ({}):\n{text}\n{}",
+        dir.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse_rgw_env(&text)
+}
+
+/// Kills the radosgw of the cluster in `dir` (tests/ceph/stop-rgw.sh).
+pub fn stop_rgw(dir: &Path) {
+    let st = Command::new(ceph_scripts().join("stop-rgw.sh")).arg(dir).status().expect("run stop-rgw.sh");
+    assert!(st.success(), "stop-rgw.sh {} failed", dir.display());
+}
+
+/// A fresh bucket name on the S3 endpoint the tests use: `$BV_S3_ENDPOINT`
+/// with `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` when set, else
+/// radosgw on a bluestore cluster started for this test process (stopped
+/// when it ends, as [`ceph_conf`]'s).
+pub fn s3_endpoint(tag: &str) -> S3Endpoint {
+    static N: Mutex<u32> = Mutex::new(0);
+    let n = {
+        let mut g = N.lock().unwrap_or_else(|p| p.into_inner());
+        *g += 1;
+        *g
+    };
+    let tag: String = tag.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
+    let bucket = format!("bv-{tag}-{}-{n}-{:08x}", std::process::id(), rand_u32());
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    if let (Some(e), Some(a), Some(s)) = (env("BV_S3_ENDPOINT"), env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
+        return S3Endpoint { endpoint: e, access_key: a, secret_key: s, bucket, cluster_dir: None };
+    }
+    let (c, e, a, s) = S3_CLUSTER.get_or_init(|| {
+        let c = TestCluster::start("s3", &[("BV_CEPH_BACKEND", "bluestore"), ("BV_CEPH_MGR", "0")]);
+        let (e, a, s) = start_rgw(&c.dir);
+        (c, e, a, s)
+    });
+    S3Endpoint { endpoint: e.clone(), access_key: a.clone(), secret_key: s.clone(), bucket, cluster_dir: Some(c.dir.clone()) }
+}
+
+/// A private radosgw on its own bluestore cluster, for a test that stops
+/// it: (cluster, endpoint). The cluster stops when the value drops.
+pub fn s3_private(tag: &str) -> (TestCluster, S3Endpoint) {
+    let c = TestCluster::start(tag, &[("BV_CEPH_BACKEND", "bluestore"), ("BV_CEPH_MGR", "0")]);
+    let (e, a, s) = start_rgw(&c.dir);
+    let bucket = format!("bv-{tag}-{}", std::process::id());
+    let ep = S3Endpoint { endpoint: e, access_key: a, secret_key: s, bucket, cluster_dir: Some(c.dir.clone()) };
+    (c, ep)
+}
+
+fn rand_u32() -> u32 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    t.subsec_nanos() ^ std::process::id().rotate_left(16)
+}

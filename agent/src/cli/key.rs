@@ -57,7 +57,7 @@ pub fn run(g: &GlobalArgs, c: KeyCommand) -> Result<ExitCode> {
     let cfg = load_config(g)?;
     let mut store = crate::context::open_store(&cfg)?;
     if !store.is_encrypted() {
-        bail!("store {} is not encrypted: it has no keys", cfg.store.path.display());
+        bail!("store {} is not encrypted: it has no keys", cfg.store_url());
     }
     let configured = cfg.store.key_file.clone().expect("an encrypted store opened, so a key file is configured");
     match c {
@@ -76,7 +76,7 @@ pub fn run(g: &GlobalArgs, c: KeyCommand) -> Result<ExitCode> {
             let pass = if passphrase { Some(keys::new(keys::NEW_PASSPHRASE_ENV, "passphrase for the new key")?) } else { None };
             let slot = store
                 .add_key(&NewKey { key_file: &key_file, passphrase: pass.as_deref().map(|p| p.as_str()) })
-                .with_context(|| format!("adding a key slot to store {}", cfg.store.path.display()))?;
+                .with_context(|| format!("adding a key slot to store {}", cfg.store_url()))?;
             println!("added key slot {slot}: key file {}", key_file.display());
         }
         KeyCommand::Remove { slot, key_file } => {
@@ -85,7 +85,7 @@ pub fn run(g: &GlobalArgs, c: KeyCommand) -> Result<ExitCode> {
                 (None, Some(k)) => KeyFile::read(&k)?.slot(),
                 (None, None) => unreachable!("clap requires one"),
             };
-            store.remove_key(&id).with_context(|| format!("removing key slot {id} of store {}", cfg.store.path.display()))?;
+            store.remove_key(&id).with_context(|| format!("removing key slot {id} of store {}", cfg.store_url()))?;
             println!("removed key slot {id}: its key file no longer opens the store");
         }
         KeyCommand::Passwd { key_file, none } => {
@@ -94,7 +94,7 @@ pub fn run(g: &GlobalArgs, c: KeyCommand) -> Result<ExitCode> {
             let pass = if none { None } else { Some(keys::new(keys::NEW_PASSPHRASE_ENV, "new passphrase")?) };
             store
                 .change_passphrase(&kf, pass.as_deref().map(|p| p.as_str()))
-                .with_context(|| format!("changing the passphrase of key slot {} of store {}", kf.slot(), cfg.store.path.display()))?;
+                .with_context(|| format!("changing the passphrase of key slot {} of store {}", kf.slot(), cfg.store_url()))?;
             println!(
                 "key slot {} ({}) {}",
                 kf.slot(),
@@ -111,7 +111,7 @@ pub fn run(g: &GlobalArgs, c: KeyCommand) -> Result<ExitCode> {
             };
             if paper {
                 println!("================ blockvault paper key ================");
-                println!("store    {}", cfg.store.path.display());
+                println!("store    {}", cfg.store_url());
                 println!("printed  {}", chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
                 if has_pass {
                     println!("NOTE     this slot also needs its passphrase");

@@ -200,10 +200,11 @@ impl Source for RbdSource {
     }
 
     fn recover(&mut self, store: &Store, catalog: &Catalog, job: &Job) -> Result<()> {
-        let record = store.root().join("locks").join(format!("{}.rbd-client", job.image_lock));
-        break_lock_of_dead_run(&self.head, &record, &job.image);
+        // a store object (a file of a directory store), so it works for stores without a directory
+        let record = format!("locks/{}.rbd-client", job.image_lock);
+        break_lock_of_dead_run(&self.head, store, &record, &job.image);
         log_lock_owner(&self.head, &job.image);
-        record_client(&self.head, &record);
+        record_client(&self.head, store, &record);
         cleanup_snapshots(catalog, &self.head, job.image_id)?;
         self.present = catalog
             .snapshots(job.image_id)?
@@ -396,14 +397,12 @@ fn process_identity(pid: u32) -> Option<String> {
 /// image lock): this process and its cluster client's addresses, so the
 /// next run can break the exclusive lock this run may leave behind if it is
 /// killed or gives up on an unresponsive cluster. Best effort.
-fn record_client(head: &Image, record: &std::path::Path) {
+fn record_client(head: &Image, store: &Store, record: &str) {
     let (Some(me), Ok(addrs)) = (process_identity(std::process::id()), head.ioctx().client_addrs()) else {
         return;
     };
-    let tmp = record.with_extension("rbd-client.tmp");
-    if std::fs::write(&tmp, format!("{me}\n{addrs}\n")).and_then(|()| std::fs::rename(&tmp, record)).is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
+    // atomic replace; a failure only costs the next run this lock-breaking aid
+    let _ = store.backend().put_object(record, format!("{me}\n{addrs}\n").as_bytes());
 }
 
 /// Breaks the image's exclusive lock when its owner is verifiably dead: the
@@ -412,10 +411,11 @@ fn record_client(head: &Image, record: &std::path::Path) {
 /// We hold the image lock, so no other blockvault run of this image is
 /// alive. librbd blocklists the owner as it breaks the lock. Anything less
 /// certain leaves the lock alone (and [`log_lock_owner`] says so).
-fn break_lock_of_dead_run(head: &Image, record: &std::path::Path, image: &str) {
-    let Ok(text) = std::fs::read_to_string(record) else {
+fn break_lock_of_dead_run(head: &Image, store: &Store, record: &str, image: &str) {
+    let Ok(Some(bytes)) = store.backend().get_object(record, 4096) else {
         return;
     };
+    let text = String::from_utf8_lossy(&bytes);
     let mut lines = text.lines();
     let (Some(who), Some(addrs)) = (lines.next(), lines.next()) else {
         return;

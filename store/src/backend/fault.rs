@@ -288,6 +288,10 @@ impl<B: Backend> Backend for FaultBackend<B> {
         self.inner.lock(name, mode, wait)
     }
 
+    fn lock_holder(&self, name: &str) -> Result<Option<String>> {
+        self.inner.lock_holder(name)
+    }
+
     fn put_chunk_torn(&self, id: &ChunkId, bytes: &[u8], keep: usize) -> Error {
         self.inner.put_chunk_torn(id, bytes, keep)
     }
