@@ -10,6 +10,7 @@ mod fs_safety;
 mod gc_verify;
 mod lost_chunk;
 mod prune;
+mod qcow2;
 mod rbd;
 mod restore_image;
 mod roundtrip;

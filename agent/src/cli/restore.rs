@@ -24,6 +24,13 @@ pub struct RestoreArgs {
     /// a file replaced with --force keeps its mode and owner).
     #[arg(long, value_parser = parse_mode)]
     pub mode: Option<u32>,
+    /// With --to qcow2:PATH: one qcow2 layer per backup of the chain, PATH
+    /// the top, the lower ones beside it as STEM.<ID>.qcow2.
+    #[arg(long)]
+    pub chain: bool,
+    /// With --chain: start the chain at this backup (default: its first).
+    #[arg(long, value_name = "ID", requires = "chain")]
+    pub since: Option<u64>,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -72,10 +79,54 @@ pub fn run(g: &GlobalArgs, a: RestoreArgs) -> Result<ExitCode> {
     };
     crate::restore::check_manifest(&manifest, &row.image, row.id)?;
     let threads = ctx.cfg.workers() * 2;
+    if let TargetSpec::Qcow2(path) = &to {
+        return restore_qcow2(&ctx, g, &a, &manifest, path, threads);
+    }
+    if a.chain {
+        bail!("--chain applies to a qcow2 target (--to qcow2:PATH), not to {to}");
+    }
     let bar = Bar::new(manifest.image_size, &image, !g.no_progress);
     let res = crate::restore::restore_to(&ctx, &manifest, &to, a.force, a.mode, threads, &bar);
     bar.finish();
     res?;
     println!("restored backup {} of image '{image}' ({} bytes) to {}", row.id, manifest.image_size, a.to);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn restore_qcow2(
+    ctx: &Ctx,
+    g: &GlobalArgs,
+    a: &RestoreArgs,
+    manifest: &blockvault_store::Manifest,
+    path: &std::path::Path,
+    threads: usize,
+) -> Result<ExitCode> {
+    use crate::restore::qcow2;
+    let opts = qcow2::Qcow2Options { chain: a.chain, since: a.since.map(BackupId) };
+    let chain = qcow2::plan(ctx, manifest, &opts)?;
+    let bar = Bar::new(chain.iter().map(|m| m.image_size).sum(), &manifest.image, !g.no_progress);
+    let res = qcow2::write_chain(&ctx.store, &chain, path, a.force, a.mode, threads, &bar);
+    bar.finish();
+    let layers = res?;
+    for ((p, s), m) in layers.iter().zip(&chain) {
+        println!(
+            "backup {} -> {} ({} data clusters, {} zero clusters of {} bytes; {} blocks unchanged from the layer below)",
+            m.id,
+            p.display(),
+            s.data,
+            s.zero,
+            s.cluster_size,
+            s.blocks_skipped
+        );
+    }
+    println!(
+        "restored backup {} of image '{}' ({} bytes) to {} as qcow2 ({} layer{})",
+        manifest.id,
+        manifest.image,
+        manifest.image_size,
+        path.display(),
+        layers.len(),
+        if layers.len() == 1 { "" } else { "s" }
+    );
     Ok(ExitCode::SUCCESS)
 }
