@@ -319,4 +319,17 @@ fn large_blocks_use_64k_clusters_with_zero_clusters_inside_blocks() {
     // 32 + 64 clusters), nothing of blocks 1 and 3
     let data_in_top: u64 = m.iter().filter(|e| e["data"] == true && num(e, "depth") == 0).map(|e| num(e, "length")).sum();
     assert_eq!(data_in_top, BS / 2 + BS, "{m:?}");
+
+    // a corrupt chunk fails the restore, and leaves no layer (nor temp file)
+    for c in env.chunk_files() {
+        let mut b = fs::read(&c).unwrap();
+        let n = b.len();
+        b[n - 5] ^= 0x20;
+        fs::write(&c, b).unwrap();
+    }
+    let bad = env.path("bad");
+    fs::create_dir(&bad).unwrap();
+    let e = env.fails(&["restore", "big", "--to", &format!("qcow2:{}", bad.join("b.qcow2").display()), "--chain"]);
+    assert!(e.contains("cannot be restored") || e.contains("corrupt"), "{e}");
+    assert_eq!(fs::read_dir(&bad).unwrap().count(), 0, "a failed restore left files in {}", bad.display());
 }

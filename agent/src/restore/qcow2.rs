@@ -50,7 +50,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use anyhow::{bail, Context, Result};
 use blockvault_catalog::BackupState;
@@ -107,8 +107,11 @@ struct Writer<'f> {
     cluster_bits: u32,
     /// Virtual size (image size rounded up to 512).
     size: u64,
-    /// One L2 entry per guest cluster, filled by the workers.
-    l2: Vec<AtomicU64>,
+    /// The L2 tables, each made when a worker first sets one of its
+    /// entries: memory follows what the file holds, not the image size.
+    l2: Vec<OnceLock<Box<[AtomicU64]>>>,
+    /// Guest clusters in the image.
+    guest: u64,
     /// Next free host cluster (cluster 0 is the header).
     next: AtomicU64,
 }
@@ -119,19 +122,29 @@ impl<'f> Writer<'f> {
             bail!("qcow2 cluster size {cluster_size} is not a power of two in 512..=2 MiB");
         }
         let size = image_size.div_ceil(512) * 512;
-        let guest = usize::try_from(size.div_ceil(u64::from(cluster_size)))
-            .context("image too large for a qcow2 cluster table in memory")?;
+        let guest = size.div_ceil(u64::from(cluster_size));
+        let tables = usize::try_from(guest.div_ceil(u64::from(cluster_size) / 8))
+            .context("image too large for a qcow2 L1 table in memory")?;
         Ok(Writer {
             file,
             cluster_bits: cluster_size.trailing_zeros(),
             size,
-            l2: (0..guest).map(|_| AtomicU64::new(0)).collect(),
+            l2: (0..tables).map(|_| OnceLock::new()).collect(),
+            guest,
             next: AtomicU64::new(1),
         })
     }
 
     fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
+    }
+
+    /// Sets the L2 entry of guest cluster `g`.
+    fn set(&self, g: u64, entry: u64) {
+        debug_assert!(g < self.guest);
+        let per_l2 = self.cluster_size() / 8;
+        let table = self.l2[(g / per_l2) as usize].get_or_init(|| (0..per_l2).map(|_| AtomicU64::new(0)).collect());
+        table[(g % per_l2) as usize].store(entry, Ordering::Relaxed);
     }
 
     /// Reserves `n` consecutive host clusters; returns the first one's index.
@@ -148,32 +161,29 @@ impl<'f> Writer<'f> {
         self.file.write_all_at(data, host << self.cluster_bits)?;
         for i in 0..n {
             let g = (guest_off >> self.cluster_bits) + i;
-            self.l2[g as usize].store(((host + i) << self.cluster_bits) | COPIED, Ordering::Relaxed);
+            self.set(g, ((host + i) << self.cluster_bits) | COPIED);
         }
         Ok(())
     }
 
     /// Marks guest cluster `g` as reading zeros.
     fn set_zero(&self, g: u64) {
-        self.l2[g as usize].store(ZERO, Ordering::Relaxed);
+        self.set(g, ZERO);
     }
 
     /// Writes the L2 tables, L1 table, refcounts and header; returns the
     /// file size. `backing` is the backing file's name, stored as given.
     fn finish(self, backing: Option<&str>) -> std::io::Result<u64> {
         let cs = self.cluster_size();
-        let l2: Vec<u64> = self.l2.iter().map(|e| e.load(Ordering::Relaxed)).collect();
+        let used: Vec<bool> = self.l2.iter().map(|t| t.get().is_some()).collect();
         let data_end = self.next.load(Ordering::Relaxed);
-        let layout = Layout::plan(self.cluster_bits, &l2, data_end);
+        let layout = Layout::plan(self.cluster_bits, &used, data_end);
 
         let mut buf = vec![0u8; cs as usize];
-        let per_l2 = (cs / 8) as usize;
-        for (i, host) in layout.l2_tables.iter().enumerate() {
-            let Some(host) = host else { continue };
-            buf.fill(0);
-            let entries = &l2[i * per_l2..((i + 1) * per_l2).min(l2.len())];
-            for (k, e) in entries.iter().enumerate() {
-                buf[k * 8..k * 8 + 8].copy_from_slice(&e.to_be_bytes());
+        for (table, host) in self.l2.iter().zip(&layout.l2_tables) {
+            let (Some(table), Some(host)) = (table.get(), host) else { continue };
+            for (k, e) in table.iter().enumerate() {
+                buf[k * 8..k * 8 + 8].copy_from_slice(&e.load(Ordering::Relaxed).to_be_bytes());
             }
             self.file.write_all_at(&buf, host << self.cluster_bits)?;
         }
@@ -228,15 +238,15 @@ struct Layout {
 
 impl Layout {
     /// Places the metadata after `data_end` host clusters (header and data),
-    /// for the L2 entries `l2` (one per guest cluster).
-    fn plan(cluster_bits: u32, l2: &[u64], data_end: u64) -> Layout {
+    /// for an L1 table of `used.len()` entries, `used[i]` telling whether
+    /// L2 table `i` has any entry.
+    fn plan(cluster_bits: u32, used: &[bool], data_end: u64) -> Layout {
         let cs = 1u64 << cluster_bits;
-        let per_l2 = (cs / 8) as usize;
         let mut next = data_end;
-        let l2_tables: Vec<Option<u64>> = l2
-            .chunks(per_l2)
-            .map(|t| {
-                t.iter().any(|&e| e != 0).then(|| {
+        let l2_tables: Vec<Option<u64>> = used
+            .iter()
+            .map(|&u| {
+                u.then(|| {
                     next += 1;
                     next - 1
                 })
@@ -624,5 +634,211 @@ pub fn plan(ctx: &Ctx, top: &Manifest, opts: &Qcow2Options) -> Result<Vec<Manife
         bail!("--since needs --chain (a flat qcow2 holds one backup)")
     } else {
         Ok(vec![top.clone()])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn be64(b: &[u8], at: usize) -> u64 {
+        u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+    }
+    fn be32(b: &[u8], at: usize) -> u32 {
+        u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
+    }
+
+    /// A minimal reader of what [`Writer`] writes, independent of its
+    /// layout code: follows the header to the L1, L2 and refcount tables,
+    /// checks that every cluster is referenced exactly as often as its
+    /// refcount says, and returns (guest bytes, L2 entries, backing name).
+    fn read_back(f: &[u8]) -> (Vec<u8>, Vec<u64>, Option<String>) {
+        assert_eq!(&f[..4], MAGIC);
+        assert_eq!(be32(f, 4), 3);
+        let cb = be32(f, 20);
+        let cs = 1usize << cb;
+        assert_eq!(f.len() % cs, 0, "the file ends on a cluster boundary");
+        let size = be64(f, 24);
+        let l1_size = be32(f, 36) as usize;
+        let l1_off = be64(f, 40) as usize;
+        let rt_off = be64(f, 48) as usize;
+        let rt_clusters = be32(f, 56) as usize;
+        assert_eq!(be32(f, 96), REFCOUNT_ORDER);
+        assert_eq!(be32(f, 100) as usize, HEADER_LEN);
+        let backing = (be64(f, 8) != 0).then(|| {
+            let (o, n) = (be64(f, 8) as usize, be32(f, 16) as usize);
+            String::from_utf8(f[o..o + n].to_vec()).unwrap()
+        });
+        let clusters = f.len() / cs;
+        let mut refs = vec![0u16; clusters];
+        let mut take = |off: usize, n: usize| {
+            assert_eq!(off % cs, 0, "metadata at {off} is not cluster-aligned");
+            for c in off / cs..off / cs + n {
+                refs[c] += 1;
+            }
+        };
+        take(0, 1);
+        take(l1_off, (l1_size * 8).div_ceil(cs));
+        take(rt_off, rt_clusters);
+        let per_l2 = cs / 8;
+        let guest = size.div_ceil(cs as u64) as usize;
+        assert!(l1_size * per_l2 >= guest, "the L1 table covers the image");
+        let mut l2 = vec![0u64; guest];
+        let mut data = vec![0u8; size as usize];
+        for i in 0..l1_size {
+            let e = be64(f, l1_off + i * 8);
+            if e == 0 {
+                continue;
+            }
+            assert_ne!(e & COPIED, 0);
+            let t = (e & !COPIED) as usize;
+            take(t, 1);
+            for k in 0..per_l2 {
+                let g = i * per_l2 + k;
+                let e = be64(f, t + k * 8);
+                if g >= guest {
+                    assert_eq!(e, 0, "an L2 entry past the end of the image");
+                    continue;
+                }
+                l2[g] = e;
+                if e & !ZERO != 0 {
+                    assert_ne!(e & COPIED, 0);
+                    let host = (e & !COPIED & !ZERO) as usize;
+                    take(host, 1);
+                    let n = cs.min(size as usize - g * cs);
+                    data[g * cs..g * cs + n].copy_from_slice(&f[host..host + n]);
+                }
+            }
+        }
+        let per_rb = cs / 2;
+        let mut counted = vec![0u16; clusters];
+        for i in 0..rt_clusters * cs / 8 {
+            let rb = be64(f, rt_off + i * 8) as usize;
+            if rb == 0 {
+                continue;
+            }
+            refs[rb / cs] += 1;
+            for k in 0..per_rb {
+                let c = i * per_rb + k;
+                let v = u16::from_be_bytes(f[rb + 2 * k..rb + 2 * k + 2].try_into().unwrap());
+                if c < clusters {
+                    counted[c] = v;
+                } else {
+                    assert_eq!(v, 0, "refcount for cluster {c} past the end of the file");
+                }
+            }
+        }
+        assert_eq!(refs, counted, "refcounts differ from the references");
+        assert!(refs.iter().all(|&r| r == 1), "every cluster used exactly once");
+        (data, l2, backing)
+    }
+
+    #[test]
+    fn cluster_size_follows_the_block_size_up_to_2_mib() {
+        assert_eq!(cluster_size_for(64 << 10), 64 << 10);
+        assert_eq!(cluster_size_for(1 << 20), 1 << 20);
+        assert_eq!(cluster_size_for(2 << 20), 2 << 20);
+        assert_eq!(cluster_size_for(4 << 20), 64 << 10);
+        assert_eq!(cluster_size_for(3 << 20), 64 << 10);
+    }
+
+    #[test]
+    fn refcounts_cover_the_refcount_blocks_themselves() {
+        // 512-byte clusters: 256 refcounts per block, 64 entries per table
+        for data_end in [1u64, 2, 250, 251, 252, 253, 254, 255, 256, 257, 600, 20_000, 70_000] {
+            let l = Layout::plan(9, &[false, false], data_end);
+            assert!(l.refblocks * 256 >= l.total, "{data_end}: {l:?}");
+            assert!(l.reftable_clusters * 64 >= l.refblocks, "{data_end}: {l:?}");
+            // and not more than needed
+            assert!((l.refblocks - 1) * 256 < l.total, "{data_end}: {l:?}");
+            assert_eq!(l.total, data_end + l.l1_clusters + l.refblocks + l.reftable_clusters);
+        }
+    }
+
+    /// Writes `image` through [`Writer`] and [`write_block`] as a flat or an
+    /// upper layer with `cs`-byte clusters, and reads it back.
+    fn write_image(image: &[u8], cs: u32, upper: bool) -> (Vec<u8>, Vec<u64>, Option<String>, u64, u64) {
+        let tmp = tempfile::tempfile().unwrap();
+        let w = Writer::new(&tmp, cs, image.len() as u64).unwrap();
+        let (data, zero) = (AtomicU64::new(0), AtomicU64::new(0));
+        // blocks of 4 clusters, written in reverse order as threads might
+        let bs = 4 * cs as usize;
+        let blocks: Vec<usize> = (0..image.len().div_ceil(bs)).rev().collect();
+        for b in blocks {
+            let end = ((b + 1) * bs).min(image.len());
+            write_block(&w, (b * bs) as u64, &image[b * bs..end], upper, &data, &zero).unwrap();
+        }
+        w.finish(upper.then_some("lower.qcow2")).unwrap();
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut std::fs::File::from(tmp), &mut bytes).unwrap();
+        let (back, l2, backing) = read_back(&bytes);
+        (back, l2, backing, data.into_inner(), zero.into_inner())
+    }
+
+    #[test]
+    fn a_written_image_reads_back_with_exact_refcounts() {
+        use rand::{RngCore, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        // 512-byte clusters so the tables span several clusters: 700
+        // clusters and a short one; zero runs of 1, 3 and 9 clusters
+        let cs = 512usize;
+        let mut image = vec![0u8; 700 * cs + 100];
+        rng.fill_bytes(&mut image);
+        for (c, n) in [(0usize, 1usize), (40, 3), (300, 9), (699, 1)] {
+            image[c * cs..(c + n) * cs].fill(0);
+        }
+        image[200 * cs + 7] = 0; // a zero byte inside a data cluster
+        let same = |back: &[u8]| back.len() == 701 * cs && back[..image.len()] == image[..] && chunk::is_zero(&back[image.len()..]);
+        let (back, l2, backing, data, zero) = write_image(&image, cs as u32, false);
+        assert!(same(&back), "the image read back differs");
+        assert_eq!(backing, None);
+        assert_eq!((data, zero), (701 - 14, 0));
+        // flat: zero clusters unallocated, never flagged
+        for g in [0usize, 40, 41, 42, 300, 308, 699] {
+            assert_eq!(l2[g], 0, "cluster {g}");
+        }
+        // upper layer: the same zero clusters flagged, nothing else changes
+        let (back, l2, backing, data, zero) = write_image(&image, cs as u32, true);
+        assert!(same(&back), "the upper layer read back differs");
+        assert_eq!(backing.as_deref(), Some("lower.qcow2"));
+        assert_eq!((data, zero), (701 - 14, 14));
+        for g in [0usize, 40, 41, 42, 300, 308, 699] {
+            assert_eq!(l2[g], ZERO, "cluster {g}");
+        }
+        assert_ne!(l2[700] & !ZERO, 0, "the short last cluster holds data");
+    }
+
+    #[test]
+    fn an_empty_or_all_zero_image_is_valid() {
+        for len in [0usize, 1, 512, 4096 * 3 + 5] {
+            let (back, l2, _, data, _) = write_image(&vec![0u8; len], 512, false);
+            assert_eq!(back.len(), len.div_ceil(512) * 512);
+            assert!(back.iter().all(|&b| b == 0));
+            assert!(l2.iter().all(|&e| e == 0));
+            assert_eq!(data, 0);
+        }
+    }
+
+    #[test]
+    fn layer_paths_sit_beside_the_top() {
+        let m = |id: u64| Manifest {
+            format: blockvault_store::format::MANIFEST_VERSION,
+            id: BackupId(id),
+            image: "vm".into(),
+            source: String::new(),
+            created: String::new(),
+            finished: String::new(),
+            parent: None,
+            image_size: 0,
+            block_size: 65536,
+            blockmap_blake3: String::new(),
+            snapshot: None,
+            stats: Default::default(),
+            rbd: None,
+        };
+        let p = layer_paths(Path::new("/out/vm.qcow2"), &[m(3), m(7), m(9)]).unwrap();
+        assert_eq!(p, [PathBuf::from("/out/vm.3.qcow2"), "/out/vm.7.qcow2".into(), "/out/vm.qcow2".into()]);
+        let p = layer_paths(Path::new("disk"), &[m(1), m(2)]).unwrap();
+        assert_eq!(p, [PathBuf::from("disk.1.qcow2"), "disk".into()]);
     }
 }
