@@ -128,6 +128,15 @@ for unit in "${UNIT_FILES[@]}"; do
 done
 expect_file -rw------- etc/blockvault/config.toml
 expect_file -rw-r--r-- usr/share/doc/blockvault/examples/config.example.toml
+expect_file -rw-r--r-- usr/share/doc/blockvault/changelog
+# no debug symbols in the package (issue 14 item 12)
+if grep -E '\./usr/lib/debug/|\.debug$' "$WORK/contents"; then
+    fail "dpkg -c: the package ships debug symbols"
+fi
+# the shipped config backs up nothing
+if grep -qE '^\[\[image\]\]' packaging/config.toml; then
+    fail "packaging/config.toml configures an image"
+fi
 
 dpkg-deb --info "$DEB" conffiles >"$WORK/conffiles" 2>/dev/null || true
 grep -qxF /etc/blockvault/config.toml "$WORK/conffiles" \

@@ -82,14 +82,24 @@ pub fn recover_stale(ctx: &mut Ctx, image_id: i64) -> Result<Vec<BackupId>> {
 ///
 /// # Errors
 /// Catalog errors, or a store error other than "not found" while checking.
-pub fn load_parent(ctx: &Ctx, image_id: i64) -> Result<Option<Parent>> {
+pub fn load_parent(ctx: &Ctx, image_id: i64, held: Option<&[String]>) -> Result<Option<Parent>> {
     // Each round either returns or marks one more backup invalid, which
     // `latest_valid_backup` then skips: the loop ends.
     loop {
-        let Some(row) = ctx.catalog.latest_valid_backup(image_id)? else {
+        let Some(mut row) = ctx.catalog.latest_valid_backup(image_id)? else {
             debug!(image_id, "no valid committed backup: no parent, every block is read");
             return Ok(None);
         };
+        if let Some(held) = held {
+            if !row.snapshot.as_ref().is_some_and(|s| held.contains(s)) {
+                if let Some(older) = newest_valid_with_held_snapshot(ctx, image_id, held)? {
+                    info!(image = %row.image, newest = row.id.0, base = older.id.0,
+                        snapshot = %older.snapshot.as_deref().unwrap_or_default(),
+                        "the newest backup's snapshot is gone: an older backup whose snapshot is still held is the base");
+                    row = older;
+                }
+            }
+        }
         let loaded = ctx.store.read_manifest(row.id).and_then(|m| ctx.store.read_blockmap(&m).map(|map| (m, map)));
         let (manifest, map) = match loaded {
             Ok(l) => l,
@@ -116,6 +126,18 @@ pub fn load_parent(ctx: &Ctx, image_id: i64) -> Result<Option<Parent>> {
         let reason = format!("references {} chunks missing from the store, e.g. {}", missing.len(), missing[0]);
         crate::verify::mark(ctx, row.id, blockvault_catalog::VerifyState::Invalid, Some(reason))?;
     }
+}
+
+/// The newest committed backup not marked invalid whose snapshot is in
+/// `held` (`keep-snapshots` above 1 keeps older bases on the cluster).
+fn newest_valid_with_held_snapshot(ctx: &Ctx, image_id: i64, held: &[String]) -> Result<Option<blockvault_catalog::BackupRow>> {
+    Ok(ctx
+        .catalog
+        .backups_in_state(image_id, BackupState::Committed)?
+        .into_iter()
+        .filter(|b| b.verify_state != blockvault_catalog::VerifyState::Invalid)
+        .filter(|b| b.snapshot.as_ref().is_some_and(|s| held.contains(s)))
+        .max_by_key(|b| b.id.0))
 }
 
 /// Distinct chunk ids of `map` that the store does not hold, checked by
@@ -182,7 +204,10 @@ pub fn backup_image(ctx: &mut Ctx, img: &ImageConfig, progress: &dyn Progress, c
     recover_stale(ctx, job.image_id)?;
     source.recover(&ctx.store, &ctx.catalog, &job)?;
 
-    let parent = load_parent(ctx, job.image_id)?;
+    // an RBD source diffs from a snapshot it still holds: with
+    // keep-snapshots > 1, an older one when the newest was deleted by hand
+    let held = source.held_snapshots();
+    let parent = load_parent(ctx, job.image_id, held.as_deref())?;
 
     // allocate the backup
     let started = Instant::now();
@@ -216,7 +241,12 @@ pub fn backup_image(ctx: &mut Ctx, img: &ImageConfig, progress: &dyn Progress, c
         }
         Err(e) => {
             ctx.store.discard_pending();
-            if let Err(e2) = ctx.catalog.fail_backup(id, &format!("{e:#}")) {
+            let marked = if BackupError::is_cancelled(&e) {
+                ctx.catalog.cancel_backup(id)
+            } else {
+                ctx.catalog.fail_backup(id, &format!("{e:#}"))
+            };
+            if let Err(e2) = marked {
                 warn!(backup = id.0, error = %crate::logging::Chain(&e2), "could not mark backup failed in the catalog");
             }
             if let Err(e2) = source.finish(&ctx.catalog, &job, Outcome::Failed) {
@@ -242,7 +272,7 @@ fn freeze_to_commit(
     cancel: &AtomicBool,
 ) -> Result<Manifest> {
     let size = source.freeze(&ctx.catalog, job, id)?;
-    info!(backup = id.0, parent = ?parent.map(|p| p.manifest.id.0), source = %source.describe(), size, "backup started");
+    info!(backup = id.0, parent = parent.map(|p| p.manifest.id.0), source = %source.describe(), size, "backup started");
 
     // what changed, and the plan
     let changes = source.changes(parent)?;
@@ -267,7 +297,7 @@ fn freeze_to_commit(
             plan = plan_of(&Changes::Full { extents, reason })?;
         }
     }
-    info!(image = %job.image, snapshot = ?source.snapshot(), full_read = plan.full_read, blocks = plan.actions.len(),
+    info!(image = %job.image, snapshot = source.snapshot().as_deref(), full_read = plan.full_read, blocks = plan.actions.len(),
         read_blocks = plan.count(BlockAction::Read), "plan ready");
 
     // pipeline; every id of a parent from `load_parent` was found in the store

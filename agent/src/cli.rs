@@ -116,15 +116,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-/// Splits `IMAGE[@ID]`.
+/// Splits `IMAGE[@ID]` (see [`crate::lookup::BackupRef`], which commands
+/// resolve through [`crate::lookup`]).
+///
+/// # Errors
+/// When what follows `@` is not a number.
 pub fn parse_backup_ref(s: &str) -> Result<(String, Option<u64>)> {
-    match s.rsplit_once('@') {
-        None => Ok((s.to_string(), None)),
-        Some((img, id)) => {
-            let id = id
-                .parse::<u64>()
-                .map_err(|_| anyhow::anyhow!("'{s}': the backup id after '@' must be a number"))?;
-            Ok((img.to_string(), Some(id)))
-        }
-    }
+    let r = crate::lookup::BackupRef::parse(s)?;
+    Ok((r.image, r.id.map(|id| id.0)))
 }

@@ -30,7 +30,7 @@
 //!   STATUS= with what runs and what is next, WATCHDOG=1 at half of
 //!   WATCHDOG_USEC when the unit sets `WatchdogSec=`, STOPPING=1.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -44,7 +44,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, ImageConfig};
 use crate::context::Ctx;
 use crate::job;
 
@@ -81,12 +81,26 @@ struct Running {
     since: Instant,
 }
 
+/// What a task of the loop's `JoinSet` ends with.
+enum Done {
+    /// A backup job of one image.
+    Job(String, JobReport),
+    /// The expansion of a glob entry (named by its template): the images to
+    /// queue, each as its own job (empty when it failed or matched nothing;
+    /// the expansion logged and recorded that).
+    Expanded(String, Vec<ImageConfig>),
+}
+
 struct Daemon {
     cfg: Arc<Config>,
     entries: BTreeMap<String, Entry>,
-    queue: VecDeque<String>,
+    /// Images waiting for a slot: configured images, or one image a glob
+    /// entry matched.
+    queue: VecDeque<ImageConfig>,
     running: HashMap<String, Running>,
-    jobs: JoinSet<(String, JobReport)>,
+    /// Glob entries whose images are being listed.
+    expanding: HashSet<String>,
+    jobs: JoinSet<Done>,
     watchdog: Option<Duration>,
     last_ping: Instant,
     last_status: String,
@@ -107,6 +121,7 @@ impl Daemon {
             entries: BTreeMap::new(),
             queue: VecDeque::new(),
             running: HashMap::new(),
+            expanding: HashSet::new(),
             jobs: JoinSet::new(),
             watchdog,
             last_ping: Instant::now(),
@@ -224,7 +239,7 @@ impl Daemon {
             info!(image = %name, "no longer scheduled");
         }
         let entries = &self.entries;
-        self.queue.retain(|n| entries.contains_key(n));
+        self.queue.retain(|img| cfg.entry_for(&img.name).is_some_and(|e| entries.contains_key(&e.name)));
     }
 
     /// Queues every image whose time has come, and sets its next firing.
@@ -236,28 +251,70 @@ impl Daemon {
             let e = self.entries.get_mut(&name).expect("listed above");
             e.next = e.schedule.after(&now).next();
             e.due = e.next.map(|n| n + delay);
-            if self.running.contains_key(&name) {
-                info!(image = %name, "previous backup still running: skipping this run");
-            } else if self.queue.contains(&name) {
-                info!(image = %name, "still waiting for a free slot: skipping this run");
+            let Ok(entry) = self.cfg.image(&name).cloned() else { continue };
+            if entry.source.is_glob() {
+                self.expand(entry);
             } else {
-                debug!(image = %name, "due");
-                self.queue.push_back(name);
+                self.enqueue(entry);
             }
         }
     }
 
+    /// Queues one image unless it is running or queued already.
+    fn enqueue(&mut self, img: ImageConfig) {
+        let name = &img.name;
+        if self.running.contains_key(name) {
+            info!(image = %name, "previous backup still running: skipping this run");
+        } else if self.queue.iter().any(|q| &q.name == name) {
+            info!(image = %name, "still waiting for a free slot: skipping this run");
+        } else {
+            debug!(image = %name, "due");
+            self.queue.push_back(img);
+        }
+    }
+
+    /// Lists the images of a glob entry on a blocking thread (it talks to
+    /// the cluster); each one found is then queued as its own job, so
+    /// `max-concurrent` applies to them and each is reported by its name.
+    fn expand(&mut self, entry: ImageConfig) {
+        if !self.expanding.insert(entry.name.clone()) {
+            info!(image = %entry.name, "still listing the images of this glob: skipping this run");
+            return;
+        }
+        let cfg = (*self.cfg).clone();
+        self.jobs.spawn_blocking(move || {
+            let found = Ctx::open(cfg).and_then(|ctx| {
+                let res = job::expand_for_run(&ctx, &entry);
+                if res.is_err() {
+                    // no job runs for it: the metrics say what was recorded
+                    crate::metrics::write_logged(&ctx);
+                }
+                res
+            });
+            match found {
+                Ok(v) => {
+                    info!(image = %entry.name, images = v.len(), "glob expanded: queueing each image");
+                    Done::Expanded(entry.name, v)
+                }
+                Err(e) => {
+                    error!(image = %entry.name, error = %format!("{e:#}"), "cannot list the images to back up");
+                    Done::Expanded(entry.name, Vec::new())
+                }
+            }
+        });
+    }
+
     fn start_queued(&mut self) {
         while self.running.len() < self.cfg.daemon.max_concurrent {
-            let Some(name) = self.queue.pop_front() else { break };
-            let Ok(img) = self.cfg.image(&name).cloned() else { continue };
+            let Some(img) = self.queue.pop_front() else { break };
+            let name = img.name.clone();
             let cfg = (*self.cfg).clone();
             let cancel = Arc::new(AtomicBool::new(false));
             let c = cancel.clone();
             let n = name.clone();
             info!(image = %name, "starting scheduled backup");
             self.jobs.spawn_blocking(move || {
-                let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_entry(cfg, &img, &c)));
+                let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_job(cfg, &img, &c)));
                 let out = out.unwrap_or_else(|p| {
                     let msg = p
                         .downcast_ref::<&str>()
@@ -267,21 +324,30 @@ impl Daemon {
                     error!(image = %n, panic = %msg, "backup job panicked");
                     JobReport { ok: false, committed: Vec::new() }
                 });
-                (n, out)
+                Done::Job(n, out)
             });
             self.running.insert(name, Running { cancel, since: Instant::now() });
         }
     }
 
-    fn finished(&mut self, res: Result<(String, JobReport), tokio::task::JoinError>) {
+    fn finished(&mut self, res: Result<Done, tokio::task::JoinError>) {
         match res {
-            Ok((name, rep)) => {
+            Ok(Done::Expanded(entry, images)) => {
+                self.expanding.remove(&entry);
+                if !self.entries.contains_key(&entry) {
+                    return; // no longer scheduled (reloaded meanwhile)
+                }
+                for img in images {
+                    self.enqueue(img);
+                }
+            }
+            Ok(Done::Job(name, rep)) => {
                 let secs = self.running.remove(&name).map(|r| r.since.elapsed().as_secs()).unwrap_or(0);
                 let ids: Vec<u64> = rep.committed.iter().map(|b| b.0).collect();
                 if rep.ok {
-                    info!(image = %name, backups = ?ids, duration_s = secs, "scheduled run done");
+                    info!(image = %name, backups = %join_ids(&ids), duration_s = secs, "scheduled run done");
                 } else {
-                    warn!(image = %name, backups = ?ids, duration_s = secs, "scheduled run failed");
+                    warn!(image = %name, backups = %join_ids(&ids), duration_s = secs, "scheduled run failed");
                 }
             }
             // jobs are never aborted and panics are caught inside
@@ -344,7 +410,7 @@ impl Daemon {
             parts.push(format!("running: {}", r.join(", ")));
         }
         if !self.queue.is_empty() {
-            parts.push(format!("queued: {}", self.queue.iter().cloned().collect::<Vec<_>>().join(", ")));
+            parts.push(format!("queued: {}", self.queue.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")));
         }
         if let Some((name, due)) = self.entries.iter().filter_map(|(n, e)| e.due.map(|d| (n, d))).min_by_key(|(_, d)| *d) {
             parts.push(format!("next: {name} at {}", due.format("%Y-%m-%d %H:%M:%S")));
@@ -360,6 +426,11 @@ impl Daemon {
     }
 }
 
+/// Backup ids for a log field: `12,13` (not a Rust debug string).
+fn join_ids(ids: &[u64]) -> String {
+    ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+}
+
 /// What a job reports back to the loop (details are in the log).
 struct JobReport {
     ok: bool,
@@ -367,37 +438,17 @@ struct JobReport {
 }
 
 /// The blocking part of a job: opens its own store and catalog handles and
-/// runs every image the entry stands for (one, or a glob's matches).
-fn run_entry(cfg: Config, entry: &crate::config::ImageConfig, cancel: &AtomicBool) -> JobReport {
-    let mut rep = JobReport { ok: true, committed: Vec::new() };
+/// backs up one image (a configured one, or one a glob entry matched).
+fn run_job(cfg: Config, img: &ImageConfig, cancel: &AtomicBool) -> JobReport {
     let mut ctx = match Ctx::open(cfg) {
         Ok(c) => c,
         Err(e) => {
-            error!(image = %entry.name, error = %format!("{e:#}"), "cannot open the store or catalog");
-            rep.ok = false;
-            return rep;
+            error!(image = %img.name, error = %format!("{e:#}"), "cannot open the store or catalog");
+            return JobReport { ok: false, committed: Vec::new() };
         }
     };
-    let images = match job::expand_entry(&ctx.cfg, entry) {
-        Ok(v) => v,
-        Err(e) => {
-            error!(image = %entry.name, error = %format!("{e:#}"), "cannot list the images to back up");
-            rep.ok = false;
-            return rep;
-        }
-    };
-    for img in images {
-        if cancel.load(Ordering::Relaxed) {
-            rep.ok = false;
-            break;
-        }
-        let out = job::run_image(&mut ctx, &img, &(), cancel);
-        rep.ok &= out.ok();
-        if let Ok(m) = &out.backup {
-            rep.committed.push(m.id);
-        }
-    }
-    rep
+    let out = job::run_image(&mut ctx, img, &(), cancel);
+    JobReport { ok: out.ok(), committed: out.backup.as_ref().map(|m| vec![m.id]).unwrap_or_default() }
 }
 
 #[cfg(test)]
@@ -439,7 +490,7 @@ mod tests {
         assert_eq!(d.entries["b"].due, b);
         // b loses its schedule
         d.cfg = Arc::new(cfg(""));
-        d.queue.push_back("b".into());
+        d.queue.push_back(d.cfg.image("b").unwrap().clone());
         d.reschedule(now, false);
         assert!(!d.entries.contains_key("b"));
         assert!(d.queue.is_empty());
@@ -458,6 +509,6 @@ mod tests {
         d.running.clear();
         let due = d.entries["a"].due.unwrap();
         d.fire_due(due);
-        assert_eq!(d.queue, vec!["a".to_string()]);
+        assert_eq!(d.queue.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(), vec!["a"]);
     }
 }

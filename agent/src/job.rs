@@ -47,7 +47,9 @@ pub fn run_image(ctx: &mut Ctx, img: &ImageConfig, progress: &dyn Progress, canc
         } else {
             error!(image = %img.name, error = %format!("{e:#}"), "backup failed");
         }
-        if let Err(e2) = note_failure(ctx, img, before, started, e) {
+        if BackupError::is_cancelled(e) {
+            // not a failure: the metrics keep the run before it
+        } else if let Err(e2) = note_failure(ctx, img, before, started, e) {
             warn!(image = %img.name, error = %format!("{e2:#}"), "could not record the failure for metrics");
         }
     }
@@ -82,6 +84,45 @@ pub fn expand_entry(cfg: &Config, entry: &ImageConfig) -> Result<Vec<ImageConfig
     let mut one = cfg.clone();
     one.images = vec![entry.clone()];
     crate::source::rbd::expand_images(&one)
+}
+
+/// The images a config entry stands for in a run, with what the metrics
+/// need to know about a glob entry recorded on the way: a glob that matches
+/// nothing (a typo in `source` means no backups, and must not look like
+/// success) is an error with a warning, and a glob that cannot be expanded
+/// (cluster down) marks every image the catalog knows under it failed, so
+/// none of them keeps reporting its last success.
+///
+/// # Errors
+/// When the glob matches nothing or cannot be expanded.
+pub fn expand_for_run(ctx: &Ctx, entry: &ImageConfig) -> Result<Vec<ImageConfig>> {
+    if !entry.source.is_glob() {
+        return Ok(vec![entry.clone()]);
+    }
+    let started = Instant::now();
+    match expand_entry(&ctx.cfg, entry) {
+        Ok(v) => {
+            let names: Vec<String> = v.iter().map(|i| i.name.clone()).collect();
+            crate::metrics::record_glob(ctx, &entry.name, Ok(&names))?;
+            if v.is_empty() {
+                warn!(image = %entry.name, source = %entry.source,
+                    "the glob matches no RBD image: nothing is backed up for this entry (a typo in `source`?)");
+                anyhow::bail!("image '{}': no RBD image matches '{}'", entry.name, entry.source);
+            }
+            Ok(v)
+        }
+        Err(e) => {
+            let why = format!("{e:#}");
+            let known = crate::metrics::images_known(ctx, entry)?;
+            for n in &known {
+                crate::metrics::record_failure_without_row(ctx, n, started.elapsed(), &why)?;
+            }
+            crate::metrics::record_glob(ctx, &entry.name, Err(&why))?;
+            error!(image = %entry.name, known_images = known.len(), error = %why,
+                "cannot list the images of a glob: every image known under it is marked failed");
+            Err(e.context(format!("image '{}': listing the RBD images matching '{}'", entry.name, entry.source)))
+        }
+    }
 }
 
 /// A failure that left a failed backup row is counted from the catalog; one

@@ -13,13 +13,16 @@
 //! them.
 
 pub mod backup;
+pub mod cancel;
 pub mod cli;
 pub mod config;
 pub mod context;
 pub mod daemon;
 pub mod error;
+pub mod gc;
 pub mod job;
 pub mod logging;
+pub mod lookup;
 pub mod metrics;
 pub mod pipeline;
 pub mod plan;

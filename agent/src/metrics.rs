@@ -14,9 +14,12 @@
 //! serialised with a lock in the store's `locks/`, so two processes cannot
 //! overwrite a newer picture with an older one.
 //!
-//! Images listed: every configured image, and for a glob entry every
-//! catalog image its name template matches. Images no longer in the config
-//! are left out, so that alerts on them stop.
+//! Images listed: every configured image, and for a glob entry the images
+//! it matched when it was last listed (before its first listing, every
+//! catalog image its name template matches). Images no longer in the config
+//! are left out, so that alerts on them stop. A glob entry also gets
+//! `blockvault_glob_matched_images` (0 alerts: nothing is backed up) and
+//! `blockvault_glob_last_expansion_success`.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -76,6 +79,98 @@ pub fn record_failure_without_row(ctx: &Ctx, image: &str, duration: Duration, er
     Ok(())
 }
 
+fn glob_key(entry: &str) -> String {
+    format!("glob:{entry}")
+}
+
+/// The last expansion of a glob entry (agent state in the catalog).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct GlobState {
+    /// Images it matched; `None` when it could not be expanded.
+    matched: Option<u64>,
+    /// The names of the images it matched when it last could be expanded.
+    #[serde(default)]
+    images: Vec<String>,
+    finished: String,
+    #[serde(default)]
+    error: String,
+}
+
+/// Records what the expansion of the glob entry `entry` (its name template)
+/// found: how many images, or why it failed.
+///
+/// # Errors
+/// Catalog errors.
+pub fn record_glob(ctx: &Ctx, entry: &str, found: std::result::Result<&[String], &str>) -> Result<()> {
+    let images = match found {
+        Ok(names) => names.to_vec(),
+        // the images known before still stand for the entry
+        Err(_) => glob_state(ctx, entry)?.map(|s| s.images).unwrap_or_default(),
+    };
+    let st = GlobState {
+        matched: found.ok().map(|n| n.len() as u64),
+        images,
+        finished: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        error: found.err().unwrap_or_default().to_string(),
+    };
+    ctx.catalog.set_agent_state(&glob_key(entry), &serde_json::to_string(&st)?)?;
+    Ok(())
+}
+
+/// The images a config entry stands for in the metrics: itself, or for a
+/// glob entry the images it matched when last listed (an RBD image deleted
+/// from the cluster, or renamed, leaves the file instead of tripping a
+/// staleness alert forever); before its first listing, every catalog image
+/// its name template matches.
+///
+/// # Errors
+/// Catalog errors.
+pub fn images_known(ctx: &Ctx, entry: &crate::config::ImageConfig) -> Result<Vec<String>> {
+    match glob_state(ctx, &entry.name)?.filter(|_| entry.source.is_glob()) {
+        Some(st) => Ok(st.images),
+        None => crate::prune::images_of_entry(ctx, entry),
+    }
+}
+
+fn glob_state(ctx: &Ctx, entry: &str) -> Result<Option<GlobState>> {
+    Ok(ctx.catalog.agent_state(&glob_key(entry))?.and_then(|v| serde_json::from_str(&v).ok()))
+}
+
+/// What the file says about one glob entry.
+#[derive(Debug, Default, PartialEq)]
+struct GlobMetrics {
+    entry: String,
+    matched: Option<u64>,
+    success: bool,
+}
+
+fn gather_globs(ctx: &Ctx) -> Result<Vec<GlobMetrics>> {
+    let mut out = Vec::new();
+    for e in ctx.cfg.images.iter().filter(|e| e.source.is_glob()) {
+        let Some(st) = glob_state(ctx, &e.name)? else { continue };
+        out.push(GlobMetrics { entry: e.name.clone(), matched: st.matched, success: st.matched.is_some() });
+    }
+    Ok(out)
+}
+
+fn render_globs(o: &mut String, globs: &[GlobMetrics]) {
+    if globs.is_empty() {
+        return;
+    }
+    let _ = writeln!(o, "# HELP blockvault_glob_matched_images RBD images the glob entry matched when last expanded (0: it matches nothing, nothing is backed up).");
+    let _ = writeln!(o, "# TYPE blockvault_glob_matched_images gauge");
+    for g in globs {
+        if let Some(n) = g.matched {
+            let _ = writeln!(o, "blockvault_glob_matched_images{{entry=\"{}\"}} {n}", escape(&g.entry));
+        }
+    }
+    let _ = writeln!(o, "# HELP blockvault_glob_last_expansion_success 1 if the glob entry's images could be listed when last tried, 0 if not (cluster unreachable).");
+    let _ = writeln!(o, "# TYPE blockvault_glob_last_expansion_success gauge");
+    for g in globs {
+        let _ = writeln!(o, "blockvault_glob_last_expansion_success{{entry=\"{}\"}} {}", escape(&g.entry), u8::from(g.success));
+    }
+}
+
 /// What the file says about one image.
 #[derive(Debug, Default, PartialEq)]
 struct ImageMetrics {
@@ -125,11 +220,13 @@ fn gather_image(ctx: &Ctx, name: &str) -> Result<ImageMetrics> {
             m.last_success = b.finished.as_deref().and_then(unix);
             m.last_stats = b.stats.clone();
         }
-        if let Some(row) = ctx.catalog.latest_finished_backup(img.id)? {
+        // a cancelled run (SIGTERM, daemon stop) is no failure: the last run
+        // is the one before it
+        if let Some(row) = ctx.catalog.latest_run(img.id)? {
             m.last_run = run_of_row(&row);
             m.last_run_id = Some(row.id.0);
         }
-        m.failures = ctx.catalog.count_backups(img.id, BackupState::Failed)?;
+        m.failures = ctx.catalog.count_failures(img.id)?;
         m.backups = ctx.catalog.count_backups(img.id, BackupState::Committed)?;
         m.snapshots =
             ctx.catalog.snapshots(img.id)?.iter().filter(|s| s.state == SnapshotState::Present).count() as u64;
@@ -151,7 +248,7 @@ fn gather_image(ctx: &Ctx, name: &str) -> Result<ImageMetrics> {
 fn gather(ctx: &Ctx) -> Result<Vec<ImageMetrics>> {
     let mut names: Vec<String> = Vec::new();
     for entry in &ctx.cfg.images {
-        names.extend(crate::prune::images_of_entry(ctx, entry)?);
+        names.extend(images_known(ctx, entry)?);
     }
     names.sort();
     names.dedup();
@@ -293,7 +390,8 @@ fn write_atomic(path: &Path, text: &str) -> Result<()> {
 pub fn write(ctx: &Ctx) -> Result<()> {
     let Some(path) = ctx.cfg.metrics.path.clone() else { return Ok(()) };
     let _l = ctx.store.lock_named(LOCK_NAME)?;
-    let text = render(&gather(ctx)?);
+    let mut text = render(&gather(ctx)?);
+    render_globs(&mut text, &gather_globs(ctx)?);
     write_atomic(&path, &text)?;
     debug!(path = %path.display(), "metrics written");
     Ok(())

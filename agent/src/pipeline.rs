@@ -68,6 +68,9 @@ struct Done {
 
 /// Receives progress: bytes of the image handled so far.
 pub trait Progress: Sync {
+    /// The plan is ready: `total` bytes of the image will be handled
+    /// (read, inherited or zero), before the first [`Progress::advance`].
+    fn start(&self, _total: u64) {}
     fn advance(&self, bytes: u64);
 }
 
@@ -99,6 +102,7 @@ pub fn run(
     cancel: &AtomicBool,
 ) -> Result<BackupStats> {
     assert_eq!(actions.len(), map.len(), "plan and block map disagree");
+    progress.start((0..map.len()).map(|i| map.block_range(i).1 as u64).sum());
     let mut stats = BackupStats::default();
     let to_read: Vec<usize> = actions
         .iter()

@@ -24,14 +24,17 @@
 //! the base of an RBD incremental ever be gone, the next backup falls back
 //! to reading the whole image.
 
-use anyhow::{anyhow, Context, Result};
-use blockvault_catalog::BackupRow;
+use anyhow::{anyhow, bail, Context, Result};
+use blockvault_catalog::{BackupRow, BackupState};
+use blockvault_store::{BackupId, StoreLock};
 use chrono::{DateTime, Local, NaiveDateTime};
 use serde_json::json;
 use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::context::Ctx;
+use crate::error::Error;
+use crate::lookup::BackupRef;
 use crate::retention::{self, BackupInfo, PruneAction, PruneItem, RetentionPolicy};
 
 /// The retention policy of an image of the catalog: that of its config
@@ -168,6 +171,98 @@ pub fn remove_backup(ctx: &Ctx, id: blockvault_store::BackupId) -> Result<()> {
         ctx.store.remove_backup(id)?;
         Ok(())
     })
+}
+
+/// Backups `forget` removes, chosen and checked by [`forget`], with the
+/// locks that keep them removable: the shared store lock (a GC waits) and,
+/// for a whole image, its image lock (no backup of it runs meanwhile).
+pub struct Forget<'c> {
+    ctx: &'c Ctx,
+    /// In the order they are removed.
+    pub targets: Vec<BackupId>,
+    /// Something the operator should know before they go.
+    pub note: Option<String>,
+    _store_lock: StoreLock,
+    _image_lock: Option<StoreLock>,
+}
+
+/// Chooses what `forget SPEC` removes: `IMAGE@ID` that backup (also one the
+/// store holds with an unreadable manifest that no catalog row names,
+/// `@ID`), `IMAGE` with `all` every committed backup of the image.
+/// Protected backups are refused without `force`. Nothing is removed yet:
+/// [`Forget::remove`] does that.
+///
+/// # Errors
+/// [`Error::ImageNotFound`], [`Error::BackupNotFound`],
+/// [`Error::WrongImage`], [`Error::NoCommittedBackup`], [`Error::Locked`]
+/// (a backup of the image runs), a running or protected backup, or a
+/// catalog or store error.
+pub fn forget<'c>(ctx: &'c Ctx, spec: &BackupRef, all: bool, force: bool) -> Result<Forget<'c>> {
+    let store_lock = ctx.store.lock_shared()?;
+    let rec = crate::rebuild::reconcile(&ctx.store, &ctx.catalog)?;
+    let image = &spec.image;
+    let mut targets: Vec<BackupId> = Vec::new();
+    let mut image_lock = None;
+    let mut note = None;
+    if all {
+        if spec.id.is_some() || image.is_empty() {
+            bail!("'{spec}': --all takes an IMAGE, not IMAGE@ID");
+        }
+        if ctx.catalog.image(image)?.is_none() {
+            bail!("image '{image}' is not in the catalog (see `blockvault list`)");
+        }
+        let lock = crate::backup::image_lock_name(image);
+        image_lock = ctx.store.try_lock_named(&lock)?;
+        if image_lock.is_none() {
+            return Err(Error::Locked { lock, message: format!("a backup of image '{image}' is running; forget it once that ends") }.into());
+        }
+        targets.extend(ctx.catalog.committed_backups(Some(image))?.iter().map(|r| r.id));
+        if targets.is_empty() {
+            return Err(Error::NoCommittedBackup { image: image.clone() }.into());
+        }
+    } else {
+        let Some(id) = spec.id else { bail!("'{spec}': name the backup as IMAGE@ID, or use --all") };
+        match ctx.catalog.backup(id)? {
+            Some(r) if r.image != *image => {
+                return Err(Error::WrongImage { image: image.clone(), id, actual: r.image }.into());
+            }
+            Some(r) if r.state == BackupState::Running => bail!("backup {id} of image '{image}' is running"),
+            Some(_) => {}
+            None if rec.unreadable.iter().any(|(u, _)| *u == id) => {
+                // no catalog row and no readable manifest: the image is unknown
+                if !image.is_empty() {
+                    note = Some(format!("backup {id}'s manifest is unreadable, so its image cannot be checked against '{image}'"));
+                }
+            }
+            None => return Err(Error::BackupNotFound { image: image.clone(), id }.into()),
+        }
+        targets.push(id);
+    }
+    let protected: Vec<String> = targets
+        .iter()
+        .filter(|id| ctx.store.is_protected(**id) || matches!(ctx.catalog.backup(**id), Ok(Some(r)) if r.protected))
+        .map(|id| id.to_string())
+        .collect();
+    if !protected.is_empty() && !force {
+        bail!(
+            "backup{} {} {} protected: `blockvault unprotect IMAGE@ID` first, or forget --force",
+            if protected.len() == 1 { "" } else { "s" },
+            protected.join(", "),
+            if protected.len() == 1 { "is" } else { "are" }
+        );
+    }
+    Ok(Forget { ctx, targets, note, _store_lock: store_lock, _image_lock: image_lock })
+}
+
+impl Forget<'_> {
+    /// Removes one of the targets (catalog row and store files in one
+    /// catalog transaction, as prune does). Chunks are freed by the next gc.
+    ///
+    /// # Errors
+    /// Catalog or store errors, naming the backup.
+    pub fn remove(&self, id: BackupId) -> Result<()> {
+        remove_backup(self.ctx, id).map_err(|e| e.context(format!("forgetting backup {id}")))
+    }
 }
 
 /// Plans and applies the configured policy to one image (after a backup).

@@ -226,3 +226,38 @@ pub fn rebuild_in_memory(store: &Store) -> Result<Catalog> {
     info!(backups = r.imported, "catalog built in memory from the store");
     Ok(cat)
 }
+
+/// `catalog rebuild`: rebuilds the config's catalog from its store in one
+/// transaction ([`rebuild`]), under the shared store lock. A catalog file
+/// too damaged to open or to rebuild in is moved aside and a new one built.
+/// Returns the catalog's path and what was imported.
+///
+/// # Errors
+/// The store does not open; catalog or store errors.
+pub fn rebuild_catalog(cfg: &crate::config::Config) -> Result<(std::path::PathBuf, RebuildReport)> {
+    let store = crate::context::open_store(cfg)?;
+    let _lock = store.lock_shared_for_reading()?;
+    let path = cfg.catalog_path();
+    let open = |p: &Path| Catalog::open(p).with_context(|| format!("opening catalog {}", p.display()));
+    let mut cat = match Catalog::open(&path) {
+        Ok(c) => c,
+        Err(e) if e.is_corrupt() => {
+            let aside = move_aside(&path)?;
+            tracing::warn!(catalog = %path.display(), moved_to = %aside.display(), error = %e, "catalog is damaged: moved aside, building a new one");
+            open(&path)?
+        }
+        Err(e) => return Err(e).with_context(|| format!("opening catalog {}", path.display())),
+    };
+    let r = match rebuild(&store, &mut cat) {
+        Ok(r) => r,
+        Err(e) if e.downcast_ref::<blockvault_catalog::Error>().is_some_and(|e| e.is_corrupt()) => {
+            drop(cat);
+            let aside = move_aside(&path)?;
+            tracing::warn!(catalog = %path.display(), moved_to = %aside.display(), error = %format!("{e:#}"), "catalog is damaged: moved aside, building a new one");
+            let mut cat = open(&path)?;
+            rebuild(&store, &mut cat)?
+        }
+        Err(e) => return Err(e),
+    };
+    Ok((path, r))
+}

@@ -15,10 +15,11 @@ pub mod rbd;
 
 use std::io;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use blockvault_catalog::Catalog;
 use blockvault_store::{BackupId, BlockMap, Manifest, RbdInfo, Store};
 
+use crate::config::{self, Config};
 use crate::plan::{Changes, Plan};
 
 pub use crate::plan::BlockAction;
@@ -94,6 +95,13 @@ pub trait Source {
     /// When called before [`Source::freeze`].
     fn reader<'a>(&'a self, store: &'a Store) -> Result<Box<dyn ImageSource + 'a>>;
 
+    /// The snapshots an incremental can diff from, after [`Source::recover`]
+    /// (RBD: the blockvault snapshots still held on the cluster); `None`
+    /// for a source without snapshots, for which any parent will do.
+    fn held_snapshots(&self) -> Option<Vec<String>> {
+        None
+    }
+
     /// The snapshot the backup is of, for the manifest.
     fn snapshot(&self) -> Option<String> {
         None
@@ -159,5 +167,41 @@ impl<T: ImageSource + ?Sized> ImageSource for &T {
     }
     fn read_block(&self, offset: u64, buf: &mut [u8]) -> io::Result<BlockRead> {
         (**self).read_block(offset, buf)
+    }
+}
+
+/// The versions of images that committed backups were read from, opened
+/// again to compare a backup with its origin (`verify --source`). Only an
+/// RBD snapshot is such a version, while it exists; a file has changed
+/// since (it has no point in time to go back to).
+pub struct Origins {
+    rbd: Option<rbd::SnapshotOpener>,
+}
+
+impl Origins {
+    /// Connects what opening origins needs: the Ceph cluster when
+    /// `snapshots` (some backup to compare was read from an RBD snapshot);
+    /// nothing otherwise.
+    ///
+    /// # Errors
+    /// The cluster cannot be reached.
+    pub fn connect(cfg: &Config, snapshots: bool) -> Result<Origins> {
+        let needs_rbd = snapshots;
+        let rbd = if needs_rbd { Some(rbd::SnapshotOpener::connect(cfg)?) } else { None };
+        Ok(Origins { rbd })
+    }
+
+    /// Opens the version backup `m` was read from.
+    ///
+    /// # Errors
+    /// Why it cannot be compared: not read from a snapshot, the snapshot is
+    /// gone, the cluster fails.
+    pub fn open(&self, m: &Manifest) -> Result<Box<dyn ImageSource + '_>> {
+        let Some(snap) = &m.snapshot else { bail!("not read from an RBD snapshot") };
+        let Ok(config::Source::Rbd { pool, namespace, image }) = config::Source::parse(&m.source) else {
+            bail!("source {} is not RBD", m.source)
+        };
+        let Some(opener) = &self.rbd else { bail!("not connected to the Ceph cluster") };
+        Ok(Box::new(opener.open((&pool, namespace.as_deref(), &image), snap)?))
     }
 }

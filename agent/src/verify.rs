@@ -39,8 +39,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use anyhow::{Context, Result};
 use blockvault_catalog::{BackupRow, BackupState, VerifyState};
@@ -48,23 +48,32 @@ use blockvault_store::{chunk, BackupId, BlockMap, ChunkId, Manifest, Store, Veri
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::config::Source;
 use crate::context::Ctx;
+use crate::error::{BackupError, Error};
+use crate::lookup::{self, BackupRef};
 use crate::pipeline::Progress;
+use crate::pool;
 use crate::progress::Bar;
-use crate::rbd::Cluster;
+use crate::rebuild::Unreadable;
+use crate::source::{ImageSource, Origins};
+
+/// Chunks (or source blocks) queued per verify worker.
+const QUEUE_PER_WORKER: usize = 4;
 
 /// Most block numbers a source mismatch lists.
 const MAX_LISTED_BLOCKS: usize = 16;
 
-#[derive(Clone, Debug)]
-pub struct VerifyOptions {
+#[derive(Clone, Copy, Debug)]
+pub struct VerifyOptions<'a> {
     pub deep: bool,
     pub source: bool,
     /// Threads that read and decode chunks (and read the source).
     pub threads: usize,
     /// Draw a progress bar (on a terminal).
     pub progress: bool,
+    /// Checked between chunks and source blocks: set, verify stops with
+    /// [`Error::Cancelled`] before marking anything.
+    pub cancel: &'a AtomicBool,
 }
 
 /// One thing wrong. Chunk findings name every backup that references the chunk.
@@ -144,13 +153,32 @@ impl fmt::Display for Finding {
     }
 }
 
+/// What verify concluded about one backup it was asked about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckedState {
+    Ok,
+    Invalid,
+    /// Pruned while verify ran.
+    Gone,
+}
+
+impl fmt::Display for CheckedState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CheckedState::Ok => "ok",
+            CheckedState::Invalid => "invalid",
+            CheckedState::Gone => "gone",
+        })
+    }
+}
+
 /// Outcome for one backup that was asked about.
 #[derive(Clone, Debug, Serialize)]
 pub struct Checked {
     pub id: u64,
     pub image: String,
-    /// `ok` or `invalid`; `gone` when it was pruned while verify ran.
-    pub state: &'static str,
+    pub state: CheckedState,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -173,7 +201,7 @@ pub struct VerifyReport {
 impl VerifyReport {
     /// Nothing found, and no backup asked about is (still) invalid.
     pub fn is_clean(&self) -> bool {
-        self.findings.is_empty() && self.backups.iter().all(|b| b.state != "invalid")
+        self.findings.is_empty() && self.backups.iter().all(|b| b.state != CheckedState::Invalid)
     }
 }
 
@@ -198,7 +226,8 @@ fn load(store: &Store, row: &BackupRow) -> Result<(Manifest, BlockMap), Finding>
         diffs.push(format!("image '{}' in the manifest, '{}' in the catalog", m.image, row.image));
     }
     if m.parent != row.parent {
-        diffs.push(format!("parent {:?} in the manifest, {:?} in the catalog", m.parent.map(|p| p.0), row.parent.map(|p| p.0)));
+        let show = |p: Option<BackupId>| p.map_or("none".to_string(), |p| p.0.to_string());
+        diffs.push(format!("parent {} in the manifest, {} in the catalog", show(m.parent), show(row.parent)));
     }
     if m.image_size != row.image_size || m.block_size != row.block_size {
         diffs.push(format!(
@@ -215,47 +244,44 @@ fn load(store: &Store, row: &BackupRow) -> Result<(Manifest, BlockMap), Finding>
     }
 }
 
-/// Checks every chunk in `ids` on `threads` threads: existence, or with
-/// `deep` a full decode and a length check against the blocks that use it.
-/// Returns the problems and the bytes read.
+/// Checks every chunk in `ids` on `threads` workers of the pool:
+/// existence, or with `deep` a full decode and a length check against the
+/// blocks that use it. Returns the problems and the bytes read.
+///
+/// # Errors
+/// [`Error::Cancelled`]; a problem with a chunk is a finding, not an error.
 fn check_chunks(
     store: &Store,
     ids: &[(ChunkId, u32)],
     deep: bool,
     threads: usize,
+    cancel: &AtomicBool,
     progress: &dyn Progress,
-) -> (Vec<(ChunkId, Problem)>, u64) {
-    let next = AtomicUsize::new(0);
+) -> Result<(Vec<(ChunkId, Problem)>, u64)> {
     let problems = Mutex::new(Vec::new());
-    let bytes = AtomicUsize::new(0);
-    std::thread::scope(|s| {
-        for _ in 0..threads.max(1) {
-            s.spawn(|| {
-                let (mut raw, mut plain) = (Vec::new(), Vec::new());
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(&(id, len)) = ids.get(i) else { return };
-                    let p = if deep {
-                        check_one(store, &id, len, &mut raw, &mut plain)
-                    } else {
-                        match store.has_chunk(&id) {
-                            Ok(true) => None,
-                            Ok(false) => Some(Problem::Missing),
-                            Err(e) => Some(Problem::Unreadable(crate::logging::Chain(&e).to_string())),
-                        }
-                    };
-                    bytes.fetch_add(raw.len(), Ordering::Relaxed);
-                    progress.advance(len as u64);
-                    if let Some(p) = p {
-                        problems.lock().unwrap().push((id, p));
-                    }
-                }
-            });
+    let bytes = AtomicU64::new(0);
+    let threads = threads.max(1);
+    pool::for_each(cancel, "verify", threads, threads * QUEUE_PER_WORKER, ids, || (Vec::new(), Vec::new()), |(raw, plain), &(id, len)| {
+        let p = if deep {
+            check_one(store, &id, len, raw, plain)
+        } else {
+            match store.has_chunk(&id) {
+                Ok(true) => None,
+                Ok(false) => Some(Problem::Missing),
+                Err(e) => Some(Problem::Unreadable(crate::logging::Chain(&e).to_string())),
+            }
+        };
+        bytes.fetch_add(raw.len() as u64, Ordering::Relaxed);
+        progress.advance(len as u64);
+        if let Some(p) = p {
+            problems.lock().unwrap_or_else(|p| p.into_inner()).push((id, p));
         }
-    });
-    let mut problems = problems.into_inner().unwrap();
+        Ok(())
+    })
+    .map_err(|e| Error::cancelled_as(e, || "verify".into()))?;
+    let mut problems = problems.into_inner().unwrap_or_else(|p| p.into_inner());
     problems.sort_by_key(|(id, _)| *id);
-    (problems, bytes.into_inner() as u64)
+    Ok((problems, bytes.into_inner()))
 }
 
 /// Reads and fully decodes one chunk; `len` is the length blocks expect.
@@ -318,8 +344,8 @@ pub fn verify(ctx: &Ctx, rows: &[BackupRow], opts: &VerifyOptions) -> Result<Ver
         findings: Vec::new(),
         skipped: Vec::new(),
     };
-    let cluster = if opts.source && rows.iter().any(|r| r.snapshot.is_some()) {
-        Some(crate::source::rbd::connect(&ctx.cfg).context("--source needs the Ceph cluster")?)
+    let origins = if opts.source {
+        Some(Origins::connect(&ctx.cfg, rows.iter().any(|r| r.snapshot.is_some())).context("--source needs the Ceph cluster")?)
     } else {
         None
     };
@@ -370,18 +396,25 @@ pub fn verify(ctx: &Ctx, rows: &[BackupRow], opts: &VerifyOptions) -> Result<Ver
     info!(backups = rows.len(), chunks = ids.len(), deep = opts.deep, "verifying");
     let total = ids.iter().map(|(_, len)| *len as u64).sum();
     let bar = Bar::new(total, if opts.deep { "verify --deep" } else { "verify" }, opts.progress);
-    let (problems, bytes) = check_chunks(store, &ids, opts.deep, opts.threads, &bar);
+    let checked = check_chunks(store, &ids, opts.deep, opts.threads, opts.cancel, &bar);
     bar.finish();
+    let (problems, bytes) = checked?;
     report.bytes_read = bytes;
 
     // Phase 3: the source snapshots.
     let mut source_ok: BTreeSet<u64> = BTreeSet::new();
-    if let Some(cluster) = &cluster {
+    if let Some(origins) = &origins {
         for (m, map) in &loaded {
             if own.contains(&m.id.0) {
                 continue;
             }
-            match check_source(cluster, store, m, map, opts.threads) {
+            let compared = origins.open(m).and_then(|origin| check_source(&*origin, store, m, map, opts.threads, opts.cancel));
+            if let Err(e) = &compared {
+                if BackupError::is_cancelled(e) {
+                    return Err(compared.unwrap_err());
+                }
+            }
+            match compared {
                 Ok(None) => {
                     source_ok.insert(m.id.0);
                 }
@@ -465,19 +498,19 @@ pub fn verify(ctx: &Ctx, rows: &[BackupRow], opts: &VerifyOptions) -> Result<Ver
         // the other checks and never heals.
         let recheck = opts.deep && (r.snapshot.is_none() || source_ok.contains(&r.id.0));
         let state = if gone.contains(&r.id.0) {
-            "gone"
+            CheckedState::Gone
         } else if invalid.contains(&r.id.0) {
-            "invalid"
+            CheckedState::Invalid
         } else if r.verify_state == VerifyState::Invalid && !recheck {
             report.skipped.push(format!(
                 "backup {}: stays invalid from an earlier verify; only --deep{} clears that",
                 r.id,
                 if r.snapshot.is_some() { " --source (while its snapshot exists)" } else { "" }
             ));
-            "invalid"
+            CheckedState::Invalid
         } else {
             mark(ctx, r.id, VerifyState::Ok, None)?;
-            "ok"
+            CheckedState::Ok
         };
         report.backups.push(Checked { id: r.id.0, image: r.image.clone(), state });
     }
@@ -511,70 +544,77 @@ pub fn mark(ctx: &Ctx, id: BackupId, state: VerifyState, reason: Option<String>)
     Ok(())
 }
 
-/// Compares a backup with the RBD snapshot it was read from. `Err` means
-/// the comparison could not be made (the snapshot is gone, the source is
-/// not RBD), `Ok(Some)` that it was made and the two differ.
+/// Compares a backup with the version of the image it was read from
+/// (`origin`, from [`Origins::open`]), block by block on `threads` workers.
+/// `Err` means the comparison could not be made (a read of the origin
+/// failed) or was cancelled, `Ok(Some)` that it was made and the two differ.
 fn check_source(
-    cluster: &Arc<Cluster>,
+    origin: &dyn ImageSource,
     store: &Store,
     m: &Manifest,
     map: &BlockMap,
     threads: usize,
+    cancel: &AtomicBool,
 ) -> Result<Option<Finding>> {
-    let Some(snap) = &m.snapshot else { anyhow::bail!("not read from an RBD snapshot") };
-    let Ok(Source::Rbd { pool, namespace, image }) = Source::parse(&m.source) else {
-        anyhow::bail!("source {} is not RBD", m.source)
-    };
-    let ioctx = cluster.ioctx(&pool, namespace.as_deref())?;
-    let img = match ioctx.open(&image, Some(snap)) {
-        Ok(i) => i,
-        Err(e) if e.is_not_found() => anyhow::bail!("snapshot {snap} no longer exists"),
-        Err(e) => return Err(e.into()),
-    };
+    let snap = m.snapshot.clone().unwrap_or_default();
     let mismatch = |blocks: u64, first_blocks: Vec<u64>, reason: String| {
         Some(Finding::SourceMismatch { backup: m.id.0, snapshot: snap.clone(), blocks, first_blocks, reason })
     };
-    let size = img.size()?;
+    let size = origin.size();
     if size != m.image_size {
         return Ok(mismatch(0, Vec::new(), format!("the snapshot has {size} bytes, the backup {}", m.image_size)));
     }
-    let next = AtomicUsize::new(0);
     let differ = Mutex::new(BTreeSet::new());
-    let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
-    std::thread::scope(|s| {
-        for _ in 0..threads.max(1) {
-            s.spawn(|| {
-                let (mut src, mut raw, mut plain) = (Vec::new(), Vec::new(), Vec::new());
-                loop {
-                    let b = next.fetch_add(1, Ordering::Relaxed);
-                    if b >= map.len() || failed.lock().unwrap().is_some() {
-                        return;
-                    }
-                    let (off, len) = map.block_range(b);
-                    src.resize(len, 0);
-                    if let Err(e) = img.read_at(off, &mut src) {
-                        failed.lock().unwrap().get_or_insert(anyhow::Error::new(e).context(format!("reading block {b}")));
-                        return;
-                    }
-                    let same = match map.get(b) {
-                        None => chunk::is_zero(&src),
-                        // a chunk that does not load differs (and is reported as a chunk finding)
-                        Some(id) => store.load_chunk(&id, &mut raw, &mut plain).is_ok() && plain == src,
-                    };
-                    if !same {
-                        differ.lock().unwrap().insert(b as u64);
-                    }
-                }
-            });
+    let threads = threads.max(1);
+    let init = || (Vec::new(), Vec::new(), Vec::new());
+    pool::for_each(cancel, "verify source", threads, threads * QUEUE_PER_WORKER, 0..map.len(), init, |(src, raw, plain), b| {
+        let (off, len) = map.block_range(b);
+        src.resize(len, 0);
+        origin.read_at(off, src).with_context(|| format!("reading block {b} of {}", origin.describe()))?;
+        let same = match map.get(b) {
+            None => chunk::is_zero(src),
+            // a chunk that does not load differs (and is reported as a chunk finding)
+            Some(id) => store.load_chunk(&id, raw, plain).is_ok() && plain == src,
+        };
+        if !same {
+            differ.lock().unwrap_or_else(|p| p.into_inner()).insert(b as u64);
         }
-    });
-    if let Some(e) = failed.into_inner().unwrap() {
-        return Err(e);
-    }
-    let differ = differ.into_inner().unwrap();
+        Ok(())
+    })
+    .map_err(|e| Error::cancelled_as(e, || "verify".into()))?;
+    let differ = differ.into_inner().unwrap_or_else(|p| p.into_inner());
     if differ.is_empty() {
         return Ok(None);
     }
     let first: Vec<u64> = differ.iter().take(MAX_LISTED_BLOCKS).copied().collect();
     Ok(mismatch(differ.len() as u64, first, "block contents differ".into()))
+}
+
+/// `verify [SPEC]` as a whole: reconciles the catalog with the store,
+/// selects the backups `spec` names ([`lookup::committed_backups`]; every
+/// committed backup without one) and verifies them ([`verify`]). Without a
+/// spec, backups the store holds that do not read (so no catalog row names
+/// them) are findings too.
+///
+/// # Errors
+/// The typed lookup errors; as [`verify`].
+pub fn run(ctx: &Ctx, spec: Option<&BackupRef>, opts: &VerifyOptions) -> Result<VerifyReport> {
+    let rec = crate::rebuild::reconcile(&ctx.store, &ctx.catalog).unwrap_or_else(|e| {
+        warn!(error = %format!("{e:#}"), "could not reconcile the catalog with the store; verifying the catalog's backups");
+        Default::default()
+    });
+    let rows = lookup::committed_backups(ctx, spec)?;
+    let mut report = verify(ctx, &rows, opts)?;
+    if spec.is_none() {
+        // backups the store holds but that do not read, so no catalog row
+        // names them: findings too (`forget @ID` removes one)
+        for (id, why) in rec.unreadable {
+            report.findings.push(match why {
+                Unreadable::Manifest(error) => Finding::ManifestUnreadable { backup: id.0, error },
+                Unreadable::BlockMap(error) => Finding::BlockMapUnreadable { backup: id.0, error },
+            });
+            report.invalid.push(id.0);
+        }
+    }
+    Ok(report)
 }

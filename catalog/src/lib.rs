@@ -24,6 +24,10 @@ pub use error::{Error, Result};
 /// Schema version this build writes.
 pub const SCHEMA_VERSION: i64 = schema::MIGRATIONS.len() as i64;
 
+/// The `error` of a backup row cancelled by the operator or a daemon stop
+/// (see [`Catalog::cancel_backup`]).
+pub const CANCELLED: &str = "cancelled (SIGTERM, SIGINT or daemon stop): nothing of it is committed";
+
 /// State of a backup row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BackupState {
@@ -580,6 +584,47 @@ impl Catalog {
             )
             .map_err(|e| self.err(e))?;
         Ok(())
+    }
+
+    /// Marks a running backup failed because the operator (SIGTERM, Ctrl-C)
+    /// or a daemon stop cancelled it: the row keeps [`CANCELLED`] as its
+    /// error, and [`Catalog::latest_run`] and [`Catalog::count_failures`]
+    /// leave it out (a cancel is not a failure to alert on).
+    ///
+    /// # Errors
+    /// `Sqlite`.
+    pub fn cancel_backup(&self, id: BackupId) -> Result<()> {
+        self.fail_backup(id, CANCELLED)
+    }
+
+    /// The newest finished backup of an image that was not cancelled: what
+    /// its last run did.
+    ///
+    /// # Errors
+    /// `Sqlite`.
+    pub fn latest_run(&self, image_id: i64) -> Result<Option<BackupRow>> {
+        Ok(self
+            .query_backups(
+                "WHERE b.image_id = ?1 AND b.state != 'running' AND (b.error IS NULL OR b.error != ?2) ORDER BY b.id DESC LIMIT 1",
+                &[&image_id, &CANCELLED],
+            )?
+            .pop())
+    }
+
+    /// Failed backups of an image, cancelled ones not counted.
+    ///
+    /// # Errors
+    /// `Sqlite`.
+    pub fn count_failures(&self, image_id: i64) -> Result<u64> {
+        let n: i64 = self
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM backups WHERE image_id = ?1 AND state = 'failed' AND (error IS NULL OR error != ?2)",
+                params![image_id, CANCELLED],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(n as u64)
     }
 
     /// Removes a backup row (prune).

@@ -313,7 +313,7 @@ pub fn apply(store: &Store, mut plan: GcPlan) -> Result<GcReport> {
     let late = plan.live.add_unread(store)?;
     r.late_backups = late.len() as u64;
     if !late.is_empty() {
-        info!(late_backups = ?late.iter().map(|b| b.0).collect::<Vec<_>>(), "backups committed while gc planned are live too");
+        info!(late_backups = %late.iter().map(|b| b.0.to_string()).collect::<Vec<_>>().join(","), "backups committed while gc planned are live too");
     }
     let cutoff = plan.cutoff();
     for (id, size) in &plan.garbage {

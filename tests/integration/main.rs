@@ -9,6 +9,7 @@ mod errors;
 mod fs_safety;
 mod gc_verify;
 mod lost_chunk;
+mod operator;
 mod prune;
 mod qcow2;
 mod rbd;

@@ -16,25 +16,25 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 
-const POOL: &str = "rbd";
+pub(crate) const POOL: &str = "rbd";
 /// layering, exclusive-lock, object-map, fast-diff, deep-flatten
-const FEATURES: u64 = 1 | 4 | 8 | 16 | 32;
+pub(crate) const FEATURES: u64 = 1 | 4 | 8 | 16 | 32;
 const STRIPINGV2: u64 = 2;
-const MIB: u64 = 1 << 20;
+pub(crate) const MIB: u64 = 1 << 20;
 
 /// `$CEPH_CONF`, else the cluster started for this test process (see
 /// `blockvault_tests::ceph_conf`).
-fn ceph_conf() -> String {
+pub(crate) fn ceph_conf() -> String {
     blockvault_tests::ceph_conf().to_string_lossy().into_owned()
 }
 
-fn unique(prefix: &str) -> String {
+pub(crate) fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Runs tests/integration/rbd_io.py with a list of ops.
-fn rbd_io(image: &str, ops: Value) {
+pub(crate) fn rbd_io(image: &str, ops: Value) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("integration/rbd_io.py");
     let mut child = Command::new("/usr/bin/python3")
         .arg(script)
@@ -47,7 +47,7 @@ fn rbd_io(image: &str, ops: Value) {
     assert!(child.wait().unwrap().success(), "rbd_io.py {image} failed on {ops}");
 }
 
-fn rbd_cli(args: &[&str]) -> String {
+pub(crate) fn rbd_cli(args: &[&str]) -> String {
     let o = Command::new("rbd").args(args).env("CEPH_CONF", ceph_conf()).output().unwrap();
     assert!(o.status.success(), "rbd {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8(o.stdout).unwrap()
@@ -58,24 +58,24 @@ fn snaps(image: &str) -> Vec<String> {
     v.as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap().to_string()).collect()
 }
 
-fn blockvault_snaps(image: &str) -> Vec<String> {
+pub(crate) fn blockvault_snaps(image: &str) -> Vec<String> {
     snaps(image).into_iter().filter(|s| s.starts_with("blockvault-")).collect()
 }
 
 /// sha256 of `rbd export SPEC -`.
-fn export_hash(spec: &str) -> String {
+pub(crate) fn export_hash(spec: &str) -> String {
     let sh = format!("rbd export --no-progress {POOL}/{spec} - | sha256sum");
     let o = Command::new("sh").arg("-c").arg(&sh).env("CEPH_CONF", ceph_conf()).output().unwrap();
     assert!(o.status.success(), "{sh}: {}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8(o.stdout).unwrap().split_whitespace().next().unwrap().to_string()
 }
 
-fn file_hash(p: &Path) -> String {
+pub(crate) fn file_hash(p: &Path) -> String {
     let o = Command::new("sha256sum").arg(p).output().unwrap();
     String::from_utf8(o.stdout).unwrap().split_whitespace().next().unwrap().to_string()
 }
 
-fn rbd_env(images: &[(&str, &str)], extra: &str) -> Env {
+pub(crate) fn rbd_env(images: &[(&str, &str)], extra: &str) -> Env {
     ceph_conf();
     let env = Env::new(&[], "");
     let imgs: Vec<(&str, String)> = images.iter().map(|(n, i)| (*n, format!("rbd:{POOL}/{i}"))).collect();
@@ -94,7 +94,7 @@ fn restore_equals_snapshot(env: &Env, name: &str, img: &str, l: &Value) -> std::
     out
 }
 
-fn latest(env: &Env, image: &str) -> Value {
+pub(crate) fn latest(env: &Env, image: &str) -> Value {
     env.list().into_iter().filter(|b| b["image"] == image).last().unwrap_or_else(|| panic!("no backup of {image}"))
 }
 

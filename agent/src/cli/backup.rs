@@ -1,5 +1,4 @@
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
 
 use anyhow::{bail, Result};
 use clap::Args;
@@ -26,17 +25,20 @@ pub fn run(g: &GlobalArgs, a: BackupArgs) -> Result<ExitCode> {
     let images = select_images(&cfg, &a.images, a.all)?;
     let names: Vec<String> = images.iter().map(|i| i.name.clone()).collect();
     let mut ctx = Ctx::open(cfg)?;
-    let cancel = AtomicBool::new(false);
+    // SIGTERM/SIGINT cancel the backup in progress (cleanly) and skip the rest
+    let cancel = crate::cancel::on_signals();
     let mut failures = 0;
     for (n, img) in names.iter().zip(images) {
-        let bar = Bar::new(0, n, !g.no_progress);
+        if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(image = %n, "stopping: not started");
+            failures += 1;
+            continue;
+        }
+        let bar = Bar::for_plan(n, !g.no_progress);
         match crate::backup::backup_image(&mut ctx, &img, &bar, &cancel) {
             Ok(m) => {
                 bar.finish();
-                println!(
-                    "{}: backup {} committed: {} read, {} new chunks ({} stored), {} ms",
-                    n, m.id, m.stats.read_bytes, m.stats.new_chunks, m.stats.new_bytes, m.stats.duration_ms
-                );
+                println!("{n}: {}", crate::progress::summary(&m));
             }
             Err(e) => {
                 bar.finish();

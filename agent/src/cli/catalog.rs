@@ -1,9 +1,7 @@
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
-use blockvault_catalog::Catalog;
+use anyhow::Result;
 use clap::Subcommand;
-use tracing::warn;
 
 use super::{load_config, GlobalArgs};
 
@@ -22,30 +20,7 @@ pub fn run(g: &GlobalArgs, c: CatalogCommand) -> Result<ExitCode> {
     let cfg = load_config(g)?;
     match c {
         CatalogCommand::Rebuild => {
-            let store = crate::context::open_store(&cfg)?;
-            let _lock = store.lock_shared_for_reading()?;
-            let path = cfg.catalog_path();
-            let open = |p: &std::path::Path| Catalog::open(p).with_context(|| format!("opening catalog {}", p.display()));
-            let mut cat = match Catalog::open(&path) {
-                Ok(c) => c,
-                Err(e) if e.is_corrupt() => {
-                    let aside = crate::rebuild::move_aside(&path)?;
-                    warn!(catalog = %path.display(), moved_to = %aside.display(), error = %e, "catalog is damaged: moved aside, building a new one");
-                    open(&path)?
-                }
-                Err(e) => return Err(e).with_context(|| format!("opening catalog {}", path.display())),
-            };
-            let r = match crate::rebuild::rebuild(&store, &mut cat) {
-                Ok(r) => r,
-                Err(e) if e.downcast_ref::<blockvault_catalog::Error>().is_some_and(|e| e.is_corrupt()) => {
-                    drop(cat);
-                    let aside = crate::rebuild::move_aside(&path)?;
-                    warn!(catalog = %path.display(), moved_to = %aside.display(), error = %format!("{e:#}"), "catalog is damaged: moved aside, building a new one");
-                    let mut cat = open(&path)?;
-                    crate::rebuild::rebuild(&store, &mut cat)?
-                }
-                Err(e) => return Err(e),
-            };
+            let (path, r) = crate::rebuild::rebuild_catalog(&cfg)?;
             for (id, why) in &r.unreadable {
                 println!("backup {}: NOT imported: {why}", id.0);
             }

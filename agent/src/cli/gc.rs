@@ -1,7 +1,6 @@
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
-use blockvault_store::gc::{self, GcOptions, LiveSet};
+use anyhow::Result;
 use clap::Args;
 use serde_json::json;
 
@@ -25,25 +24,12 @@ pub struct GcArgs {
 pub fn run(g: &GlobalArgs, a: GcArgs) -> Result<ExitCode> {
     let cfg = load_config(g)?;
     let store = open_store(&cfg)?;
-    let Some(_gc_lock) = store.try_lock_named("gc")? else {
-        bail!("another gc is running on store {}", store.root().display());
-    };
-    let opts = GcOptions { grace: cfg.store.gc_grace.0 };
-    // The live set comes from the store's manifests, not from the catalog: a
-    // backup is durable in the store a moment before its catalog row commits.
-    let live = LiveSet::from_store(&store).context(
-        "gc needs the block map of every backup in the store and stopped before removing anything; \
-         check the backup with `blockvault verify`, and remove it if it cannot be repaired",
-    )?;
-    let plan = gc::plan(&store, live, &opts)?;
-    let stats = plan.stats.clone();
-    let report = if a.dry_run { None } else { Some(gc::apply(&store, plan)?) };
-
+    let crate::gc::GcOutcome { stats, report, grace } = crate::gc::run(&cfg, &store, a.dry_run)?;
     if a.json {
         let mut v = serde_json::to_value(&stats)?;
         let o = v.as_object_mut().expect("stats are an object");
         o.insert("dry_run".into(), json!(a.dry_run));
-        o.insert("grace_seconds".into(), json!(opts.grace.as_secs()));
+        o.insert("grace_seconds".into(), json!(grace.as_secs()));
         if let Some(r) = &report {
             for (k, val) in serde_json::to_value(r)?.as_object().expect("report is an object") {
                 o.insert(k.clone(), val.clone());
@@ -62,7 +48,7 @@ pub fn run(g: &GlobalArgs, a: GcArgs) -> Result<ExitCode> {
         human(stats.live_bytes),
         stats.recent_chunks,
         human(stats.recent_bytes),
-        opts.grace.as_secs(),
+        grace.as_secs(),
         stats.garbage_chunks,
         human(stats.garbage_bytes),
     );

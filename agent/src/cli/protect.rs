@@ -1,12 +1,11 @@
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use blockvault_catalog::BackupState;
-use blockvault_store::BackupId;
 use clap::Args;
 
-use super::{load_config, parse_backup_ref, GlobalArgs};
+use super::{load_config, GlobalArgs};
 use crate::context::Ctx;
+use crate::lookup::{self, BackupRef};
 
 #[derive(Args, Debug)]
 pub struct ProtectArgs {
@@ -21,14 +20,9 @@ pub struct ProtectArgs {
 pub fn run(g: &GlobalArgs, a: ProtectArgs, protect: bool) -> Result<ExitCode> {
     let cfg = load_config(g)?;
     let ctx = Ctx::open(cfg)?;
-    let (image, id) = parse_backup_ref(&a.backup)?;
+    let BackupRef { image, id } = BackupRef::parse(&a.backup)?;
     let Some(id) = id else { bail!("'{}': name the backup as IMAGE@ID (see `blockvault list {image}`)", a.backup) };
-    let id = BackupId(id);
-    match ctx.catalog.backup(id)? {
-        Some(r) if r.image == image && r.state == BackupState::Committed => {}
-        Some(r) if r.image == image => bail!("backup {id} of image '{image}' is {:?}, not committed", r.state),
-        _ => bail!("backup {id} does not exist for image '{image}' (see `blockvault list {image}`)"),
-    }
+    lookup::committed_by_id(&ctx, &image, id)?;
     let what = if protect { "protecting" } else { "unprotecting" };
     let res = if protect {
         ctx.store.set_protected(id, true).map_err(anyhow::Error::from).and_then(|()| Ok(ctx.catalog.set_protected(id, true)?))

@@ -1,20 +1,22 @@
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
-use blockvault_catalog::BackupState;
-use blockvault_store::BackupId;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::Result;
 use clap::Args;
 
-use super::{load_config, parse_backup_ref, GlobalArgs};
+use super::{load_config, GlobalArgs};
 use crate::context::Ctx;
+use crate::lookup::BackupRef;
 use crate::progress::Bar;
-use crate::restore::TargetSpec;
+use crate::restore::{OpenBackup, RestoreOptions, TargetSpec};
 
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
     /// IMAGE or IMAGE@BACKUP_ID (the latest backup by default).
     pub backup: String,
-    /// Target: a file path, or a block device (needs --force).
+    /// Target: a file path, a block device (needs --force), rbd:POOL/IMAGE,
+    /// or qcow2:PATH.
     #[arg(long)]
     pub to: String,
     /// Overwrite an existing, non-empty target.
@@ -43,53 +45,22 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 pub fn run(g: &GlobalArgs, a: RestoreArgs) -> Result<ExitCode> {
     let cfg = load_config(g)?;
     let ctx = Ctx::open(cfg)?;
-    let (image, id) = parse_backup_ref(&a.backup)?;
+    let spec = BackupRef::parse(&a.backup)?;
     let to = TargetSpec::parse(&a.to)?;
-    let row = match id {
-        Some(id) => {
-            let row = ctx.catalog.backup(BackupId(id))?;
-            match row {
-                Some(r) if r.image == image && r.state == BackupState::Committed => r,
-                Some(r) if r.image == image => bail!("backup {id} of image '{image}' is {:?}, not committed: nothing to restore", r.state),
-                _ => bail!("backup {id} does not exist for image '{image}' (see `blockvault list {image}`)"),
-            }
-        }
-        None => match ctx.catalog.committed_backups(Some(&image))?.pop() {
-            Some(r) => r,
-            None => bail!("image '{image}' has no committed backup"),
-        },
-    };
-    // shared store lock: a concurrent prune + GC cannot sweep the chunks of
-    // the backup being restored until it is done
-    let _lock = ctx.store.lock_shared_for_reading()?;
-    let manifest = match ctx.store.read_manifest(row.id) {
-        Ok(m) => m,
-        // a corrupt manifest: the block map has its own header and checksum,
-        // and the catalog row the geometry to check it against
-        Err(e) if e.is_corruption() || matches!(e, blockvault_store::Error::UnsupportedVersion { .. }) => {
-            let source = ctx.catalog.image(&row.image)?.map(|i| i.source).unwrap_or_default();
-            let m = ctx
-                .store
-                .manifest_from_blockmap(row.id, &row.image, &source, row.image_size, row.block_size)
-                .with_context(|| format!("backup {}: {e}; its block map cannot stand in for it either", row.id))?;
-            tracing::warn!(backup = row.id.0, error = %e, "manifest unreadable: restoring from the block map, checked against the catalog's image and block size");
-            m
-        }
-        Err(e) => return Err(e.into()),
-    };
-    crate::restore::check_manifest(&manifest, &row.image, row.id)?;
-    let threads = ctx.cfg.workers() * 2;
+    let backup = OpenBackup::open(&ctx, &spec)?;
+    let never = AtomicBool::new(false);
+    let opts = RestoreOptions { force: a.force, mode: a.mode, threads: ctx.cfg.workers() * 2, cancel: &never };
     if let TargetSpec::Qcow2(path) = &to {
-        return restore_qcow2(&ctx, g, &a, &manifest, path, threads);
+        return restore_qcow2(&ctx, g, &a, &backup.manifest, path, &opts);
     }
     if a.chain {
-        bail!("--chain applies to a qcow2 target (--to qcow2:PATH), not to {to}");
+        anyhow::bail!("--chain applies to a qcow2 target (--to qcow2:PATH), not to {to}");
     }
-    let bar = Bar::new(manifest.image_size, &image, !g.no_progress);
-    let res = crate::restore::restore_to(&ctx, &manifest, &to, a.force, a.mode, threads, &bar);
+    let bar = Bar::new(backup.size(), &spec.image, !g.no_progress);
+    let res = backup.restore_to(&ctx, &to, &opts, &bar);
     bar.finish();
     res?;
-    println!("restored backup {} of image '{image}' ({} bytes) to {}", row.id, manifest.image_size, a.to);
+    println!("restored backup {} of image '{}' ({} bytes) to {}", backup.row.id, spec.image, backup.size(), a.to);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -99,13 +70,13 @@ fn restore_qcow2(
     a: &RestoreArgs,
     manifest: &blockvault_store::Manifest,
     path: &std::path::Path,
-    threads: usize,
+    ropts: &RestoreOptions,
 ) -> Result<ExitCode> {
     use crate::restore::qcow2;
-    let opts = qcow2::Qcow2Options { chain: a.chain, since: a.since.map(BackupId) };
+    let opts = qcow2::Qcow2Options { chain: a.chain, since: a.since.map(blockvault_store::BackupId) };
     let chain = qcow2::plan(ctx, manifest, &opts)?;
     let bar = Bar::new(chain.iter().map(|m| m.image_size).sum(), &manifest.image, !g.no_progress);
-    let res = qcow2::write_chain(&ctx.store, &chain, path, a.force, a.mode, threads, &bar);
+    let res = qcow2::write_chain(&ctx.store, &chain, path, ropts, &bar);
     bar.finish();
     let layers = res?;
     for ((p, s), m) in layers.iter().zip(&chain) {

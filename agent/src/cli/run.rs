@@ -1,6 +1,5 @@
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use anyhow::{bail, Result};
 use clap::Args;
@@ -42,7 +41,7 @@ pub fn run(g: &GlobalArgs, a: RunArgs) -> Result<ExitCode> {
         }
     }
     let mut ctx = Ctx::open(cfg)?;
-    let cancel = cancel_on_signals();
+    let cancel = crate::cancel::on_signals();
     let mut failed: Vec<String> = Vec::new();
     let mut total = 0;
     for n in &requested {
@@ -52,6 +51,8 @@ pub fn run(g: &GlobalArgs, a: RunArgs) -> Result<ExitCode> {
                 error!(image = %n, error = %format!("{e:#}"), "cannot list the images to back up");
                 failed.push(n.clone());
                 total += 1;
+                // no job ran for it: the metrics say what the expansion recorded
+                crate::metrics::write_logged(&ctx);
                 continue;
             }
         };
@@ -62,7 +63,7 @@ pub fn run(g: &GlobalArgs, a: RunArgs) -> Result<ExitCode> {
                 failed.push(img.name.clone());
                 continue;
             }
-            let bar = Bar::new(0, &img.name, !g.no_progress);
+            let bar = Bar::for_plan(&img.name, !g.no_progress);
             let out = crate::job::run_image(&mut ctx, &img, &bar, &cancel);
             bar.finish();
             if let Ok(m) = &out.backup {
@@ -71,10 +72,7 @@ pub fn run(g: &GlobalArgs, a: RunArgs) -> Result<ExitCode> {
                     Some(Err(_)) => ", prune failed".into(),
                     None => String::new(),
                 };
-                println!(
-                    "{}: backup {} committed: {} read, {} new chunks ({} stored), {} ms{pruned}",
-                    img.name, m.id, m.stats.read_bytes, m.stats.new_chunks, m.stats.new_bytes, m.stats.duration_ms
-                );
+                println!("{}: {}{pruned}", img.name, crate::progress::summary(m));
             }
             if !out.ok() {
                 failed.push(img.name.clone());
@@ -91,7 +89,7 @@ pub fn run(g: &GlobalArgs, a: RunArgs) -> Result<ExitCode> {
 /// glob entry matches, or one expanded name of a glob entry.
 fn targets(ctx: &Ctx, name: &str) -> Result<Vec<ImageConfig>> {
     if let Ok(entry) = ctx.cfg.image(name) {
-        return crate::job::expand_entry(&ctx.cfg, entry);
+        return crate::job::expand_for_run(ctx, entry);
     }
     let entry = ctx.cfg.entry_for(name).expect("checked before");
     let found: Vec<ImageConfig> =
@@ -100,34 +98,4 @@ fn targets(ctx: &Ctx, name: &str) -> Result<Vec<ImageConfig>> {
         bail!("image '{name}': no RBD image matching '{}' has that name now", entry.source);
     }
     Ok(found)
-}
-
-/// A flag that SIGTERM and SIGINT set, from a small signal thread.
-fn cancel_on_signals() -> Arc<AtomicBool> {
-    let flag = Arc::new(AtomicBool::new(false));
-    let f = flag.clone();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
-    let setup = rt.and_then(|rt| {
-        // registered before any backup starts, so no signal is lost
-        let sigs = rt.block_on(async {
-            use tokio::signal::unix::{signal, SignalKind};
-            Ok::<_, std::io::Error>((signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?))
-        })?;
-        Ok((rt, sigs))
-    });
-    match setup {
-        Ok((rt, (mut term, mut int))) => {
-            std::thread::spawn(move || {
-                rt.block_on(async {
-                    tokio::select! {
-                        _ = term.recv() => warn!("SIGTERM: cancelling the backup in progress"),
-                        _ = int.recv() => warn!("SIGINT: cancelling the backup in progress"),
-                    }
-                });
-                f.store(true, Ordering::Relaxed);
-            });
-        }
-        Err(e) => warn!(error = %e, "cannot handle signals; SIGTERM will kill backups without cleanup"),
-    }
-    flag
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use blockvault_store::{Manifest, Store};
 
-use super::{restore_map, RestoreTarget};
+use super::{restore_map, RestoreOptions, RestoreTarget};
 use crate::pipeline::Progress;
 
 struct FileTarget {
@@ -68,11 +68,10 @@ pub fn restore_to_path(
     store: &Store,
     manifest: &Manifest,
     to: &Path,
-    force: bool,
-    mode: Option<u32>,
-    threads: usize,
+    opts: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<()> {
+    let (force, mode) = (opts.force, opts.mode);
     let map = store.read_blockmap(manifest)?;
     let md = std::fs::metadata(to).ok();
     let is_dev = md.as_ref().is_some_and(|m| m.file_type().is_block_device());
@@ -101,7 +100,7 @@ pub fn restore_to_path(
             bail!("block device {} has {dev_size} bytes, backup {} needs {}", to.display(), manifest.id, map.image_size());
         }
         let t = FileTarget { file, fresh: false };
-        restore_map(store, manifest, &map, &t, threads, progress)?;
+        restore_map(store, manifest, &map, &t, opts, progress)?;
         t.file.sync_all().with_context(|| format!("fsync of {}", to.display()))?;
         return Ok(());
     }
@@ -122,7 +121,7 @@ pub fn restore_to_path(
     tmp.as_file().set_len(map.image_size()).with_context(|| format!("sizing {}", tmp_path.display()))?;
     set_owner_and_mode(tmp.as_file(), md.as_ref(), mode).with_context(|| format!("setting owner and mode of {}", tmp_path.display()))?;
     let t = FileTarget { file: tmp.reopen().with_context(|| format!("opening {}", tmp_path.display()))?, fresh: true };
-    restore_map(store, manifest, &map, &t, threads, progress)?;
+    restore_map(store, manifest, &map, &t, opts, progress)?;
     t.file.sync_all().with_context(|| format!("fsync of {}", tmp_path.display()))?;
     let _ = rustix::fs::fadvise(&t.file, 0, None, rustix::fs::Advice::DontNeed);
     tmp.persist(to).map_err(|e| e.error).with_context(|| format!("renaming {} to {}", tmp_path.display(), to.display()))?;

@@ -18,14 +18,16 @@ pub mod rbd;
 pub mod reader;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
 
 use anyhow::{bail, Context, Result};
-use blockvault_store::{chunk, BackupId, BlockMap, Manifest, Store};
+use blockvault_catalog::BackupRow;
+use blockvault_store::{chunk, BackupId, BlockMap, Manifest, Store, StoreLock};
 
 use crate::config::Source;
 use crate::context::Ctx;
+use crate::error::Error;
+use crate::lookup::{self, BackupRef};
 use crate::pipeline::Progress;
 
 pub use file::{restore_to_path, DEFAULT_MODE};
@@ -84,31 +86,91 @@ impl std::fmt::Display for TargetSpec {
     }
 }
 
+/// How a restore runs.
+#[derive(Clone, Copy, Debug)]
+pub struct RestoreOptions<'a> {
+    /// Overwrite an existing, non-empty target.
+    pub force: bool,
+    /// Mode of a new file target (default [`DEFAULT_MODE`]).
+    pub mode: Option<u32>,
+    /// Blocks loaded, decoded and written at once: each worker holds one
+    /// block's stored and decoded bytes, so memory is bounded by
+    /// `threads` × 2 blocks.
+    pub threads: usize,
+    /// Checked between blocks: set, the restore stops with
+    /// [`Error::Cancelled`] and leaves no complete-looking target.
+    pub cancel: &'a AtomicBool,
+}
+
+/// One committed backup opened for restore: its catalog row and its
+/// manifest, checked against each other, under the shared store lock (so a
+/// concurrent prune and GC cannot sweep its chunks) for as long as it lives.
+pub struct OpenBackup {
+    pub row: BackupRow,
+    pub manifest: Manifest,
+    _lock: StoreLock,
+}
+
+impl OpenBackup {
+    /// Finds the backup `r` names (the latest committed one for `IMAGE`),
+    /// takes the shared store lock and reads its manifest. A corrupt
+    /// manifest is replaced by one made from the block map (which has its
+    /// own header and checksum) and the catalog row's geometry.
+    ///
+    /// # Errors
+    /// The typed lookup errors of [`crate::lookup`]; a manifest that does
+    /// not read and cannot be stood in for, or one of another backup or
+    /// image ([`check_manifest`]).
+    pub fn open(ctx: &Ctx, r: &BackupRef) -> Result<OpenBackup> {
+        let row = lookup::committed_backup(ctx, r)?;
+        let lock = ctx.store.lock_shared_for_reading()?;
+        let manifest = match ctx.store.read_manifest(row.id) {
+            Ok(m) => m,
+            Err(e) if e.is_corruption() || matches!(e, blockvault_store::Error::UnsupportedVersion { .. }) => {
+                let source = ctx.catalog.image(&row.image)?.map(|i| i.source).unwrap_or_default();
+                let m = ctx
+                    .store
+                    .manifest_from_blockmap(row.id, &row.image, &source, row.image_size, row.block_size)
+                    .map_err(Error::from_store)
+                    .with_context(|| format!("backup {}: {e}; its block map cannot stand in for it either", row.id))?;
+                tracing::warn!(backup = row.id.0, error = %e, "manifest unreadable: restoring from the block map, checked against the catalog's image and block size");
+                m
+            }
+            Err(e) => return Err(Error::from_store(e)),
+        };
+        check_manifest(&manifest, &row.image, row.id)?;
+        Ok(OpenBackup { row, manifest, _lock: lock })
+    }
+
+    /// Image size in bytes.
+    pub fn size(&self) -> u64 {
+        self.manifest.image_size
+    }
+
+    /// Restores this backup to `to`.
+    ///
+    /// # Errors
+    /// As [`restore_to`].
+    pub fn restore_to(&self, ctx: &Ctx, to: &TargetSpec, opts: &RestoreOptions, progress: &dyn Progress) -> Result<()> {
+        restore_to(ctx, &self.manifest, to, opts, progress)
+    }
+}
+
 /// Restores `manifest`'s backup to `to`; the caller holds the shared store
-/// lock. `mode` applies to a new file only.
+/// lock ([`OpenBackup`] does). `opts.mode` applies to a new file only.
 ///
 /// # Errors
 /// As [`restore_to_path`] and [`rbd::restore`]; `mode` with an RBD target.
-pub fn restore_to(
-    ctx: &Ctx,
-    manifest: &Manifest,
-    to: &TargetSpec,
-    force: bool,
-    mode: Option<u32>,
-    threads: usize,
-    progress: &dyn Progress,
-) -> Result<()> {
+pub fn restore_to(ctx: &Ctx, manifest: &Manifest, to: &TargetSpec, opts: &RestoreOptions, progress: &dyn Progress) -> Result<()> {
     match to {
         TargetSpec::Rbd { pool, namespace, image } => {
-            if mode.is_some() {
+            if opts.mode.is_some() {
                 bail!("--mode applies to a file target, not to {to}");
             }
-            rbd::restore(ctx, manifest, (pool, namespace.as_deref(), image), force, threads, progress)
+            rbd::restore(ctx, manifest, (pool, namespace.as_deref(), image), opts, progress)
         }
-        TargetSpec::Qcow2(path) => {
-            qcow2::restore(ctx, manifest, path, &qcow2::Qcow2Options::default(), force, mode, threads, progress).map(|_| ())
-        }
-        TargetSpec::Path(path) => restore_to_path(&ctx.store, manifest, path, force, mode, threads, progress)
+        TargetSpec::Qcow2(path) => qcow2::restore(ctx, manifest, path, &qcow2::Qcow2Options::default(), opts, progress).map(|_| ()),
+        TargetSpec::Path(path) => restore_to_path(&ctx.store, manifest, path, opts, progress)
             .with_context(|| format!("restoring backup {} of image '{}' to {}", manifest.id, manifest.image, path.display())),
     }
 }
@@ -153,56 +215,52 @@ fn write_sparse(t: &dyn RestoreTarget, offset: u64, data: &[u8]) -> std::io::Res
     Ok(())
 }
 
-/// Restores `map` into `target` with `threads` parallel readers.
+/// Block numbers queued per restore worker: enough that a worker never
+/// waits for the feeding thread, which only counts.
+const QUEUE_PER_WORKER: usize = 4;
+
+/// Restores `map` into `target` on `opts.threads` workers of the worker
+/// pool ([`crate::pool`]): each loads, verifies and decodes one block's
+/// chunk and writes it at its offset (`pwrite` for a file, one in-flight
+/// write per worker for RBD), so as many writes are in flight as there are
+/// workers. The first error stops every worker; so does the cancel flag,
+/// checked before each block.
 ///
 /// # Errors
-/// The first chunk or write error, naming the chunk, the block and the backup.
+/// The first chunk or write error, naming the chunk, the block and the
+/// backup; [`Error::Cancelled`].
 pub fn restore_map(
     store: &Store,
     manifest: &Manifest,
     map: &BlockMap,
     target: &dyn RestoreTarget,
-    threads: usize,
+    opts: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<()> {
-    let next = AtomicUsize::new(0);
-    let abort = AtomicBool::new(false);
-    let first_err: Mutex<Option<anyhow::Error>> = Mutex::new(None);
     let what = format!("backup {} of image '{}'", manifest.id, manifest.image);
-    std::thread::scope(|s| {
-        for _ in 0..threads.max(1) {
-            s.spawn(|| {
-                let (mut raw, mut plain) = (Vec::new(), Vec::new());
-                loop {
-                    let b = next.fetch_add(1, Ordering::Relaxed);
-                    if b >= map.len() || abort.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    let (off, len) = map.block_range(b);
-                    let r = match map.get(b) {
-                        None => target.zero(off, len as u64).with_context(|| format!("zeroing block {b} at offset {off}")),
-                        Some(id) => reader::load_block(store, &what, map, b, &id, &mut raw, &mut plain).and_then(|()| {
-                            write_sparse(target, off, &plain).with_context(|| format!("writing block {b} at offset {off}"))?;
-                            target.block_done(off, len as u64);
-                            Ok(())
-                        }),
-                    };
-                    match r {
-                        Ok(()) => progress.advance(len as u64),
-                        Err(e) => {
-                            abort.store(true, Ordering::Relaxed);
-                            first_err.lock().unwrap().get_or_insert(e);
-                            return;
-                        }
-                    }
+    let threads = opts.threads.max(1);
+    crate::pool::for_each(
+        opts.cancel,
+        "restore",
+        threads,
+        threads * QUEUE_PER_WORKER,
+        0..map.len(),
+        || (Vec::new(), Vec::new()),
+        |(raw, plain), b| {
+            let (off, len) = map.block_range(b);
+            match map.get(b) {
+                None => target.zero(off, len as u64).with_context(|| format!("{what}: zeroing block {b} at offset {off}"))?,
+                Some(id) => {
+                    reader::load_block(store, &what, map, b, &id, raw, plain)?;
+                    write_sparse(target, off, plain).with_context(|| format!("{what}: writing block {b} at offset {off}"))?;
+                    target.block_done(off, len as u64);
                 }
-            });
-        }
-    });
-    match first_err.into_inner().unwrap() {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+            }
+            progress.advance(len as u64);
+            Ok(())
+        },
+    )
+    .map_err(|e| Error::cancelled_as(e, || format!("restore of {what}")))
 }
 
 /// Checks that the manifest read from the store is the backup the catalog

@@ -49,8 +49,8 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 use anyhow::{bail, Context, Result};
 use blockvault_catalog::BackupState;
@@ -58,6 +58,7 @@ use blockvault_store::{chunk, BackupId, BlockMap, ChunkId, Manifest, Store};
 
 use super::file::set_owner_and_mode;
 use super::reader::load_block;
+use super::{RestoreOptions, QUEUE_PER_WORKER};
 use crate::context::Ctx;
 use crate::pipeline::Progress;
 
@@ -343,7 +344,7 @@ fn write_layer(
     map: &BlockMap,
     below: Option<(&BlockMap, &str)>,
     file: &File,
-    threads: usize,
+    opts: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<LayerStats> {
     let cs = cluster_size_for(map.block_size());
@@ -355,62 +356,43 @@ fn write_layer(
     let upper = below.is_some();
     let parent = below.map(|(m, _)| m);
     let (data, zero, skipped) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
-    let next = AtomicUsize::new(0);
-    let abort = AtomicBool::new(false);
-    let first_err: Mutex<Option<anyhow::Error>> = Mutex::new(None);
     let cs64 = u64::from(cs);
-    std::thread::scope(|s| {
-        for _ in 0..threads.max(1) {
-            s.spawn(|| {
-                let (mut raw, mut plain) = (Vec::new(), Vec::new());
-                loop {
-                    let b = next.fetch_add(1, Ordering::Relaxed);
-                    if b >= map.len() || abort.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    let (off, len) = map.block_range(b);
-                    let cur = map.get(b);
-                    // the entry the layer below has for this block: `None`
-                    // when it cannot be compared (another block size)
-                    let under: Option<Option<ChunkId>> = match parent {
-                        None => Some(None),
-                        Some(p) if p.block_size() == map.block_size() => Some(if b < p.len() { p.get(b) } else { None }),
-                        Some(_) => None,
-                    };
-                    let r = if under == Some(cur) {
-                        skipped.fetch_add(1, Ordering::Relaxed);
-                        Ok(())
-                    } else {
-                        match cur {
-                            None => {
-                                // a zero block over a layer that has data here
-                                for c in 0..(len as u64).div_ceil(cs64) {
-                                    w.set_zero((off + c * cs64) / cs64);
-                                    zero.fetch_add(1, Ordering::Relaxed);
-                                }
-                                Ok(())
-                            }
-                            Some(id) => load_block(store, &what, map, b, &id, &mut raw, &mut plain).and_then(|()| {
-                                write_block(&w, off, &plain, upper, &data, &zero)
-                                    .with_context(|| format!("{what}: writing block {b} (offset {off}) to the qcow2 file"))
-                            }),
-                        }
-                    };
-                    match r {
-                        Ok(()) => progress.advance(len as u64),
-                        Err(e) => {
-                            abort.store(true, Ordering::Relaxed);
-                            first_err.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(e);
-                            return;
-                        }
-                    }
+    let threads = opts.threads.max(1);
+    crate::pool::for_each(
+        opts.cancel,
+        "restore-qcow2",
+        threads,
+        threads * QUEUE_PER_WORKER,
+        0..map.len(),
+        || (Vec::new(), Vec::new()),
+        |(raw, plain), b| {
+            let (off, len) = map.block_range(b);
+            let cur = map.get(b);
+            // the entry the layer below has for this block: `None` when it
+            // cannot be compared (another block size)
+            let under: Option<Option<ChunkId>> = match parent {
+                None => Some(None),
+                Some(p) if p.block_size() == map.block_size() => Some(if b < p.len() { p.get(b) } else { None }),
+                Some(_) => None,
+            };
+            if under == Some(cur) {
+                skipped.fetch_add(1, Ordering::Relaxed);
+            } else if let Some(id) = cur {
+                load_block(store, &what, map, b, &id, raw, plain)?;
+                write_block(&w, off, plain, upper, &data, &zero)
+                    .with_context(|| format!("{what}: writing block {b} (offset {off}) to the qcow2 file"))?;
+            } else {
+                // a zero block over a layer that has data here
+                for c in 0..(len as u64).div_ceil(cs64) {
+                    w.set_zero((off + c * cs64) / cs64);
+                    zero.fetch_add(1, Ordering::Relaxed);
                 }
-            });
-        }
-    });
-    if let Some(e) = first_err.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
-        return Err(e);
-    }
+            }
+            progress.advance(len as u64);
+            Ok(())
+        },
+    )
+    .map_err(|e| crate::error::Error::cancelled_as(e, || format!("qcow2 restore of {what}")))?;
     let file_bytes = w.finish(below.map(|(_, name)| name)).with_context(|| format!("{what}: writing the qcow2 metadata"))?;
     Ok(LayerStats {
         cluster_size: cs,
@@ -552,13 +534,11 @@ pub fn write_chain(
     store: &Store,
     chain: &[Manifest],
     top: &Path,
-    force: bool,
-    mode: Option<u32>,
-    threads: usize,
+    opts: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<Vec<(PathBuf, LayerStats)>> {
     let paths = layer_paths(top, chain)?;
-    let old: Vec<Option<std::fs::Metadata>> = paths.iter().map(|p| check_target(p, force)).collect::<Result<_>>()?;
+    let old: Vec<Option<std::fs::Metadata>> = paths.iter().map(|p| check_target(p, opts.force)).collect::<Result<_>>()?;
     let dir = match top.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -574,11 +554,11 @@ pub fn write_chain(
             .suffix(".blockvault-partial")
             .tempfile_in(&dir)
             .with_context(|| format!("creating a temp file in {}", dir.display()))?;
-        set_owner_and_mode(tmp.as_file(), old[i].as_ref(), mode)
+        set_owner_and_mode(tmp.as_file(), old[i].as_ref(), opts.mode)
             .with_context(|| format!("setting owner and mode of {}", tmp.path().display()))?;
         let backing = if i > 0 { paths[i - 1].file_name().and_then(|n| n.to_str()) } else { None };
         let under = below.as_ref().zip(backing);
-        let stats = write_layer(store, m, &map, under, tmp.as_file(), threads, progress)
+        let stats = write_layer(store, m, &map, under, tmp.as_file(), opts, progress)
             .with_context(|| format!("restoring backup {} of image '{}' to qcow2 {}", m.id, m.image, path.display()))?;
         tmp.as_file().sync_all().with_context(|| format!("fsync of {}", tmp.path().display()))?;
         let _ = rustix::fs::fadvise(tmp.as_file(), 0, None, rustix::fs::Advice::DontNeed);
@@ -613,14 +593,12 @@ pub fn restore(
     ctx: &Ctx,
     top: &Manifest,
     path: &Path,
-    opts: &Qcow2Options,
-    force: bool,
-    mode: Option<u32>,
-    threads: usize,
+    qopts: &Qcow2Options,
+    opts: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<Vec<(PathBuf, LayerStats)>> {
-    let chain = plan(ctx, top, opts)?;
-    write_chain(&ctx.store, &chain, path, force, mode, threads, progress)
+    let chain = plan(ctx, top, qopts)?;
+    write_chain(&ctx.store, &chain, path, opts, progress)
 }
 
 /// The backups a qcow2 restore of `top` writes, oldest first.

@@ -5,7 +5,7 @@ use std::io;
 use anyhow::{bail, Context, Result};
 use blockvault_store::{Manifest, RbdInfo};
 
-use super::{restore_map, RestoreTarget};
+use super::{restore_map, RestoreOptions, RestoreTarget};
 use crate::context::Ctx;
 use crate::pipeline::Progress;
 use crate::rbd::{self, Image};
@@ -69,10 +69,10 @@ pub fn restore(
     ctx: &Ctx,
     m: &Manifest,
     (pool, ns, name): (&str, Option<&str>, &str),
-    force: bool,
-    threads: usize,
+    opts: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<()> {
+    let force = opts.force;
     let to = match ns {
         Some(ns) => format!("rbd:{pool}/{ns}/{name}"),
         None => format!("rbd:{pool}/{name}"),
@@ -97,7 +97,7 @@ pub fn restore(
     }
     let object_size = image.object_size()?;
     let target = RbdTarget { image, fresh: !exists, object_size };
-    restore_map(&ctx.store, m, &map, &target, threads, progress)
+    restore_map(&ctx.store, m, &map, &target, opts, progress)
         .with_context(|| format!("restoring backup {} of image '{}' to {to}", m.id, m.image))?;
     target.image.flush().with_context(|| format!("flushing {to}"))?;
     Ok(())

@@ -31,6 +31,7 @@ pub(crate) fn load_block(
     let (off, len) = map.block_range(b);
     store
         .load_chunk(id, raw, plain)
+        .map_err(crate::error::Error::from_store)
         .with_context(|| format!("{what}: block {b} (offset {off}) cannot be restored"))?;
     if plain.len() != len {
         bail!("{what}: chunk {id} holds {} bytes, block {b} needs {len}", plain.len());

@@ -272,6 +272,10 @@ impl Source for RbdSource {
         Ok(Box::new(RbdReader { image: &f.image, size: f.size, patcher: self.patcher.as_ref(), store }))
     }
 
+    fn held_snapshots(&self) -> Option<Vec<String>> {
+        Some(self.present.clone())
+    }
+
     fn snapshot(&self) -> Option<String> {
         Some(self.snap.clone())
     }
@@ -528,7 +532,7 @@ fn cleanup_snapshots(catalog: &Catalog, head: &Image, image_id: i64) -> Result<(
         let exists = on_cluster.contains(&s.name);
         if !committed {
             if exists {
-                warn!(snapshot = %s.name, backup = ?s.backup_id.map(|b| b.0), "removing the snapshot of an interrupted or failed backup");
+                warn!(snapshot = %s.name, backup = s.backup_id.map(|b| b.0), "removing the snapshot of an interrupted or failed backup");
                 remove_snap_if_present(head, &s.name)?;
             }
             catalog.set_snapshot_state(s.id, SnapshotState::Removed)?;
@@ -565,7 +569,7 @@ fn demote(catalog: &Catalog, head: &Image, image_id: i64, keep: u32) -> Result<(
     for s in present.iter().skip(keep as usize) {
         remove_snap_if_present(head, &s.name).with_context(|| format!("removing snapshot {}", s.name))?;
         catalog.set_snapshot_state(s.id, SnapshotState::Removed)?;
-        info!(snapshot = %s.name, backup = ?s.backup_id.map(|b| b.0), "demoted: snapshot removed, backup lives on in the store");
+        info!(snapshot = %s.name, backup = s.backup_id.map(|b| b.0), "demoted: snapshot removed, backup lives on in the store");
     }
     Ok(())
 }
@@ -605,4 +609,53 @@ pub fn expand_images(cfg: &Config) -> Result<Vec<ImageConfig>> {
         }
     }
     Ok(out)
+}
+
+/// A connection for reopening the snapshots committed backups were read
+/// from (`verify --source`), behind [`super::Origins`].
+pub(crate) struct SnapshotOpener {
+    cluster: Arc<Cluster>,
+}
+
+impl SnapshotOpener {
+    /// Connects to the configured cluster.
+    ///
+    /// # Errors
+    /// As [`connect`].
+    pub(crate) fn connect(cfg: &Config) -> Result<SnapshotOpener> {
+        Ok(SnapshotOpener { cluster: connect(cfg)? })
+    }
+
+    /// Opens snapshot `snap` of `rbd:POOL[/NS]/IMAGE` read-only.
+    ///
+    /// # Errors
+    /// The snapshot no longer exists (said so), or a cluster error.
+    pub(crate) fn open(&self, (pool, ns, image): (&str, Option<&str>, &str), snap: &str) -> Result<SnapshotImage> {
+        let ioctx = self.cluster.ioctx(pool, ns)?;
+        let img = match ioctx.open(image, Some(snap)) {
+            Ok(i) => i,
+            Err(e) if e.is_not_found() => anyhow::bail!("snapshot {snap} no longer exists"),
+            Err(e) => return Err(e.into()),
+        };
+        let size = img.size()?;
+        Ok(SnapshotImage { image: img, size })
+    }
+}
+
+/// One snapshot opened read-only, for comparing a backup with it.
+pub(crate) struct SnapshotImage {
+    image: Image,
+    size: u64,
+}
+
+impl ImageSource for SnapshotImage {
+    fn describe(&self) -> String {
+        format!("rbd:{}", self.image.spec())
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.image.read_at(offset, buf).map_err(io::Error::other)
+    }
 }
