@@ -181,6 +181,32 @@ fn open_source(ctx: &Ctx, img: &ImageConfig) -> Result<Box<dyn Source>> {
 /// committed. [`BackupError::Locked`] when another process backs up the
 /// image, [`BackupError::Cancelled`] when `cancel` was set.
 pub fn backup_image(ctx: &mut Ctx, img: &ImageConfig, progress: &dyn Progress, cancel: &AtomicBool) -> Result<Manifest> {
+    run_backup(ctx, img, None, progress, cancel)
+}
+
+/// Backs up `img` from `source` instead of the source its config names
+/// (`import-diff`: a stream laid over the image's latest backup), through
+/// the same flow as [`backup_image`].
+///
+/// # Errors
+/// As [`backup_image`].
+pub fn backup_image_from(
+    ctx: &mut Ctx,
+    img: &ImageConfig,
+    source: Box<dyn Source>,
+    progress: &dyn Progress,
+    cancel: &AtomicBool,
+) -> Result<Manifest> {
+    run_backup(ctx, img, Some(source), progress, cancel)
+}
+
+fn run_backup(
+    ctx: &mut Ctx,
+    img: &ImageConfig,
+    given: Option<Box<dyn Source>>,
+    progress: &dyn Progress,
+    cancel: &AtomicBool,
+) -> Result<Manifest> {
     let span = info_span!("backup", image = %img.name);
     let _e = span.enter();
 
@@ -192,7 +218,10 @@ pub fn backup_image(ctx: &mut Ctx, img: &ImageConfig, progress: &dyn Progress, c
     };
 
     // open the source: what can fail on its side fails before the catalog is touched
-    let mut source = open_source(ctx, img)?;
+    let mut source = match given {
+        Some(s) => s,
+        None => open_source(ctx, img)?,
+    };
     let configured = img.block_size(&ctx.cfg.defaults).unwrap_or(ctx.store.meta().default_block_size);
     let row = ctx.catalog.ensure_image(&img.name, &img.source.to_string(), configured)?;
     if row.block_size != configured {
@@ -320,7 +349,7 @@ fn freeze_to_commit(
         format: MANIFEST_VERSION,
         id,
         image: img.name.clone(),
-        source: img.source.to_string(),
+        source: source.source_name().unwrap_or_else(|| img.source.to_string()),
         created: created.to_string(),
         finished: now_rfc3339(),
         parent: parent.map(|p| p.manifest.id),
@@ -359,5 +388,6 @@ fn log_full_read(image: &str, reason: &FullReason) {
         }
         FullReason::UntrustedDiff { block, parent } => warn!(image, block, parent = parent.0,
             "the diff called a block unchanged whose content differs from the parent backup: falling back to a full read"),
+        FullReason::WholeStream => info!(image, "the stream has no from-snapshot: it is the whole image, laid over zeros"),
     }
 }

@@ -13,6 +13,8 @@ mod snapshots;
 mod gc;
 mod verify;
 mod forget;
+mod export_diff;
+mod import_diff;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -90,6 +92,10 @@ pub enum Command {
     Unprotect(protect::ProtectArgs),
     /// Remove one backup (IMAGE@ID) or every backup of an image (IMAGE --all).
     Forget(forget::ForgetArgs),
+    /// Write the change between two backups as an `rbd export-diff` stream.
+    ExportDiff(export_diff::ExportDiffArgs),
+    /// Apply an `rbd export-diff` stream to an image's latest backup, as a new backup.
+    ImportDiff(import_diff::ImportDiffArgs),
 }
 
 pub fn load_config(g: &GlobalArgs) -> Result<Config> {
@@ -113,6 +119,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Gc(a) => gc::run(g, a),
         Command::Verify(a) => verify::run(g, a),
         Command::Forget(a) => forget::run(g, a),
+        Command::ExportDiff(a) => export_diff::run(g, a),
+        Command::ImportDiff(a) => import_diff::run(g, a),
     }
 }
 

@@ -18,6 +18,7 @@ pub mod cli;
 pub mod config;
 pub mod context;
 pub mod daemon;
+pub mod diffstream;
 pub mod error;
 pub mod gc;
 pub mod job;

@@ -81,6 +81,9 @@ pub enum FullReason {
     MapInvalid,
     /// A sampled block the diff called unchanged differs from the parent.
     UntrustedDiff { block: usize, parent: BackupId },
+    /// An imported `rbd export-diff` stream without a from-snapshot: it
+    /// holds the whole image.
+    WholeStream,
 }
 
 impl fmt::Display for FullReason {
@@ -97,6 +100,7 @@ impl fmt::Display for FullReason {
             FullReason::UntrustedDiff { block, parent } => {
                 write!(f, "block {block} differs from parent backup {parent} although the diff called it unchanged")
             }
+            FullReason::WholeStream => f.write_str("the imported stream has no from-snapshot: it holds the whole image"),
         }
     }
 }

@@ -10,6 +10,7 @@
 //! [`Source::check`] (sampled trust checks of the plan) →
 //! [`Source::reader`] (for the pipeline) → [`Source::finish`].
 
+pub mod diff;
 pub mod file;
 pub mod rbd;
 
@@ -104,6 +105,12 @@ pub trait Source {
 
     /// The snapshot the backup is of, for the manifest.
     fn snapshot(&self) -> Option<String> {
+        None
+    }
+
+    /// What the manifest records as the backup's source (`None`: the
+    /// image's configured source).
+    fn source_name(&self) -> Option<String> {
         None
     }
 

@@ -117,6 +117,7 @@ const RBD_IMAGE_OPTION_FEATURES: c_int = 1;
 const RBD_IMAGE_OPTION_ORDER: c_int = 2;
 const RBD_IMAGE_OPTION_STRIPE_UNIT: c_int = 3;
 const RBD_IMAGE_OPTION_STRIPE_COUNT: c_int = 4;
+const RBD_IMAGE_OPTION_CLONE_FORMAT: c_int = 12;
 
 // ---------------------------------------------------------------------------
 // Loading
@@ -197,6 +198,15 @@ struct Api {
     rbd_lock_get_owners: unsafe extern "C" fn(ImageT, *mut c_int, *mut *mut c_char, *mut usize) -> c_int,
     rbd_lock_get_owners_cleanup: unsafe extern "C" fn(*mut *mut c_char, usize),
     rbd_lock_break: unsafe extern "C" fn(ImageT, c_int, *const c_char) -> c_int,
+    rbd_clone3: unsafe extern "C" fn(
+        IoCtxT,
+        *const c_char,
+        *const c_char,
+        IoCtxT,
+        *const c_char,
+        ImageOptionsT,
+    ) -> c_int,
+    rbd_flatten: unsafe extern "C" fn(ImageT) -> c_int,
 }
 
 /// Why librados/librbd could not be used at all.
@@ -338,6 +348,8 @@ impl Api {
             rbd_lock_get_owners: rbd!(rbd_lock_get_owners),
             rbd_lock_get_owners_cleanup: rbd!(rbd_lock_get_owners_cleanup),
             rbd_lock_break: rbd!(rbd_lock_break),
+            rbd_clone3: rbd!(rbd_clone3),
+            rbd_flatten: rbd!(rbd_flatten),
             _rados_lib: rados,
             _rbd_lib: rbd,
         })
@@ -663,6 +675,39 @@ impl IoCtx {
         // SAFETY: live ioctx and options, NUL-terminated name.
         self.check(unsafe { (self.api.rbd_create4)(self.h.as_ptr(), name.as_ptr(), size, opts.h) })
             .map(drop)
+    }
+
+    /// `rbd_clone3`: image `name` of this pool, a clone (format 2, so the
+    /// snapshot needs no protection) of `parent@snap` in `parent_ioctx`,
+    /// with the given features and object size order (`None`: the parent's).
+    pub fn clone_image(
+        &self,
+        parent_ioctx: &IoCtx,
+        parent: &CStr,
+        snap: &CStr,
+        name: &CStr,
+        order: Option<u8>,
+        features: u64,
+    ) -> Result<(), Errno> {
+        let mut opts = ImageOptions::new(self.api);
+        opts.set(RBD_IMAGE_OPTION_FORMAT, 2)?;
+        opts.set(RBD_IMAGE_OPTION_CLONE_FORMAT, 2)?;
+        opts.set(RBD_IMAGE_OPTION_FEATURES, features)?;
+        if let Some(order) = order {
+            opts.set(RBD_IMAGE_OPTION_ORDER, u64::from(order))?;
+        }
+        // SAFETY: two live ioctxs, NUL-terminated strings, live options.
+        self.check(unsafe {
+            (self.api.rbd_clone3)(
+                parent_ioctx.h.as_ptr(),
+                parent.as_ptr(),
+                snap.as_ptr(),
+                self.h.as_ptr(),
+                name.as_ptr(),
+                opts.h,
+            )
+        })
+        .map(drop)
     }
 
     /// `rbd_remove` (fails with ENOTEMPTY while the image has snapshots).
@@ -1221,6 +1266,13 @@ impl Image {
         // SAFETY: open image, NUL-terminated owner.
         self.check(unsafe { (self.api.rbd_lock_break)(self.h.as_ptr(), RBD_LOCK_MODE_EXCLUSIVE, owner.as_ptr()) })
             .map(drop)
+    }
+
+    /// `rbd_flatten`: copies the parent's data into this clone and
+    /// detaches it from the parent snapshot.
+    pub fn flatten(&self) -> Result<(), Errno> {
+        // SAFETY: open image.
+        self.check(unsafe { (self.api.rbd_flatten)(self.h.as_ptr()) }).map(drop)
     }
 
     /// `rbd_flush`.

@@ -120,6 +120,8 @@ pub enum Op {
     StatObject,
     RemoveObject,
     ListObjects,
+    Clone,
+    Flatten,
 }
 
 impl fmt::Display for Op {
@@ -153,6 +155,8 @@ impl fmt::Display for Op {
             Op::StatObject => "rados stat",
             Op::RemoveObject => "rados rm",
             Op::ListObjects => "rados ls",
+            Op::Clone => "rbd clone",
+            Op::Flatten => "rbd flatten",
         })
     }
 }
@@ -246,12 +250,20 @@ impl RbdError {
             (Op::Connect, 2) => {
                 "no keyring or key for this client (set keyring in ceph.conf or pass one)"
             }
-            (Op::Connect, 1 | 13) => "authentication refused (wrong client id or key?)",
+            (Op::Connect, 1 | 13) => {
+                "authentication refused (wrong client id or key, or no mon caps? a backup user needs \
+                 mon 'profile rbd' osd 'profile rbd pool=POOL')"
+            }
             (Op::Connect, ETIMEDOUT) => {
                 "no monitor answered in time (is the cluster up? is mon_host in ceph.conf right?)"
             }
             (_, ETIMEDOUT) => "the cluster did not answer in time",
-            (Op::CreateImage, 17) => "an image of that name exists",
+            (_, 1 | 13) => {
+                "the cephx user lacks the caps for this; a backup user needs \
+                 mon 'profile rbd' osd 'profile rbd pool=POOL' (ceph auth caps client.ID ...)"
+            }
+            (Op::CreateImage | Op::Clone, 17) => "an image of that name exists",
+            (Op::Clone, 2) => "the parent image or snapshot does not exist",
             (Op::CreateObject, 17) => "the object exists",
             (Op::ReadObject | Op::StatObject | Op::RemoveObject, 2) => "the object does not exist",
             (Op::CreateSnap, 17) => "a snapshot of that name exists",
@@ -550,6 +562,29 @@ impl IoCtx {
             .map_err(|e| RbdError::errno(Op::CreateImage, spec, e))
     }
 
+    /// Creates image `name` in this pool as a clone (format 2: the
+    /// snapshot need not be protected) of `parent@snap` in `parent_pool`,
+    /// with `features` and objects of `2^order` bytes (`None`: the parent's).
+    /// Ready at once whatever the size: reads fall through to the parent
+    /// until [`Image::flatten`].
+    pub fn clone_image(
+        &self,
+        parent_pool: &IoCtx,
+        parent: &str,
+        snap: &str,
+        name: &str,
+        order: Option<u8>,
+        features: u64,
+    ) -> Result<()> {
+        let spec = format!("{} from {}", self.image_spec(name, None), parent_pool.image_spec(parent, Some(snap)));
+        let c_parent = c_string(Op::Clone, &spec, "image name", parent)?;
+        let c_snap = c_string(Op::Clone, &spec, "snapshot name", snap)?;
+        let c_name = c_string(Op::Clone, &spec, "image name", name)?;
+        self.raw
+            .clone_image(&parent_pool.raw, &c_parent, &c_snap, &c_name, order, features)
+            .map_err(|e| RbdError::errno(Op::Clone, spec, e))
+    }
+
     /// Removes an image (it must have no snapshots and not be open).
     pub fn remove_image(&self, name: &str) -> Result<()> {
         let spec = self.image_spec(name, None);
@@ -815,6 +850,12 @@ impl Image {
             done += n;
         }
         Ok(())
+    }
+
+    /// Copies a clone's parent data into it and detaches it from its parent
+    /// snapshot (takes as long as copying the data).
+    pub fn flatten(&self) -> Result<()> {
+        self.raw.flatten().map_err(|e| self.err(Op::Flatten, e))
     }
 
     /// Grows or shrinks the image to `size` bytes.

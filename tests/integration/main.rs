@@ -6,6 +6,7 @@ mod compat;
 mod crash;
 mod daemon;
 mod errors;
+mod exportdiff;
 mod fs_safety;
 mod gc_verify;
 mod lost_chunk;

@@ -353,6 +353,20 @@ fn keep_snapshots_falls_back_to_the_newest_held_snapshot() {
     assert_eq!(third["parent"], first["id"], "{third}");
     // two 4 MiB blocks changed since the first backup's snapshot
     assert!(num(&third, "read_bytes") <= 8 * MIB, "{third}");
+    // issue 14 item 9: list shows protection, validity, and which
+    // snapshots are gone (the second backup's was deleted by hand)
+    env.ok(&["protect", &format!("img@{}", num(&first, "id"))]);
+    let text = env.ok(&["list", "img"]);
+    let line = |id: u64| text.lines().find(|l| l.split_whitespace().next() == Some(&id.to_string())).unwrap().to_string();
+    assert!(text.lines().next().unwrap().contains("PROT") && text.contains("VERIFY"), "{text}");
+    assert!(line(num(&first, "id")).contains(" yes "), "{text}");
+    assert!(line(num(&second, "id")).contains("(gone)"), "{text}");
+    assert!(!line(num(&third, "id")).contains("(gone)"), "{text}");
+    assert!(!line(num(&first, "id")).contains("(gone)"), "{text}");
+    for b in env.list() {
+        assert_eq!(b["valid"], true, "{b}");
+        assert_eq!(b["verify_state"], "unverified", "{b}");
+    }
     let snap = third["snapshot"].as_str().unwrap();
     let out = env.restore(&format!("img@{}", num(&third, "id")));
     assert_eq!(crate::rbd::file_hash(&out), crate::rbd::export_hash(&format!("{img}@{snap}")));
@@ -443,4 +457,43 @@ fn json_logs_are_json_to_the_last_line() {
     let last = lines.last().expect("no error line");
     assert_eq!(last["level"], "ERROR", "{last}");
     assert!(last["error"].as_str().unwrap().contains("store.path"), "{last}");
+}
+
+/// Issue 14 item 7: a cephx user without caps got a bare `Operation not
+/// permitted (errno 1)`. The error names the caps a backup user needs.
+#[test]
+fn a_cephx_user_without_caps_is_told_which_caps() {
+    let img = unique("caps");
+    rbd_io(&img, json!([["create", 8 * MIB, 0, FEATURES, 0, 0], ["write", 0, MIB, 61]]));
+    let env = rbd_env(&[], "");
+    let user = format!("bvnocaps{}", std::process::id());
+    let keyring = env.path("nocaps.keyring");
+    let o = std::process::Command::new("ceph")
+        .args(["auth", "get-or-create", &format!("client.{user}"), "mon", "allow r", "-o"])
+        .arg(&keyring)
+        .env("CEPH_CONF", crate::rbd::ceph_conf())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "ceph auth: {}", String::from_utf8_lossy(&o.stderr));
+    let extra = format!("[ceph]\nclient-id = \"{user}\"\nkeyring = \"{}\"\ntimeout = 10\n", keyring.display());
+    env.write_config(&[("img", &format!("rbd:rbd/{img}"))], "", &extra);
+    let err = env.fails(&["backup", "img"]);
+    assert!(err.contains("profile rbd"), "the caps are not named: {err}");
+}
+
+/// Issue 14 item 9: a restore into a missing directory reported a
+/// `.x.img.blockvault-partial` temp path instead of the directory.
+#[test]
+fn restore_into_a_missing_directory_names_the_directory() {
+    let env = Env::new(&[], "");
+    let img = env.path("a.img");
+    write_random(&img, 0, 1 << 20, &mut rng(95));
+    env.write_config(&[("a", &format!("file:{}", img.display()))], "", "");
+    env.ok(&["init"]);
+    env.ok(&["backup", "a"]);
+    let missing = env.path("no-such-dir");
+    let to = missing.join("x.img");
+    let err = env.fails(&["restore", "a", "--to", to.to_str().unwrap()]);
+    assert!(err.contains(&format!("the directory {} of restore target", missing.display())), "{err}");
+    assert!(!err.contains("blockvault-partial"), "{err}");
 }

@@ -42,6 +42,10 @@ pub fn backup_json(b: &BackupRow) -> serde_json::Value {
         "full_read": s.full_read,
         "duration_ms": s.duration_ms,
         "protected": b.protected,
+        // what the last verify (or a failed parent check) said, recorded in
+        // the store as backups/<id>.verify: "ok", "invalid" or "unverified"
+        "verify_state": b.verify_state.as_str(),
+        "valid": b.verify_state != blockvault_catalog::VerifyState::Invalid,
     })
 }
 
@@ -70,18 +74,41 @@ pub fn run(g: &GlobalArgs, a: ListArgs) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:>6}  {:<20} {:<21} {:>12} {:>12} {:>6}  {}", "ID", "IMAGE", "CREATED", "SIZE", "NEW", "PARENT", "SNAPSHOT");
+    // the RBD snapshots blockvault still holds: a backup's snapshot that
+    // was demoted or deleted is shown as gone
+    let mut held = std::collections::HashSet::new();
+    let mut seen = std::collections::HashSet::new();
+    for b in &rows {
+        if b.snapshot.is_some() && seen.insert(b.image_id) {
+            for sn in ctx.catalog.snapshots(b.image_id)? {
+                if sn.state == blockvault_catalog::SnapshotState::Present {
+                    held.insert(sn.name);
+                }
+            }
+        }
+    }
+    println!(
+        "{:>6}  {:<20} {:<21} {:>12} {:>12} {:>6}  {:<4} {:<10} {}",
+        "ID", "IMAGE", "CREATED", "SIZE", "NEW", "PARENT", "PROT", "VERIFY", "SNAPSHOT"
+    );
     for b in &rows {
         let s = b.stats.clone().unwrap_or_default();
+        let snap = match b.snapshot.as_deref() {
+            None => "-".to_string(),
+            Some(n) if held.contains(n) => printable(n).into_owned(),
+            Some(n) => format!("(gone) {}", printable(n)),
+        };
         println!(
-            "{:>6}  {:<20} {:<21} {:>12} {:>12} {:>6}  {}",
+            "{:>6}  {:<20} {:<21} {:>12} {:>12} {:>6}  {:<4} {:<10} {}",
             b.id.0,
             printable(&b.image),
             printable(&b.created),
             human(b.image_size),
             human(s.new_bytes),
             b.parent.map(|p| p.0.to_string()).unwrap_or_else(|| "-".into()),
-            printable(b.snapshot.as_deref().unwrap_or("-"))
+            if b.protected { "yes" } else { "-" },
+            b.verify_state.as_str(),
+            snap
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -33,6 +33,22 @@ pub struct RestoreArgs {
     /// With --chain: start the chain at this backup (default: its first).
     #[arg(long, value_name = "ID", requires = "chain")]
     pub since: Option<u64>,
+    /// To rbd:POOL/NEW: a clone of the backup's RBD snapshot, ready at once
+    /// (fails when the snapshot is gone; --clone=auto then writes the data
+    /// from the store).
+    #[arg(long, value_enum, num_args = 0..=1, require_equals = true, default_missing_value = "yes")]
+    pub clone: Option<CloneMode>,
+    /// With --clone: copy the parent's data into the clone and detach it.
+    #[arg(long, requires = "clone")]
+    pub flatten: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CloneMode {
+    /// Clone, or fail when the snapshot is gone.
+    Yes,
+    /// Clone, or restore from the store when the snapshot is gone.
+    Auto,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -48,6 +64,24 @@ pub fn run(g: &GlobalArgs, a: RestoreArgs) -> Result<ExitCode> {
     let spec = BackupRef::parse(&a.backup)?;
     let to = TargetSpec::parse(&a.to)?;
     let backup = OpenBackup::open(&ctx, &spec)?;
+    if let Some(mode) = a.clone {
+        let TargetSpec::Rbd { pool, namespace, image: name } = &to else {
+            anyhow::bail!("--clone needs an rbd:POOL/IMAGE target, not {}", a.to);
+        };
+        match crate::restore::rbd::restore_clone(&ctx, &backup.manifest, (pool, namespace.as_deref(), name), a.flatten)? {
+            crate::restore::rbd::CloneOutcome::Cloned { parent } => {
+                let how = if a.flatten { "cloned and flattened" } else { "cloned" };
+                println!("restored backup {} of image '{}' to {} ({how} from {parent})", backup.row.id, spec.image, a.to);
+                return Ok(ExitCode::SUCCESS);
+            }
+            crate::restore::rbd::CloneOutcome::NoSnapshot(why) if mode == CloneMode::Auto => {
+                tracing::warn!("cannot clone: {why}; --clone=auto: writing the data from the store instead");
+            }
+            crate::restore::rbd::CloneOutcome::NoSnapshot(why) => {
+                anyhow::bail!("cannot restore by clone: {why}; restore without --clone (or with --clone=auto) to write the data from the store");
+            }
+        }
+    }
     let never = AtomicBool::new(false);
     let opts = RestoreOptions { force: a.force, mode: a.mode, threads: ctx.cfg.workers() * 2, cancel: &never };
     if let TargetSpec::Qcow2(path) = &to {

@@ -109,6 +109,10 @@ pub fn restore_to_path(
         _ => PathBuf::from("."),
     };
     let name = to.file_name().with_context(|| format!("restore target {} has no file name", to.display()))?;
+    // named here: the temp file's own error would name its random path
+    if !dir.is_dir() {
+        bail!("the directory {} of restore target {} does not exist (create it first)", dir.display(), to.display());
+    }
     // O_CREAT|O_EXCL under a random name, mode 0600: whoever can write the
     // directory cannot make us write through a link or into their file.
     // Dropped (failure) removes it.

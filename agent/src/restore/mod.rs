@@ -12,6 +12,7 @@
 //! whole. Zero blocks, and zero 4 KiB pages inside blocks, are left as
 //! holes.
 
+pub mod export_diff;
 pub mod file;
 pub mod qcow2;
 pub mod rbd;

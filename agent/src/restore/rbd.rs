@@ -103,3 +103,80 @@ pub fn restore(
     Ok(())
 }
 
+
+/// How a `restore --clone` went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloneOutcome {
+    /// The image is a clone of the backup's snapshot (flattened if asked).
+    Cloned { parent: String },
+    /// No clone was made: the backup's snapshot is not on the cluster (or
+    /// never was), for this reason. Nothing was created.
+    NoSnapshot(String),
+}
+
+/// Restores `m` to `rbd:POOL[/NS]/IMAGE` as a format-2 clone of the backup's
+/// RBD snapshot, when that snapshot is still on the cluster: ready at
+/// once, whatever the size; reads fall through to the snapshot until
+/// `flatten` copies the data in (then the clone no longer needs it).
+///
+/// The snapshot is recognised by the source image and name in the
+/// manifest, and must have the backup's size.
+///
+/// # Errors
+/// An existing target image (a clone is always a new image); cluster errors.
+pub fn restore_clone(ctx: &Ctx, m: &Manifest, (pool, ns, name): (&str, Option<&str>, &str), flatten: bool) -> Result<CloneOutcome> {
+    let to = match ns {
+        Some(ns) => format!("rbd:{pool}/{ns}/{name}"),
+        None => format!("rbd:{pool}/{name}"),
+    };
+    let Ok(crate::config::Source::Rbd { pool: spool, namespace: sns, image: simg }) = crate::config::Source::parse(&m.source) else {
+        return Ok(CloneOutcome::NoSnapshot(format!(
+            "backup {} is of {}, not of an RBD image: there is no snapshot to clone",
+            m.id, m.source
+        )));
+    };
+    let Some(snap) = &m.snapshot else {
+        return Ok(CloneOutcome::NoSnapshot(format!("backup {} records no RBD snapshot", m.id)));
+    };
+    let parent = match &sns {
+        Some(ns) => format!("{spool}/{ns}/{simg}@{snap}"),
+        None => format!("{spool}/{simg}@{snap}"),
+    };
+    let cluster = connect(&ctx.cfg)?;
+    let gone = |why: &str| {
+        CloneOutcome::NoSnapshot(format!(
+            "the snapshot {parent} of backup {} {why} (blockvault keeps only the newest `keep-snapshots` \
+             snapshots of an image; `blockvault snapshots` lists them)",
+            m.id
+        ))
+    };
+    let pioctx = match cluster.ioctx(&spool, sns.as_deref()) {
+        Ok(i) => i,
+        Err(e) if e.is_not_found() => return Ok(gone("is gone: its pool does not exist")),
+        Err(e) => return Err(e).with_context(|| format!("opening the pool of {parent}")),
+    };
+    let pimage = match pioctx.open(&simg, Some(snap)) {
+        Ok(i) => i,
+        Err(e) if e.is_not_found() => return Ok(gone("is gone from the cluster")),
+        Err(e) => return Err(e).with_context(|| format!("opening {parent}")),
+    };
+    let psize = pimage.size()?;
+    if psize != m.image_size {
+        return Ok(gone(&format!("on the cluster has {psize} bytes where the backup has {}: not the same snapshot", m.image_size)));
+    }
+    let features = pimage.features()?;
+    let order = pimage.object_size()?.trailing_zeros() as u8;
+    drop(pimage);
+    let ioctx = open_pool(&cluster, pool, ns)?;
+    if ioctx.list_images()?.iter().any(|n| n == name) {
+        bail!("RBD image {to} already exists: --clone makes a new image (remove it first, or restore without --clone)");
+    }
+    ioctx
+        .clone_image(&pioctx, &simg, snap, name, Some(order), features)
+        .with_context(|| format!("cloning {parent} to {to}"))?;
+    if flatten {
+        let image = ioctx.open_rw(name).with_context(|| format!("opening {to}"))?;
+        image.flatten().with_context(|| format!("flattening {to} (the clone exists, still with its parent)"))?;
+    }
+    Ok(CloneOutcome::Cloned { parent })
+}
