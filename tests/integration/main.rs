@@ -14,6 +14,7 @@ mod lost_chunk;
 mod operator;
 mod prune;
 mod rados_store;
+mod qcow2;
 mod rbd;
 mod restore_image;
 mod roundtrip;

@@ -15,7 +15,8 @@ use crate::restore::{OpenBackup, RestoreOptions, TargetSpec};
 pub struct RestoreArgs {
     /// IMAGE or IMAGE@BACKUP_ID (the latest backup by default).
     pub backup: String,
-    /// Target: a file path, or a block device (needs --force).
+    /// Target: a file path, a block device (needs --force), rbd:POOL/IMAGE,
+    /// or qcow2:PATH.
     #[arg(long)]
     pub to: String,
     /// Overwrite an existing, non-empty target.
@@ -25,6 +26,13 @@ pub struct RestoreArgs {
     /// a file replaced with --force keeps its mode and owner).
     #[arg(long, value_parser = parse_mode)]
     pub mode: Option<u32>,
+    /// With --to qcow2:PATH: one qcow2 layer per backup of the chain, PATH
+    /// the top, the lower ones beside it as STEM.<ID>.qcow2.
+    #[arg(long)]
+    pub chain: bool,
+    /// With --chain: start the chain at this backup (default: its first).
+    #[arg(long, value_name = "ID", requires = "chain")]
+    pub since: Option<u64>,
     /// To rbd:POOL/NEW: a clone of the backup's RBD snapshot, ready at once
     /// (fails when the snapshot is gone; --clone=auto then writes the data
     /// from the store).
@@ -76,10 +84,54 @@ pub fn run(g: &GlobalArgs, a: RestoreArgs) -> Result<ExitCode> {
     }
     let never = AtomicBool::new(false);
     let opts = RestoreOptions { force: a.force, mode: a.mode, threads: ctx.cfg.workers() * 2, cancel: &never };
+    if let TargetSpec::Qcow2(path) = &to {
+        return restore_qcow2(&ctx, g, &a, &backup.manifest, path, &opts);
+    }
+    if a.chain {
+        anyhow::bail!("--chain applies to a qcow2 target (--to qcow2:PATH), not to {to}");
+    }
     let bar = Bar::new(backup.size(), &spec.image, !g.no_progress);
     let res = backup.restore_to(&ctx, &to, &opts, &bar);
     bar.finish();
     res?;
     println!("restored backup {} of image '{}' ({} bytes) to {}", backup.row.id, spec.image, backup.size(), a.to);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn restore_qcow2(
+    ctx: &Ctx,
+    g: &GlobalArgs,
+    a: &RestoreArgs,
+    manifest: &blockvault_store::Manifest,
+    path: &std::path::Path,
+    ropts: &RestoreOptions,
+) -> Result<ExitCode> {
+    use crate::restore::qcow2;
+    let opts = qcow2::Qcow2Options { chain: a.chain, since: a.since.map(blockvault_store::BackupId) };
+    let chain = qcow2::plan(ctx, manifest, &opts)?;
+    let bar = Bar::new(chain.iter().map(|m| m.image_size).sum(), &manifest.image, !g.no_progress);
+    let res = qcow2::write_chain(&ctx.store, &chain, path, ropts, &bar);
+    bar.finish();
+    let layers = res?;
+    for ((p, s), m) in layers.iter().zip(&chain) {
+        println!(
+            "backup {} -> {} ({} data clusters, {} zero clusters of {} bytes; {} blocks unchanged from the layer below)",
+            m.id,
+            p.display(),
+            s.data,
+            s.zero,
+            s.cluster_size,
+            s.blocks_skipped
+        );
+    }
+    println!(
+        "restored backup {} of image '{}' ({} bytes) to {} as qcow2 ({} layer{})",
+        manifest.id,
+        manifest.image,
+        manifest.image_size,
+        path.display(),
+        layers.len(),
+        if layers.len() == 1 { "" } else { "s" }
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -136,7 +136,7 @@ pub fn restore_to_path(
 /// Gives the temp file the replaced target's owner and mode, or `mode` (or
 /// [`DEFAULT_MODE`]) for a new target. The owner first: chown clears the
 /// set-id bits a chmod sets. An explicit `mode` wins over the old one.
-fn set_owner_and_mode(f: &File, old: Option<&std::fs::Metadata>, mode: Option<u32>) -> std::io::Result<()> {
+pub(super) fn set_owner_and_mode(f: &File, old: Option<&std::fs::Metadata>, mode: Option<u32>) -> std::io::Result<()> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     if let Some(old) = old {
         let me = f.metadata()?;

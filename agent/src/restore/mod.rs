@@ -1,8 +1,8 @@
 //! Restoring a backup: the restore loop ([`restore_map`]) writes every
 //! block of a backup into a [`RestoreTarget`], chosen by a parsed
 //! [`TargetSpec`]: a file or block device ([`file`]) or an RBD image
-//! ([`rbd`]). [`reader::BackupReader`] reads one backup at random offsets,
-//! for targets that pull bytes rather than receive them (NBD, qcow2,
+//! ([`rbd`]), or a qcow2 file or chain of layers ([`qcow2`]).
+//! [`reader::BackupReader`] reads one backup at random offsets, for targets that pull bytes rather than receive them (NBD, qcow2,
 //! export-diff).
 //!
 //! Every chunk is verified (header and payload checksums, then the blake3 of
@@ -14,6 +14,7 @@
 
 pub mod export_diff;
 pub mod file;
+pub mod qcow2;
 pub mod rbd;
 pub mod reader;
 
@@ -40,11 +41,13 @@ pub enum TargetSpec {
     Path(PathBuf),
     /// One RBD image: `rbd:POOL/IMAGE` or `rbd:POOL/NAMESPACE/IMAGE`.
     Rbd { pool: String, namespace: Option<String>, image: String },
+    /// A qcow2 file (`qcow2:PATH`), flat or the top of a chain of layers.
+    Qcow2(PathBuf),
 }
 
 impl TargetSpec {
-    /// Parses a `--to` argument. Anything not starting with `rbd:` is a path
-    /// (a leading `file:` is dropped).
+    /// Parses a `--to` argument. Anything not starting with `rbd:` or
+    /// `qcow2:` is a path (a leading `file:` is dropped).
     ///
     /// # Errors
     /// A malformed `rbd:` spec, or one with a glob (a restore writes one image).
@@ -58,6 +61,12 @@ impl TargetSpec {
                 Source::Rbd { pool, namespace, image } => Ok(TargetSpec::Rbd { pool, namespace, image }),
                 Source::File(_) => bail!("restore target {to}: not an RBD image spec"),
             };
+        }
+        if let Some(path) = to.strip_prefix("qcow2:") {
+            if path.is_empty() {
+                bail!("restore target '{to}': empty path");
+            }
+            return Ok(TargetSpec::Qcow2(PathBuf::from(path)));
         }
         let path = to.strip_prefix("file:").unwrap_or(to);
         if path.is_empty() {
@@ -73,6 +82,7 @@ impl std::fmt::Display for TargetSpec {
             TargetSpec::Path(p) => write!(f, "{}", p.display()),
             TargetSpec::Rbd { pool, namespace: Some(ns), image } => write!(f, "rbd:{pool}/{ns}/{image}"),
             TargetSpec::Rbd { pool, namespace: None, image } => write!(f, "rbd:{pool}/{image}"),
+            TargetSpec::Qcow2(p) => write!(f, "qcow2:{}", p.display()),
         }
     }
 }
@@ -160,6 +170,7 @@ pub fn restore_to(ctx: &Ctx, manifest: &Manifest, to: &TargetSpec, opts: &Restor
             }
             rbd::restore(ctx, manifest, (pool, namespace.as_deref(), image), opts, progress)
         }
+        TargetSpec::Qcow2(path) => qcow2::restore(ctx, manifest, path, &qcow2::Qcow2Options::default(), opts, progress).map(|_| ()),
         TargetSpec::Path(path) => restore_to_path(&ctx.store, manifest, path, opts, progress)
             .with_context(|| format!("restoring backup {} of image '{}' to {}", manifest.id, manifest.image, path.display())),
     }
@@ -335,5 +346,8 @@ mod tests {
         let e = format!("{:#}", TargetSpec::parse("rbd:pool/vm-*").unwrap_err());
         assert!(e.contains("must name one image"), "{e}");
         assert!(TargetSpec::parse("file:").is_err());
+        assert_eq!(TargetSpec::parse("qcow2:out/vm.qcow2").unwrap(), TargetSpec::Qcow2("out/vm.qcow2".into()));
+        assert_eq!(TargetSpec::parse("qcow2:/srv/vm.qcow2").unwrap().to_string(), "qcow2:/srv/vm.qcow2");
+        assert!(TargetSpec::parse("qcow2:").is_err());
     }
 }
