@@ -374,9 +374,9 @@ impl Backend for RadosBackend {
         // whole content (never overwrites, never visible in part); `sync`
         // waits for it. A chunk already there is found by the exclusive
         // create (EEXIST) and left alone; it then still counts as written.
-        if self.chunk_exists(id)? {
-            return Ok(false);
-        }
+        // (No stat first: the store's callers look chunks up before they
+        // put them, and a second round trip here would serialise the
+        // hash workers on the OSD's latency.)
         self.writer.get_or_init(|| Writer::start(&self.chunks, &self.location)).put(id, bytes)?;
         Ok(true)
     }
