@@ -98,7 +98,7 @@ fn copy_tree(from: &Path, to: &Path) {
 
 /// A context whose store goes through a fault backend.
 fn faulty_ctx(cfg: Config) -> (Ctx, Arc<FaultControl>) {
-    let fb = FaultBackend::new(DirBackend::new(&cfg.store.path));
+    let fb = FaultBackend::new(DirBackend::new(cfg.store.path.as_deref().expect("a directory store")));
     let control = fb.control();
     let store = Store::with_backend(Box::new(fb)).unwrap();
     let catalog = Catalog::open(&cfg.catalog_path()).unwrap();
@@ -159,7 +159,7 @@ fn base() -> Base {
     let state = dir.path().join("state");
     let image_file = dir.path().join("vm.img");
     let cfg = config(&state, &image_file);
-    Store::init(&cfg.store.path, &InitOptions { default_block_size: BS as u32 }).unwrap();
+    Store::init(cfg.store.path.as_deref().expect("a directory store"), &InitOptions { default_block_size: BS as u32 }).unwrap();
     let mut ctx = Ctx::open(cfg).unwrap();
     let img = ctx.cfg.image(IMAGE).unwrap().clone();
     let never = AtomicBool::new(false);
