@@ -24,8 +24,9 @@
 //!   exclusively and writes its whole content (`CREATE EXCL` + `WRITE_FULL`
 //!   in one write op): it is never overwritten, a concurrent writer of the
 //!   same chunk gets EEXIST, and no reader ever sees it incomplete. There
-//!   are no temp objects and nothing to stage: [`Backend::sync`] has
-//!   nothing to do.
+//!   are no temp objects. Puts are staged to [`WRITERS`] writer threads so
+//!   that many OSD operations overlap; [`Backend::sync`] waits for them
+//!   all and returns the first error.
 //! * a metadata object is replaced with one `WRITE_FULL`: readers see the
 //!   old bytes or the new. [`Backend::create_object`] (backup id claims) is
 //!   the same exclusive create as a chunk.
@@ -84,6 +85,99 @@ pub struct RadosBackend {
     meta: IoCtx,
     chunks: IoCtx,
     opts: RadosOptions,
+    /// Chunk writes in flight (started on the first put).
+    writer: std::sync::OnceLock<Writer>,
+}
+
+/// Chunk writes in flight at once: one synchronous librados call per
+/// writer thread, so this many OSD operations overlap (as `rados bench
+/// -t 16`). Bounds the memory of queued chunks to about this many too.
+const WRITERS: usize = 16;
+
+/// Writer threads taking chunk puts off a bounded queue: puts are staged
+/// (the trait allows it) and [`Backend::sync`] waits for every one and
+/// returns the first error.
+struct Writer {
+    tx: Mutex<Option<std::sync::mpsc::SyncSender<(ChunkId, Vec<u8>)>>>,
+    state: Arc<(Mutex<WriteState>, Condvar)>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+#[derive(Default)]
+struct WriteState {
+    inflight: usize,
+    error: Option<Error>,
+}
+
+impl Writer {
+    fn start(chunks: &IoCtx, location: &Path) -> Writer {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(ChunkId, Vec<u8>)>(WRITERS);
+        let rx = Arc::new(Mutex::new(rx));
+        let state: Arc<(Mutex<WriteState>, Condvar)> = Arc::default();
+        let mut threads = Vec::new();
+        for _ in 0..WRITERS {
+            let (rx, state, io, loc) = (rx.clone(), state.clone(), chunks.clone(), location.to_path_buf());
+            let t = std::thread::Builder::new().name("rados chunk writer".into()).spawn(move || loop {
+                let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                let Ok((id, bytes)) = job else { return };
+                let res = io.create_exclusive(&RadosBackend::chunk_oid(&id), &bytes);
+                let (m, cv) = &*state;
+                let mut st = m.lock().unwrap_or_else(|p| p.into_inner());
+                if let Err(e) = res {
+                    if st.error.is_none() {
+                        st.error = Some(io_err("write chunk", loc.join("chunks").join(id.to_hex()), e));
+                    }
+                }
+                st.inflight -= 1;
+                cv.notify_all();
+            });
+            if let Ok(t) = t {
+                threads.push(t);
+            }
+        }
+        Writer { tx: Mutex::new(Some(tx)), state, threads: Mutex::new(threads) }
+    }
+
+    fn put(&self, id: &ChunkId, bytes: &[u8]) -> Result<()> {
+        {
+            let mut st = self.state.0.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(e) = st.error.take() {
+                return Err(e);
+            }
+            st.inflight += 1;
+        }
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let sent = tx.map(|t| t.send((*id, bytes.to_vec())).is_ok()).unwrap_or(false);
+        if !sent {
+            let mut st = self.state.0.lock().unwrap_or_else(|p| p.into_inner());
+            st.inflight -= 1;
+            return Err(Error::Io {
+                op: "write chunk",
+                path: PathBuf::from(id.to_hex()),
+                source: std::io::Error::other("the chunk writer threads are gone"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Waits for every write in flight; the first error since the last wait.
+    fn wait(&self) -> Option<Error> {
+        let (m, cv) = &*self.state;
+        let mut st = m.lock().unwrap_or_else(|p| p.into_inner());
+        while st.inflight > 0 {
+            st = cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.error.take()
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        for t in self.threads.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 /// An `Io` error of a RADOS operation on `what`, keeping librados' cause.
@@ -120,7 +214,7 @@ impl RadosBackend {
         let meta = cluster.ioctx(pool, namespace).map_err(|e| io_err("open pool", &location, e))?;
         let chunk_ns = format!("{}/chunks", namespace.unwrap_or(""));
         let chunks = cluster.ioctx(pool, Some(&chunk_ns)).map_err(|e| io_err("open pool", &location, e))?;
-        Ok(RadosBackend { location, meta, chunks, opts: opts.clone() })
+        Ok(RadosBackend { location, meta, chunks, opts: opts.clone(), writer: std::sync::OnceLock::new() })
     }
 
     fn chunk_oid(id: &ChunkId) -> String {
@@ -276,16 +370,31 @@ impl Backend for RadosBackend {
     }
 
     fn put_chunk(&self, id: &ChunkId, bytes: &[u8]) -> Result<bool> {
-        // one atomic exclusive create with the whole content: never
-        // overwrites, never visible in part
-        self.chunks.create_exclusive(&Self::chunk_oid(id), bytes).map_err(|e| io_err("write chunk", self.chunk_name(id), e))
+        // Staged: a writer thread does one atomic exclusive create with the
+        // whole content (never overwrites, never visible in part); `sync`
+        // waits for it. A chunk already there is found by the exclusive
+        // create (EEXIST) and left alone; it then still counts as written.
+        // (No stat first: the store's callers look chunks up before they
+        // put them, and a second round trip here would serialise the
+        // hash workers on the OSD's latency.)
+        self.writer.get_or_init(|| Writer::start(&self.chunks, &self.location)).put(id, bytes)?;
+        Ok(true)
     }
 
     fn sync(&self) -> Result<()> {
-        Ok(()) // every put is durable when acknowledged
+        // every acknowledged create is durable: waiting for them is enough
+        match self.writer.get().and_then(Writer::wait) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
-    fn discard_pending(&self) {}
+    fn discard_pending(&self) {
+        // writes in flight finish (unreferenced chunks, for GC); errors are dropped
+        if let Some(w) = self.writer.get() {
+            let _ = w.wait();
+        }
+    }
 
     fn get_chunk(&self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
         // one read of up to the longest chunk + 1 (the decoder refuses what
