@@ -33,7 +33,11 @@ fuzz_target!(|data: &[u8]| {
             return;
         }
     };
-    assert!(cfg.store.path.is_absolute());
+    // exactly one of [store] path and url, and a path is absolute
+    assert!(cfg.store.path.is_some() != cfg.store.url.is_some(), "store needs exactly one of path and url");
+    if let Some(p) = &cfg.store.path {
+        assert!(p.is_absolute());
+    }
     assert!((0..=22).contains(&cfg.store.compression_level));
     assert!(cfg.catalog_path().is_absolute());
     assert!(cfg.daemon.max_concurrent >= 1);
