@@ -128,11 +128,15 @@ for unit in "${UNIT_FILES[@]}"; do
 done
 expect_file -rw------- etc/blockvault/config.toml
 expect_file -rw-r--r-- usr/share/doc/blockvault/examples/config.example.toml
-expect_file -rw-r--r-- usr/share/doc/blockvault/changelog
+# cargo-deb compresses the changelog, as Debian policy asks
+expect_file -rw-r--r-- usr/share/doc/blockvault/changelog.gz
 # no debug symbols in the package (issue 14 item 12)
 if grep -E '\./usr/lib/debug/|\.debug$' "$WORK/contents"; then
     fail "dpkg -c: the package ships debug symbols"
 fi
+# nor inside the binary: a stripped release binary is a few MB, with debug info ~80 MB
+bin_size=$(awk '$NF == "./usr/bin/blockvault" {print $3}' "$WORK/contents")
+[ -n "$bin_size" ] && [ "$bin_size" -lt 40000000 ] || fail "dpkg -c: usr/bin/blockvault is $bin_size bytes: not stripped of debug info"
 # the shipped config backs up nothing
 if grep -qE '^\[\[image\]\]' packaging/config.toml; then
     fail "packaging/config.toml configures an image"
