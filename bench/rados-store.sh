@@ -17,6 +17,7 @@ HERE=$(cd "$(dirname "$0")/.." && pwd)
 W=$(mktemp -d /var/tmp/bv-store-bench.XXXXXX)
 cleanup() { "$HERE/tests/ceph/stop-cluster.sh" "$W/ceph" >/dev/null 2>&1 || true; rm -rf "$W"; }
 trap cleanup EXIT
+trap "exit 143" TERM INT
 # room for the RADOS store, the S3 store and rados bench's objects at once
 BV_CEPH_MGR=0 BV_CEPH_BACKEND=bluestore BV_CEPH_OSD_GB=$(( SIZE * 4 / 1024 + 8 )) \
   "$HERE/tests/ceph/start-cluster.sh" "$W/ceph" > "$W/ceph.env" 2> "$W/ceph.log"
