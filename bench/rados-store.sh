@@ -1,46 +1,63 @@
 #!/usr/bin/env bash
-# bench/rados-store.sh [SIZE_MIB] [BIN] -- the RADOS store next to the
-# directory store, in one run on one machine: a throwaway cluster with a
-# bluestore OSD (tests/ceph/start-cluster.sh), a random image of SIZE_MIB
-# (default 1024), then for each store a first backup and a restore (wall
-# seconds, MiB/s of the image), and `rados bench` 4 MiB writes (16 in flight,
-# what a backup's chunk writes are) on the same pool for the chunk write
-# throughput to compare with. Needs root (drops the page cache) and Ceph.
+# bench/rados-store.sh [SIZE_MIB] [BIN] [ROUNDS] -- the three stores side by side
+# in one run on one machine: a throwaway cluster with a bluestore OSD
+# (tests/ceph/start-cluster.sh) and radosgw on it (tests/ceph/start-rgw.sh),
+# a random image of SIZE_MIB (default 1024), then, ROUNDS times (default 1),
+# for each store (directory, RADOS pool, S3 bucket) a first backup into an
+# empty store and a restore (wall seconds, MiB/s of the image), interleaved
+# with `rados bench` 4 MiB writes (16 in flight, what a backup's chunk writes
+# are) on the same pool, the limit to compare the RADOS store's chunk writes
+# with. Each store is removed after its round (disk). Needs root (drops the
+# page cache), Ceph and radosgw (tests/ceph/install-deps.sh).
 set -euo pipefail
 SIZE=${1:-1024}
-BIN=${2:-$(dirname "$0")/../target/release/blockvault}
+BIN=$(readlink -f "${2:-$(dirname "$0")/../target/release/blockvault}")
+ROUNDS=${3:-1}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
-W=$(mktemp -d /var/tmp/bv-rados-bench.XXXXXX)
+W=$(mktemp -d /var/tmp/bv-store-bench.XXXXXX)
 cleanup() { "$HERE/tests/ceph/stop-cluster.sh" "$W/ceph" >/dev/null 2>&1 || true; rm -rf "$W"; }
 trap cleanup EXIT
-BV_CEPH_MGR=0 BV_CEPH_BACKEND=bluestore BV_CEPH_OSD_GB=$(( SIZE / 1024 * 4 + 8 )) \
+trap "exit 143" TERM INT
+# room for the RADOS store, the S3 store and rados bench's objects at once
+BV_CEPH_MGR=0 BV_CEPH_BACKEND=bluestore BV_CEPH_OSD_GB=$(( SIZE * 4 / 1024 + 8 )) \
   "$HERE/tests/ceph/start-cluster.sh" "$W/ceph" > "$W/ceph.env" 2> "$W/ceph.log"
 CONF="$W/ceph/ceph.conf"
+# shellcheck disable=SC1091
+eval "$("$HERE/tests/ceph/start-rgw.sh" "$W/ceph" 2>"$W/rgw.log")"
+export AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
 head -c "$((SIZE << 20))" /dev/urandom > "$W/img"
 drop() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; }
-t() { local s e; s=$(date +%s.%N); "$@" >/dev/null; e=$(date +%s.%N); echo "$e - $s" | bc; }
+t() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>"$W/err" || { cat "$W/err" >&2; exit 1; }; e=$(date +%s.%N); echo "$e - $s" | bc; }
 mibs() { echo "scale=1; $SIZE / $1" | bc; }
-for kind in dir rados; do
-  mkdir -p "$W/$kind"
-  if [ $kind = dir ]; then store="path = \"$W/$kind/store\""; else store="url = \"rados:rbd/bench\""; fi
-  cat > "$W/$kind/config.toml" <<CFG
-[store]
-$store
-[store.ceph]
-conf = "$CONF"
-[catalog]
-path = "$W/$kind/catalog.sqlite"
-[[image]]
-name = "img"
-source = "file:$W/img"
-CFG
-  [ $kind = dir ] && sed -i '/^\[store.ceph\]/,+1d' "$W/$kind/config.toml"
-  "$BIN" --config "$W/$kind/config.toml" -q init >/dev/null
-  drop; b=$(t "$BIN" --config "$W/$kind/config.toml" -q --no-progress backup img)
-  drop; r=$(t "$BIN" --config "$W/$kind/config.toml" -q --no-progress restore img --to "$W/$kind/out")
-  cmp "$W/img" "$W/$kind/out"
-  echo "$kind store: backup ${b}s ($(mibs "$b") MiB/s), restore ${r}s ($(mibs "$r") MiB/s)"
-  rm -f "$W/$kind/out"
-done
 secs=$(( SIZE / 200 + 5 ))
-rados -c "$CONF" -p rbd bench "$secs" write -b 4194304 -t 16 --no-cleanup 2>/dev/null | grep -E "^(Bandwidth \(MB/sec\)|Total time run)" | sed 's/^/rados bench write 4M x16: /'
+for round in $(seq "$ROUNDS"); do
+  for kind in dir rados s3; do
+    rm -rf "$W/$kind"; mkdir -p "$W/$kind"
+    case $kind in
+      dir) store="path = \"$W/$kind/store\"";;
+      rados) store="url = \"rados:rbd/bench$round\"
+[store.ceph]
+conf = \"$CONF\"";;
+      s3) store="url = \"s3:$BV_S3_ENDPOINT/bench-$round\"";;
+    esac
+    printf '[store]\ngc-grace = 0\n%s\n[catalog]\npath = "%s"\n[[image]]\nname = "img"\nsource = "file:%s"\n' \
+      "$store" "$W/$kind/catalog.sqlite" "$W/img" > "$W/$kind/config.toml"
+    "$BIN" --config "$W/$kind/config.toml" -q init >/dev/null
+    drop; b=$(t "$BIN" --config "$W/$kind/config.toml" -q --no-progress backup img)
+    drop; r=$(t "$BIN" --config "$W/$kind/config.toml" -q --no-progress restore img --to "$W/out")
+    cmp "$W/img" "$W/out"
+    echo "round $round $kind store: backup ${b}s ($(mibs "$b") MiB/s), restore ${r}s ($(mibs "$r") MiB/s)"
+    rm -f "$W/out"
+    # free the space of this store before the next one
+    case $kind in
+      dir) rm -rf "$W/dir/store";;
+      rados) rados -c "$CONF" -p rbd -N "bench$round/chunks" ls | xargs -r -n 64 rados -c "$CONF" -p rbd -N "bench$round/chunks" rm;;
+      s3) "$BIN" --config "$W/$kind/config.toml" -q forget img --all --force >/dev/null 2>&1 \
+            && "$BIN" --config "$W/$kind/config.toml" -q gc >/dev/null 2>&1 || true;;
+    esac
+  done
+  # rados bench cleans up its objects at the end
+  rados -c "$CONF" -p rbd bench "$secs" write -b 4194304 -t 16 2>/dev/null \
+    | grep -E "^(Bandwidth \(MB/sec\)|Total time run)" | sed "s/^/round $round rados bench write 4M x16: /"
+done
+echo "($(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), image $SIZE MiB, $(basename "$BIN") $("$BIN" --version 2>/dev/null | head -1))"

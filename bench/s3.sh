@@ -2,7 +2,7 @@
 # bench/s3.sh BIN IMAGE [ROUNDS] -- blockvault backup and restore of IMAGE into a directory
 # store and into an S3 store (radosgw on a throwaway bluestore test cluster, started here and
 # stopped at the end), side by side in one run, alternating, ROUNDS times (default 2).
-# Prints wall/user/sys seconds, peak RSS (KiB) and the bytes each store holds afterwards.
+# Prints wall/user/sys seconds and peak RSS (KiB) of each.
 # Needs the Ceph and radosgw packages (tests/ceph/install-deps.sh).
 set -euo pipefail
 BIN=$(readlink -f "${1:?usage: s3.sh BIN IMAGE [ROUNDS]}"); IMG=$(readlink -f "${2:?}"); ROUNDS=${3:-2}
@@ -11,6 +11,7 @@ W=$(mktemp -d /var/tmp/bv-s3bench.XXXXXX)
 C=$W/ceph
 cleanup() { "$HERE/../tests/ceph/stop-cluster.sh" "$C" >/dev/null 2>&1 || true; rm -rf "$W"; }
 trap cleanup EXIT
+trap "exit 143" TERM INT
 BV_CEPH_BACKEND=bluestore BV_CEPH_MGR=0 BV_CEPH_OSD_GB=$(( $(stat -c %s "$IMG") * 3 / (1<<30) + 8 )) \
   "$HERE/../tests/ceph/start-cluster.sh" "$C" >/dev/null
 # shellcheck disable=SC1091

@@ -22,4 +22,5 @@ mod run;
 mod serve;
 mod s3;
 mod s3_agent;
+mod store_faults;
 mod store_truth;

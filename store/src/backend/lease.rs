@@ -311,7 +311,11 @@ impl<B: Backend + ?Sized + 'static> Leases<B> {
         let (m, cv) = stop;
         let mut stopped = m.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            let (g, timeout) = cv.wait_timeout(stopped, self.lease / 3).unwrap_or_else(|p| p.into_inner());
+            // `_while`: a stop set before this thread took the mutex (at
+            // start, or while it renewed without it) is seen at once; a
+            // plain wait would miss that notification and hold up the
+            // drop of the lock for a whole period
+            let (g, timeout) = cv.wait_timeout_while(stopped, self.lease / 3, |s| !*s).unwrap_or_else(|p| p.into_inner());
             stopped = g;
             if *stopped {
                 break;

@@ -307,7 +307,11 @@ impl LeaseGuard {
                 let (m, cv) = &*s;
                 let mut stopped = m.lock().unwrap_or_else(|p| p.into_inner());
                 loop {
-                    let (g, _) = cv.wait_timeout(stopped, every).unwrap_or_else(|p| p.into_inner());
+                    // `_while`: a stop set before this thread first took
+                    // the mutex is seen at once (a plain wait would miss
+                    // that notification and sleep a whole period, holding
+                    // up the drop of every short-lived lock by lease / 3)
+                    let (g, _) = cv.wait_timeout_while(stopped, every, |s| !*s).unwrap_or_else(|p| p.into_inner());
                     stopped = g;
                     if *stopped {
                         return;
