@@ -9,6 +9,7 @@
 #
 #   bench/fleet.sh [--images N] [--backups N] [--size MIB] [--block-size S]
 #                  [--reps N] [--idle SECONDS] [--dir DIR] [--out FILE] [--keep]
+#                  [--measure-only]   (a store built before in DIR, kept with --keep)
 #
 # Defaults: 100 images x 10 backups, 64 MiB images with 1M blocks, 3
 # repetitions of every read-only command (the median is reported), 60 s of
@@ -20,7 +21,7 @@
 # target/debug/blockvault, built if missing).
 set -euo pipefail
 
-IMAGES=100 BACKUPS=10 SIZE_MIB=64 BLOCK_SIZE=1M REPS=3 IDLE=60 DIR="" OUT="" KEEP=0
+IMAGES=100 BACKUPS=10 SIZE_MIB=64 BLOCK_SIZE=1M REPS=3 IDLE=60 DIR="" OUT="" KEEP=0 MEASURE_ONLY=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --images) IMAGES=$2; shift 2 ;;
@@ -32,6 +33,7 @@ while [ $# -gt 0 ]; do
         --dir) DIR=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
         --keep) KEEP=1; shift ;;
+        --measure-only) MEASURE_ONLY=1; KEEP=1; shift ;;
         -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
@@ -59,8 +61,9 @@ trap cleanup EXIT
 
 bv() { "$BV" --config "$CFG" --no-progress "$@"; }
 
-# ---- config: every image scheduled, retention for prune, gc-grace 0 -------
 KEEP_LAST=$(( BACKUPS / 2 > 0 ? BACKUPS / 2 : 1 ))
+if [ "$MEASURE_ONLY" = 0 ]; then
+# ---- config: every image scheduled, retention for prune, gc-grace 0 -------
 {
     cat <<EOF
 [store]
@@ -106,6 +109,7 @@ for i in range(1, n + 1):
 EOF
 }
 
+fi
 now() { date +%s.%N; }
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 # time_cmd LABEL ARGS...: REPS runs of blockvault ARGS, prints "LABEL median min max maxrss_kib"
@@ -129,12 +133,13 @@ time_cmd() {
 echo "fleet bench: $IMAGES images x $BACKUPS backups, ${SIZE_MIB} MiB images, block size $BLOCK_SIZE, in $DIR"
 uptime
 LOAD_START=$(uptime | sed 's/.*load average: //')
-bv init > /dev/null
+[ "$MEASURE_ONLY" = 1 ] || bv init > /dev/null
 
 # ---- build: BACKUPS rounds of one `backup --all` -------------------------
 BUILD0=$(now)
 ROUND_TIMES=()
-for r in $(seq 1 "$BACKUPS"); do
+[ "$MEASURE_ONLY" = 1 ] && BACKUPS_TO_MAKE=0 || BACKUPS_TO_MAKE=$BACKUPS
+for r in $(seq 1 "$BACKUPS_TO_MAKE"); do
     [ "$r" -gt 1 ] && mutate "$r"
     t0=$(now)
     bv backup --all > "$LOG.backup" 2>&1 || { tail -20 "$LOG.backup" >&2; exit 1; }
@@ -144,7 +149,7 @@ for r in $(seq 1 "$BACKUPS"); do
 done
 BUILD1=$(now)
 NBACKUPS=$(bv list --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
-[ "$NBACKUPS" = $(( IMAGES * BACKUPS )) ] || { echo "expected $(( IMAGES * BACKUPS )) backups, list shows $NBACKUPS" >&2; exit 1; }
+[ "$MEASURE_ONLY" = 1 ] || [ "$NBACKUPS" = $(( IMAGES * BACKUPS )) ] || { echo "expected $(( IMAGES * BACKUPS )) backups, list shows $NBACKUPS" >&2; exit 1; }
 
 # ---- metadata bytes per backup --------------------------------------------
 sz() { find "$STORE/backups" -maxdepth 1 -name "*.$1" -printf '%s\n' | awk '{s+=$1} END {print s+0}'; }
@@ -205,11 +210,12 @@ per() { echo "$1 / $NBACKUPS" | bc; }
     echo
     echo "| what | figure |"
     echo "|---|---|"
+    [ "$MEASURE_ONLY" = 1 ] && echo "| build | measured on a store built before (\`--measure-only\`) |" || \
     echo "| build: $NBACKUPS backups | $(printf '%.1f' "$(echo "$BUILD1 - $BUILD0" | bc -l)") s; rounds $(printf '%.1f ' "${ROUND_TIMES[@]}")s |"
     for k in list list-json list-image verify verify-deep-image gc-dry-run catalog-rebuild prune-dry-run gc-nothing-to-do prune gc-after-prune; do
         echo "| \`$k\` | ${RESULT[$k]} |"
     done
-    echo "| backups left after prune (keep-last=$KEEP_LAST) | $NLEFT |"
+    echo "| backups left after prune ($(grep -o 'keep-last = [0-9]*' "$CFG")) | $NLEFT |"
     echo "| metadata per backup: manifest | $(per "$MANIFEST_B") B |"
     echo "| metadata per backup: block map | $(per "$BLOCKMAP_B") B |"
     echo "| metadata per backup: id claim | $(per "$CLAIM_B") B |"
