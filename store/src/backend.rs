@@ -248,6 +248,21 @@ pub trait Backend: Send + Sync {
     /// `Io`.
     fn remove_temp_files(&self) -> Result<usize>;
 
+    /// Removes the temp objects a backup cleans up before it starts: at
+    /// least the staged chunks of dead writers (the bulk of what a crash
+    /// leaves). The default is [`Backend::remove_temp_files`]; a backend
+    /// may leave small temp objects to it (GC removes them), as the
+    /// directory backend leaves the `backups/.*` temp files of torn
+    /// manifest and block map writes rather than list `backups/`, which
+    /// grows with the number of backups, at every backup. Same locking as
+    /// `remove_temp_files`.
+    ///
+    /// # Errors
+    /// `Io`.
+    fn remove_staged_temp_files(&self) -> Result<usize> {
+        self.remove_temp_files()
+    }
+
     // ---- locks -------------------------------------------------------
 
     /// Takes lock `name` (`store`, `gc`, `image-<name>`, ...): waits for
@@ -356,6 +371,9 @@ impl<B: Backend + ?Sized> Backend for $ptr<B> {
     }
     fn remove_temp_files(&self) -> Result<usize> {
         (**self).remove_temp_files()
+    }
+    fn remove_staged_temp_files(&self) -> Result<usize> {
+        (**self).remove_staged_temp_files()
     }
     fn lock(&self, name: &str, mode: LockMode, wait: bool) -> Result<Option<StoreLock>> {
         (**self).lock(name, mode, wait)

@@ -352,7 +352,13 @@ pub fn apply(store: &Store, mut plan: GcPlan) -> Result<GcReport> {
 /// without a manifest is then not a commit in progress.
 fn remove_orphans(store: &Store) -> Result<u64> {
     let mut n = 0;
-    for name in store.list_backup_files()? {
+    let names = store.list_backup_files()?;
+    // Only a file whose manifest is not in the listing is a candidate, and
+    // a candidate's manifest is looked up once more before anything goes:
+    // one lookup per orphan, not one per block map and marker of every
+    // backup (a network round trip each on a shared store).
+    let listed: HashSet<&str> = names.iter().filter_map(|n| n.strip_suffix(".json")).collect();
+    for name in &names {
         let Some(stem) = name
             .strip_suffix(".blockmap")
             .or_else(|| name.strip_suffix(".protected"))
@@ -361,11 +367,11 @@ fn remove_orphans(store: &Store) -> Result<u64> {
             continue;
         };
         let Ok(id) = stem.parse::<u64>() else { continue };
-        if store.try_has_backup(BackupId(id))? {
+        if listed.contains(stem) || store.try_has_backup(BackupId(id))? {
             continue;
         }
         warn!(file = %store.root().join("backups").join(&name).display(), "removing a backup file that has no manifest");
-        if store.remove_backup_file(&name)? {
+        if store.remove_backup_file(name)? {
             n += 1;
         }
     }

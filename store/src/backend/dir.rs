@@ -442,13 +442,7 @@ impl Backend for DirBackend {
     }
 
     fn remove_temp_files(&self) -> Result<usize> {
-        let dir = self.root.join("tmp");
-        let mut n = 0;
-        for e in fs::read_dir(&dir).map_err(|e| Error::io("read directory", &dir, e))? {
-            let e = e.map_err(|e| Error::io("read directory", &dir, e))?;
-            fs::remove_file(e.path()).map_err(|err| Error::io("remove", e.path(), err))?;
-            n += 1;
-        }
+        let mut n = self.remove_staged_temp_files()?;
         let bdir = self.root.join("backups");
         for e in fs::read_dir(&bdir).map_err(|e| Error::io("read directory", &bdir, e))? {
             let e = e.map_err(|e| Error::io("read directory", &bdir, e))?;
@@ -456,6 +450,17 @@ impl Backend for DirBackend {
                 fs::remove_file(e.path()).map_err(|err| Error::io("remove", e.path(), err))?;
                 n += 1;
             }
+        }
+        Ok(n)
+    }
+
+    fn remove_staged_temp_files(&self) -> Result<usize> {
+        let dir = self.root.join("tmp");
+        let mut n = 0;
+        for e in fs::read_dir(&dir).map_err(|e| Error::io("read directory", &dir, e))? {
+            let e = e.map_err(|e| Error::io("read directory", &dir, e))?;
+            fs::remove_file(e.path()).map_err(|err| Error::io("remove", e.path(), err))?;
+            n += 1;
         }
         Ok(n)
     }

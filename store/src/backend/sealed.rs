@@ -144,6 +144,9 @@ impl Backend for SealedBackend {
     fn remove_temp_files(&self) -> Result<usize> {
         self.inner.remove_temp_files()
     }
+    fn remove_staged_temp_files(&self) -> Result<usize> {
+        self.inner.remove_staged_temp_files()
+    }
     fn lock(&self, name: &str, mode: LockMode, wait: bool) -> Result<Option<StoreLock>> {
         self.inner.lock(name, mode, wait)
     }
