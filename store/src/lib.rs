@@ -111,9 +111,11 @@
 //!   GC that lost its exclusive lock removes nothing more.
 //! * backup ids are allocated in the store, not by a host's catalog:
 //!   [`Store::claim_backup_id`] creates `backups/<id>.claim` exclusively
-//!   (put-if-absent) above every id the store has seen; two agents that race
-//!   for one id get two ids. Claims are never removed, so an id is never
-//!   reused.
+//!   (put-if-absent), probing upwards from the catalog's highest id + 1 and
+//!   skipping any id that already has a claim or other file in `backups/`;
+//!   after a few misses (a catalog far behind the store) it lists `backups/`
+//!   and starts above every id there. Two agents that race for one id get
+//!   two ids. Claims are never removed, so an id is never reused.
 //! * a chunk is written by one exclusive-create operation with its whole
 //!   content: two hosts writing the same chunk at once get one object, never
 //!   a torn or replaced one.
