@@ -5,8 +5,8 @@
 //! judge the clones. Small images (32 MiB, 64 KiB blocks): about a minute.
 
 use std::fs;
-use std::path::Path;
-use std::process::Command;
+use std::io::Write;
+use std::process::Stdio;
 
 use serde_json::{json, Value};
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use blockvault_tests::bluestore_conf;
 
-use crate::common::{assert_same, rng, write_random, Env};
+use crate::common::{assert_same, random_changes, rng, write_random, Env};
 use crate::shared_store::{committed_id, two_agents_and_a_gc, SharedStore};
 
 const MIB: u64 = 1 << 20;

@@ -3,8 +3,7 @@
 //! radosgw stopped mid-backup. See issue 11.
 
 use std::fs;
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use blockvault_store::Backend;
