@@ -720,9 +720,8 @@ pub fn transmit<R: Read, W: Write + Send>(
         let reply = read_reply(s, q);
         let mut g = lock(&w);
         let failure = send_read(&mut *g, q, reply)?;
-        if workers > 0 {
-            g.flush()?;
-        }
+        // the reader thread flushes only what it wrote itself
+        g.flush()?;
         drop(g);
         if let Some((off, cause)) = failure {
             on_read_error(off, &cause);
