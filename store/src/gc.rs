@@ -376,7 +376,6 @@ fn remove_orphans(store: &Store) -> Result<u64> {
 mod tests {
     use super::*;
     use crate::chunk;
-    use crate::format::MANIFEST_VERSION;
     use crate::{InitOptions, Manifest};
     use std::fs::File;
 
