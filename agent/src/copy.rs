@@ -246,7 +246,7 @@ mod tests {
             map.set(i, Some(cid));
         }
         store.sync().unwrap();
-        let mut m = Manifest::new(BackupId(id), image, &format!("file:/{image}"), bs);
+        let mut m = Manifest::new(BackupId(id), image, &format!("file:/{image}"), bs).at("2026-01-01T00:00:00Z");
         store.write_backup(&mut m, &map).unwrap();
     }
 

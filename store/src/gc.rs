@@ -403,7 +403,7 @@ mod tests {
         for (i, c) in chunks.iter().enumerate() {
             map.set(i, Some(*c));
         }
-        let mut m = Manifest::new(BackupId(id), "vm", "file:/vm", BS);
+        let mut m = Manifest::new(BackupId(id), "vm", "file:/vm", BS).at("2026-01-01T00:00:00Z");
         s.write_backup(&mut m, &map).unwrap();
     }
 

@@ -101,6 +101,14 @@ impl Manifest {
         }
     }
 
+    /// This manifest with `time` (RFC 3339) as its start and finish times.
+    #[must_use]
+    pub fn at(mut self, time: &str) -> Manifest {
+        self.created = time.into();
+        self.finished = time.into();
+        self
+    }
+
     /// Parses and checks a manifest file's bytes; `path` names it in errors.
     /// The length is checked before parsing (a manifest is at most
     /// `format::MAX_MANIFEST_LEN` bytes), then the JSON, then the version.

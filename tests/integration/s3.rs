@@ -60,7 +60,7 @@ fn s3_conditional_put_is_exclusive() {
 }
 
 fn manifest(id: u64, image: &str, bs: u32) -> Manifest {
-    Manifest::new(BackupId(id), image, &format!("file:/{image}"), bs)
+    Manifest::new(BackupId(id), image, &format!("file:/{image}"), bs).at("2026-01-01T00:00:00Z")
 }
 
 /// The store on S3: chunks and backups round-trip, a second put of a chunk

@@ -269,7 +269,7 @@ mod tests {
             store.put_chunk(&chunk::encode(block, id, 1, None).unwrap()).unwrap();
             map.set(b, Some(id));
         }
-        let mut m = Manifest::new(BackupId(3), "vm", "file:/srv/vm.img", BS);
+        let mut m = Manifest::new(BackupId(3), "vm", "file:/srv/vm.img", BS).at("2026-01-01T00:00:00Z");
         store.write_backup(&mut m, &map).unwrap();
         (dir, store, m, image)
     }
