@@ -246,21 +246,7 @@ mod tests {
             map.set(i, Some(cid));
         }
         store.sync().unwrap();
-        let mut m = Manifest {
-            format: blockvault_store::format::MANIFEST_VERSION,
-            id: BackupId(id),
-            image: image.into(),
-            source: format!("file:/{image}"),
-            created: "2026-01-01T00:00:00Z".into(),
-            finished: "2026-01-01T00:00:01Z".into(),
-            parent: None,
-            image_size: 0,
-            block_size: bs,
-            blockmap_blake3: String::new(),
-            snapshot: None,
-            stats: Default::default(),
-            rbd: None,
-        };
+        let mut m = Manifest::new(BackupId(id), image, &format!("file:/{image}"), bs).at("2026-01-01T00:00:00Z");
         store.write_backup(&mut m, &map).unwrap();
     }
 

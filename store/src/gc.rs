@@ -382,7 +382,6 @@ fn remove_orphans(store: &Store) -> Result<u64> {
 mod tests {
     use super::*;
     use crate::chunk;
-    use crate::format::MANIFEST_VERSION;
     use crate::{InitOptions, Manifest};
     use std::fs::File;
 
@@ -410,21 +409,7 @@ mod tests {
         for (i, c) in chunks.iter().enumerate() {
             map.set(i, Some(*c));
         }
-        let mut m = Manifest {
-            format: MANIFEST_VERSION,
-            id: BackupId(id),
-            image: "vm".into(),
-            source: "file:/vm".into(),
-            created: "2026-01-01T00:00:00Z".into(),
-            finished: "2026-01-01T00:00:01Z".into(),
-            parent: None,
-            image_size: 0,
-            block_size: BS,
-            blockmap_blake3: String::new(),
-            snapshot: None,
-            stats: Default::default(),
-            rbd: None,
-        };
+        let mut m = Manifest::new(BackupId(id), "vm", "file:/vm", BS).at("2026-01-01T00:00:00Z");
         s.write_backup(&mut m, &map).unwrap();
     }
 

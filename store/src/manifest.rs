@@ -79,6 +79,36 @@ pub struct RbdInfo {
 }
 
 impl Manifest {
+    /// The manifest of backup `id` of `image` read from `source`, in the
+    /// current format, before it is written: no parent, no snapshot, no
+    /// times or counters yet; [`crate::Store::write_backup`] fills in the
+    /// image size and the block map's checksum.
+    pub fn new(id: BackupId, image: &str, source: &str, block_size: u32) -> Manifest {
+        Manifest {
+            format: MANIFEST_VERSION,
+            id,
+            image: image.into(),
+            source: source.into(),
+            created: String::new(),
+            finished: String::new(),
+            parent: None,
+            image_size: 0,
+            block_size,
+            blockmap_blake3: String::new(),
+            snapshot: None,
+            stats: BackupStats::default(),
+            rbd: None,
+        }
+    }
+
+    /// This manifest with `time` (RFC 3339) as its start and finish times.
+    #[must_use]
+    pub fn at(mut self, time: &str) -> Manifest {
+        self.created = time.into();
+        self.finished = time.into();
+        self
+    }
+
     /// Parses and checks a manifest file's bytes; `path` names it in errors.
     /// The length is checked before parsing (a manifest is at most
     /// `format::MAX_MANIFEST_LEN` bytes), then the JSON, then the version.

@@ -980,19 +980,9 @@ impl Store {
             });
         }
         Ok(Manifest {
-            format: format::MANIFEST_VERSION,
-            id,
-            image: image.into(),
-            source: source.into(),
-            created: String::new(),
-            finished: String::new(),
-            parent: None,
             image_size,
-            block_size,
             blockmap_blake3: blake3::hash(&bytes).to_hex().to_string(),
-            snapshot: None,
-            stats: Default::default(),
-            rbd: None,
+            ..Manifest::new(id, image, source, block_size)
         })
     }
 

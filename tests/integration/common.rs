@@ -21,6 +21,8 @@ pub fn bin() -> PathBuf {
 pub struct Env {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
+    /// Set in the environment of every command (an S3 store's keys).
+    pub vars: Vec<(String, String)>,
 }
 
 impl Env {
@@ -28,9 +30,27 @@ impl Env {
     pub fn new(images: &[(&str, &str)], extra_store: &str) -> Env {
         let dir = tempfile::Builder::new().prefix("bv-test-").tempdir().unwrap();
         let config = dir.path().join("config.toml");
-        let env = Env { dir, config };
+        let env = Env { dir, config, vars: Vec::new() };
         env.write_config(images, extra_store, "");
         env
+    }
+
+    /// An agent of a store that is not a local directory: `url`, then
+    /// `store_keys` in `[store]`, its own catalog in its own temp dir,
+    /// `extra` after that, `images` as `(name, source)`; `vars` go into
+    /// every command's environment.
+    pub fn on_store_url(url: &str, store_keys: &str, extra: &str, images: &[(&str, &str)], vars: Vec<(String, String)>) -> Env {
+        let dir = tempfile::Builder::new().prefix("bv-agent-").tempdir().unwrap();
+        let config = dir.path().join("config.toml");
+        let mut t = format!(
+            "[store]\nurl = \"{url}\"\n{store_keys}\n[catalog]\npath = \"{}\"\n{extra}\n",
+            dir.path().join("catalog.sqlite").display()
+        );
+        for (name, src) in images {
+            t.push_str(&format!("[[image]]\nname = \"{name}\"\nsource = \"{src}\"\n"));
+        }
+        fs::write(&config, t).unwrap();
+        Env { dir, config, vars }
     }
 
     pub fn write_config(&self, images: &[(&str, &str)], extra_store: &str, extra: &str) {
@@ -62,6 +82,9 @@ impl Env {
         if let Some(conf) = blockvault_tests::started_ceph_conf() {
             // the cluster this test process started (CEPH_CONF was unset)
             c.env("CEPH_CONF", conf);
+        }
+        for (k, v) in &self.vars {
+            c.env(k, v);
         }
         c
     }

@@ -6,64 +6,17 @@
 
 use std::fs;
 use std::io::Write;
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::Stdio;
 
 use serde_json::{json, Value};
 
 use crate::common::*;
+use crate::rbd::{ceph_conf, export_hash, file_hash, rbd_cli, rbd_io, rbd_run, unique, POOL};
 
-const POOL: &str = "rbd";
 /// layering, exclusive-lock, object-map, fast-diff, deep-flatten
 const FEATURES: u64 = 1 | 4 | 8 | 16 | 32;
 const MIB: u64 = 1 << 20;
 const SMALL_BLOCKS: &str = "[defaults]\nblock-size = \"64K\"\n";
-
-fn ceph_conf() -> String {
-    blockvault_tests::ceph_conf().to_string_lossy().into_owned()
-}
-
-fn unique(prefix: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
-}
-
-fn rbd_io(image: &str, ops: Value) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("integration/rbd_io.py");
-    let mut child = Command::new("/usr/bin/python3")
-        .arg(script)
-        .args([POOL, image])
-        .env("CEPH_CONF", ceph_conf())
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(ops.to_string().as_bytes()).unwrap();
-    assert!(child.wait().unwrap().success(), "rbd_io.py {image} failed on {ops}");
-}
-
-fn rbd_run(args: &[&str]) -> std::process::Output {
-    Command::new("rbd").args(args).env("CEPH_CONF", ceph_conf()).output().unwrap()
-}
-
-fn rbd_cli(args: &[&str]) -> String {
-    let o = rbd_run(args);
-    assert!(o.status.success(), "rbd {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8(o.stdout).unwrap()
-}
-
-/// sha256 of `rbd export POOL/SPEC -`.
-fn export_hash(spec: &str) -> String {
-    let sh = format!("rbd export --no-progress {POOL}/{spec} - | sha256sum");
-    let o = Command::new("sh").arg("-c").arg(&sh).env("CEPH_CONF", ceph_conf()).output().unwrap();
-    assert!(o.status.success(), "{sh}: {}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8(o.stdout).unwrap().split_whitespace().next().unwrap().to_string()
-}
-
-fn file_hash(p: &Path) -> String {
-    let o = Command::new("sha256sum").arg(p).output().unwrap();
-    String::from_utf8(o.stdout).unwrap().split_whitespace().next().unwrap().to_string()
-}
 
 fn env_with(images: &[(&str, String)]) -> Env {
     ceph_conf();

@@ -20,6 +20,7 @@ mod restore_image;
 mod roundtrip;
 mod run;
 mod serve;
+mod shared_store;
 mod s3;
 mod s3_agent;
 mod store_faults;

@@ -5,7 +5,7 @@
 //! agents sharing one store while a third runs gc and prune, and a lock
 //! holder that dies.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use blockvault_tests::bluestore_conf;
 
 use crate::common::{assert_same, random_changes, rng, write_random, Env};
+use crate::shared_store::{committed_id, two_agents_and_a_gc, SharedStore};
 
 const MIB: u64 = 1 << 20;
 
@@ -24,20 +25,11 @@ fn unique_ns(tag: &str) -> String {
 
 /// An agent: its own directory, config and catalog, on the store `url`.
 fn agent(url: &str, images: &[(&str, &Path)], lease: &str, extra: &str) -> Env {
-    let dir = tempfile::Builder::new().prefix("bv-rados-").tempdir().unwrap();
-    let config = dir.path().join("config.toml");
-    let mut t = format!(
-        "[store]\nurl = \"{url}\"\nlock-lease = \"{lease}\"\ngc-grace = 0\n\
-         [store.ceph]\nconf = \"{}\"\ntimeout = 20\n\
-         [catalog]\npath = \"{}\"\n[defaults]\nblock-size = \"64K\"\n{extra}\n",
-        bluestore_conf().display(),
-        dir.path().join("catalog.sqlite").display()
-    );
-    for (name, src) in images {
-        t.push_str(&format!("[[image]]\nname = \"{name}\"\nsource = \"file:{}\"\n", src.display()));
-    }
-    fs::write(&config, t).unwrap();
-    Env { dir, config }
+    let keys = format!("lock-lease = \"{lease}\"\ngc-grace = 0\n[store.ceph]\nconf = \"{}\"\ntimeout = 20", bluestore_conf().display());
+    let extra = format!("[defaults]\nblock-size = \"64K\"\n{extra}");
+    let sources: Vec<(&str, String)> = images.iter().map(|(n, p)| (*n, format!("file:{}", p.display()))).collect();
+    let images: Vec<(&str, &str)> = sources.iter().map(|(n, s)| (*n, s.as_str())).collect();
+    Env::on_store_url(url, &keys, &extra, &images, Vec::new())
 }
 
 fn rados(args: &[&str]) -> Output {
@@ -50,12 +42,6 @@ fn chunk_objects(ns: &str) -> Vec<String> {
     let mut v: Vec<String> = String::from_utf8(o.stdout).unwrap().lines().map(str::to_string).collect();
     v.sort();
     v
-}
-
-/// The backup id in `backup`'s output (`NAME: backup ID committed: ...`).
-fn committed_id(out: &str) -> u64 {
-    let rest = out.split("backup ").nth(1).unwrap_or_else(|| panic!("no backup id in {out:?}"));
-    rest.split(' ').next().unwrap().parse().unwrap()
 }
 
 fn restore_to(env: &Env, spec: &str) -> PathBuf {
@@ -146,19 +132,6 @@ fn rados_store_round_trips_dedups_survives_kill_and_detects_bit_flips() {
     assert!(e.contains("corrupt") || e.contains("missing") || e.contains(&victim[..16]), "{e}");
 }
 
-/// `n` backups of image `name`, each after a few random writes: id -> content.
-fn rounds(env: &Env, img: &Path, name: &str, seed: u64, n: usize) -> BTreeMap<u64, Vec<u8>> {
-    let mut r = rng(seed);
-    let mut got = BTreeMap::new();
-    for _ in 0..n {
-        random_changes(img, 2 * MIB, 4, &mut r);
-        let content = fs::read(img).unwrap();
-        let out = env.ok(&["backup", name]);
-        got.insert(committed_id(&out), content);
-    }
-    got
-}
-
 /// Two agents (own configs and catalogs) back up different images into one
 /// RADOS store, 20 rounds each, while a third runs gc (grace 0) and prune
 /// in a loop. Afterwards: unique ids, every backup still in the store
@@ -181,58 +154,11 @@ fn rados_two_agents_share_a_store_while_gc_and_prune_run() {
     ea.ok(&["init"]);
     assert!(eb.ok(&["init"]).contains("already initialised"), "the second agent finds the store");
 
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    let (mut got_a, mut got_b) = (BTreeMap::new(), BTreeMap::new());
-    std::thread::scope(|s| {
-        let ha = s.spawn(|| rounds(&ea, &ia, "a", 10, ROUNDS));
-        let hb = s.spawn(|| rounds(&eb, &ib, "b", 20, ROUNDS));
-        let hc = s.spawn(|| {
-            let mut loops = 0;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                ec.ok(&["gc"]);
-                ec.ok(&["prune"]);
-                loops += 1;
-            }
-            loops
-        });
-        got_a = ha.join().unwrap();
-        got_b = hb.join().unwrap();
-        stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        let loops = hc.join().unwrap();
-        assert!(loops >= 1, "gc and prune ran alongside the backups");
+    let sc = SharedStore { a: &ea, b: &eb, gc: &ec, images: (&ia, &ib), fresh: || agent(&url, &[], "15s", "") };
+    two_agents_and_a_gc(&sc, ROUNDS, 12, || {
+        let manifests = rados(&["-p", "rbd", "-N", &ns, "ls"]);
+        String::from_utf8_lossy(&manifests.stdout).lines().filter(|l| l.ends_with(".json") && l.starts_with("backups/")).count()
     });
-    assert_eq!(got_a.len(), ROUNDS);
-    assert_eq!(got_b.len(), ROUNDS);
-    let ids_a: BTreeSet<u64> = got_a.keys().copied().collect();
-    let ids_b: BTreeSet<u64> = got_b.keys().copied().collect();
-    assert!(ids_a.is_disjoint(&ids_b), "backup ids are unique across agents: {ids_a:?} {ids_b:?}");
-    // one more gc and prune with everything quiet
-    ec.ok(&["prune"]);
-    ec.ok(&["gc"]);
-
-    // a new host: a fresh catalog rebuilt from the store lists every backup in it
-    let ed = agent(&url, &[], "15s", "");
-    ed.ok(&["catalog", "rebuild"]);
-    let listed: Vec<serde_json::Value> = ed.list();
-    let in_store: BTreeSet<u64> = listed.iter().map(|v| v["id"].as_u64().unwrap()).collect();
-    assert_eq!(in_store.len(), 12, "keep-last 6 of each image: {in_store:?}");
-    let manifests = rados(&["-p", "rbd", "-N", &ns, "ls"]);
-    let n_manifests = String::from_utf8_lossy(&manifests.stdout).lines().filter(|l| l.ends_with(".json") && l.starts_with("backups/")).count();
-    assert_eq!(n_manifests, in_store.len(), "the rebuilt catalog lists every manifest in the store");
-    for v in &listed {
-        let id = v["id"].as_u64().unwrap();
-        let image = v["image"].as_str().unwrap();
-        let want = if image == "a" { &got_a[&id] } else { &got_b[&id] };
-        let f = scratch.path().join("want");
-        fs::write(&f, want).unwrap();
-        assert_same(&restore_to(&ed, &format!("{image}@{id}")), &f);
-        // and from the other agent, whose catalog learns of it from the store
-        let other = if image == "a" { &eb } else { &ea };
-        other.ok(&["list"]);
-        assert_same(&restore_to(other, &format!("{image}@{id}")), &f);
-    }
-    let v = ed.run(&["verify", "--deep"]);
-    assert!(v.status.success(), "verify --deep: {}\n{}", String::from_utf8_lossy(&v.stdout), String::from_utf8_lossy(&v.stderr));
 }
 
 /// A lock holder stopped and killed with -9: another agent is refused with

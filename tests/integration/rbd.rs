@@ -47,8 +47,13 @@ pub(crate) fn rbd_io(image: &str, ops: Value) {
     assert!(child.wait().unwrap().success(), "rbd_io.py {image} failed on {ops}");
 }
 
+/// Runs `rbd ARGS` on the test cluster, whatever its exit status.
+pub(crate) fn rbd_run(args: &[&str]) -> std::process::Output {
+    Command::new("rbd").args(args).env("CEPH_CONF", ceph_conf()).output().unwrap()
+}
+
 pub(crate) fn rbd_cli(args: &[&str]) -> String {
-    let o = Command::new("rbd").args(args).env("CEPH_CONF", ceph_conf()).output().unwrap();
+    let o = rbd_run(args);
     assert!(o.status.success(), "rbd {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8(o.stdout).unwrap()
 }

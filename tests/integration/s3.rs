@@ -60,21 +60,7 @@ fn s3_conditional_put_is_exclusive() {
 }
 
 fn manifest(id: u64, image: &str, bs: u32) -> Manifest {
-    Manifest {
-        format: blockvault_store::format::MANIFEST_VERSION,
-        id: BackupId(id),
-        image: image.into(),
-        source: format!("file:/{image}"),
-        created: "2026-01-01T00:00:00Z".into(),
-        finished: "2026-01-01T00:00:01Z".into(),
-        parent: None,
-        image_size: 0,
-        block_size: bs,
-        blockmap_blake3: String::new(),
-        snapshot: None,
-        stats: Default::default(),
-        rbd: None,
-    }
+    Manifest::new(BackupId(id), image, &format!("file:/{image}"), bs).at("2026-01-01T00:00:00Z")
 }
 
 /// The store on S3: chunks and backups round-trip, a second put of a chunk

@@ -3,76 +3,20 @@
 //! radosgw stopped mid-backup. See issue 11.
 
 use std::fs;
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use blockvault_store::Backend;
 use blockvault_tests::S3Endpoint;
 
 use crate::common::{self, Env};
+use crate::shared_store::{two_agents_and_a_gc, SharedStore};
 
 /// An agent whose store is an S3 URL: its own config and catalog in a temp
 /// dir, the keys in its environment.
-pub struct S3Agent {
-    pub dir: tempfile::TempDir,
-    pub config: PathBuf,
-    pub ep: S3Endpoint,
-}
-
-impl S3Agent {
-    pub fn new(ep: &S3Endpoint, images: &[(&str, &str)], extra: &str) -> S3Agent {
-        let dir = tempfile::Builder::new().prefix("bv-s3-").tempdir().unwrap();
-        let config = dir.path().join("config.toml");
-        let mut t = format!(
-            "[store]\nurl = \"{}\"\nlock-lease = \"10s\"\ngc-grace = 0\n[catalog]\npath = \"{}\"\n{extra}\n",
-            ep.url(),
-            dir.path().join("catalog.sqlite").display()
-        );
-        for (name, src) in images {
-            t.push_str(&format!("[[image]]\nname = \"{name}\"\nsource = \"{src}\"\n"));
-        }
-        fs::write(&config, t).unwrap();
-        S3Agent { dir, config, ep: ep.clone() }
-    }
-
-    pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(common::bin());
-        c.arg("--config").arg(&self.config).arg("--no-progress").args(args);
-        c.env_remove("BLOCKVAULT_LOG");
-        for (k, v) in self.ep.env() {
-            c.env(k, v);
-        }
-        c
-    }
-
-    pub fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().unwrap()
-    }
-
-    pub fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "blockvault {args:?} on {} failed ({}):\nstdout: {}\nstderr: {}",
-            self.ep.url(),
-            o.status,
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8(o.stdout).unwrap()
-    }
-
-    pub fn list(&self) -> Vec<serde_json::Value> {
-        serde_json::from_str(&self.ok(&["list", "--json"])).unwrap()
-    }
-
-    pub fn restore(&self, spec: &str) -> PathBuf {
-        let to = self.dir.path().join(format!("restored-{}", spec.replace('@', "-")));
-        let _ = fs::remove_file(&to);
-        self.ok(&["restore", spec, "--to", to.to_str().unwrap()]);
-        to
-    }
+pub fn s3_agent(ep: &S3Endpoint, images: &[(&str, &str)], extra: &str) -> Env {
+    let vars = ep.env().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    Env::on_store_url(&ep.url(), "lock-lease = \"10s\"\ngc-grace = 0", extra, images, vars)
 }
 
 fn s3_backend(ep: &S3Endpoint) -> blockvault_store::backend::s3::S3Backend {
@@ -125,7 +69,7 @@ fn store_copy_dir_to_s3_then_restore_from_s3() {
     assert_eq!((again["backups_copied"].as_u64(), again["chunks_copied"].as_u64()), (Some(0), Some(0)), "{again}");
     assert_eq!(again["backups_present"], 3);
 
-    let remote = S3Agent::new(&ep, &[], "");
+    let remote = s3_agent(&ep, &[], "");
     remote.ok(&["catalog", "rebuild"]);
     let list = remote.list();
     assert_eq!(list.len(), 3, "{list:?}");
@@ -181,7 +125,7 @@ fn store_copy_killed_and_resumed_copies_only_the_rest() {
     let r = copy_json(&env, &ep, &[]);
     assert_eq!(r["chunks_copied"].as_u64().unwrap() as usize, total - before, "{r}");
     assert_eq!(r["chunks_present"].as_u64().unwrap() as usize, before, "{r}");
-    let remote = S3Agent::new(&ep, &[], "");
+    let remote = s3_agent(&ep, &[], "");
     remote.ok(&["catalog", "rebuild"]);
     let spec = backup_spec(&remote.list()[0]);
     common::assert_same(&remote.restore(&spec), &img);
@@ -198,7 +142,7 @@ fn radosgw_stopped_mid_backup() {
     let mut rng = common::rng(13);
     common::sparse_file(&img, 48 << 20);
     common::write_random(&img, 0, 48 << 20, &mut rng);
-    let agent = S3Agent::new(
+    let agent = s3_agent(
         &ep,
         &[("vm", &format!("file:{}", img.display()))],
         "[defaults]\nblock-size = \"64K\"\n",
@@ -248,7 +192,6 @@ fn radosgw_stopped_mid_backup() {
 /// --deep is clean.
 #[test]
 fn s3_two_agents_share_a_store_while_gc_and_prune_run() {
-    use std::collections::{BTreeMap, BTreeSet};
     const ROUNDS: usize = 20;
     const MIB: u64 = 1 << 20;
     let ep = blockvault_tests::s3_endpoint("share");
@@ -260,65 +203,13 @@ fn s3_two_agents_share_a_store_while_gc_and_prune_run() {
     }
     let src = |p: &std::path::Path| format!("file:{}", p.display());
     let defaults = "[defaults]\nblock-size = \"64K\"\nretention = { keep-last = 6 }\n";
-    let ea = S3Agent::new(&ep, &[("a", &src(&ia))], defaults);
-    let eb = S3Agent::new(&ep, &[("b", &src(&ib))], defaults);
-    let ec = S3Agent::new(&ep, &[("a", &src(&ia)), ("b", &src(&ib))], defaults);
+    let ea = s3_agent(&ep, &[("a", &src(&ia))], defaults);
+    let eb = s3_agent(&ep, &[("b", &src(&ib))], defaults);
+    let ec = s3_agent(&ep, &[("a", &src(&ia)), ("b", &src(&ib))], defaults);
     ea.ok(&["init"]);
     eb.ok(&["init"]);
-    let rounds = |env: &S3Agent, img: &std::path::Path, name: &str, seed: u64| {
-        let mut r = common::rng(seed);
-        let mut got = BTreeMap::new();
-        for _ in 0..ROUNDS {
-            common::random_changes(img, 2 * MIB, 4, &mut r);
-            let content = fs::read(img).unwrap();
-            let out = env.ok(&["backup", name]);
-            let rest = out.split("backup ").nth(1).unwrap_or_else(|| panic!("no backup id in {out:?}"));
-            got.insert(rest.split(' ').next().unwrap().parse::<u64>().unwrap(), content);
-        }
-        got
-    };
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    let (mut got_a, mut got_b) = (BTreeMap::new(), BTreeMap::new());
-    std::thread::scope(|s| {
-        let ha = s.spawn(|| rounds(&ea, &ia, "a", 10));
-        let hb = s.spawn(|| rounds(&eb, &ib, "b", 20));
-        let hc = s.spawn(|| {
-            let mut loops = 0;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                ec.ok(&["gc"]);
-                ec.ok(&["prune"]);
-                loops += 1;
-            }
-            loops
-        });
-        got_a = ha.join().unwrap();
-        got_b = hb.join().unwrap();
-        stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        assert!(hc.join().unwrap() >= 1, "gc and prune ran alongside the backups");
+    let sc = SharedStore { a: &ea, b: &eb, gc: &ec, images: (&ia, &ib), fresh: || s3_agent(&ep, &[], "") };
+    two_agents_and_a_gc(&sc, ROUNDS, 12, || {
+        s3_backend(&ep).list_objects("backups/").unwrap().iter().filter(|k| k.ends_with(".json")).count()
     });
-    let ids_a: BTreeSet<u64> = got_a.keys().copied().collect();
-    let ids_b: BTreeSet<u64> = got_b.keys().copied().collect();
-    assert_eq!((ids_a.len(), ids_b.len()), (ROUNDS, ROUNDS));
-    assert!(ids_a.is_disjoint(&ids_b), "backup ids are unique across agents: {ids_a:?} {ids_b:?}");
-    ec.ok(&["prune"]);
-    ec.ok(&["gc"]);
-    let ed = S3Agent::new(&ep, &[], "");
-    ed.ok(&["catalog", "rebuild"]);
-    let listed = ed.list();
-    let in_store: BTreeSet<u64> = listed.iter().map(|v| v["id"].as_u64().unwrap()).collect();
-    assert_eq!(in_store.len(), 12, "keep-last 6 of each image: {in_store:?}");
-    let manifests = s3_backend(&ep).list_objects("backups/").unwrap().iter().filter(|k| k.ends_with(".json")).count();
-    assert_eq!(manifests, in_store.len(), "the rebuilt catalog lists every manifest in the store");
-    for v in &listed {
-        let id = v["id"].as_u64().unwrap();
-        let image = v["image"].as_str().unwrap();
-        let want = if image == "a" { &got_a[&id] } else { &got_b[&id] };
-        let f = scratch.path().join("want");
-        fs::write(&f, want).unwrap();
-        common::assert_same(&ed.restore(&format!("{image}@{id}")), &f);
-        let other = if image == "a" { &eb } else { &ea };
-        other.ok(&["list"]);
-        common::assert_same(&other.restore(&format!("{image}@{id}")), &f);
-    }
-    ed.ok(&["verify", "--deep"]);
 }

@@ -3,12 +3,13 @@
 //! device.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, FileTypeExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use blockvault_store::{Manifest, Store};
 
+use super::preflight::{check_path, partial_file, target_dir, PathTarget};
 use super::{restore_map, RestoreOptions, RestoreTarget};
 use crate::pipeline::Progress;
 
@@ -73,23 +74,7 @@ pub fn restore_to_path(
 ) -> Result<()> {
     let (force, mode) = (opts.force, opts.mode);
     let map = store.read_blockmap(manifest)?;
-    let md = std::fs::metadata(to).ok();
-    let is_dev = md.as_ref().is_some_and(|m| m.file_type().is_block_device());
-    let is_link = std::fs::symlink_metadata(to).is_ok_and(|m| m.file_type().is_symlink());
-    if is_link && !is_dev {
-        bail!(
-            "restore target {} is a symbolic link (to a file or to nothing): give the real path, or remove the link",
-            to.display()
-        );
-    }
-    if let Some(md) = &md {
-        if md.is_dir() {
-            bail!("restore target {} is a directory", to.display());
-        }
-        if (is_dev || md.len() > 0) && !force {
-            bail!("restore target {} already exists and is not empty (use --force to overwrite it)", to.display());
-        }
-    }
+    let PathTarget { old: md, is_dev } = check_path("restore target", to, force, true)?;
     if is_dev {
         if mode.is_some() {
             bail!("--mode applies to a new file; block device {} keeps its own", to.display());
@@ -104,23 +89,8 @@ pub fn restore_to_path(
         t.file.sync_all().with_context(|| format!("fsync of {}", to.display()))?;
         return Ok(());
     }
-    let dir = match to.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = to.file_name().with_context(|| format!("restore target {} has no file name", to.display()))?;
-    // named here: the temp file's own error would name its random path
-    if !dir.is_dir() {
-        bail!("the directory {} of restore target {} does not exist (create it first)", dir.display(), to.display());
-    }
-    // O_CREAT|O_EXCL under a random name, mode 0600: whoever can write the
-    // directory cannot make us write through a link or into their file.
-    // Dropped (failure) removes it.
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{}.", name.to_string_lossy()))
-        .suffix(".blockvault-partial")
-        .tempfile_in(&dir)
-        .with_context(|| format!("creating a temp file in {}", dir.display()))?;
+    let dir = target_dir(to);
+    let tmp = partial_file("restore target", to)?;
     let tmp_path = tmp.path().to_path_buf();
     tmp.as_file().set_len(map.image_size()).with_context(|| format!("sizing {}", tmp_path.display()))?;
     set_owner_and_mode(tmp.as_file(), md.as_ref(), mode).with_context(|| format!("setting owner and mode of {}", tmp_path.display()))?;

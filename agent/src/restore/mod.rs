@@ -14,6 +14,7 @@
 
 pub mod export_diff;
 pub mod file;
+mod preflight;
 pub mod qcow2;
 pub mod rbd;
 pub mod reader;
@@ -216,16 +217,12 @@ fn write_sparse(t: &dyn RestoreTarget, offset: u64, data: &[u8]) -> std::io::Res
     Ok(())
 }
 
-/// Block numbers queued per restore worker: enough that a worker never
-/// waits for the feeding thread, which only counts.
-const QUEUE_PER_WORKER: usize = 4;
-
 /// Restores `map` into `target` on `opts.threads` workers of the worker
-/// pool ([`crate::pool`]): each loads, verifies and decodes one block's
-/// chunk and writes it at its offset (`pwrite` for a file, one in-flight
-/// write per worker for RBD), so as many writes are in flight as there are
-/// workers. The first error stops every worker; so does the cancel flag,
-/// checked before each block.
+/// pool ([`preflight::for_each_block`]): each loads, verifies and decodes
+/// one block's chunk and writes it at its offset (`pwrite` for a file, one
+/// in-flight write per worker for RBD), so as many writes are in flight as
+/// there are workers. The first error stops every worker; so does the
+/// cancel flag, checked before each block.
 ///
 /// # Errors
 /// The first chunk or write error, naming the chunk, the block and the
@@ -239,29 +236,19 @@ pub fn restore_map(
     progress: &dyn Progress,
 ) -> Result<()> {
     let what = format!("backup {} of image '{}'", manifest.id, manifest.image);
-    let threads = opts.threads.max(1);
-    crate::pool::for_each(
-        opts.cancel,
-        "restore",
-        threads,
-        threads * QUEUE_PER_WORKER,
-        0..map.len(),
-        || (Vec::new(), Vec::new()),
-        |(raw, plain), b| {
-            let (off, len) = map.block_range(b);
-            match map.get(b) {
-                None => target.zero(off, len as u64).with_context(|| format!("{what}: zeroing block {b} at offset {off}"))?,
-                Some(id) => {
-                    reader::load_block(store, &what, map, b, &id, raw, plain)?;
-                    write_sparse(target, off, plain).with_context(|| format!("{what}: writing block {b} at offset {off}"))?;
-                    target.block_done(off, len as u64);
-                }
+    preflight::for_each_block(map, opts, "restore", &format!("restore of {what}"), |raw, plain, b| {
+        let (off, len) = map.block_range(b);
+        match map.get(b) {
+            None => target.zero(off, len as u64).with_context(|| format!("{what}: zeroing block {b} at offset {off}"))?,
+            Some(id) => {
+                reader::load_block(store, &what, map, b, &id, raw, plain)?;
+                write_sparse(target, off, plain).with_context(|| format!("{what}: writing block {b} at offset {off}"))?;
+                target.block_done(off, len as u64);
             }
-            progress.advance(len as u64);
-            Ok(())
-        },
-    )
-    .map_err(|e| Error::cancelled_as(e, || format!("restore of {what}")))
+        }
+        progress.advance(len as u64);
+        Ok(())
+    })
 }
 
 /// Checks that the manifest read from the store is the backup the catalog
@@ -298,21 +285,7 @@ mod tests {
     use super::*;
 
     fn manifest(id: u64, image: &str) -> Manifest {
-        Manifest {
-            format: blockvault_store::format::MANIFEST_VERSION,
-            id: BackupId(id),
-            image: image.into(),
-            source: format!("file:/srv/{image}.img"),
-            created: String::new(),
-            finished: String::new(),
-            parent: None,
-            image_size: 0,
-            block_size: 65536,
-            blockmap_blake3: String::new(),
-            snapshot: None,
-            stats: Default::default(),
-            rbd: None,
-        }
+        Manifest::new(BackupId(id), image, &format!("file:/srv/{image}.img"), 65536)
     }
 
     #[test]

@@ -58,7 +58,8 @@ use blockvault_store::{chunk, BackupId, BlockMap, ChunkId, Manifest, Store};
 
 use super::file::set_owner_and_mode;
 use super::reader::load_block;
-use super::{RestoreOptions, QUEUE_PER_WORKER};
+use super::preflight::{self, check_path, partial_file, target_dir};
+use super::RestoreOptions;
 use crate::context::Ctx;
 use crate::pipeline::Progress;
 
@@ -357,42 +358,32 @@ fn write_layer(
     let parent = below.map(|(m, _)| m);
     let (data, zero, skipped) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
     let cs64 = u64::from(cs);
-    let threads = opts.threads.max(1);
-    crate::pool::for_each(
-        opts.cancel,
-        "restore-qcow2",
-        threads,
-        threads * QUEUE_PER_WORKER,
-        0..map.len(),
-        || (Vec::new(), Vec::new()),
-        |(raw, plain), b| {
-            let (off, len) = map.block_range(b);
-            let cur = map.get(b);
-            // the entry the layer below has for this block: `None` when it
-            // cannot be compared (another block size)
-            let under: Option<Option<ChunkId>> = match parent {
-                None => Some(None),
-                Some(p) if p.block_size() == map.block_size() => Some(if b < p.len() { p.get(b) } else { None }),
-                Some(_) => None,
-            };
-            if under == Some(cur) {
-                skipped.fetch_add(1, Ordering::Relaxed);
-            } else if let Some(id) = cur {
-                load_block(store, &what, map, b, &id, raw, plain)?;
-                write_block(&w, off, plain, upper, &data, &zero)
-                    .with_context(|| format!("{what}: writing block {b} (offset {off}) to the qcow2 file"))?;
-            } else {
-                // a zero block over a layer that has data here
-                for c in 0..(len as u64).div_ceil(cs64) {
-                    w.set_zero((off + c * cs64) / cs64);
-                    zero.fetch_add(1, Ordering::Relaxed);
-                }
+    preflight::for_each_block(map, opts, "restore-qcow2", &format!("qcow2 restore of {what}"), |raw, plain, b| {
+        let (off, len) = map.block_range(b);
+        let cur = map.get(b);
+        // the entry the layer below has for this block: `None` when it
+        // cannot be compared (another block size)
+        let under: Option<Option<ChunkId>> = match parent {
+            None => Some(None),
+            Some(p) if p.block_size() == map.block_size() => Some(if b < p.len() { p.get(b) } else { None }),
+            Some(_) => None,
+        };
+        if under == Some(cur) {
+            skipped.fetch_add(1, Ordering::Relaxed);
+        } else if let Some(id) = cur {
+            load_block(store, &what, map, b, &id, raw, plain)?;
+            write_block(&w, off, plain, upper, &data, &zero)
+                .with_context(|| format!("{what}: writing block {b} (offset {off}) to the qcow2 file"))?;
+        } else {
+            // a zero block over a layer that has data here
+            for c in 0..(len as u64).div_ceil(cs64) {
+                w.set_zero((off + c * cs64) / cs64);
+                zero.fetch_add(1, Ordering::Relaxed);
             }
-            progress.advance(len as u64);
-            Ok(())
-        },
-    )
-    .map_err(|e| crate::error::Error::cancelled_as(e, || format!("qcow2 restore of {what}")))?;
+        }
+        progress.advance(len as u64);
+        Ok(())
+    })?;
     let file_bytes = w.finish(below.map(|(_, name)| name)).with_context(|| format!("{what}: writing the qcow2 metadata"))?;
     Ok(LayerStats {
         cluster_size: cs,
@@ -505,24 +496,6 @@ pub fn layer_paths(top: &Path, chain: &[Manifest]) -> Result<Vec<PathBuf>> {
         .collect())
 }
 
-/// Checks a layer's target: a regular file (not a link) that is new or
-/// empty, or any file with `force`. Returns its metadata when it exists.
-fn check_target(to: &Path, force: bool) -> Result<Option<std::fs::Metadata>> {
-    if std::fs::symlink_metadata(to).is_ok_and(|m| m.file_type().is_symlink()) {
-        bail!("qcow2 target {} is a symbolic link: give the real path, or remove the link", to.display());
-    }
-    let md = std::fs::metadata(to).ok();
-    if let Some(md) = &md {
-        if !md.is_file() {
-            bail!("qcow2 target {} exists and is not a regular file", to.display());
-        }
-        if md.len() > 0 && !force {
-            bail!("qcow2 target {} already exists and is not empty (use --force to overwrite it)", to.display());
-        }
-    }
-    Ok(md)
-}
-
 /// Writes `chain` (oldest first) as qcow2 layers, the last one at `top`, or
 /// one flat file when the chain has one backup. Returns each layer's path
 /// and what it holds, bottom first.
@@ -538,22 +511,15 @@ pub fn write_chain(
     progress: &dyn Progress,
 ) -> Result<Vec<(PathBuf, LayerStats)>> {
     let paths = layer_paths(top, chain)?;
-    let old: Vec<Option<std::fs::Metadata>> = paths.iter().map(|p| check_target(p, opts.force)).collect::<Result<_>>()?;
-    let dir = match top.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let old: Vec<Option<std::fs::Metadata>> =
+        paths.iter().map(|p| check_path("qcow2 target", p, opts.force, false).map(|t| t.old)).collect::<Result<_>>()?;
+    let dir = target_dir(top);
     let mut done = Vec::with_capacity(chain.len());
     let mut below: Option<BlockMap> = None;
     for (i, m) in chain.iter().enumerate() {
         let path = &paths[i];
         let map = store.read_blockmap(m).with_context(|| format!("backup {} of image '{}': reading its block map", m.id, m.image))?;
-        let name = path.file_name().and_then(|n| n.to_str()).with_context(|| format!("{}: no file name", path.display()))?;
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
-            .suffix(".blockvault-partial")
-            .tempfile_in(&dir)
-            .with_context(|| format!("creating a temp file in {}", dir.display()))?;
+        let tmp = partial_file("qcow2 target", path)?;
         set_owner_and_mode(tmp.as_file(), old[i].as_ref(), opts.mode)
             .with_context(|| format!("setting owner and mode of {}", tmp.path().display()))?;
         let backing = if i > 0 { paths[i - 1].file_name().and_then(|n| n.to_str()) } else { None };
@@ -799,21 +765,7 @@ mod tests {
 
     #[test]
     fn layer_paths_sit_beside_the_top() {
-        let m = |id: u64| Manifest {
-            format: blockvault_store::format::MANIFEST_VERSION,
-            id: BackupId(id),
-            image: "vm".into(),
-            source: String::new(),
-            created: String::new(),
-            finished: String::new(),
-            parent: None,
-            image_size: 0,
-            block_size: 65536,
-            blockmap_blake3: String::new(),
-            snapshot: None,
-            stats: Default::default(),
-            rbd: None,
-        };
+        let m = |id: u64| Manifest::new(BackupId(id), "vm", "", 65536);
         let p = layer_paths(Path::new("/out/vm.qcow2"), &[m(3), m(7), m(9)]).unwrap();
         assert_eq!(p, [PathBuf::from("/out/vm.3.qcow2"), "/out/vm.7.qcow2".into(), "/out/vm.qcow2".into()]);
         let p = layer_paths(Path::new("disk"), &[m(1), m(2)]).unwrap();

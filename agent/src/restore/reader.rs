@@ -16,6 +16,12 @@ use blockvault_store::{BlockMap, ChunkId, Manifest, Store};
 
 /// Decoded blocks kept by default.
 pub const DEFAULT_CACHE_BLOCKS: usize = 8;
+/// Locks that make loading a block single-flight: block `b` is loaded under
+/// lock `b % LOAD_LOCKS`, so two threads that miss the cache for the same
+/// block decode it once (the second finds it cached), while threads loading
+/// nearby blocks (never the same lock within this many blocks) decode in
+/// parallel.
+const LOAD_LOCKS: usize = 64;
 
 /// Loads and verifies block `b`'s chunk `id` into `plain`, checking that it
 /// holds exactly the block's length. `what` names the backup.
@@ -63,6 +69,8 @@ pub struct BackupReader<'s> {
     /// "backup N of image 'X'", for errors.
     what: String,
     cache: Mutex<Lru>,
+    /// See [`LOAD_LOCKS`].
+    loading: Vec<Mutex<()>>,
 }
 
 /// Most recently used first; a handful of entries, so a linear scan.
@@ -109,7 +117,13 @@ impl<'s> BackupReader<'s> {
     pub fn with_cache(store: &'s Store, manifest: &Manifest, cache_blocks: usize) -> Result<Self> {
         let what = format!("backup {} of image '{}'", manifest.id, manifest.image);
         let map = store.read_blockmap(manifest).with_context(|| format!("{what}: reading its block map"))?;
-        Ok(BackupReader { store, map, what, cache: Mutex::new(Lru { cap: cache_blocks, blocks: VecDeque::new() }) })
+        Ok(BackupReader {
+            store,
+            map,
+            what,
+            cache: Mutex::new(Lru { cap: cache_blocks, blocks: VecDeque::new() }),
+            loading: (0..LOAD_LOCKS).map(|_| Mutex::new(())).collect(),
+        })
     }
 
     /// Image size in bytes.
@@ -164,10 +178,34 @@ impl<'s> BackupReader<'s> {
         Ok(())
     }
 
+    /// The decoded, verified block holding `offset` and where `offset` is in
+    /// it, shared with the cache (no copy); `None` for a zero block.
+    ///
+    /// # Errors
+    /// An offset past the end of the image; a missing or corrupt chunk, as
+    /// [`BackupReader::read_at`].
+    pub fn block_at(&self, offset: u64) -> Result<Option<(Arc<Vec<u8>>, usize)>> {
+        if offset >= self.size() {
+            bail!("{}: offset {offset} is past the end of the image ({} bytes)", self.what, self.size());
+        }
+        let b = (offset / u64::from(self.block_size())) as usize;
+        let (boff, _) = self.map.block_range(b);
+        match self.map.get(b) {
+            None => Ok(None),
+            Some(id) => Ok(Some((self.block(b, &id)?, (offset - boff) as usize))),
+        }
+    }
+
     /// The decoded, verified bytes of data block `b`, from the cache or the
-    /// store. Loaded outside the lock, so threads decode different blocks
-    /// in parallel.
+    /// store. Loaded outside the cache lock, so threads decode different
+    /// blocks in parallel, and under the block's load lock, so they never
+    /// decode the same block twice at once.
     fn block(&self, b: usize, id: &ChunkId) -> Result<Arc<Vec<u8>>> {
+        if let Some(d) = self.lock_cache().get(b) {
+            return Ok(d);
+        }
+        // a poisoned load lock guards nothing but the order of loads
+        let _loading = self.loading[b % LOAD_LOCKS].lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(d) = self.lock_cache().get(b) {
             return Ok(d);
         }
@@ -203,7 +241,6 @@ impl<'s> BackupReader<'s> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use blockvault_store::format::MANIFEST_VERSION;
     use blockvault_store::{chunk, BackupId, InitOptions};
     use rand::{Rng, RngCore, SeedableRng};
 
@@ -232,21 +269,7 @@ mod tests {
             store.put_chunk(&chunk::encode(block, id, 1, None).unwrap()).unwrap();
             map.set(b, Some(id));
         }
-        let mut m = Manifest {
-            format: MANIFEST_VERSION,
-            id: BackupId(3),
-            image: "vm".into(),
-            source: "file:/srv/vm.img".into(),
-            created: "2026-01-01T00:00:00Z".into(),
-            finished: "2026-01-01T00:00:01Z".into(),
-            parent: None,
-            image_size: 0,
-            block_size: BS,
-            blockmap_blake3: String::new(),
-            snapshot: None,
-            stats: Default::default(),
-            rbd: None,
-        };
+        let mut m = Manifest::new(BackupId(3), "vm", "file:/srv/vm.img", BS).at("2026-01-01T00:00:00Z");
         store.write_backup(&mut m, &map).unwrap();
         (dir, store, m, image)
     }
@@ -351,6 +374,34 @@ mod tests {
         }
         assert!(r.read_at(0, &mut buf).is_err(), "block 0 should have been evicted (cache of 2)");
         assert_eq!(r.lock_cache().blocks.len(), 2);
+    }
+
+    #[test]
+    fn block_at_shares_the_cached_block_and_knows_zero_blocks() {
+        let (_d, store, m, image) = store_with_backup();
+        let r = BackupReader::with_cache(&store, &m, 2).unwrap();
+        let (data, at) = r.block_at(4 * u64::from(BS) + 77).unwrap().unwrap();
+        assert_eq!(at, 77);
+        assert!(data[..] == image[4 * BS as usize..5 * BS as usize]);
+        // the same allocation as the cache holds: no copy
+        let (again, _) = r.block_at(4 * u64::from(BS)).unwrap().unwrap();
+        assert!(Arc::ptr_eq(&data, &again));
+        assert!(r.block_at(2 * u64::from(BS) + 1).unwrap().is_none(), "block 2 is a zero block");
+        let (tail, at) = r.block_at(image.len() as u64 - 1).unwrap().unwrap();
+        assert_eq!((tail.len(), at), (1000, 999), "the short last block");
+        assert!(r.block_at(image.len() as u64).is_err());
+    }
+
+    #[test]
+    fn threads_missing_the_cache_for_one_block_decode_it_once() {
+        let (_d, store, m, _image) = store_with_backup();
+        let r = BackupReader::with_cache(&store, &m, 4).unwrap();
+        let got: Vec<Arc<Vec<u8>>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..4).map(|_| s.spawn(|| r.block_at(5 * u64::from(BS)).unwrap().unwrap().0)).collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        // one load: every thread got the allocation that load made
+        assert!(got.iter().all(|g| Arc::ptr_eq(g, &got[0])));
     }
 
     #[test]

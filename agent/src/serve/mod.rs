@@ -4,8 +4,9 @@
 //! byte stream and any [`nbd::Export`]; this module puts a backup behind that
 //! trait ([`BackupExport`], through [`BackupReader`], so every chunk is
 //! verified as it is read and a corrupt one is an `EIO` for its range) and
-//! runs the listeners: a thread per listener, a thread per client, at most
-//! [`MAX_CLIENTS`] clients at once. A client that breaks the protocol, stalls
+//! runs the listeners: a thread per listener, a thread per client (and
+//! [`READ_WORKERS`] more serving its reads), at most [`MAX_CLIENTS`]
+//! clients at once. A client that breaks the protocol, stalls
 //! in the handshake or hangs up mid-request loses its own connection and
 //! nothing else: clients share only the read-only exports (and their
 //! decoded-block caches, which hold verified blocks only).
@@ -26,7 +27,7 @@ use anyhow::{Context, Result};
 use tracing::{debug, info, warn};
 
 use crate::restore::reader::BackupReader;
-use nbd::{Export, Exports};
+use nbd::{Export, Exports, Shared};
 
 /// Clients served at once; one more is accepted and closed at once, so a
 /// flood of connections costs a bounded number of threads and buffers (each
@@ -42,6 +43,12 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(120);
 /// four connections) reading in different places each keep their current
 /// block decoded. 16 blocks of 4 MiB are 64 MiB at most per export.
 pub const CACHE_BLOCKS: usize = 16;
+/// Threads serving the reads of one client at once: a client with several
+/// requests in flight (nbdcopy sends 64, qemu several) gets one block
+/// decoded while the reply of another is being sent. Each holds at most one
+/// request's bytes (up to [`nbd::MAX_PAYLOAD`], mostly shared with the
+/// export's cache).
+pub const READ_WORKERS: usize = 2;
 /// Buffer of replies before they go to the socket: headers and small chunks
 /// are coalesced, large data chunks go straight through.
 const WRITE_BUFFER: usize = 256 << 10;
@@ -70,6 +77,14 @@ impl Export for BackupExport<'_> {
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
         self.reader.read_at(offset, buf).map_err(|e| format!("{e:#}"))
+    }
+    fn read_shared(&self, offset: u64, len: usize) -> Result<Shared, String> {
+        // a data block straight from the reader's cache, without a copy
+        match self.reader.block_at(offset).map_err(|e| format!("{e:#}"))? {
+            Some((block, at)) => Shared::part(block, at, len)
+                .ok_or_else(|| format!("read of {len} bytes at {offset} runs past the end of its block")),
+            None => Ok(Shared::whole(std::sync::Arc::new(vec![0u8; len]))),
+        }
     }
     fn run_at(&self, offset: u64) -> (bool, u64) {
         let map = self.reader.block_map();
@@ -169,7 +184,7 @@ fn spawn_client<'scope, 'env, S>(
     set_read: SetTimeout<S>,
     set_write: SetTimeout<S>,
 ) where
-    S: Send + 'scope,
+    S: Send + Sync + 'scope,
     for<'x> &'x S: Read + Write,
 {
     if active.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
@@ -214,7 +229,7 @@ where
 }
 
 /// One client, start to end. Errors end this connection only.
-fn client<S>(s: S, peer: &str, exports: &Exports<'_>, set_read: SetTimeout<S>, set_write: SetTimeout<S>)
+fn client<S: Sync>(s: S, peer: &str, exports: &Exports<'_>, set_read: SetTimeout<S>, set_write: SetTimeout<S>)
 where
     for<'x> &'x S: Read + Write,
 {
@@ -243,10 +258,10 @@ where
     }
     info!(peer, export = %session.name, structured = session.structured, "client connected");
     let name = session.name.clone();
-    let mut on_error = |offset: u64, cause: &str| {
+    let on_error = |offset: u64, cause: &str| {
         warn!(peer, export = %name, offset, error = cause, "read failed: the client got EIO for this range");
     };
-    match nbd::transmit(&mut r, &mut w, &session, &mut on_error) {
+    match nbd::transmit(&mut r, &mut w, &session, READ_WORKERS, &on_error) {
         Ok(()) => info!(peer, export = %session.name, "client disconnected"),
         Err(e) => info!(peer, export = %session.name, error = %e, "client dropped"),
     }

@@ -19,6 +19,7 @@
 #![allow(clippy::big_endian_bytes)]
 
 use std::io::{self, BufReader, Read, Write};
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// "NBDMAGIC", the first 8 bytes the server sends.
 pub const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -141,10 +142,43 @@ pub trait Export: Sync {
     /// # Errors
     /// The cause, for the log and the client's error message.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), String>;
+    /// The `len` bytes at `offset`, never past the end of the block holding
+    /// `offset`, verified as [`Export::read_at`]; an export that keeps
+    /// decoded blocks shares them instead of copying (the default copies).
+    ///
+    /// # Errors
+    /// As [`Export::read_at`].
+    fn read_shared(&self, offset: u64, len: usize) -> Result<Shared, String> {
+        let mut v = vec![0u8; len];
+        self.read_at(offset, &mut v)?;
+        Ok(Shared::whole(Arc::new(v)))
+    }
     /// Whether `offset` (inside the export) is in a run that reads as zeros
     /// with nothing stored, and where that run ends (at most the end of the
     /// block holding `offset`; never past the export's end).
     fn run_at(&self, offset: u64) -> (bool, u64);
+}
+
+/// Bytes of an export, shared rather than copied: `data[start..start+len]`.
+pub struct Shared {
+    data: Arc<Vec<u8>>,
+    start: usize,
+    len: usize,
+}
+
+impl Shared {
+    /// All of `data`.
+    pub fn whole(data: Arc<Vec<u8>>) -> Shared {
+        let len = data.len();
+        Shared { data, start: 0, len }
+    }
+    /// `data[start..start + len]`, or `None` when that is not inside `data`.
+    pub fn part(data: Arc<Vec<u8>>, start: usize, len: usize) -> Option<Shared> {
+        (start.checked_add(len)? <= data.len()).then_some(Shared { data, start, len })
+    }
+    pub fn as_slice(&self) -> &[u8] {
+        &self.data[self.start..self.start + self.len]
+    }
 }
 
 /// The exports of one server: the first is also the default (empty name).
@@ -545,12 +579,33 @@ pub fn block_status(e: &dyn Export, offset: u64, len: u32, max: usize) -> Vec<(u
 /// could not be read.
 pub type ReadFailure = Option<(u64, String)>;
 
-/// Serves one `NBD_CMD_READ` (bounds already checked) with structured
-/// replies: holes for zero runs, a data chunk per data block, an error chunk
-/// with its offset for a block that cannot be read (and nothing after it).
-fn read_structured(w: &mut impl Write, s: &Session, q: &Request, buf: &mut Vec<u8>) -> io::Result<ReadFailure> {
+/// One piece of a structured read reply.
+enum Piece {
+    Hole { offset: u64, len: u32 },
+    Data { offset: u64, bytes: Shared },
+    /// A block that cannot be read: nothing of the request after it is sent.
+    Error { offset: u64, cause: String },
+}
+
+/// A read's reply, with every byte read (and verified) before any is sent,
+/// so that only the sending needs the connection's writer.
+enum ReadReply {
+    Structured(Vec<Piece>),
+    Simple(Result<Vec<u8>, String>),
+}
+
+/// Reads what one `NBD_CMD_READ` (bounds and size already checked) replies
+/// with. Structured: holes for zero runs, a data chunk per data block (at
+/// most [`MAX_DATA_CHUNK`]), and for a block that cannot be read an error
+/// with its offset, and nothing after it. Simple: all of it, or the error.
+fn read_reply(s: &Session, q: &Request) -> ReadReply {
+    if !s.structured {
+        let mut buf = vec![0u8; q.len as usize];
+        return ReadReply::Simple(s.export.read_at(q.offset, &mut buf).map(|()| buf));
+    }
     let end = q.offset + u64::from(q.len);
     let mut pos = q.offset;
+    let mut pieces = Vec::new();
     while pos < end {
         let (zero, run_end) = s.export.run_at(pos);
         let mut seg_end = run_end.clamp(pos + 1, end);
@@ -562,44 +617,67 @@ fn read_structured(w: &mut impl Write, s: &Session, q: &Request, buf: &mut Vec<u
                 }
                 seg_end = e.clamp(seg_end + 1, end);
             }
-            chunk_header(w, 0, REPLY_TYPE_OFFSET_HOLE, q.cookie, 12)?;
-            w.write_all(&pos.to_be_bytes())?;
-            w.write_all(&((seg_end - pos) as u32).to_be_bytes())?;
+            pieces.push(Piece::Hole { offset: pos, len: (seg_end - pos) as u32 });
         } else {
             seg_end = seg_end.min(pos + MAX_DATA_CHUNK);
-            let n = (seg_end - pos) as usize;
-            buf.resize(n, 0);
-            if let Err(cause) = s.export.read_at(pos, &mut buf[..n]) {
-                // nothing of this block was sent: report it and stop
-                let m = truncated(&cause);
-                chunk_header(w, REPLY_FLAG_DONE, REPLY_TYPE_ERROR_OFFSET, q.cookie, 14 + m.len() as u32)?;
-                w.write_all(&EIO.to_be_bytes())?;
-                w.write_all(&(m.len() as u16).to_be_bytes())?;
-                w.write_all(m)?;
-                w.write_all(&pos.to_be_bytes())?;
-                return Ok(Some((pos, cause)));
+            match s.export.read_shared(pos, (seg_end - pos) as usize) {
+                Ok(bytes) if bytes.len == (seg_end - pos) as usize => pieces.push(Piece::Data { offset: pos, bytes }),
+                Ok(bytes) => {
+                    let cause = format!("the export returned {} bytes for a read of {} at {pos}", bytes.len, seg_end - pos);
+                    pieces.push(Piece::Error { offset: pos, cause });
+                    break;
+                }
+                Err(cause) => {
+                    pieces.push(Piece::Error { offset: pos, cause });
+                    break;
+                }
             }
-            chunk_header(w, 0, REPLY_TYPE_OFFSET_DATA, q.cookie, 8 + n as u32)?;
-            w.write_all(&pos.to_be_bytes())?;
-            w.write_all(&buf[..n])?;
         }
         pos = seg_end;
     }
-    chunk_header(w, REPLY_FLAG_DONE, REPLY_TYPE_NONE, q.cookie, 0)?;
-    Ok(None)
+    ReadReply::Structured(pieces)
 }
 
-/// Serves one read with a simple reply: all of it read first, so a failure
-/// is an error reply with no data.
-fn read_simple(w: &mut impl Write, s: &Session, q: &Request, buf: &mut Vec<u8>) -> io::Result<ReadFailure> {
-    buf.resize(q.len as usize, 0);
-    if let Err(cause) = s.export.read_at(q.offset, buf) {
-        simple_reply(w, q.cookie, EIO)?;
-        return Ok(Some((q.offset, cause)));
+/// Sends a read's reply; returns the failed part, if any, for the log.
+fn send_read(w: &mut impl Write, q: &Request, reply: ReadReply) -> io::Result<ReadFailure> {
+    match reply {
+        ReadReply::Simple(Ok(buf)) => {
+            simple_reply(w, q.cookie, 0)?;
+            w.write_all(&buf)?;
+            Ok(None)
+        }
+        ReadReply::Simple(Err(cause)) => {
+            simple_reply(w, q.cookie, EIO)?;
+            Ok(Some((q.offset, cause)))
+        }
+        ReadReply::Structured(pieces) => {
+            for p in pieces {
+                match p {
+                    Piece::Hole { offset, len } => {
+                        chunk_header(w, 0, REPLY_TYPE_OFFSET_HOLE, q.cookie, 12)?;
+                        w.write_all(&offset.to_be_bytes())?;
+                        w.write_all(&len.to_be_bytes())?;
+                    }
+                    Piece::Data { offset, bytes } => {
+                        chunk_header(w, 0, REPLY_TYPE_OFFSET_DATA, q.cookie, 8 + bytes.len as u32)?;
+                        w.write_all(&offset.to_be_bytes())?;
+                        w.write_all(bytes.as_slice())?;
+                    }
+                    Piece::Error { offset, cause } => {
+                        let m = truncated(&cause);
+                        chunk_header(w, REPLY_FLAG_DONE, REPLY_TYPE_ERROR_OFFSET, q.cookie, 14 + m.len() as u32)?;
+                        w.write_all(&EIO.to_be_bytes())?;
+                        w.write_all(&(m.len() as u16).to_be_bytes())?;
+                        w.write_all(m)?;
+                        w.write_all(&offset.to_be_bytes())?;
+                        return Ok(Some((offset, cause)));
+                    }
+                }
+            }
+            chunk_header(w, REPLY_FLAG_DONE, REPLY_TYPE_NONE, q.cookie, 0)?;
+            Ok(None)
+        }
     }
-    simple_reply(w, q.cookie, 0)?;
-    w.write_all(buf)?;
-    Ok(None)
 }
 
 /// Reads and throws away `len` bytes of a refused write's payload.
@@ -611,57 +689,135 @@ fn skip(r: &mut impl Read, len: u32) -> io::Result<()> {
     Ok(())
 }
 
-/// The transmission phase: requests served in order until `NBD_CMD_DISC` or
-/// a disconnect. `on_read_error` is told about every read that failed
-/// (offset, cause), so the server can log it.
+/// Read requests queued per read worker of a connection, beyond the one
+/// each is serving: the reader thread goes on reading requests (and
+/// answering the cheap ones) while the workers read blocks.
+const READS_QUEUED_PER_WORKER: usize = 2;
+
+/// The transmission phase, until `NBD_CMD_DISC` or a disconnect. With
+/// `workers` > 0, reads are served by that many threads at once (a client
+/// with several requests in flight gets them decoded in parallel, and one
+/// block decoded while another is being sent), each reply sent whole under
+/// the writer's lock once all its bytes are read, so replies of different
+/// requests never interleave; all other commands are answered by this
+/// thread. With 0, everything is served in order on this thread. A
+/// disconnect request waits for the reads in flight to be answered.
+/// `on_read_error` is told about every read that failed (offset, cause), so
+/// the server can log it.
 ///
 /// # Errors
 /// I/O errors and protocol violations (the connection must then be closed).
-pub fn transmit<R: Read, W: Write>(
+pub fn transmit<R: Read, W: Write + Send>(
     r: &mut BufReader<R>,
     w: &mut W,
     s: &Session,
-    on_read_error: &mut dyn FnMut(u64, &str),
+    workers: usize,
+    on_read_error: &(dyn Fn(u64, &str) + Sync),
 ) -> io::Result<()> {
-    let mut buf = Vec::new();
+    let w: Out<'_> = Mutex::new(w);
+    let failed: Mutex<Option<io::Error>> = Mutex::new(None);
+    let serve_one = |q: &Request| -> io::Result<()> {
+        let reply = read_reply(s, q);
+        let mut g = lock(&w);
+        let failure = send_read(&mut *g, q, reply)?;
+        // the reader thread flushes only what it wrote itself
+        g.flush()?;
+        drop(g);
+        if let Some((off, cause)) = failure {
+            on_read_error(off, &cause);
+        }
+        Ok(())
+    };
+    std::thread::scope(|scope| {
+        let (tx, rx) = crossbeam_channel::bounded::<Request>(workers * READS_QUEUED_PER_WORKER);
+        for _ in 0..workers {
+            let (rx, failed, serve_one) = (rx.clone(), &failed, &serve_one);
+            scope.spawn(move || {
+                for q in rx {
+                    if failed.lock().unwrap_or_else(PoisonError::into_inner).is_some() {
+                        continue; // the connection is broken: drain, do not work
+                    }
+                    if let Err(e) = serve_one(&q) {
+                        failed.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(e);
+                    }
+                }
+            });
+        }
+        drop(rx);
+        let res = requests(r, &w, s, &mut |q| match workers {
+            0 => serve_one(&q),
+            // a send fails only when every worker has ended, which they do
+            // only after this sender is dropped
+            _ => tx.send(q).map_err(|_| io::Error::other("the read workers of this connection ended")),
+        });
+        drop(tx);
+        // the scope joins the workers: every read in flight is answered
+        res
+    })?;
+    let res = match failed.into_inner().unwrap_or_else(PoisonError::into_inner) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    };
+    let g = w.into_inner().unwrap_or_else(PoisonError::into_inner);
+    res.and_then(|()| g.flush())
+}
+
+/// A connection's writer, shared by the thread reading requests and the
+/// read workers.
+type Out<'a> = Mutex<&'a mut (dyn Write + Send)>;
+
+/// A poisoned writer lock means a worker panicked mid-reply: the stream is
+/// garbage from there on, and the next write or the close ends it.
+fn lock<'o, 'a>(w: &'o Out<'a>) -> std::sync::MutexGuard<'o, &'a mut (dyn Write + Send)> {
+    w.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Reads requests until `NBD_CMD_DISC` or a disconnect, answers all but the
+/// reads itself (through `out`, the connection's writer), and hands every
+/// valid, non-empty read to `read`.
+fn requests<R: Read>(
+    r: &mut BufReader<R>,
+    out: &Out<'_>,
+    s: &Session,
+    read: &mut dyn FnMut(Request) -> io::Result<()>,
+) -> io::Result<()> {
+    // whether this thread wrote replies not yet flushed
+    let mut dirty = false;
     loop {
         // reply as soon as no further whole request is waiting; while the
         // client has pipelined more, keep filling the buffer
-        if r.buffer().len() < REQUEST_LEN {
-            w.flush()?;
+        if dirty && r.buffer().len() < REQUEST_LEN {
+            lock(out).flush()?;
+            dirty = false;
         }
         let Some(q) = read_request(r)? else { return Ok(()) };
+        if q.kind == CMD_READ && q.len > 0 && q.len <= MAX_PAYLOAD && in_bounds(s, q.offset, q.len) {
+            read(q)?;
+            continue;
+        }
+        if q.kind == CMD_WRITE {
+            if q.len > MAX_PAYLOAD {
+                return Err(bad(format!("write of {} bytes (at most {MAX_PAYLOAD})", q.len)));
+            }
+            skip(r, q.len)?;
+        }
+        if q.kind == CMD_DISC {
+            return Ok(());
+        }
+        let mut g = lock(out);
+        let w = &mut *g;
+        dirty = true;
         match q.kind {
             CMD_READ if q.len > MAX_PAYLOAD => {
                 error_reply(w, s, q.cookie, if s.structured { EOVERFLOW } else { EINVAL }, "read larger than 32 MiB")?
             }
             CMD_READ if !in_bounds(s, q.offset, q.len) => error_reply(w, s, q.cookie, EINVAL, "read past the end")?,
-            CMD_READ if q.len == 0 => match s.structured {
+            CMD_READ => match s.structured {
                 true => chunk_header(w, REPLY_FLAG_DONE, REPLY_TYPE_NONE, q.cookie, 0)?,
                 false => simple_reply(w, q.cookie, 0)?,
             },
-            CMD_READ => {
-                let failed = if s.structured { read_structured(w, s, &q, &mut buf)? } else { read_simple(w, s, &q, &mut buf)? };
-                if let Some((off, cause)) = failed {
-                    on_read_error(off, &cause);
-                }
-                // a big read's buffer is not kept for the connection's life
-                if buf.capacity() > MAX_DATA_CHUNK as usize {
-                    buf = Vec::new();
-                }
-            }
-            CMD_WRITE if q.len > MAX_PAYLOAD => {
-                return Err(bad(format!("write of {} bytes (at most {MAX_PAYLOAD})", q.len)));
-            }
-            CMD_WRITE => {
-                skip(r, q.len)?;
-                error_reply(w, s, q.cookie, EPERM, "read-only export")?;
-            }
+            CMD_WRITE => error_reply(w, s, q.cookie, EPERM, "read-only export")?,
             CMD_TRIM | CMD_WRITE_ZEROES => error_reply(w, s, q.cookie, EPERM, "read-only export")?,
-            CMD_DISC => {
-                w.flush()?;
-                return Ok(());
-            }
             CMD_FLUSH => simple_reply(w, q.cookie, 0)?,
             CMD_CACHE if !in_bounds(s, q.offset, q.len) => error_reply(w, s, q.cookie, EINVAL, "cache past the end")?,
             CMD_CACHE => simple_reply(w, q.cookie, 0)?,
@@ -797,12 +953,18 @@ mod tests {
         }
         /// One structured chunk: (flags, type, payload).
         fn chunk(&mut self, cookie: u64) -> (u16, u16, Vec<u8>) {
+            let (c, flags, kind, p) = self.any_chunk();
+            assert_eq!(c, cookie);
+            (flags, kind, p)
+        }
+        /// One structured chunk of whichever request: (cookie, flags, type, payload).
+        fn any_chunk(&mut self) -> (u64, u16, u16, Vec<u8>) {
             assert_eq!(self.u32(), STRUCTURED_REPLY_MAGIC);
             let flags = self.u16();
             let kind = self.u16();
-            assert_eq!(self.u64(), cookie);
+            let cookie = self.u64();
             let len = self.u32() as usize;
-            (flags, kind, self.bytes(len))
+            (cookie, flags, kind, self.bytes(len))
         }
         /// A whole structured read: the bytes (holes as zeros) or the error.
         fn structured_read(&mut self, cookie: u64, offset: u64, len: u32) -> Result<Vec<u8>, (u32, u64)> {
@@ -895,6 +1057,11 @@ mod tests {
     /// "b" (both `mem()`), `client` on the other end; returns the server's
     /// result and the read failures it reported.
     fn with_server(client: impl FnOnce(&mut Client)) -> (io::Result<()>, Vec<u64>) {
+        with_server_n(2, client)
+    }
+
+    /// As [`with_server`], with `workers` read workers (0: all in order).
+    fn with_server_n(workers: usize, client: impl FnOnce(&mut Client)) -> (io::Result<()>, Vec<u64>) {
         let (a, b) = (mem(), mem());
         let exports = Exports::new(vec![("a".into(), &a as &dyn Export), ("b".into(), &b as &dyn Export)]);
         let (cs, ss) = UnixStream::pair().unwrap();
@@ -902,16 +1069,16 @@ mod tests {
             let server = scope.spawn(|| {
                 let mut r = BufReader::new(&ss);
                 let mut w = io::BufWriter::new(&ss);
-                let mut failures = Vec::new();
+                let failures = std::sync::Mutex::new(Vec::new());
                 let res = match negotiate(&mut r, &mut w, &exports) {
-                    Ok(Some(s)) => transmit(&mut r, &mut w, &s, &mut |off, _| failures.push(off)),
+                    Ok(Some(s)) => transmit(&mut r, &mut w, &s, workers, &|off, _| failures.lock().unwrap().push(off)),
                     Ok(None) => Ok(()),
                     Err(e) => Err(e),
                 };
                 let _ = w.flush();
                 drop(w);
                 let _ = ss.shutdown(std::net::Shutdown::Both);
-                (res, failures)
+                (res, failures.into_inner().unwrap())
             });
             let mut c = Client { s: cs };
             client(&mut c);
@@ -920,10 +1087,92 @@ mod tests {
         })
     }
 
+    /// Many reads in flight on one connection (as nbdcopy sends them), with
+    /// 0, 1 and 3 read workers: each is answered once, whole (its chunks
+    /// never interleaved with another reply's), with the right bytes; the
+    /// one over the corrupt block gets its error; a disconnect request
+    /// waits for the reads before it. See issue 12.
+    #[test]
+    fn pipelined_reads_are_each_answered_whole_with_the_right_bytes() {
+        use std::collections::BTreeMap;
+        let want = mem().data;
+        for workers in [0, 1, 3] {
+            let (res, failures) = with_server_n(workers, |c| {
+                c.go_structured("a");
+                // 24 reads over blocks 0-4 and 6-8 (block 5 is corrupt), and one over block 5
+                let mut reads: BTreeMap<u64, (u64, u32)> = BTreeMap::new();
+                for i in 0..24u64 {
+                    let off = if i % 2 == 0 { (i * 997) % (4 * BS) } else { 6 * BS + (i * 613) % (2 * BS) };
+                    let len = (BS + i * 111).min(c_size() - off).min(if i % 2 == 0 { 5 * BS - off } else { u64::MAX }) as u32;
+                    reads.insert(i + 1, (off, len));
+                }
+                reads.insert(100, (5 * BS + 9, 50));
+                for (&cookie, &(off, len)) in &reads {
+                    c.request(CMD_READ, 0, cookie, off, len);
+                }
+                c.request(CMD_DISC, 0, 200, 0, 0);
+                let mut got: BTreeMap<u64, Result<Vec<u8>, u64>> = BTreeMap::new();
+                while got.len() < reads.len() {
+                    let (cookie, mut flags, mut kind, mut p) = c.any_chunk();
+                    let (off, len) = reads[&cookie];
+                    assert!(!got.contains_key(&cookie), "cookie {cookie} answered twice");
+                    let mut out = vec![0xEEu8; len as usize];
+                    let mut err = None;
+                    loop {
+                        match kind {
+                            REPLY_TYPE_OFFSET_DATA => {
+                                let o = (u64::from_be_bytes(p[..8].try_into().unwrap()) - off) as usize;
+                                out[o..o + p.len() - 8].copy_from_slice(&p[8..]);
+                            }
+                            REPLY_TYPE_OFFSET_HOLE => {
+                                let o = (u64::from_be_bytes(p[..8].try_into().unwrap()) - off) as usize;
+                                let n = u32::from_be_bytes(p[8..12].try_into().unwrap()) as usize;
+                                out[o..o + n].fill(0);
+                            }
+                            REPLY_TYPE_ERROR_OFFSET => {
+                                let ml = u16::from_be_bytes(p[4..6].try_into().unwrap()) as usize;
+                                err = Some(u64::from_be_bytes(p[6 + ml..14 + ml].try_into().unwrap()));
+                            }
+                            REPLY_TYPE_NONE => {}
+                            k => panic!("unexpected chunk type {k}"),
+                        }
+                        if flags & REPLY_FLAG_DONE != 0 {
+                            break;
+                        }
+                        let next;
+                        (next, flags, kind, p) = c.any_chunk();
+                        assert_eq!(next, cookie, "the reply to {cookie} was interleaved with {next}'s");
+                    }
+                    got.insert(cookie, err.map_or(Ok(out), Err));
+                }
+                for (cookie, (off, len)) in reads {
+                    match &got[&cookie] {
+                        Ok(b) => assert!(b[..] == want[off as usize..(off + u64::from(len)) as usize], "read {cookie}"),
+                        Err(at) => assert_eq!((cookie, *at), (100, 5 * BS + 9)),
+                    }
+                }
+                assert!(matches!(got[&100], Err(_)), "the read over the corrupt block failed");
+                assert!(c.closed(), "the server closes after the disconnect request");
+            });
+            res.unwrap();
+            assert_eq!(failures, vec![5 * BS + 9], "{workers} workers");
+        }
+    }
+
+    fn c_size() -> u64 {
+        mem().size()
+    }
+
     #[test]
     fn structured_reads_give_data_and_holes_and_block_status_the_zero_runs() {
+        for workers in [0, 2] {
+            structured_reads_with(workers);
+        }
+    }
+
+    fn structured_reads_with(workers: usize) {
         let want = mem().data;
-        let (res, failures) = with_server(|c| {
+        let (res, failures) = with_server_n(workers, |c| {
             c.go_structured("b");
             // blocks 0-4 (0,1 data; 2,3 zero; 4 data), unaligned ends
             let got = c.structured_read(1, 100, (5 * BS - 200) as u32).unwrap();
@@ -1236,7 +1485,7 @@ mod tests {
             let mut r = BufReader::new(input.as_slice());
             let mut out = Vec::new();
             if let Ok(Some(s)) = negotiate(&mut r, &mut out, &exports) {
-                let _ = transmit(&mut r, &mut out, &s, &mut |_, _| {});
+                let _ = transmit(&mut r, &mut out, &s, i % 3, &|_, _| {});
             }
         }
     }
