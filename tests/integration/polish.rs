@@ -185,7 +185,7 @@ fn a_failing_backup_runs_the_hook_once() {
     let (gone, ok) = (env.path("gone.img"), env.path("ok.img"));
     write_random(&ok, 0, 2 * BS, &mut rng(16));
     let cfg = format!(
-        "[store]\npath = \"{}\"\n[catalog]\npath = \"{}\"\n[defaults]\nblock-size = \"64K\"\non-failure = '{hook}'\n\
+        "[store]\npath = \"{}\"\n[catalog]\npath = \"{}\"\n[defaults]\nblock-size = \"64K\"\non-failure = '''{hook}'''\n\
          [[image]]\nname = \"gone\"\nsource = \"{}\"\n[[image]]\nname = \"fine\"\nsource = \"{}\"\n\
          [[image]]\nname = \"own\"\nsource = \"{}\"\non-failure = 'echo own >> {}'\n",
         env.store().display(),
