@@ -252,3 +252,28 @@ pub fn render(ctx: &Ctx, o: &mut String) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &str) -> Result<Config> {
+        Config::parse(&format!("[store]\npath = \"/s\"\n{extra}"), std::path::Path::new("/t.toml"))
+    }
+
+    #[test]
+    fn maintenance_keys_are_checked_at_load() {
+        let c = parse("[daemon]\nverify-schedule = \"@daily\"\nverify-deep-percent = 5\ngc-schedule = \"0 5 * * Sun\"\non-failure = \"true\"\n").unwrap();
+        assert_eq!(Task::scheduled(&c).iter().map(|(t, _)| *t).collect::<Vec<_>>(), vec![Task::Verify, Task::Gc]);
+        let e = format!("{:#}", parse("[daemon]\nverify-deep-percent = 101\n").unwrap_err());
+        assert!(e.contains("daemon.verify-deep-percent"), "{e}");
+        let e = format!("{:#}", parse("[daemon]\ngc-schedule = \"61 1 * * *\"\n").unwrap_err());
+        assert!(e.contains("daemon.gc-schedule"), "{e}");
+        let e = format!("{:#}", parse("[[image]]\nname = \"a\"\nsource = \"file:/a\"\nlabels = { \"bad key\" = \"x\" }\n").unwrap_err());
+        assert!(e.contains("labels") && e.contains("bad key"), "{e}");
+        let c = parse("[defaults]\non-failure = \"d\"\non-failure-timeout = \"5s\"\n[[image]]\nname = \"a\"\nsource = \"file:/a\"\n[[image]]\nname = \"b\"\nsource = \"file:/b\"\non-failure = \"own\"\n").unwrap();
+        assert_eq!(c.images[0].on_failure(&c.defaults).as_deref(), Some("d"));
+        assert_eq!(c.images[1].on_failure(&c.defaults).as_deref(), Some("own"));
+        assert_eq!(c.defaults.on_failure_timeout.map(|d| d.0.as_secs()), Some(5));
+    }
+}

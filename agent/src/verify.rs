@@ -16,10 +16,13 @@
 //! bad chunk, is marked `invalid` in the store (`backups/<id>.verify`, so a
 //! rebuilt catalog keeps it) and then in the catalog, so it is never the base of
 //! an incremental; every other backup checked is marked `ok`, except that a
-//! backup already `invalid` stays so unless the run repeats every check that
-//! could have found its fault: `--deep`, plus `--source` for a backup read
-//! from an RBD snapshot (a source mismatch is seen by nothing else, so once
-//! the snapshot is gone such a backup stays `invalid`).
+//! backup already `invalid` stays so unless the run repeats the check that
+//! found its fault, which the mark records ([`Recheck`]): a plain verify
+//! for a missing chunk or unreadable metadata, `--deep` for a corrupt or
+//! unreadable chunk, `--deep --source` for a source mismatch (seen by
+//! nothing else, so once the snapshot is gone such a backup stays
+//! `invalid`). Marks without a recorded recheck (older stores) need
+//! `--deep`, plus `--source` for a backup read from an RBD snapshot.
 //!
 //! ## Corrupt chunks are moved aside
 //! A corrupt chunk left in place would be reused: the next backup that reads
