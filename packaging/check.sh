@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks the packaging end to end:
 #   1. `systemd-analyze verify` on the units in packaging/systemd, offline
-#   2. `cargo deb -p blockvault` builds the .deb
+#   2. a release build, its man pages (`blockvault man`, from clap), then
+#      `cargo deb -p blockvault --no-build` builds the .deb
 #   3. the .deb lists the expected files, modes, conffile and dependencies
 #   4. `dpkg -i` installs it: config 0600, store directory 0700, installed
 #      units verify against the real binary, the binary runs
@@ -102,8 +103,18 @@ verify_units "source units" --root="$VROOT" "${VERIFY_UNITS[@]}"
 # --- 2. build ----------------------------------------------------------------
 # --fast: lighter xz compression; this .deb is for checking, and it halves
 # the packaging time on a 2-core machine. Release builds drop the flag.
-step "2. cargo deb -p blockvault --fast"
-if ! cargo deb -p blockvault --fast >"$WORK/cargo-deb.out" 2>"$WORK/cargo-deb.err"; then
+step "2. cargo build --release, man pages, cargo deb -p blockvault --fast"
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+cargo build --release --locked -p blockvault --bin blockvault || fail "cargo build --release -p blockvault"
+# agent/Cargo.toml ships target/release/man/*.1 (cargo-deb gzips them)
+MAN_DIR=$TARGET_DIR/release/man
+rm -rf "$MAN_DIR"
+"$TARGET_DIR/release/blockvault" man --out "$MAN_DIR" >/dev/null || fail "blockvault man (generating the man pages)"
+[ -s "$MAN_DIR/blockvault.1" ] || fail "blockvault man wrote no blockvault.1"
+command -v man >/dev/null || apt_install man-db
+man -l "$MAN_DIR/blockvault.1" >"$WORK/man.txt" 2>"$WORK/man.err" || { cat "$WORK/man.err" >&2; fail "man -l blockvault.1"; }
+grep -q 'blockvault-backup' "$WORK/man.txt" || fail "man -l blockvault.1: no subcommand listed"
+if ! cargo deb -p blockvault --no-build --fast >"$WORK/cargo-deb.out" 2>"$WORK/cargo-deb.err"; then
     tail -n 40 "$WORK/cargo-deb.err" >&2
     fail "cargo deb -p blockvault (build)"
 fi
@@ -130,6 +141,9 @@ expect_file -rw------- etc/blockvault/config.toml
 expect_file -rw-r--r-- usr/share/doc/blockvault/examples/config.example.toml
 # cargo-deb compresses the changelog, as Debian policy asks
 expect_file -rw-r--r-- usr/share/doc/blockvault/changelog.gz
+# man pages generated from clap (issue 14 item 12)
+expect_file -rw-r--r-- usr/share/man/man1/blockvault.1.gz
+expect_file -rw-r--r-- usr/share/man/man1/blockvault-backup.1.gz
 # no debug symbols in the package (issue 14 item 12)
 if grep -E '\./usr/lib/debug/|\.debug$' "$WORK/contents"; then
     fail "dpkg -c: the package ships debug symbols"
@@ -184,6 +198,9 @@ mode=$(stat -c '%a %U' /etc/blockvault/config.toml 2>/dev/null) || fail "/etc/bl
 mode=$(stat -c '%a %U' /var/lib/blockvault 2>/dev/null) || fail "/var/lib/blockvault not created by postinst"
 [ "$mode" = "700 root" ] || fail "/var/lib/blockvault has mode/owner '$mode', expected '700 root'"
 /usr/bin/blockvault --version >/dev/null 2>&1 || fail "installed /usr/bin/blockvault --version does not run"
+if command -v man >/dev/null; then
+    man -P cat blockvault 2>/dev/null | grep -q 'blockvault' || fail "man blockvault: the installed page does not show"
+fi
 verify_units "installed units" "${VERIFY_UNITS[@]}"
 
 # --- 5. removal --------------------------------------------------------------------

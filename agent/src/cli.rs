@@ -18,6 +18,10 @@ mod import_diff;
 mod key;
 mod serve;
 mod store;
+// issue 14, part 2
+mod annotate;
+mod man;
+mod stats;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -107,6 +111,15 @@ pub enum Command {
     /// Operations on the store as a whole (`store copy`).
     #[command(subcommand)]
     Store(store::StoreCommand),
+    /// Per store and per image: sizes, stored bytes, dedup and compression ratios, chunks, oldest and newest backup.
+    Stats(stats::StatsArgs),
+    /// Set or remove labels (KEY=VALUE) of a backup (IMAGE@ID).
+    Label(annotate::LabelArgs),
+    /// Set or remove the note of a backup (IMAGE@ID).
+    Note(annotate::NoteArgs),
+    /// Write the man pages (blockvault.1 and one per subcommand) to a directory.
+    #[command(hide = true)]
+    Man(man::ManArgs),
 }
 
 pub fn load_config(g: &GlobalArgs) -> Result<Config> {
@@ -135,6 +148,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Key(c) => key::run(g, c),
         Command::Serve(a) => serve::run(g, a),
         Command::Store(c) => store::run(g, c),
+        Command::Stats(a) => stats::run(g, a),
+        Command::Label(a) => annotate::label(g, a),
+        Command::Note(a) => annotate::note(g, a),
+        Command::Man(a) => man::run(a),
     }
 }
 

@@ -123,6 +123,11 @@ pub struct Defaults {
     /// Apply the retention policy after every successful backup made by
     /// `run` or the daemon (default false: only `blockvault prune` prunes).
     pub prune_after_backup: Option<bool>,
+    /// Notification hook (see `crate::notify`): a shell command run when a
+    /// backup of an image fails (not when it is cancelled).
+    pub on_failure: Option<String>,
+    /// How long the `on-failure` command may run before it is killed (default 60s).
+    pub on_failure_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -136,6 +141,12 @@ pub struct ImageConfig {
     pub retention: Option<RetentionPolicy>,
     pub schedule: Option<String>,
     pub prune_after_backup: Option<bool>,
+    /// `on-failure` of this image (overrides `[defaults] on-failure`).
+    pub on_failure: Option<String>,
+    /// Labels given to every backup `run`, the daemon or `backup` makes of
+    /// this image (a `--label` of the same key wins).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// `[daemon]`: how `blockvault daemon` runs the schedules.
@@ -149,11 +160,28 @@ pub struct DaemonConfig {
     /// Backups running at the same time, over all images (default 2). An
     /// image never runs twice at once whatever this says.
     pub max_concurrent: usize,
+    // Scheduled maintenance (`crate::maintenance`):
+    /// Cron schedule of a verify of every committed backup (none by default).
+    pub verify_schedule: Option<String>,
+    /// Percent (0 to 100) of the referenced chunks read and decoded in full
+    /// by each scheduled verify, picked at random (default 0: existence only).
+    pub verify_deep_percent: Option<f64>,
+    /// Cron schedule of a gc (none by default).
+    pub gc_schedule: Option<String>,
+    /// Shell command run when a scheduled verify or gc fails (default: `[defaults] on-failure`).
+    pub on_failure: Option<String>,
 }
 
 impl Default for DaemonConfig {
     fn default() -> Self {
-        DaemonConfig { random_delay: Duration(std::time::Duration::ZERO), max_concurrent: 2 }
+        DaemonConfig {
+            random_delay: Duration(std::time::Duration::ZERO),
+            max_concurrent: 2,
+            verify_schedule: None,
+            verify_deep_percent: None,
+            gc_schedule: None,
+            on_failure: None,
+        }
     }
 }
 
@@ -353,6 +381,17 @@ impl Config {
         if let Some(s) = &self.defaults.schedule {
             crate::schedule::parse(s).map_err(|e| anyhow::anyhow!("defaults.schedule: {e}"))?;
         }
+        let m = &self.daemon;
+        for (key, s) in [("verify-schedule", &m.verify_schedule), ("gc-schedule", &m.gc_schedule)] {
+            if let Some(s) = s {
+                crate::schedule::parse(s).map_err(|e| anyhow::anyhow!("daemon.{key}: {e}"))?;
+            }
+        }
+        if let Some(p) = m.verify_deep_percent {
+            if !(0.0..=100.0).contains(&p) {
+                bail!("daemon.verify-deep-percent: {p} is not between 0 and 100");
+            }
+        }
         if self.daemon.max_concurrent == 0 {
             bail!("daemon.max-concurrent: must be at least 1");
         }
@@ -373,6 +412,9 @@ impl Config {
                     "image[{i}].name: '{}' selects several RBD images by glob, so its name must contain {{image}}",
                     img.name
                 );
+            }
+            for k in img.labels.keys() {
+                crate::annotate::check_key(k).map_err(|e| anyhow::anyhow!("image[{i}] ({}).labels: {e}", img.name))?;
             }
             if let Some(s) = &img.schedule {
                 crate::schedule::parse(s).map_err(|e| anyhow::anyhow!("image[{i}] ({}).schedule: {e}", img.name))?;
@@ -451,6 +493,9 @@ impl ImageConfig {
     }
     pub fn prune_after_backup(&self, defaults: &Defaults) -> bool {
         self.prune_after_backup.or(defaults.prune_after_backup).unwrap_or(false)
+    }
+    pub fn on_failure(&self, defaults: &Defaults) -> Option<String> {
+        self.on_failure.clone().or_else(|| defaults.on_failure.clone())
     }
     /// True when this entry's name is `name`, or when it is a glob entry
     /// whose name template (`{image}` standing for any RBD image name)

@@ -134,7 +134,7 @@ pub fn copy(src: &Store, dst: &Store, opts: &CopyOptions) -> Result<CopyReport> 
         dst.backend().sync()?;
         // block map and markers, then the manifest: the commit point
         let mut keys = vec![backup_key(id, "blockmap")];
-        for ext in ["protected", "verify"] {
+        for ext in ["protected", "verify", "labels"] {
             if src.backend().object_exists(&backup_key(id, ext))? {
                 keys.push(backup_key(id, ext));
             }

@@ -26,6 +26,10 @@
 //!   config kept. Added images are scheduled, removed ones are no longer
 //!   started (a running job of one finishes), and an image whose schedule
 //!   changed gets a new next firing; the others keep theirs.
+//! - `[daemon] verify-schedule` and `gc-schedule`: maintenance tasks on
+//!   their own cron schedules (no random delay), outside `max-concurrent`;
+//!   a task still running at its next firing skips it. See
+//!   [`crate::maintenance`]. A stop cancels a verify; a gc finishes first.
 //! - systemd: READY=1 once running, RELOADING=1 / READY=1 around a reload,
 //!   STATUS= with what runs and what is next, WATCHDOG=1 at half of
 //!   WATCHDOG_USEC when the unit sets `WatchdogSec=`, STOPPING=1.
@@ -47,6 +51,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::{Config, ImageConfig};
 use crate::context::Ctx;
 use crate::job;
+use crate::maintenance::Task;
 
 /// Longest sleep between wall-clock checks.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
@@ -89,6 +94,8 @@ enum Done {
     /// queue, each as its own job (empty when it failed or matched nothing;
     /// the expansion logged and recorded that).
     Expanded(String, Vec<ImageConfig>),
+    /// A maintenance task and whether it succeeded.
+    Maint(Task, bool),
 }
 
 struct Daemon {
@@ -101,6 +108,9 @@ struct Daemon {
     /// Glob entries whose images are being listed.
     expanding: HashSet<String>,
     jobs: JoinSet<Done>,
+    /// Scheduled maintenance tasks, and the ones running (their cancel flags).
+    maint: BTreeMap<Task, Entry>,
+    maint_running: HashMap<Task, Arc<AtomicBool>>,
     watchdog: Option<Duration>,
     last_ping: Instant,
     last_status: String,
@@ -123,6 +133,8 @@ impl Daemon {
             running: HashMap::new(),
             expanding: HashSet::new(),
             jobs: JoinSet::new(),
+            maint: BTreeMap::new(),
+            maint_running: HashMap::new(),
             watchdog,
             last_ping: Instant::now(),
             last_status: String::new(),
@@ -149,6 +161,7 @@ impl Daemon {
         self.reschedule(Local::now(), true);
         info!(
             images = self.entries.len(),
+            maintenance = self.maint.len(),
             max_concurrent = self.cfg.daemon.max_concurrent,
             random_delay_s = self.cfg.daemon.random_delay.0.as_secs(),
             watchdog_ms = self.watchdog.map(|d| d.as_millis() as u64),
@@ -178,6 +191,10 @@ impl Daemon {
         for (name, r) in &self.running {
             info!(image = %name, "cancelling running backup");
             r.cancel.store(true, Ordering::Relaxed);
+        }
+        for (t, c) in &self.maint_running {
+            info!(task = t.as_str(), "cancelling running maintenance");
+            c.store(true, Ordering::Relaxed);
         }
         while !self.jobs.is_empty() {
             self.publish_status();
@@ -238,12 +255,62 @@ impl Daemon {
         for name in old.keys() {
             info!(image = %name, "no longer scheduled");
         }
+        let mut old = std::mem::take(&mut self.maint);
+        for (t, expr) in Task::scheduled(&cfg) {
+            if let Some(e) = old.remove(&t).filter(|e| e.expr == expr) {
+                self.maint.insert(t, e);
+                continue;
+            }
+            let schedule = match crate::schedule::parse(&expr) {
+                Ok(s) => s,
+                Err(e) => {
+                    error!(task = t.as_str(), error = %e, "bad schedule");
+                    continue;
+                }
+            };
+            let next = schedule.after(&now).next();
+            match next {
+                Some(n) => info!(task = t.as_str(), schedule = %expr, next = %n.format("%Y-%m-%d %H:%M:%S"), "maintenance scheduled"),
+                None => warn!(task = t.as_str(), schedule = %expr, "schedule has no future times"),
+            }
+            self.maint.insert(t, Entry { expr, schedule, next, due: next });
+        }
+        for t in old.keys() {
+            info!(task = t.as_str(), "maintenance no longer scheduled");
+        }
         let entries = &self.entries;
         self.queue.retain(|img| cfg.entry_for(&img.name).is_some_and(|e| entries.contains_key(&e.name)));
     }
 
+    /// Starts every maintenance task whose time has come, unless it still runs.
+    fn fire_maintenance(&mut self, now: DateTime<Local>) {
+        let due: Vec<Task> = self.maint.iter().filter(|(_, e)| e.due.is_some_and(|d| d <= now)).map(|(t, _)| *t).collect();
+        for t in due {
+            let e = self.maint.get_mut(&t).expect("listed above");
+            e.next = e.schedule.after(&now).next();
+            e.due = e.next;
+            if self.maint_running.contains_key(&t) {
+                info!(task = t.as_str(), "previous maintenance run still running: skipping this run");
+                continue;
+            }
+            let cancel = Arc::new(AtomicBool::new(false));
+            let c = cancel.clone();
+            let cfg = (*self.cfg).clone();
+            self.jobs.spawn_blocking(move || {
+                let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| crate::maintenance::run_task(cfg, t, &c)))
+                    .unwrap_or_else(|_| {
+                        error!(task = t.as_str(), "maintenance task panicked");
+                        false
+                    });
+                Done::Maint(t, ok)
+            });
+            self.maint_running.insert(t, cancel);
+        }
+    }
+
     /// Queues every image whose time has come, and sets its next firing.
     fn fire_due(&mut self, now: DateTime<Local>) {
+        self.fire_maintenance(now);
         let names: Vec<String> =
             self.entries.iter().filter(|(_, e)| e.due.is_some_and(|d| d <= now)).map(|(n, _)| n.clone()).collect();
         for name in names {
@@ -341,6 +408,10 @@ impl Daemon {
                     self.enqueue(img);
                 }
             }
+            Ok(Done::Maint(t, ok)) => {
+                self.maint_running.remove(&t);
+                debug!(task = t.as_str(), ok, "maintenance finished");
+            }
             Ok(Done::Job(name, rep)) => {
                 let secs = self.running.remove(&name).map(|r| r.since.elapsed().as_secs()).unwrap_or(0);
                 let ids: Vec<u64> = rep.committed.iter().map(|b| b.0).collect();
@@ -380,7 +451,7 @@ impl Daemon {
     /// [`MAX_SLEEP`].
     fn sleep_for(&self, now: DateTime<Local>) -> Duration {
         let mut d = MAX_SLEEP;
-        if let Some(due) = self.entries.values().filter_map(|e| e.due).min() {
+        if let Some(due) = self.entries.values().chain(self.maint.values()).filter_map(|e| e.due).min() {
             d = d.min((due - now).to_std().unwrap_or(Duration::ZERO));
         }
         if let Some(w) = self.watchdog {
@@ -408,6 +479,10 @@ impl Daemon {
             let mut r: Vec<_> = self.running.keys().map(String::as_str).collect();
             r.sort_unstable();
             parts.push(format!("running: {}", r.join(", ")));
+        }
+        if !self.maint_running.is_empty() {
+            let m: Vec<&str> = self.maint_running.keys().map(|t| t.as_str()).collect();
+            parts.push(format!("maintenance: {}", m.join(", ")));
         }
         if !self.queue.is_empty() {
             parts.push(format!("queued: {}", self.queue.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")));

@@ -52,6 +52,14 @@ pub fn run_image(ctx: &mut Ctx, img: &ImageConfig, progress: &dyn Progress, canc
         } else if let Err(e2) = note_failure(ctx, img, before, started, e) {
             warn!(image = %img.name, error = %format!("{e2:#}"), "could not record the failure for metrics");
         }
+        crate::notify::backup_failed(&ctx.cfg, img, e);
+    }
+    if let Ok(m) = &backup {
+        // the image's configured labels (the backup is committed either way)
+        let ann = crate::annotate::for_backup(img, &[], None);
+        if let Err(e) = crate::annotate::record(ctx, m.id, &ann) {
+            warn!(image = %img.name, backup = m.id.0, error = %format!("{e:#}"), "could not record the backup's labels");
+        }
     }
     let pruned = if backup.is_ok() && img.prune_after_backup(&ctx.cfg.defaults) && !cancel.load(Ordering::Relaxed) {
         let res = (|| -> Result<usize> {

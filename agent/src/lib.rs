@@ -40,3 +40,9 @@ pub mod schedule;
 pub mod serve;
 pub mod source;
 pub mod verify;
+
+// issue 14 (operator polish, part 2)
+pub mod annotate;
+pub mod maintenance;
+pub mod notify;
+pub mod stats;

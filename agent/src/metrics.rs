@@ -392,6 +392,7 @@ pub fn write(ctx: &Ctx) -> Result<()> {
     let _l = ctx.store.lock_named(LOCK_NAME)?;
     let mut text = render(&gather(ctx)?);
     render_globs(&mut text, &gather_globs(ctx)?);
+    crate::maintenance::render(ctx, &mut text)?;
     write_atomic(&path, &text)?;
     debug!(path = %path.display(), "metrics written");
     Ok(())

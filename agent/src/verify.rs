@@ -16,10 +16,13 @@
 //! bad chunk, is marked `invalid` in the store (`backups/<id>.verify`, so a
 //! rebuilt catalog keeps it) and then in the catalog, so it is never the base of
 //! an incremental; every other backup checked is marked `ok`, except that a
-//! backup already `invalid` stays so unless the run repeats every check that
-//! could have found its fault: `--deep`, plus `--source` for a backup read
-//! from an RBD snapshot (a source mismatch is seen by nothing else, so once
-//! the snapshot is gone such a backup stays `invalid`).
+//! backup already `invalid` stays so unless the run repeats the check that
+//! found its fault, which the mark records ([`Recheck`]): a plain verify
+//! for a missing chunk or unreadable metadata, `--deep` for a corrupt or
+//! unreadable chunk, `--deep --source` for a source mismatch (seen by
+//! nothing else, so once the snapshot is gone such a backup stays
+//! `invalid`). Marks without a recorded recheck (older stores) need
+//! `--deep`, plus `--source` for a backup read from an RBD snapshot.
 //!
 //! ## Corrupt chunks are moved aside
 //! A corrupt chunk left in place would be reused: the next backup that reads
@@ -44,7 +47,7 @@ use std::sync::Mutex;
 
 use anyhow::{Context, Result};
 use blockvault_catalog::{BackupRow, BackupState, VerifyState};
-use blockvault_store::{chunk, BackupId, BlockMap, ChunkId, Manifest, Store, VerifyMark, VerifyResult};
+use blockvault_store::{chunk, BackupId, BlockMap, ChunkId, Manifest, Recheck, Store, VerifyMark, VerifyResult};
 use serde::Serialize;
 use tracing::{info, warn};
 
@@ -66,6 +69,11 @@ const MAX_LISTED_BLOCKS: usize = 16;
 #[derive(Clone, Copy, Debug)]
 pub struct VerifyOptions<'a> {
     pub deep: bool,
+    /// Without `deep`: the percentage (0 to 100) of the chunks, picked at
+    /// random, that are read and decoded in full anyway (the daemon's
+    /// `verify-deep-percent`). It finds corrupt chunks over several runs;
+    /// it clears no mark that needs `--deep`.
+    pub deep_percent: f64,
     pub source: bool,
     /// Threads that read and decode chunks (and read the source).
     pub threads: usize,
@@ -106,6 +114,21 @@ impl Finding {
             Finding::ChunkMissing { backups, .. }
             | Finding::ChunkCorrupt { backups, .. }
             | Finding::ChunkUnreadable { backups, .. } => backups.clone(),
+        }
+    }
+
+    /// The least verify that can find the backups of this finding sound
+    /// again, once what is wrong was repaired (a missing chunk rewritten by
+    /// a later backup, say).
+    pub fn recheck(&self) -> Recheck {
+        match self {
+            Finding::ManifestMissing { .. }
+            | Finding::ManifestUnreadable { .. }
+            | Finding::ManifestMismatch { .. }
+            | Finding::BlockMapUnreadable { .. }
+            | Finding::ChunkMissing { .. } => Recheck::Metadata,
+            Finding::ChunkCorrupt { .. } | Finding::ChunkUnreadable { .. } => Recheck::Deep,
+            Finding::SourceMismatch { .. } => Recheck::Source,
         }
     }
 }
@@ -193,6 +216,11 @@ pub struct VerifyReport {
     pub chunks: u64,
     /// Stored bytes read (deep).
     pub bytes_read: u64,
+    /// Chunks read in full without `deep` (the `deep_percent` sample).
+    pub deep_sampled: u64,
+    /// Backups asked about that stay `invalid` from an earlier verify with
+    /// nothing found now, and the verify that can clear each.
+    pub stale_invalid: Vec<(u64, Recheck)>,
     pub findings: Vec<Finding>,
     /// Checks that could not be made, and why (not findings).
     pub skipped: Vec<String>,
@@ -254,6 +282,7 @@ fn check_chunks(
     store: &Store,
     ids: &[(ChunkId, u32)],
     deep: bool,
+    sample: &HashSet<ChunkId>,
     threads: usize,
     cancel: &AtomicBool,
     progress: &dyn Progress,
@@ -262,7 +291,7 @@ fn check_chunks(
     let bytes = AtomicU64::new(0);
     let threads = threads.max(1);
     pool::for_each(cancel, "verify", threads, threads * QUEUE_PER_WORKER, ids, || (Vec::new(), Vec::new()), |(raw, plain), &(id, len)| {
-        let p = if deep {
+        let p = if deep || sample.contains(&id) {
             check_one(store, &id, len, raw, plain)
         } else {
             match store.has_chunk(&id) {
@@ -343,6 +372,8 @@ pub fn verify(ctx: &Ctx, rows: &[BackupRow], opts: &VerifyOptions) -> Result<Ver
         invalid: Vec::new(),
         chunks: 0,
         bytes_read: 0,
+        deep_sampled: 0,
+        stale_invalid: Vec::new(),
         findings: Vec::new(),
         skipped: Vec::new(),
     };
@@ -398,7 +429,18 @@ pub fn verify(ctx: &Ctx, rows: &[BackupRow], opts: &VerifyOptions) -> Result<Ver
     info!(backups = rows.len(), chunks = ids.len(), deep = opts.deep, "verifying");
     let total = ids.iter().map(|(_, len)| *len as u64).sum();
     let bar = Bar::new(total, if opts.deep { "verify --deep" } else { "verify" }, opts.progress);
-    let checked = check_chunks(store, &ids, opts.deep, opts.threads, opts.cancel, &bar);
+    let sample: HashSet<ChunkId> = if opts.deep || opts.deep_percent <= 0.0 {
+        HashSet::new()
+    } else {
+        use rand::seq::SliceRandom;
+        let n = ((ids.len() as f64) * opts.deep_percent.min(100.0) / 100.0).ceil() as usize;
+        ids.choose_multiple(&mut rand::thread_rng(), n).map(|(id, _)| *id).collect()
+    };
+    report.deep_sampled = sample.len() as u64;
+    if !sample.is_empty() {
+        info!(chunks = sample.len(), percent = opts.deep_percent, "reading a random share of the chunks in full");
+    }
+    let checked = check_chunks(store, &ids, opts.deep, &sample, opts.threads, opts.cancel, &bar);
     bar.finish();
     let (problems, bytes) = checked?;
     report.bytes_read = bytes;
@@ -490,34 +532,57 @@ pub fn verify(ctx: &Ctx, rows: &[BackupRow], opts: &VerifyOptions) -> Result<Ver
         });
     }
     let invalid: BTreeSet<u64> = report.findings.iter().flat_map(Finding::backups).collect();
-    let mut marks: Vec<(BackupId, VerifyState, Option<String>)> = Vec::new();
     for &id in &invalid {
-        let reason = report.findings.iter().find(|f| f.backups().contains(&id)).map(|f| f.to_string());
-        marks.push((BackupId(id), VerifyState::Invalid, reason));
+        let mine = || report.findings.iter().filter(|f| f.backups().contains(&id));
+        let reason = mine().next().map(|f| f.to_string());
+        let recheck = mine().map(Finding::recheck).max().unwrap_or(Recheck::Metadata);
+        let covered = match (opts.deep, opts.source) {
+            (false, _) => Recheck::Metadata,
+            (true, false) => Recheck::Deep,
+            (true, true) if source_ok.contains(&id) => Recheck::Source,
+            (true, true) => Recheck::Deep,
+        };
+        mark_with(ctx, BackupId(id), VerifyState::Invalid, reason, Some(recheck), covered)?;
     }
     for r in rows {
-        // An earlier `invalid` is lifted only by a run that repeats every
-        // check that could have set it: a source mismatch is invisible to
-        // the other checks and never heals.
-        let recheck = opts.deep && (r.snapshot.is_none() || source_ok.contains(&r.id.0));
+        // An earlier `invalid` is lifted only by a run that repeats the
+        // check that set it (recorded in the mark): a plain verify clears a
+        // chunk that was missing, `--deep` a corrupt one, `--deep --source`
+        // a source mismatch (invisible to the other checks; it never heals
+        // once the snapshot is gone). Marks written before the mark said
+        // which need `--deep`, plus `--source` for an RBD backup.
+        let stale = r.verify_state == VerifyState::Invalid && !invalid.contains(&r.id.0) && !gone.contains(&r.id.0);
+        let need = if stale {
+            let recorded = store.verify_mark(r.id).ok().flatten().and_then(|m| m.recheck);
+            recorded.unwrap_or(if r.snapshot.is_some() { Recheck::Source } else { Recheck::Deep })
+        } else {
+            Recheck::Metadata
+        };
+        let cleared = match need {
+            Recheck::Metadata => true,
+            Recheck::Deep => opts.deep,
+            Recheck::Source => opts.deep && (r.snapshot.is_none() || source_ok.contains(&r.id.0)),
+        };
         let state = if gone.contains(&r.id.0) {
             CheckedState::Gone
         } else if invalid.contains(&r.id.0) {
             CheckedState::Invalid
-        } else if r.verify_state == VerifyState::Invalid && !recheck {
+        } else if stale && !cleared {
+            report.stale_invalid.push((r.id.0, need));
             report.skipped.push(format!(
-                "backup {}: stays invalid from an earlier verify; only --deep{} clears that",
+                "backup {}: stays invalid from an earlier verify; run `blockvault verify {}@{} {}` to recheck it",
                 r.id,
-                if r.snapshot.is_some() { " --source (while its snapshot exists)" } else { "" }
+                r.image,
+                r.id,
+                recheck_flags(need)
             ));
             CheckedState::Invalid
         } else {
-            marks.push((r.id, VerifyState::Ok, None));
+            mark(ctx, r.id, VerifyState::Ok, None)?;
             CheckedState::Ok
         };
         report.backups.push(Checked { id: r.id.0, image: r.image.clone(), state });
     }
-    mark_all(ctx, &marks)?;
     report.invalid = invalid.into_iter().collect();
     if ctx.catalog_in_memory {
         report.skipped.push("results not recorded: the catalog is on a read-only filesystem (built in memory)".into());
@@ -533,46 +598,53 @@ pub fn verify(ctx: &Ctx, rows: &[BackupRow], opts: &VerifyOptions) -> Result<Ver
 /// Records a verify result: in the store first (`backups/<id>.verify`, so
 /// a rebuilt catalog keeps it; rewritten only when it changes), then in the
 /// catalog.
+/// An `invalid` mark set this way is cleared by a plain verify that finds
+/// the backup sound (see [`mark_with`]).
 pub fn mark(ctx: &Ctx, id: BackupId, state: VerifyState, reason: Option<String>) -> Result<()> {
-    mark_in_store(ctx, id, state, reason)?;
-    ctx.catalog.set_verify_state(id, state)?;
-    Ok(())
+    mark_with(ctx, id, state, reason, Some(Recheck::Metadata), Recheck::Metadata)
 }
 
-/// Records many verify results as [`mark`] does, each in the store first,
-/// then all of them in the catalog in one transaction: one commit (and its
-/// fsyncs) for the whole verify instead of one per backup, which was most
-/// of the time of `verify` on a store of many backups (`bench/fleet.sh`).
-/// A crash in between leaves store markers the catalog lacks, as a crash
-/// inside [`mark`] does; a catalog rebuild takes them from the store.
-///
-/// # Errors
-/// Store or catalog errors; the catalog then records none of them.
-pub fn mark_all(ctx: &Ctx, marks: &[(BackupId, VerifyState, Option<String>)]) -> Result<()> {
-    for (id, state, reason) in marks {
-        mark_in_store(ctx, *id, *state, reason.clone())?;
+/// The flags of the verify that clears a mark needing `r`.
+pub fn recheck_flags(r: Recheck) -> &'static str {
+    match r {
+        Recheck::Metadata => "",
+        Recheck::Deep => "--deep",
+        Recheck::Source => "--deep --source",
     }
-    ctx.catalog.with_write_lock(|c| -> Result<()> {
-        for (id, state, _) in marks {
-            c.set_verify_state(*id, *state)?;
-        }
-        Ok(())
-    })
 }
 
-/// The store half of [`mark`]: `backups/<id>.verify`, rewritten only when
-/// it changes.
-fn mark_in_store(ctx: &Ctx, id: BackupId, state: VerifyState, reason: Option<String>) -> Result<()> {
+/// [`mark`], saying which verify can clear an `invalid` mark (`recheck`,
+/// ignored for `ok`). `covered` is the most the run that marks has checked:
+/// a backup already invalid for a reason that run could not see keeps the
+/// stricter recheck (a later plain verify must not clear a source mismatch
+/// because a missing chunk was marked meanwhile).
+pub fn mark_with(
+    ctx: &Ctx,
+    id: BackupId,
+    state: VerifyState,
+    reason: Option<String>,
+    recheck: Option<Recheck>,
+    covered: Recheck,
+) -> Result<()> {
     let result = match state {
         VerifyState::Invalid => VerifyResult::Invalid,
         _ => VerifyResult::Ok,
     };
-    let current = ctx.store.verify_mark(id).ok().flatten().map(|m| m.state);
+    let mut recheck = recheck.filter(|_| result == VerifyResult::Invalid);
+    let current = ctx.store.verify_mark(id).ok().flatten().map(|m| (m.state, m.recheck));
+    if let (Some((VerifyResult::Invalid, old)), Some(new)) = (current, recheck) {
+        // a mark that does not say: the strictest
+        let old = old.unwrap_or(Recheck::Source);
+        if old > covered {
+            recheck = Some(old.max(new));
+        }
+    }
     // a read-only store cannot take the mark (reported once by `verify`)
-    if current != Some(result) && !ctx.store.is_read_only() {
-        let m = VerifyMark { state: result, at: blockvault_catalog::now_rfc3339(), reason };
+    if current != Some((result, recheck)) && !ctx.store.is_read_only() {
+        let m = VerifyMark { state: result, at: blockvault_catalog::now_rfc3339(), reason, recheck };
         ctx.store.set_verify_mark(id, &m).with_context(|| format!("recording the verify result of backup {id} in the store"))?;
     }
+    ctx.catalog.set_verify_state(id, state)?;
     Ok(())
 }
 

@@ -347,7 +347,7 @@ pub fn apply(store: &Store, mut plan: GcPlan) -> Result<GcReport> {
     Ok(r)
 }
 
-/// Removes `backups/<id>.blockmap`, `.protected` and `.verify` files whose
+/// Removes `backups/<id>.blockmap`, `.protected`, `.verify` and `.labels` files whose
 /// manifest is gone. Only called with the store lock exclusive: a block map
 /// without a manifest is then not a commit in progress.
 fn remove_orphans(store: &Store) -> Result<u64> {
@@ -363,6 +363,7 @@ fn remove_orphans(store: &Store) -> Result<u64> {
             .strip_suffix(".blockmap")
             .or_else(|| name.strip_suffix(".protected"))
             .or_else(|| name.strip_suffix(".verify"))
+            .or_else(|| name.strip_suffix(".labels"))
         else {
             continue;
         };

@@ -46,6 +46,8 @@
 //! backups/<id:012>.protected   empty marker: backup <id> is protected from pruning
 //! backups/<id:012>.verify      JSON {"state":"ok"|"invalid","at":...,"reason":...}: the
 //!                              last verify of backup <id> (none: unverified); see [`verify_mark`]
+//! backups/<id:012>.labels      JSON {"labels":{k:v},"note":...}: labels and note of backup
+//!                              <id> (none: neither); see [`annotations`]
 //! backups/<id:012>.claim       JSON {host, pid, at}: id <id> was handed out (put-if-absent,
 //!                              never removed), see [`Store::claim_backup_id`]
 //! tmp/                         temp files of chunk writes in progress
@@ -180,6 +182,7 @@ pub mod manifest;
 pub mod store;
 pub mod url;
 pub mod verify_mark;
+pub mod annotations;
 
 pub use backend::{Backend, LockMode};
 pub use blockmap::BlockMap;
@@ -190,4 +193,5 @@ pub use manifest::{BackupStats, Manifest, RbdInfo};
 pub use id::ChunkHasher;
 pub use store::{read_meta, InitOptions, NewKey, Store, StoreLock, StoreMeta, Unlock};
 pub use url::StoreUrl;
-pub use verify_mark::{VerifyMark, VerifyResult};
+pub use verify_mark::{Recheck, VerifyMark, VerifyResult};
+pub use annotations::Annotations;

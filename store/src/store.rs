@@ -883,7 +883,7 @@ impl Store {
     /// # Errors
     /// `Io` on a failed removal.
     pub fn remove_backup(&self, id: BackupId) -> Result<()> {
-        for ext in ["json", "blockmap", "protected", "verify"] {
+        for ext in ["json", "blockmap", "protected", "verify", "labels"] {
             self.backend.delete_object(&backup_key(id, ext))?;
         }
         Ok(())
@@ -931,6 +931,34 @@ impl Store {
         }
         let json = serde_json::to_vec(mark).expect("verify mark serialises");
         self.backend.put_object(&backup_key(id, "verify"), &json)
+    }
+
+    /// Writes a backup's labels and note (`backups/<id>.labels`, atomically);
+    /// empty annotations remove the object.
+    ///
+    /// # Errors
+    /// `BackupMissing` when the store does not hold the backup; `Io`.
+    pub fn set_annotations(&self, id: BackupId, a: &crate::Annotations) -> Result<()> {
+        let key = backup_key(id, "labels");
+        if a.is_empty() {
+            return self.backend.delete_object(&key).map(|_| ());
+        }
+        if !self.try_has_backup(id)? {
+            return Err(Error::BackupMissing { id: id.0 });
+        }
+        let json = serde_json::to_vec(a).expect("annotations serialise");
+        self.backend.put_object(&key, &json)
+    }
+
+    /// A backup's labels and note; empty when it has none.
+    ///
+    /// # Errors
+    /// `CorruptFile` for an object that does not parse, `Io`.
+    pub fn annotations(&self, id: BackupId) -> Result<crate::Annotations> {
+        let key = backup_key(id, "labels");
+        let Some(bytes) = self.backend.get_object(&key, format::MAX_MANIFEST_LEN)? else { return Ok(Default::default()) };
+        serde_json::from_slice(&bytes)
+            .map_err(|e| Error::CorruptFile { path: self.backend.object_name(&key), reason: e.to_string() })
     }
 
     /// The result of the last verify of a backup; `None` when never verified.

@@ -12,6 +12,7 @@ mod fs_safety;
 mod gc_verify;
 mod lost_chunk;
 mod operator;
+mod polish;
 mod prune;
 mod rados_store;
 mod qcow2;

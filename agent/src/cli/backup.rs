@@ -15,12 +15,23 @@ pub struct BackupArgs {
     /// Back up every configured image.
     #[arg(long, conflicts_with = "images")]
     pub all: bool,
+    /// Label the new backups KEY=VALUE (repeatable; added to the image's
+    /// configured `labels`). Shown and filtered by `list --label`.
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub label: Vec<String>,
+    /// A note on the new backups, shown by `list`.
+    #[arg(long, value_name = "TEXT")]
+    pub note: Option<String>,
 }
 
 pub fn run(g: &GlobalArgs, a: BackupArgs) -> Result<ExitCode> {
     let cfg = load_config(g)?;
     if !a.all && a.images.is_empty() {
         bail!("name at least one image to back up, or use --all");
+    }
+    let labels: Vec<(String, String)> = a.label.iter().map(|l| crate::annotate::parse_label(l)).collect::<Result<_>>()?;
+    if let Some(n) = &a.note {
+        crate::annotate::check_note(n)?;
     }
     let images = select_images(&cfg, &a.images, a.all)?;
     let names: Vec<String> = images.iter().map(|i| i.name.clone()).collect();
@@ -38,12 +49,19 @@ pub fn run(g: &GlobalArgs, a: BackupArgs) -> Result<ExitCode> {
         match crate::backup::backup_image(&mut ctx, &img, &bar, &cancel) {
             Ok(m) => {
                 bar.finish();
+                let ann = crate::annotate::for_backup(&img, &labels, a.note.as_deref());
+                if let Err(e) = crate::annotate::record(&ctx, m.id, &ann) {
+                    // the backup itself is committed and restorable
+                    error!(image = %n, backup = m.id.0, "{e:#}");
+                    failures += 1;
+                }
                 println!("{n}: {}", crate::progress::summary(&m));
             }
             Err(e) => {
                 bar.finish();
                 failures += 1;
                 error!(image = %n, "{e:#}");
+                crate::notify::backup_failed(&ctx.cfg, &img, &e);
                 if names.len() == 1 {
                     return Err(e);
                 }

@@ -16,6 +16,9 @@ pub struct ListArgs {
     /// JSON output: an array of backups.
     #[arg(long)]
     pub json: bool,
+    /// Only backups with this label, KEY=VALUE (repeatable: all must match).
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub label: Vec<String>,
 }
 
 /// The JSON form of a backup. Only fields the store also records, so a
@@ -68,9 +71,31 @@ pub fn run(g: &GlobalArgs, a: ListArgs) -> Result<ExitCode> {
     for (id, why) in &rec.unreadable {
         eprintln!("warning: backup {id} in the store cannot be read ({why}); `blockvault forget @{id}` removes it");
     }
-    let rows = ctx.catalog.committed_backups(a.image.as_deref())?;
+    let want: Vec<(String, String)> = a.label.iter().map(|l| crate::annotate::parse_label(l)).collect::<Result<_>>()?;
+    let mut rows = Vec::new();
+    let mut anns = Vec::new();
+    for r in ctx.catalog.committed_backups(a.image.as_deref())? {
+        // labels and notes live in the store (backups/<id>.labels)
+        let ann = ctx.store.annotations(r.id).unwrap_or_else(|e| {
+            eprintln!("warning: backup {}: labels unreadable: {e}", r.id);
+            Default::default()
+        });
+        if crate::annotate::matches(&ann, &want) {
+            rows.push(r);
+            anns.push(ann);
+        }
+    }
     if a.json {
-        let v: Vec<_> = rows.iter().map(backup_json).collect();
+        let v: Vec<_> = rows
+            .iter()
+            .zip(&anns)
+            .map(|(r, ann)| {
+                let mut v = backup_json(r);
+                v["labels"] = json!(ann.labels);
+                v["note"] = json!(ann.note);
+                v
+            })
+            .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
@@ -88,10 +113,10 @@ pub fn run(g: &GlobalArgs, a: ListArgs) -> Result<ExitCode> {
         }
     }
     println!(
-        "{:>6}  {:<20} {:<21} {:>12} {:>12} {:>6}  {:<4} {:<10} {}",
-        "ID", "IMAGE", "CREATED", "SIZE", "NEW", "PARENT", "PROT", "VERIFY", "SNAPSHOT"
+        "{:>6}  {:<20} {:<21} {:>12} {:>12} {:>6}  {:<4} {:<10} {:<24} {}",
+        "ID", "IMAGE", "CREATED", "SIZE", "NEW", "PARENT", "PROT", "VERIFY", "SNAPSHOT", "LABELS"
     );
-    for b in &rows {
+    for (b, ann) in rows.iter().zip(&anns) {
         let s = b.stats.clone().unwrap_or_default();
         let snap = match b.snapshot.as_deref() {
             None => "-".to_string(),
@@ -99,7 +124,7 @@ pub fn run(g: &GlobalArgs, a: ListArgs) -> Result<ExitCode> {
             Some(n) => format!("(gone) {}", printable(n)),
         };
         println!(
-            "{:>6}  {:<20} {:<21} {:>12} {:>12} {:>6}  {:<4} {:<10} {}",
+            "{:>6}  {:<20} {:<21} {:>12} {:>12} {:>6}  {:<4} {:<10} {:<24} {}",
             b.id.0,
             printable(&b.image),
             printable(&b.created),
@@ -108,8 +133,12 @@ pub fn run(g: &GlobalArgs, a: ListArgs) -> Result<ExitCode> {
             b.parent.map(|p| p.0.to_string()).unwrap_or_else(|| "-".into()),
             if b.protected { "yes" } else { "-" },
             b.verify_state.as_str(),
-            snap
+            snap,
+            printable(&crate::annotate::labels_cell(ann))
         );
+        if let Some(n) = &ann.note {
+            println!("{:>6}  note: {}", "", printable(n));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

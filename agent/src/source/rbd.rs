@@ -632,6 +632,18 @@ impl SnapshotOpener {
     /// The snapshot no longer exists (said so), or a cluster error.
     pub(crate) fn open(&self, (pool, ns, image): (&str, Option<&str>, &str), snap: &str) -> Result<SnapshotImage> {
         let ioctx = self.cluster.ioctx(pool, ns)?;
+        // Looked up through the image's head first: opening a snapshot that
+        // is gone makes librbd print "failed to find snapshot" on stderr,
+        // once per demoted backup (issue 14 item 7).
+        let head = match ioctx.open(image, None) {
+            Ok(i) => i,
+            Err(e) if e.is_not_found() => anyhow::bail!("image {image} no longer exists"),
+            Err(e) => return Err(e.into()),
+        };
+        if !head.snaps()?.iter().any(|s| s.name == snap) {
+            anyhow::bail!("snapshot {snap} no longer exists");
+        }
+        drop(head);
         let img = match ioctx.open(image, Some(snap)) {
             Ok(i) => i,
             Err(e) if e.is_not_found() => anyhow::bail!("snapshot {snap} no longer exists"),
