@@ -30,6 +30,9 @@ pub struct Config {
     pub defaults: Defaults,
     #[serde(default, rename = "image")]
     pub images: Vec<ImageConfig>,
+    /// `[[group]]`: images backed up together at one point in time.
+    #[serde(default, rename = "group")]
+    pub groups: Vec<GroupConfig>,
     #[serde(default)]
     pub daemon: DaemonConfig,
     #[serde(default)]
@@ -138,6 +141,44 @@ pub struct ImageConfig {
     pub prune_after_backup: Option<bool>,
 }
 
+/// `[[group]]`: images whose backups are one set, taken at one point in
+/// time: one pre-snapshot hook, a snapshot of every image, one
+/// post-snapshot hook, then each image's backup. The group's schedule and
+/// retention apply to whole sets (the images' own schedule and retention
+/// are not used for the backups the group makes).
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct GroupConfig {
+    pub name: String,
+    /// Names of configured `[[image]]`s (not glob entries).
+    pub images: Vec<String>,
+    /// Run with `/bin/sh -c` before the snapshots (e.g. freeze the VM's
+    /// filesystems); a failure fails the whole set, no snapshot is taken.
+    pub pre_snapshot: Option<String>,
+    /// Run once after the snapshots whenever the pre hook ran.
+    pub post_snapshot: Option<String>,
+    /// Per hook (default 30s).
+    pub hook_timeout: Option<Duration>,
+    pub schedule: Option<String>,
+    pub retention: Option<RetentionPolicy>,
+    pub prune_after_backup: Option<bool>,
+}
+
+impl GroupConfig {
+    pub fn schedule(&self, defaults: &Defaults) -> Option<String> {
+        self.schedule.clone().or_else(|| defaults.schedule.clone())
+    }
+    pub fn retention(&self, defaults: &Defaults) -> Option<RetentionPolicy> {
+        self.retention.clone().or_else(|| defaults.retention.clone())
+    }
+    pub fn prune_after_backup(&self, defaults: &Defaults) -> bool {
+        self.prune_after_backup.or(defaults.prune_after_backup).unwrap_or(false)
+    }
+    pub fn hook_timeout(&self) -> std::time::Duration {
+        self.hook_timeout.map_or(std::time::Duration::from_secs(30), |d| d.0)
+    }
+}
+
 /// `[daemon]`: how `blockvault daemon` runs the schedules.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
@@ -242,7 +283,9 @@ pub enum Source {
     /// A raw image file or block device.
     File(PathBuf),
     /// An RBD image; `image` may be a glob (`*`, `?`) selecting many images.
-    Rbd { pool: String, namespace: Option<String>, image: String },
+    /// With `snap` (`rbd:POOL/IMAGE@SNAP`), that fixed snapshot is the
+    /// source: backed up once, no snapshot created or removed by us.
+    Rbd { pool: String, namespace: Option<String>, image: String, snap: Option<String> },
 }
 
 impl Source {
@@ -257,19 +300,29 @@ impl Source {
             return Ok(Source::File(PathBuf::from(p)));
         }
         if let Some(r) = s.strip_prefix("rbd:") {
+            let (r, snap) = match r.split_once('@') {
+                Some((_, "")) => return Err(format!("'{s}': empty snapshot name after '@'")),
+                Some((r, snap)) => (r, Some(snap.to_string())),
+                None => (r, None),
+            };
             let parts: Vec<&str> = r.split('/').collect();
-            let bad = || format!("'{s}': expected rbd:POOL/IMAGE or rbd:POOL/NAMESPACE/IMAGE");
-            return match parts.as_slice() {
+            let bad = || format!("'{s}': expected rbd:POOL/IMAGE[@SNAP] or rbd:POOL/NAMESPACE/IMAGE[@SNAP]");
+            let src = match parts.as_slice() {
                 [pool, image] if !pool.is_empty() && !image.is_empty() => {
-                    Ok(Source::Rbd { pool: pool.to_string(), namespace: None, image: image.to_string() })
+                    Source::Rbd { pool: pool.to_string(), namespace: None, image: image.to_string(), snap }
                 }
-                [pool, ns, image] if !pool.is_empty() && !ns.is_empty() && !image.is_empty() => Ok(Source::Rbd {
+                [pool, ns, image] if !pool.is_empty() && !ns.is_empty() && !image.is_empty() => Source::Rbd {
                     pool: pool.to_string(),
                     namespace: Some(ns.to_string()),
                     image: image.to_string(),
-                }),
-                _ => Err(bad()),
+                    snap,
+                },
+                _ => return Err(bad()),
             };
+            if src.is_glob() && src.fixed_snapshot().is_some() {
+                return Err(format!("'{s}': a fixed snapshot source names one image, not a glob"));
+            }
+            return Ok(src);
         }
         Err(format!("'{s}': unknown source kind (expected file:/PATH or rbd:POOL/IMAGE)"))
     }
@@ -277,14 +330,28 @@ impl Source {
     pub fn is_glob(&self) -> bool {
         matches!(self, Source::Rbd { image, .. } if image.contains(['*', '?', '[']))
     }
+
+    /// The snapshot of an `rbd:POOL/IMAGE@SNAP` source.
+    pub fn fixed_snapshot(&self) -> Option<&str> {
+        match self {
+            Source::Rbd { snap, .. } => snap.as_deref(),
+            Source::File(_) => None,
+        }
+    }
 }
 
 impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Source::File(p) => write!(f, "file:{}", p.display()),
-            Source::Rbd { pool, namespace: None, image } => write!(f, "rbd:{pool}/{image}"),
-            Source::Rbd { pool, namespace: Some(ns), image } => write!(f, "rbd:{pool}/{ns}/{image}"),
+            Source::Rbd { pool, namespace: None, image, snap } => {
+                write!(f, "rbd:{pool}/{image}")?;
+                snap.as_ref().map_or(Ok(()), |s| write!(f, "@{s}"))
+            }
+            Source::Rbd { pool, namespace: Some(ns), image, snap } => {
+                write!(f, "rbd:{pool}/{ns}/{image}")?;
+                snap.as_ref().map_or(Ok(()), |s| write!(f, "@{s}"))
+            }
         }
     }
 }
@@ -376,6 +443,33 @@ impl Config {
             }
             if let Some(s) = &img.schedule {
                 crate::schedule::parse(s).map_err(|e| anyhow::anyhow!("image[{i}] ({}).schedule: {e}", img.name))?;
+            }
+        }
+        let mut in_group = std::collections::HashMap::new();
+        for (i, g) in self.groups.iter().enumerate() {
+            check_image_name(&g.name).map_err(|e| anyhow::anyhow!("group[{i}].name: {e}"))?;
+            if self.images.iter().any(|img| img.name == g.name || img.matches_name(&g.name)) || !seen.insert(&g.name) {
+                bail!("group[{i}].name: '{}' is already the name of an image or group", g.name);
+            }
+            if g.images.is_empty() {
+                bail!("group[{i}] ({}).images: names no image", g.name);
+            }
+            for n in &g.images {
+                let Some(img) = self.images.iter().find(|img| &img.name == n) else {
+                    bail!("group[{i}] ({}).images: '{n}' is not a configured [[image]] name (glob entries cannot be members)", g.name);
+                };
+                if img.source.is_glob() {
+                    bail!("group[{i}] ({}).images: '{n}' is a glob entry; a group names single images", g.name);
+                }
+                if img.source.fixed_snapshot().is_some() {
+                    bail!("group[{i}] ({}).images: '{n}' is a fixed snapshot; a group snapshots its images", g.name);
+                }
+                if let Some(other) = in_group.insert(n.clone(), g.name.clone()) {
+                    bail!("group[{i}] ({}).images: '{n}' is already in group '{other}'", g.name);
+                }
+            }
+            if let Some(s) = &g.schedule {
+                crate::schedule::parse(s).map_err(|e| anyhow::anyhow!("group[{i}] ({}).schedule: {e}", g.name))?;
             }
         }
         Ok(())
@@ -480,6 +574,16 @@ impl ImageConfig {
 }
 
 impl Config {
+    /// The configured group called `name`.
+    pub fn group(&self, name: &str) -> Option<&GroupConfig> {
+        self.groups.iter().find(|g| g.name == name)
+    }
+
+    /// The group a configured image belongs to.
+    pub fn group_of(&self, image: &str) -> Option<&GroupConfig> {
+        self.groups.iter().find(|g| g.images.iter().any(|i| i == image))
+    }
+
     /// The config entry an image of the catalog belongs to: the entry of
     /// that name, else a glob entry whose name template matches it.
     pub fn entry_for(&self, name: &str) -> Option<&ImageConfig> {
@@ -564,6 +668,31 @@ mod tests {
     }
 
     #[test]
+    fn groups() {
+        let base = "[store]\npath = \"/s\"\n[[image]]\nname = \"a\"\nsource = \"rbd:p/a\"\n\
+                    [[image]]\nname = \"b\"\nsource = \"rbd:p/b\"\n[[image]]\nname = \"g-{image}\"\nsource = \"rbd:p/g*\"\n";
+        let c = parse(&format!(
+            "{base}[[group]]\nname = \"vm\"\nimages = [\"a\", \"b\"]\npre-snapshot = \"true\"\nhook-timeout = \"5s\"\nschedule = \"0 * * * * *\"\n"
+        ))
+        .unwrap();
+        let g = c.group("vm").unwrap();
+        assert_eq!(g.images, ["a", "b"]);
+        assert_eq!(g.hook_timeout().as_secs(), 5);
+        assert_eq!(c.group_of("b").unwrap().name, "vm");
+        for (t, why) in [
+            ("[[group]]\nname = \"vm\"\nimages = [\"a\", \"zz\"]\n", "'zz' is not a configured"),
+            ("[[group]]\nname = \"vm\"\nimages = [\"g-{image}\"]\n", "glob"),
+            ("[[group]]\nname = \"a\"\nimages = [\"b\"]\n", "already the name"),
+            ("[[group]]\nname = \"vm\"\nimages = []\n", "names no image"),
+            ("[[group]]\nname = \"x\"\nimages = [\"a\"]\n[[group]]\nname = \"y\"\nimages = [\"a\"]\n", "already in group"),
+            ("[[group]]\nname = \"vm\"\nimages = [\"a\"]\nbogus = 1\n", "bogus"),
+        ] {
+            let e = parse(&format!("{base}{t}")).unwrap_err();
+            assert!(format!("{e:#}").contains(why), "{t}: {e:#}");
+        }
+    }
+
+    #[test]
     fn gc_grace() {
         let c = parse("[store]\npath = \"/s\"\ngc-grace = \"30m\"\n").unwrap();
         assert_eq!(c.store.gc_grace.0.as_secs(), 1800);
@@ -610,8 +739,13 @@ mod tests {
         assert_eq!(Source::parse("file:/x").unwrap(), Source::File("/x".into()));
         assert_eq!(
             Source::parse("rbd:p/ns/i").unwrap(),
-            Source::Rbd { pool: "p".into(), namespace: Some("ns".into()), image: "i".into() }
+            Source::Rbd { pool: "p".into(), namespace: Some("ns".into()), image: "i".into(), snap: None }
         );
+        let s = Source::parse("rbd:p/golden@base").unwrap();
+        assert_eq!(s.fixed_snapshot(), Some("base"));
+        assert_eq!(s.to_string(), "rbd:p/golden@base");
+        assert!(Source::parse("rbd:p/golden@").is_err());
+        assert!(Source::parse("rbd:p/vm-*@s").is_err());
         assert!(Source::parse("rbd:p").is_err());
         assert!(Source::parse("file:x").is_err());
         assert_eq!(Source::parse("rbd:p/i").unwrap().to_string(), "rbd:p/i");

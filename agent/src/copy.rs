@@ -248,6 +248,7 @@ mod tests {
         store.sync().unwrap();
         let mut m = Manifest {
             format: blockvault_store::format::MANIFEST_VERSION,
+            set: None,
             id: BackupId(id),
             image: image.into(),
             source: format!("file:/{image}"),

@@ -22,6 +22,8 @@ pub mod daemon;
 pub mod diffstream;
 pub mod error;
 pub mod gc;
+pub mod group;
+pub mod hook;
 pub mod job;
 pub mod keys;
 pub mod logging;

@@ -93,6 +93,40 @@ struct RbdSnapInfo {
     name: *const c_char,
 }
 
+/// `rbd_linked_image_spec_t` (laid out for C: not every field is read).
+#[repr(C)]
+#[allow(dead_code)]
+struct RbdLinkedImageSpec {
+    pool_id: i64,
+    pool_name: *mut c_char,
+    pool_namespace: *mut c_char,
+    image_id: *mut c_char,
+    image_name: *mut c_char,
+    trash: bool,
+}
+
+/// `rbd_snap_spec_t` (`namespace_type` is the C enum, an int; not read).
+#[repr(C)]
+#[allow(dead_code)]
+struct RbdSnapSpec {
+    id: u64,
+    namespace_type: c_int,
+    name: *mut c_char,
+}
+
+/// The parent of a clone: `rbd_get_parent`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParentSpec {
+    pub pool: String,
+    /// Empty for the default namespace.
+    pub namespace: String,
+    pub image: String,
+    pub snap: String,
+    pub snap_id: u64,
+    /// The parent image is in the trash.
+    pub trash: bool,
+}
+
 /// `rbd_image_info_t` (`RBD_MAX_BLOCK_NAME_SIZE` 24, `RBD_MAX_IMAGE_NAME_SIZE` 96)
 #[repr(C)]
 struct RbdImageInfo {
@@ -257,6 +291,10 @@ struct Api {
         ImageOptionsT,
     ) -> c_int,
     rbd_flatten: unsafe extern "C" fn(ImageT) -> c_int,
+    rbd_get_parent: unsafe extern "C" fn(ImageT, *mut RbdLinkedImageSpec, *mut RbdSnapSpec) -> c_int,
+    rbd_linked_image_spec_cleanup: unsafe extern "C" fn(*mut RbdLinkedImageSpec),
+    rbd_snap_spec_cleanup: unsafe extern "C" fn(*mut RbdSnapSpec),
+    rbd_get_overlap: unsafe extern "C" fn(ImageT, *mut u64) -> c_int,
 }
 
 /// Why librados/librbd could not be used at all.
@@ -406,6 +444,10 @@ impl Api {
             rbd_lock_break: rbd!(rbd_lock_break),
             rbd_clone3: rbd!(rbd_clone3),
             rbd_flatten: rbd!(rbd_flatten),
+            rbd_get_parent: rbd!(rbd_get_parent),
+            rbd_linked_image_spec_cleanup: rbd!(rbd_linked_image_spec_cleanup),
+            rbd_snap_spec_cleanup: rbd!(rbd_snap_spec_cleanup),
+            rbd_get_overlap: rbd!(rbd_get_overlap),
             _rados_lib: rados,
             _rbd_lib: rbd,
         })
@@ -1270,6 +1312,50 @@ impl Image {
     /// `rbd_get_features`.
     pub fn features(&self) -> Result<u64, Errno> {
         self.get_u64(self.api.rbd_get_features)
+    }
+
+    /// `rbd_get_parent`: the parent snapshot of a clone, `None` for an
+    /// image that is not one (ENOENT).
+    pub fn parent(&self) -> Result<Option<ParentSpec>, Errno> {
+        let mut img = RbdLinkedImageSpec {
+            pool_id: 0,
+            pool_name: std::ptr::null_mut(),
+            pool_namespace: std::ptr::null_mut(),
+            image_id: std::ptr::null_mut(),
+            image_name: std::ptr::null_mut(),
+            trash: false,
+        };
+        let mut snap = RbdSnapSpec { id: 0, namespace_type: 0, name: std::ptr::null_mut() };
+        // SAFETY: open image; both out-structs are correctly laid out and
+        // librbd fills their strings (freed below by the cleanup calls).
+        let r = unsafe { (self.api.rbd_get_parent)(self.h.as_ptr(), &mut img, &mut snap) };
+        if r == -ENOENT {
+            return Ok(None);
+        }
+        self.check(r)?;
+        let text = |p: *mut c_char| if p.is_null() { String::new() } else {
+            // SAFETY: a NUL-terminated string librbd allocated.
+            unsafe { string_from(p) }
+        };
+        let out = ParentSpec {
+            pool: text(img.pool_name),
+            namespace: text(img.pool_namespace),
+            image: text(img.image_name),
+            snap: text(snap.name),
+            snap_id: snap.id,
+            trash: img.trash,
+        };
+        // SAFETY: each filled struct is cleaned up once.
+        unsafe {
+            (self.api.rbd_linked_image_spec_cleanup)(&mut img);
+            (self.api.rbd_snap_spec_cleanup)(&mut snap);
+        }
+        Ok(Some(out))
+    }
+
+    /// `rbd_get_overlap`: bytes of a clone that read through to its parent.
+    pub fn overlap(&self) -> Result<u64, Errno> {
+        self.get_u64(self.api.rbd_get_overlap)
     }
 
     /// `rbd_get_flags` (for the open snapshot or head).

@@ -406,6 +406,7 @@ mod tests {
         }
         let mut m = Manifest {
             format: MANIFEST_VERSION,
+            set: None,
             id: BackupId(id),
             image: "vm".into(),
             source: "file:/vm".into(),

@@ -934,6 +934,7 @@ impl Store {
         }
         Ok(Manifest {
             format: format::MANIFEST_VERSION,
+            set: None,
             id,
             image: image.into(),
             source: source.into(),

@@ -62,6 +62,7 @@ fn s3_conditional_put_is_exclusive() {
 fn manifest(id: u64, image: &str, bs: u32) -> Manifest {
     Manifest {
         format: blockvault_store::format::MANIFEST_VERSION,
+        set: None,
         id: BackupId(id),
         image: image.into(),
         source: format!("file:/{image}"),

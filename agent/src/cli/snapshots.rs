@@ -28,7 +28,7 @@ pub fn run(g: &GlobalArgs, a: SnapshotsArgs) -> Result<ExitCode> {
     let cfg = load_config(g)?;
     let images: Vec<_> = expand_images(&cfg)?
         .into_iter()
-        .filter(|i| matches!(i.source, Source::Rbd { .. }))
+        .filter(|i| matches!(i.source, Source::Rbd { snap: None, .. }))
         .filter(|i| a.image.as_ref().is_none_or(|n| &i.name == n))
         .collect();
     if let Some(n) = &a.image {
@@ -40,7 +40,7 @@ pub fn run(g: &GlobalArgs, a: SnapshotsArgs) -> Result<ExitCode> {
     let cluster = if images.is_empty() { None } else { Some(connect(&ctx.cfg)?) };
     let mut out = Vec::new();
     for img in &images {
-        let Source::Rbd { pool, namespace, image } = &img.source else { continue };
+        let Source::Rbd { pool, namespace, image, .. } = &img.source else { continue };
         let ioctx = cluster.as_ref().unwrap().ioctx(pool, namespace.as_deref())?;
         let head = ioctx.open(image, None)?;
         let rows = match ctx.catalog.image(&img.name)? {

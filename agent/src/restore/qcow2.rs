@@ -801,6 +801,7 @@ mod tests {
     fn layer_paths_sit_beside_the_top() {
         let m = |id: u64| Manifest {
             format: blockvault_store::format::MANIFEST_VERSION,
+            set: None,
             id: BackupId(id),
             image: "vm".into(),
             source: String::new(),

@@ -234,6 +234,7 @@ mod tests {
         }
         let mut m = Manifest {
             format: MANIFEST_VERSION,
+            set: None,
             id: BackupId(3),
             image: "vm".into(),
             source: "file:/srv/vm.img".into(),
