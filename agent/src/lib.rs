@@ -22,6 +22,7 @@ pub mod daemon;
 pub mod diffstream;
 pub mod error;
 pub mod gc;
+pub mod hook;
 pub mod job;
 pub mod keys;
 pub mod logging;
