@@ -309,7 +309,16 @@ fn freeze_to_commit(
     cancel: &AtomicBool,
     held: &[&blockvault_store::StoreLock],
 ) -> Result<Manifest> {
-    let size = source.freeze(&ctx.catalog, job, id)?;
+    // the point in time, between the pre and the post snapshot hooks (the
+    // post hook runs right after the snapshot, not after the whole backup,
+    // and exactly once whenever the pre hook ran)
+    let hooks = img.hooks(&ctx.cfg.defaults);
+    let env = crate::hook::HookEnv {
+        image: img.name.clone(),
+        source: img.source.to_string(),
+        snapshot: source.snapshot().unwrap_or_default(),
+    };
+    let size = crate::hook::around(&hooks, env, cancel, || source.freeze(&ctx.catalog, job, id))?;
     info!(backup = id.0, parent = parent.map(|p| p.manifest.id.0), source = %source.describe(), size, "backup started");
 
     // what changed, and the plan
@@ -346,9 +355,19 @@ fn freeze_to_commit(
         compression_level: ctx.cfg.store.compression_level,
     };
     let mut map = plan.map;
+    let limits = img.throttle(&ctx.cfg.defaults);
     let mut stats = {
         let reader = source.reader(&ctx.store)?;
-        pipeline::run(&ctx.store, &*reader, &plan.actions, &mut map, &known, &opts, progress, cancel)?
+        if limits.is_unlimited() {
+            pipeline::run(&ctx.store, &*reader, &plan.actions, &mut map, &known, &opts, progress, cancel)?
+        } else {
+            // one limiter for every reader thread of this backup
+            let limiter = crate::throttle::Limiter::new(limits);
+            let throttled = crate::throttle::Throttled::new(&*reader, &limiter, cancel);
+            let stats = pipeline::run(&ctx.store, &throttled, &plan.actions, &mut map, &known, &opts, progress, cancel);
+            limiter.log(&job.image);
+            stats?
+        }
     };
     stats.full_read = plan.full_read;
     stats.duration_ms = started.elapsed().as_millis() as u64;

@@ -40,4 +40,5 @@ pub mod retention;
 pub mod schedule;
 pub mod serve;
 pub mod source;
+pub mod throttle;
 pub mod verify;
