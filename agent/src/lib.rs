@@ -35,6 +35,7 @@ pub mod progress;
 pub mod prune;
 pub mod rbd;
 pub mod rebuild;
+pub mod release;
 pub mod restore;
 pub mod retention;
 pub mod schedule;
