@@ -10,6 +10,7 @@ mod errors;
 mod exportdiff;
 mod fs_safety;
 mod gc_verify;
+mod hooks;
 mod lost_chunk;
 mod operator;
 mod prune;
