@@ -215,7 +215,17 @@ fn run_backup(
         }
     }
     let mut prep = prepare(ctx, img, given)?;
-    if let Err(e) = prep.freeze(ctx) {
+    // the point in time, between the pre and the post snapshot hooks (the
+    // post hook runs right after the snapshot, not after the whole backup,
+    // and exactly once whenever the pre hook ran); a group runs its own
+    // hooks around all its images' snapshots instead (`crate::group`)
+    let hooks = img.hooks(&ctx.cfg.defaults);
+    let env = crate::hook::HookEnv {
+        image: img.name.clone(),
+        source: img.source.to_string(),
+        snapshot: prep.snapshot().unwrap_or_default(),
+    };
+    if let Err(e) = crate::hook::around(&hooks, env, cancel, || prep.freeze(ctx)) {
         return Err(prep.fail(ctx, e));
     }
     prep.complete(ctx, None, progress, cancel)
@@ -502,9 +512,19 @@ fn to_commit(
         compression_level: ctx.cfg.store.compression_level,
     };
     let mut map = plan.map;
+    let limits = img.throttle(&ctx.cfg.defaults);
     let mut stats = {
         let reader = source.reader(&ctx.store)?;
-        pipeline::run(&ctx.store, &*reader, &plan.actions, &mut map, &known, &opts, progress, cancel)?
+        if limits.is_unlimited() {
+            pipeline::run(&ctx.store, &*reader, &plan.actions, &mut map, &known, &opts, progress, cancel)?
+        } else {
+            // one limiter for every reader thread of this backup
+            let limiter = crate::throttle::Limiter::new(limits);
+            let throttled = crate::throttle::Throttled::new(&*reader, &limiter, cancel);
+            let stats = pipeline::run(&ctx.store, &throttled, &plan.actions, &mut map, &known, &opts, progress, cancel);
+            limiter.log(&job.image);
+            stats?
+        }
     };
     stats.full_read = plan.full_read;
     stats.duration_ms = started.elapsed().as_millis() as u64;

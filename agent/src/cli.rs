@@ -18,6 +18,7 @@ mod import_diff;
 mod key;
 mod serve;
 mod store;
+mod release;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -104,6 +105,8 @@ pub enum Command {
     Key(key::KeyCommand),
     /// Serve backups read-only over NBD (IMAGE or IMAGE@ID, each an export).
     Serve(serve::ServeArgs),
+    /// Drop blockvault's RBD snapshots of an image (the next backup is a full read).
+    Release(release::ReleaseArgs),
     /// Operations on the store as a whole (`store copy`).
     #[command(subcommand)]
     Store(store::StoreCommand),
@@ -135,6 +138,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Key(c) => key::run(g, c),
         Command::Serve(a) => serve::run(g, a),
         Command::Store(c) => store::run(g, c),
+        Command::Release(a) => release::run(g, a),
     }
 }
 

@@ -126,6 +126,13 @@ pub struct Defaults {
     /// Apply the retention policy after every successful backup made by
     /// `run` or the daemon (default false: only `blockvault prune` prunes).
     pub prune_after_backup: Option<bool>,
+    // --- snapshot hooks, read throttling, trash release (issue 16); see `impl ImageConfig` below
+    pub pre_snapshot: Option<String>,
+    pub post_snapshot: Option<String>,
+    pub hook_timeout: Option<Duration>,
+    pub read_bandwidth: Option<Bandwidth>,
+    pub read_iops: Option<u32>,
+    pub release_trashed: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -139,13 +146,29 @@ pub struct ImageConfig {
     pub retention: Option<RetentionPolicy>,
     pub schedule: Option<String>,
     pub prune_after_backup: Option<bool>,
+    // --- snapshot hooks, read throttling, trash release (issue 16)
+    /// Shell command run before the snapshot (`/bin/sh -c`).
+    pub pre_snapshot: Option<String>,
+    /// Shell command run right after the snapshot, exactly once whenever
+    /// the pre hook ran.
+    pub post_snapshot: Option<String>,
+    /// Each hook's time limit (default 30s); its process group is killed then.
+    pub hook_timeout: Option<Duration>,
+    /// Bytes per second a backup reads from its source (`"200M"`).
+    pub read_bandwidth: Option<Bandwidth>,
+    /// Reads per second a backup issues to its source.
+    pub read_iops: Option<u32>,
+    /// `run` and the daemon drop blockvault's snapshots of an image found
+    /// in the RBD trash, so that it can be purged (default true).
+    pub release_trashed: Option<bool>,
 }
 
 /// `[[group]]`: images whose backups are one set, taken at one point in
 /// time: one pre-snapshot hook, a snapshot of every image, one
 /// post-snapshot hook, then each image's backup. The group's schedule and
 /// retention apply to whole sets (the images' own schedule and retention
-/// are not used for the backups the group makes).
+/// are not used for the backups the group makes, nor are their hooks: the
+/// group's hooks run once around all the snapshots).
 #[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct GroupConfig {
@@ -275,6 +298,21 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         _ => return Err(format!("'{s}': unknown unit '{unit}'")),
     };
     n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
+}
+
+/// A read rate in bytes per second, written as bytes (`1048576`) or with a
+/// binary suffix (`"200M"`, `"1G"`), meaning per second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bandwidth(pub u64);
+
+impl<'de> Deserialize<'de> for Bandwidth {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = number_or_string(d, |s| parse_size(s.trim().trim_end_matches("/s")))?;
+        if n == 0 {
+            return Err(serde::de::Error::custom("must be more than 0 bytes per second"));
+        }
+        Ok(Bandwidth(n))
+    }
 }
 
 /// Where an image is read from.
@@ -444,6 +482,7 @@ impl Config {
             if let Some(s) = &img.schedule {
                 crate::schedule::parse(s).map_err(|e| anyhow::anyhow!("image[{i}] ({}).schedule: {e}", img.name))?;
             }
+            check_hygiene(&format!("image[{i}] ({})", img.name), &img.pre_snapshot, &img.post_snapshot, img.hook_timeout, img.read_iops)?;
         }
         let mut in_group = std::collections::HashMap::new();
         for (i, g) in self.groups.iter().enumerate() {
@@ -472,6 +511,8 @@ impl Config {
                 crate::schedule::parse(s).map_err(|e| anyhow::anyhow!("group[{i}] ({}).schedule: {e}", g.name))?;
             }
         }
+        let d = &self.defaults;
+        check_hygiene("defaults", &d.pre_snapshot, &d.post_snapshot, d.hook_timeout, d.read_iops)?;
         Ok(())
     }
 
@@ -591,6 +632,49 @@ impl Config {
     }
 }
 
+/// Checks the hook and throttle keys of one table (issue 16).
+fn check_hygiene(
+    table: &str,
+    pre: &Option<String>,
+    post: &Option<String>,
+    timeout: Option<Duration>,
+    iops: Option<u32>,
+) -> Result<()> {
+    for (key, cmd) in [("pre-snapshot", pre), ("post-snapshot", post)] {
+        if cmd.as_ref().is_some_and(|c| c.trim().is_empty()) {
+            bail!("{table}.{key}: empty command");
+        }
+    }
+    if timeout.is_some_and(|t| t.0.is_zero()) {
+        bail!("{table}.hook-timeout: must be at least 1s");
+    }
+    if iops == Some(0) {
+        bail!("{table}.read-iops: must be at least 1");
+    }
+    Ok(())
+}
+
+/// Snapshot hooks, read throttling and trash release (issue 16): each
+/// image's own key, else `[defaults]`.
+impl ImageConfig {
+    pub fn hooks(&self, defaults: &Defaults) -> crate::hook::Hooks {
+        crate::hook::Hooks {
+            pre: self.pre_snapshot.clone().or_else(|| defaults.pre_snapshot.clone()),
+            post: self.post_snapshot.clone().or_else(|| defaults.post_snapshot.clone()),
+            timeout: self.hook_timeout.or(defaults.hook_timeout).map_or(crate::hook::DEFAULT_TIMEOUT, |d| d.0),
+        }
+    }
+    pub fn throttle(&self, defaults: &Defaults) -> crate::throttle::Limits {
+        crate::throttle::Limits {
+            bytes_per_sec: self.read_bandwidth.or(defaults.read_bandwidth).map(|b| b.0),
+            ops_per_sec: self.read_iops.or(defaults.read_iops),
+        }
+    }
+    pub fn release_trashed(&self, defaults: &Defaults) -> bool {
+        self.release_trashed.or(defaults.release_trashed).unwrap_or(true)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -688,6 +772,44 @@ mod tests {
             ("[[group]]\nname = \"vm\"\nimages = [\"a\"]\nbogus = 1\n", "bogus"),
         ] {
             let e = parse(&format!("{base}{t}")).unwrap_err();
+            assert!(format!("{e:#}").contains(why), "{t}: {e:#}");
+        }
+    }
+
+    #[test]
+    fn hook_and_throttle_keys() {
+        let c = parse(
+            "[store]\npath = \"/s\"\n[defaults]\npre-snapshot = \"fsfreeze -f /m\"\npost-snapshot = \"fsfreeze -u /m\"\n\
+             read-bandwidth = \"200M\"\nrelease-trashed = false\n\
+             [[image]]\nname = \"a\"\nsource = \"file:/a\"\nhook-timeout = \"5s\"\nread-iops = 50\nread-bandwidth = 1000\n\
+             [[image]]\nname = \"b\"\nsource = \"file:/b\"\npre-snapshot = \"true\"\nrelease-trashed = true\n",
+        )
+        .unwrap();
+        let (a, b) = (&c.images[0], &c.images[1]);
+        let ha = a.hooks(&c.defaults);
+        assert_eq!(ha.pre.as_deref(), Some("fsfreeze -f /m"));
+        assert_eq!(ha.post.as_deref(), Some("fsfreeze -u /m"));
+        assert_eq!(ha.timeout.as_secs(), 5);
+        let hb = b.hooks(&c.defaults);
+        assert_eq!(hb.pre.as_deref(), Some("true"));
+        assert_eq!(hb.timeout, crate::hook::DEFAULT_TIMEOUT);
+        assert_eq!(a.throttle(&c.defaults).bytes_per_sec, Some(1000));
+        assert_eq!(a.throttle(&c.defaults).ops_per_sec, Some(50));
+        assert_eq!(b.throttle(&c.defaults).bytes_per_sec, Some(200 << 20));
+        assert_eq!(b.throttle(&c.defaults).ops_per_sec, None);
+        assert!(!a.release_trashed(&c.defaults));
+        assert!(b.release_trashed(&c.defaults));
+        let d = parse("[store]\npath = \"/s\"\n[[image]]\nname = \"a\"\nsource = \"file:/a\"\n").unwrap();
+        assert!(d.images[0].hooks(&d.defaults).is_empty());
+        assert!(d.images[0].release_trashed(&d.defaults));
+        for (t, why) in [
+            ("[defaults]\npre-snapshot = \" \"\n", "defaults.pre-snapshot"),
+            ("[defaults]\nhook-timeout = 0\n", "hook-timeout"),
+            ("[defaults]\nread-iops = 0\n", "read-iops"),
+            ("[defaults]\nread-bandwidth = 0\n", "read-bandwidth"),
+            ("[defaults]\nread-bandwidth = \"fast\"\n", "read-bandwidth"),
+        ] {
+            let e = parse(&format!("[store]\npath = \"/s\"\n{t}")).unwrap_err();
             assert!(format!("{e:#}").contains(why), "{t}: {e:#}");
         }
     }

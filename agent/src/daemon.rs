@@ -140,6 +140,7 @@ impl Daemon {
         let cfg = (*self.cfg).clone();
         tokio::task::spawn_blocking(move || -> Result<()> {
             let ctx = Ctx::open(cfg)?;
+            crate::release::release_trashed_logged(&ctx);
             crate::metrics::write_logged(&ctx);
             Ok(())
         })

@@ -68,6 +68,12 @@ pub fn run_image(ctx: &mut Ctx, img: &ImageConfig, progress: &dyn Progress, canc
     } else {
         None
     };
+    // what the kept snapshot now holds on the cluster, and images gone to
+    // the trash that blockvault's snapshots keep from being purged
+    crate::release::measure_logged(ctx, &img.name, &img.source);
+    if !cancel.load(Ordering::Relaxed) {
+        crate::release::release_trashed_logged(ctx);
+    }
     crate::metrics::write_logged(ctx);
     JobOutcome { backup, pruned }
 }

@@ -85,6 +85,17 @@ struct RbdImageSpec {
     name: *mut c_char,
 }
 
+/// `rbd_trash_image_info_t`
+#[repr(C)]
+struct RbdTrashImageInfo {
+    id: *mut c_char,
+    name: *mut c_char,
+    /// `rbd_trash_image_source_t` (an enum: an int)
+    source: c_int,
+    deletion_time: TimeT,
+    deferment_end_time: TimeT,
+}
+
 /// `rbd_snap_info_t`
 #[repr(C)]
 struct RbdSnapInfo {
@@ -295,6 +306,9 @@ struct Api {
     rbd_linked_image_spec_cleanup: unsafe extern "C" fn(*mut RbdLinkedImageSpec),
     rbd_snap_spec_cleanup: unsafe extern "C" fn(*mut RbdSnapSpec),
     rbd_get_overlap: unsafe extern "C" fn(ImageT, *mut u64) -> c_int,
+    rbd_trash_list: unsafe extern "C" fn(IoCtxT, *mut RbdTrashImageInfo, *mut usize) -> c_int,
+    rbd_trash_list_cleanup: unsafe extern "C" fn(*mut RbdTrashImageInfo, usize),
+    rbd_open_by_id: unsafe extern "C" fn(IoCtxT, *const c_char, *mut ImageT, *const c_char) -> c_int,
 }
 
 /// Why librados/librbd could not be used at all.
@@ -448,6 +462,9 @@ impl Api {
             rbd_linked_image_spec_cleanup: rbd!(rbd_linked_image_spec_cleanup),
             rbd_snap_spec_cleanup: rbd!(rbd_snap_spec_cleanup),
             rbd_get_overlap: rbd!(rbd_get_overlap),
+            rbd_trash_list: rbd!(rbd_trash_list),
+            rbd_trash_list_cleanup: rbd!(rbd_trash_list_cleanup),
+            rbd_open_by_id: rbd!(rbd_open_by_id),
             _rados_lib: rados,
             _rbd_lib: rbd,
         })
@@ -747,6 +764,41 @@ impl IoCtx {
             unsafe { (self.api.rbd_image_spec_list_cleanup)(specs.as_mut_ptr(), n) };
             return Ok(names);
         }
+    }
+
+    /// `rbd_trash_list`: `(id, name)` of every image in the pool's
+    /// (namespace's) trash.
+    pub fn trash_list(&self) -> Result<Vec<(String, String)>, Errno> {
+        let mut cap: usize = 16;
+        loop {
+            let mut entries: Vec<RbdTrashImageInfo> = Vec::with_capacity(cap);
+            let mut n = cap;
+            // SAFETY: entries has room for `n` entries; librbd writes at most n.
+            let r = unsafe { (self.api.rbd_trash_list)(self.h.as_ptr(), entries.as_mut_ptr(), &mut n) };
+            if r == -ERANGE && n > cap {
+                cap = n + 8; // images may be trashed meanwhile
+                continue;
+            }
+            self.check(r)?;
+            let n = n.min(cap);
+            // SAFETY: on success librbd filled the first n entries.
+            unsafe { entries.set_len(n) };
+            // SAFETY: id and name are NUL-terminated strings owned by librbd.
+            let out = entries.iter().map(|e| unsafe { (string_from(e.id), string_from(e.name)) }).collect();
+            // SAFETY: frees exactly the n entries librbd allocated, once.
+            unsafe { (self.api.rbd_trash_list_cleanup)(entries.as_mut_ptr(), n) };
+            return Ok(out);
+        }
+    }
+
+    /// `rbd_open_by_id` of the head, read-write (also works for an image
+    /// in the trash, which has no name in the directory any more).
+    pub fn open_image_by_id(self: &Arc<Self>, id: &CStr) -> Result<Image, Errno> {
+        let mut h: ImageT = ptr::null_mut();
+        // SAFETY: live ioctx, NUL-terminated id, null snapshot (the head), valid out-pointer.
+        self.check(unsafe { (self.api.rbd_open_by_id)(self.h.as_ptr(), id.as_ptr(), &mut h, ptr::null()) })?;
+        let h = NonNull::new(h).ok_or(Errno(EIO))?;
+        Ok(Image { api: self.api, h, _ioctx: Arc::clone(self) })
     }
 
     /// `rbd_create4`: a format-2 image with the given features, object size

@@ -526,6 +526,25 @@ impl IoCtx {
             .map_err(|e| RbdError::errno(Op::ListImages, self.prefix.clone(), e))
     }
 
+    /// The images in the pool's (namespace's) RBD trash, as `(id, name)`.
+    pub fn trash_list(&self) -> Result<Vec<(String, String)>> {
+        self.raw
+            .trash_list()
+            .map_err(|e| RbdError::errno(Op::ListImages, format!("{} (trash)", self.prefix), e))
+    }
+
+    /// Opens the head of the image with id `id` for reading and writing;
+    /// `name` is only for messages. Works for an image in the trash.
+    pub fn open_by_id_rw(&self, id: &str, name: &str) -> Result<Image> {
+        let spec = self.image_spec(name, None);
+        let c_id = c_string(Op::OpenImage, &spec, "image id", id)?;
+        let raw = self
+            .raw
+            .open_image_by_id(&c_id)
+            .map_err(|e| RbdError::errno(Op::OpenImage, spec.clone(), e))?;
+        Ok(Image { raw, ioctx: self.clone(), name: name.to_string(), spec, read_only: false })
+    }
+
     /// Creates a format-2 image of `size` bytes with `features` (e.g.
     /// [`FEATURES_DEFAULT`]) and objects of `2^order` bytes (`None`: the
     /// cluster default, normally 22 = 4 MiB).

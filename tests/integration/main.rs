@@ -12,6 +12,7 @@ mod exportdiff;
 mod fs_safety;
 mod gc_verify;
 mod groups;
+mod hooks;
 mod lost_chunk;
 mod operator;
 mod prune;
