@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use blockvault_catalog::{now_rfc3339, BackupState};
-use blockvault_store::{format::MANIFEST_VERSION, BackupId, BlockMap, ChunkId, Manifest, Store};
+use blockvault_store::{BackupId, BlockMap, ChunkId, Manifest, SetRef, Store};
 use tracing::{debug, info, info_span, warn};
 
 use crate::config::{self, ImageConfig};
@@ -209,11 +209,80 @@ fn run_backup(
 ) -> Result<Manifest> {
     let span = info_span!("backup", image = %img.name);
     let _e = span.enter();
+    if given.is_none() {
+        if let Some(m) = fixed_snapshot_done(ctx, img)? {
+            return Ok(m);
+        }
+    }
+    let mut prep = prepare(ctx, img, given)?;
+    // the point in time, between the pre and the post snapshot hooks (the
+    // post hook runs right after the snapshot, not after the whole backup,
+    // and exactly once whenever the pre hook ran); a group runs its own
+    // hooks around all its images' snapshots instead (`crate::group`)
+    let hooks = img.hooks(&ctx.cfg.defaults);
+    let env = crate::hook::HookEnv {
+        image: img.name.clone(),
+        source: img.source.to_string(),
+        snapshot: prep.snapshot().unwrap_or_default(),
+    };
+    if let Err(e) = crate::hook::around(&hooks, env, cancel, || prep.freeze(ctx)) {
+        return Err(prep.fail(ctx, e));
+    }
+    prep.complete(ctx, None, progress, cancel)
+}
 
+/// A fixed snapshot (`rbd:POOL/IMAGE@SNAP`) is backed up once: its
+/// committed backup, when there is one.
+///
+/// # Errors
+/// Catalog or store errors.
+fn fixed_snapshot_done(ctx: &Ctx, img: &ImageConfig) -> Result<Option<Manifest>> {
+    let Some(snap) = img.source.fixed_snapshot() else { return Ok(None) };
+    let Some(row) = ctx.catalog.image(&img.name)? else { return Ok(None) };
+    let source = img.source.to_string();
+    for b in ctx.catalog.backups_in_state(row.id, BackupState::Committed)?.into_iter().rev() {
+        if b.snapshot.as_deref() != Some(snap) || b.verify_state == blockvault_catalog::VerifyState::Invalid {
+            continue;
+        }
+        let m = ctx.store.read_manifest(b.id)?;
+        if m.source == source {
+            info!(image = %img.name, backup = b.id.0, snapshot = snap,
+                "a fixed snapshot is backed up once: backup {} already holds it, nothing to do", b.id);
+            return Ok(Some(m));
+        }
+    }
+    Ok(None)
+}
+
+/// A backup prepared up to its point in time: the store and image locks
+/// held, the source open and recovered, the parent loaded, the backup id
+/// allocated and its catalog row `running`. [`Prepared::freeze`] fixes the
+/// point in time and [`Prepared::complete`] does the rest; a group
+/// prepares every image, then freezes them all between its hooks.
+pub(crate) struct Prepared {
+    img: ImageConfig,
+    store_lock: blockvault_store::StoreLock,
+    image_lock: blockvault_store::StoreLock,
+    source: Box<dyn Source>,
+    job: Job,
+    parent: Option<Parent>,
+    id: BackupId,
+    created: String,
+    started: Instant,
+    size: Option<u64>,
+}
+
+/// Locks, opens the source, recovers what crashed runs left, loads the
+/// parent and allocates the backup (see [`Prepared`]).
+///
+/// # Errors
+/// [`BackupError::Locked`] when another process backs up the image; source,
+/// catalog or store errors. Nothing is left running on error.
+pub(crate) fn prepare(ctx: &mut Ctx, img: &ImageConfig, given: Option<Box<dyn Source>>) -> Result<Prepared> {
     // lock: temp files of crashed writers go first, while no one else writes
     ctx.store.clean_tmp()?;
-    let _store_lock = ctx.store.lock_shared()?;
-    let Some(_image_lock) = ctx.store.try_lock_named(&image_lock_name(&img.name))? else {
+    let store_lock = ctx.store.lock_shared()?;
+    let Some(image_lock) = ctx.store.try_lock_named(&image_lock_name(&img.name))? else {
         let err = anyhow::Error::from(BackupError::Locked { image: img.name.clone() });
         // a shared store names the holder (host, pid): it may be another host
         return Err(match ctx.store.backend().lock_holder(&image_lock_name(&img.name)) {
@@ -241,7 +310,14 @@ fn run_backup(
     // an RBD source diffs from a snapshot it still holds: with
     // keep-snapshots > 1, an older one when the newest was deleted by hand
     let held = source.held_snapshots();
-    let parent = load_parent(ctx, job.image_id, held.as_deref())?;
+    let mut parent = load_parent(ctx, job.image_id, held.as_deref())?;
+    if parent.is_none() {
+        // a clone's first backup: the backup of its parent snapshot, if the
+        // store holds one, is the base of what the clone did not write
+        if let Some(spec) = source.clone_parent()? {
+            parent = load_clone_parent(ctx, &spec)?;
+        }
+    }
 
     // allocate the backup
     let started = Instant::now();
@@ -250,67 +326,157 @@ fn run_backup(
     // above this catalog's own ids too, so an older catalog's rows never clash
     let id = ctx.store.claim_backup_id(ctx.catalog.max_backup_id()? + 1)?;
     ctx.catalog.begin_backup_as(id, job.image_id, parent.as_ref().map(|p| p.manifest.id), job.block_size, &created)?;
+    Ok(Prepared { img: img.clone(), store_lock, image_lock, source, job, parent, id, created, started, size: None })
+}
 
-    let held = [&_store_lock, &_image_lock];
-    let result = freeze_to_commit(ctx, img, &job, &mut *source, id, parent.as_ref(), &created, started, progress, cancel, &held);
-
-    // the source finishes either way
-    match result {
-        Ok(m) => {
-            let s = &m.stats;
-            info!(
-                backup = id.0,
-                read_bytes = s.read_bytes,
-                new_chunks = s.new_chunks,
-                new_bytes = s.new_bytes,
-                dedup_blocks = s.dedup_blocks,
-                zero_blocks = s.zero_blocks,
-                inherited_blocks = s.inherited_blocks,
-                patched_blocks = s.patched_blocks,
-                full_read = s.full_read,
-                duration_ms = s.duration_ms,
-                "backup committed"
-            );
-            if let Err(e) = source.finish(&ctx.catalog, &job, Outcome::Committed) {
-                warn!(backup = id.0, error = %format!("{e:#}"), "could not finish the source after the commit; the next run retries");
-            }
-            Ok(m)
+/// The committed backup of a clone's parent snapshot (`rbd:POOL/IMAGE@SNAP`),
+/// checked as [`load_parent`] checks a parent: a fixed-snapshot source of
+/// that spec, or a backup of `rbd:POOL/IMAGE` read from snapshot SNAP.
+fn load_clone_parent(ctx: &Ctx, spec: &str) -> Result<Option<Parent>> {
+    let Some((image_spec, snap)) = spec.rsplit_once('@') else { return Ok(None) };
+    let mut rows: Vec<_> = ctx
+        .catalog
+        .committed_backups(None)?
+        .into_iter()
+        .filter(|b| b.verify_state != blockvault_catalog::VerifyState::Invalid && b.snapshot.as_deref() == Some(snap))
+        .collect();
+    rows.sort_by_key(|b| std::cmp::Reverse(b.id.0));
+    for row in rows {
+        let Ok(manifest) = ctx.store.read_manifest(row.id) else { continue };
+        if manifest.source != spec && manifest.source != image_spec {
+            continue;
         }
-        Err(e) => {
-            ctx.store.discard_pending();
-            let marked = if BackupError::is_cancelled(&e) {
-                ctx.catalog.cancel_backup(id)
-            } else {
-                ctx.catalog.fail_backup(id, &format!("{e:#}"))
-            };
-            if let Err(e2) = marked {
-                warn!(backup = id.0, error = %crate::logging::Chain(&e2), "could not mark backup failed in the catalog");
+        let map = match ctx.store.read_blockmap(&manifest) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(backup = row.id.0, error = %crate::logging::Chain(&e), "backup of the clone's parent does not read back; not using it");
+                continue;
             }
-            if let Err(e2) = source.finish(&ctx.catalog, &job, Outcome::Failed) {
-                warn!(backup = id.0, error = %format!("{e2:#}"), "could not clean up the source after the failed backup; the next run retries");
+        };
+        let missing = missing_chunks(&ctx.store, &map, ctx.cfg.workers())?;
+        if !missing.is_empty() {
+            warn!(backup = row.id.0, missing_chunks = missing.len(), "backup of the clone's parent references missing chunks; not using it");
+            continue;
+        }
+        info!(parent_snapshot = %spec, base = row.id.0, image = %row.image,
+            "the image is a clone of a snapshot the store holds: its first backup reads only what the clone wrote");
+        return Ok(Some(Parent { manifest, map }));
+    }
+    Ok(None)
+}
+
+impl Prepared {
+    /// The backup's id.
+    pub(crate) fn id(&self) -> BackupId {
+        self.id
+    }
+
+    /// The configured image.
+    pub(crate) fn image(&self) -> &ImageConfig {
+        &self.img
+    }
+
+    /// The snapshot this backup is of (RBD), for hooks and logs.
+    pub(crate) fn snapshot(&self) -> Option<String> {
+        self.source.snapshot()
+    }
+
+    /// Fixes the point in time (RBD: creates the snapshot).
+    ///
+    /// # Errors
+    /// Source or catalog errors; then call [`Prepared::fail`].
+    pub(crate) fn freeze(&mut self, ctx: &mut Ctx) -> Result<()> {
+        let size = self.source.freeze(&ctx.catalog, &self.job, self.id)?;
+        info!(backup = self.id.0, parent = self.parent.as_ref().map(|p| p.manifest.id.0), source = %self.source.describe(), size, "backup started");
+        self.size = Some(size);
+        Ok(())
+    }
+
+    /// Marks the backup failed (or cancelled) and cleans up the source side;
+    /// returns `e` with the backup named.
+    pub(crate) fn fail(mut self, ctx: &mut Ctx, e: anyhow::Error) -> anyhow::Error {
+        let id = self.id;
+        ctx.store.discard_pending();
+        let marked = if BackupError::is_cancelled(&e) { ctx.catalog.cancel_backup(id) } else { ctx.catalog.fail_backup(id, &format!("{e:#}")) };
+        if let Err(e2) = marked {
+            warn!(backup = id.0, error = %crate::logging::Chain(&e2), "could not mark backup failed in the catalog");
+        }
+        if let Err(e2) = self.source.finish(&ctx.catalog, &self.job, Outcome::Failed) {
+            warn!(backup = id.0, error = %format!("{e2:#}"), "could not clean up the source after the failed backup; the next run retries");
+        }
+        e.context(format!("backup {id} of image '{}' failed", self.img.name))
+    }
+
+    /// Everything after the point in time: changes, plan, checks, pipeline,
+    /// commit (with `set` recorded in the manifest), and the source's finish.
+    ///
+    /// # Errors
+    /// Any failure; the backup is then marked failed and nothing is committed.
+    pub(crate) fn complete(mut self, ctx: &mut Ctx, set: Option<SetRef>, progress: &dyn Progress, cancel: &AtomicBool) -> Result<Manifest> {
+        let Some(size) = self.size else {
+            let e = anyhow::anyhow!("internal: backup completed before its point in time was fixed");
+            return Err(self.fail(ctx, e));
+        };
+        let id = self.id;
+        let held = [&self.store_lock, &self.image_lock];
+        let result = to_commit(
+            ctx,
+            &self.img,
+            &self.job,
+            &mut *self.source,
+            id,
+            size,
+            self.parent.as_ref(),
+            &self.created,
+            self.started,
+            set,
+            progress,
+            cancel,
+            &held,
+        );
+        match result {
+            Ok(m) => {
+                let s = &m.stats;
+                info!(
+                    backup = id.0,
+                    read_bytes = s.read_bytes,
+                    new_chunks = s.new_chunks,
+                    new_bytes = s.new_bytes,
+                    dedup_blocks = s.dedup_blocks,
+                    zero_blocks = s.zero_blocks,
+                    inherited_blocks = s.inherited_blocks,
+                    patched_blocks = s.patched_blocks,
+                    full_read = s.full_read,
+                    duration_ms = s.duration_ms,
+                    "backup committed"
+                );
+                if let Err(e) = self.source.finish(&ctx.catalog, &self.job, Outcome::Committed) {
+                    warn!(backup = id.0, error = %format!("{e:#}"), "could not finish the source after the commit; the next run retries");
+                }
+                Ok(m)
             }
-            Err(e.context(format!("backup {id} of image '{}' failed", img.name)))
+            Err(e) => Err(self.fail(ctx, e)),
         }
     }
 }
 
 /// The steps from the point in time to the commit point, for backup `id`.
 #[allow(clippy::too_many_arguments)]
-fn freeze_to_commit(
+fn to_commit(
     ctx: &mut Ctx,
     img: &ImageConfig,
     job: &Job,
     source: &mut dyn Source,
     id: BackupId,
+    size: u64,
     parent: Option<&crate::source::Parent>,
     created: &str,
     started: Instant,
+    set: Option<SetRef>,
     progress: &dyn Progress,
     cancel: &AtomicBool,
     held: &[&blockvault_store::StoreLock],
 ) -> Result<Manifest> {
-    let size = source.freeze(&ctx.catalog, job, id)?;
-    info!(backup = id.0, parent = parent.map(|p| p.manifest.id.0), source = %source.describe(), size, "backup started");
 
     // what changed, and the plan
     let changes = source.changes(parent)?;
@@ -346,16 +512,27 @@ fn freeze_to_commit(
         compression_level: ctx.cfg.store.compression_level,
     };
     let mut map = plan.map;
+    let limits = img.throttle(&ctx.cfg.defaults);
     let mut stats = {
         let reader = source.reader(&ctx.store)?;
-        pipeline::run(&ctx.store, &*reader, &plan.actions, &mut map, &known, &opts, progress, cancel)?
+        if limits.is_unlimited() {
+            pipeline::run(&ctx.store, &*reader, &plan.actions, &mut map, &known, &opts, progress, cancel)?
+        } else {
+            // one limiter for every reader thread of this backup
+            let limiter = crate::throttle::Limiter::new(limits);
+            let throttled = crate::throttle::Throttled::new(&*reader, &limiter, cancel);
+            let stats = pipeline::run(&ctx.store, &throttled, &plan.actions, &mut map, &known, &opts, progress, cancel);
+            limiter.log(&job.image);
+            stats?
+        }
     };
     stats.full_read = plan.full_read;
     stats.duration_ms = started.elapsed().as_millis() as u64;
 
     // commit: store first (chunks are durable, then block map, then manifest), then the catalog row
     let mut manifest = Manifest {
-        format: MANIFEST_VERSION,
+        format: Manifest::version_for(set.as_ref()),
+        set,
         id,
         image: img.name.clone(),
         source: source.source_name().unwrap_or_else(|| img.source.to_string()),

@@ -22,6 +22,7 @@ mod store;
 mod annotate;
 mod man;
 mod stats;
+mod release;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -108,6 +109,8 @@ pub enum Command {
     Key(key::KeyCommand),
     /// Serve backups read-only over NBD (IMAGE or IMAGE@ID, each an export).
     Serve(serve::ServeArgs),
+    /// Drop blockvault's RBD snapshots of an image (the next backup is a full read).
+    Release(release::ReleaseArgs),
     /// Operations on the store as a whole (`store copy`).
     #[command(subcommand)]
     Store(store::StoreCommand),
@@ -152,6 +155,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Label(a) => annotate::label(g, a),
         Command::Note(a) => annotate::note(g, a),
         Command::Man(a) => man::run(a),
+        Command::Release(a) => release::run(g, a),
     }
 }
 

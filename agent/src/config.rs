@@ -30,6 +30,9 @@ pub struct Config {
     pub defaults: Defaults,
     #[serde(default, rename = "image")]
     pub images: Vec<ImageConfig>,
+    /// `[[group]]`: images backed up together at one point in time.
+    #[serde(default, rename = "group")]
+    pub groups: Vec<GroupConfig>,
     #[serde(default)]
     pub daemon: DaemonConfig,
     #[serde(default)]
@@ -128,6 +131,13 @@ pub struct Defaults {
     pub on_failure: Option<String>,
     /// How long the `on-failure` command may run before it is killed (default 60s).
     pub on_failure_timeout: Option<Duration>,
+    // --- snapshot hooks, read throttling, trash release (issue 16); see `impl ImageConfig` below
+    pub pre_snapshot: Option<String>,
+    pub post_snapshot: Option<String>,
+    pub hook_timeout: Option<Duration>,
+    pub read_bandwidth: Option<Bandwidth>,
+    pub read_iops: Option<u32>,
+    pub release_trashed: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -147,6 +157,60 @@ pub struct ImageConfig {
     /// this image (a `--label` of the same key wins).
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    // --- snapshot hooks, read throttling, trash release (issue 16)
+    /// Shell command run before the snapshot (`/bin/sh -c`).
+    pub pre_snapshot: Option<String>,
+    /// Shell command run right after the snapshot, exactly once whenever
+    /// the pre hook ran.
+    pub post_snapshot: Option<String>,
+    /// Each hook's time limit (default 30s); its process group is killed then.
+    pub hook_timeout: Option<Duration>,
+    /// Bytes per second a backup reads from its source (`"200M"`).
+    pub read_bandwidth: Option<Bandwidth>,
+    /// Reads per second a backup issues to its source.
+    pub read_iops: Option<u32>,
+    /// `run` and the daemon drop blockvault's snapshots of an image found
+    /// in the RBD trash, so that it can be purged (default true).
+    pub release_trashed: Option<bool>,
+}
+
+/// `[[group]]`: images whose backups are one set, taken at one point in
+/// time: one pre-snapshot hook, a snapshot of every image, one
+/// post-snapshot hook, then each image's backup. The group's schedule and
+/// retention apply to whole sets (the images' own schedule and retention
+/// are not used for the backups the group makes, nor are their hooks: the
+/// group's hooks run once around all the snapshots).
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct GroupConfig {
+    pub name: String,
+    /// Names of configured `[[image]]`s (not glob entries).
+    pub images: Vec<String>,
+    /// Run with `/bin/sh -c` before the snapshots (e.g. freeze the VM's
+    /// filesystems); a failure fails the whole set, no snapshot is taken.
+    pub pre_snapshot: Option<String>,
+    /// Run once after the snapshots whenever the pre hook ran.
+    pub post_snapshot: Option<String>,
+    /// Per hook (default 30s).
+    pub hook_timeout: Option<Duration>,
+    pub schedule: Option<String>,
+    pub retention: Option<RetentionPolicy>,
+    pub prune_after_backup: Option<bool>,
+}
+
+impl GroupConfig {
+    pub fn schedule(&self, defaults: &Defaults) -> Option<String> {
+        self.schedule.clone().or_else(|| defaults.schedule.clone())
+    }
+    pub fn retention(&self, defaults: &Defaults) -> Option<RetentionPolicy> {
+        self.retention.clone().or_else(|| defaults.retention.clone())
+    }
+    pub fn prune_after_backup(&self, defaults: &Defaults) -> bool {
+        self.prune_after_backup.or(defaults.prune_after_backup).unwrap_or(false)
+    }
+    pub fn hook_timeout(&self) -> std::time::Duration {
+        self.hook_timeout.map_or(std::time::Duration::from_secs(30), |d| d.0)
+    }
 }
 
 /// `[daemon]`: how `blockvault daemon` runs the schedules.
@@ -264,13 +328,30 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
 }
 
+/// A read rate in bytes per second, written as bytes (`1048576`) or with a
+/// binary suffix (`"200M"`, `"1G"`), meaning per second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bandwidth(pub u64);
+
+impl<'de> Deserialize<'de> for Bandwidth {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = number_or_string(d, |s| parse_size(s.trim().trim_end_matches("/s")))?;
+        if n == 0 {
+            return Err(serde::de::Error::custom("must be more than 0 bytes per second"));
+        }
+        Ok(Bandwidth(n))
+    }
+}
+
 /// Where an image is read from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
     /// A raw image file or block device.
     File(PathBuf),
     /// An RBD image; `image` may be a glob (`*`, `?`) selecting many images.
-    Rbd { pool: String, namespace: Option<String>, image: String },
+    /// With `snap` (`rbd:POOL/IMAGE@SNAP`), that fixed snapshot is the
+    /// source: backed up once, no snapshot created or removed by us.
+    Rbd { pool: String, namespace: Option<String>, image: String, snap: Option<String> },
 }
 
 impl Source {
@@ -285,19 +366,29 @@ impl Source {
             return Ok(Source::File(PathBuf::from(p)));
         }
         if let Some(r) = s.strip_prefix("rbd:") {
+            let (r, snap) = match r.split_once('@') {
+                Some((_, "")) => return Err(format!("'{s}': empty snapshot name after '@'")),
+                Some((r, snap)) => (r, Some(snap.to_string())),
+                None => (r, None),
+            };
             let parts: Vec<&str> = r.split('/').collect();
-            let bad = || format!("'{s}': expected rbd:POOL/IMAGE or rbd:POOL/NAMESPACE/IMAGE");
-            return match parts.as_slice() {
+            let bad = || format!("'{s}': expected rbd:POOL/IMAGE[@SNAP] or rbd:POOL/NAMESPACE/IMAGE[@SNAP]");
+            let src = match parts.as_slice() {
                 [pool, image] if !pool.is_empty() && !image.is_empty() => {
-                    Ok(Source::Rbd { pool: pool.to_string(), namespace: None, image: image.to_string() })
+                    Source::Rbd { pool: pool.to_string(), namespace: None, image: image.to_string(), snap }
                 }
-                [pool, ns, image] if !pool.is_empty() && !ns.is_empty() && !image.is_empty() => Ok(Source::Rbd {
+                [pool, ns, image] if !pool.is_empty() && !ns.is_empty() && !image.is_empty() => Source::Rbd {
                     pool: pool.to_string(),
                     namespace: Some(ns.to_string()),
                     image: image.to_string(),
-                }),
-                _ => Err(bad()),
+                    snap,
+                },
+                _ => return Err(bad()),
             };
+            if src.is_glob() && src.fixed_snapshot().is_some() {
+                return Err(format!("'{s}': a fixed snapshot source names one image, not a glob"));
+            }
+            return Ok(src);
         }
         Err(format!("'{s}': unknown source kind (expected file:/PATH or rbd:POOL/IMAGE)"))
     }
@@ -305,14 +396,28 @@ impl Source {
     pub fn is_glob(&self) -> bool {
         matches!(self, Source::Rbd { image, .. } if image.contains(['*', '?', '[']))
     }
+
+    /// The snapshot of an `rbd:POOL/IMAGE@SNAP` source.
+    pub fn fixed_snapshot(&self) -> Option<&str> {
+        match self {
+            Source::Rbd { snap, .. } => snap.as_deref(),
+            Source::File(_) => None,
+        }
+    }
 }
 
 impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Source::File(p) => write!(f, "file:{}", p.display()),
-            Source::Rbd { pool, namespace: None, image } => write!(f, "rbd:{pool}/{image}"),
-            Source::Rbd { pool, namespace: Some(ns), image } => write!(f, "rbd:{pool}/{ns}/{image}"),
+            Source::Rbd { pool, namespace: None, image, snap } => {
+                write!(f, "rbd:{pool}/{image}")?;
+                snap.as_ref().map_or(Ok(()), |s| write!(f, "@{s}"))
+            }
+            Source::Rbd { pool, namespace: Some(ns), image, snap } => {
+                write!(f, "rbd:{pool}/{ns}/{image}")?;
+                snap.as_ref().map_or(Ok(()), |s| write!(f, "@{s}"))
+            }
         }
     }
 }
@@ -419,7 +524,37 @@ impl Config {
             if let Some(s) = &img.schedule {
                 crate::schedule::parse(s).map_err(|e| anyhow::anyhow!("image[{i}] ({}).schedule: {e}", img.name))?;
             }
+            check_hygiene(&format!("image[{i}] ({})", img.name), &img.pre_snapshot, &img.post_snapshot, img.hook_timeout, img.read_iops)?;
         }
+        let mut in_group = std::collections::HashMap::new();
+        for (i, g) in self.groups.iter().enumerate() {
+            check_image_name(&g.name).map_err(|e| anyhow::anyhow!("group[{i}].name: {e}"))?;
+            if self.images.iter().any(|img| img.name == g.name || img.matches_name(&g.name)) || !seen.insert(&g.name) {
+                bail!("group[{i}].name: '{}' is already the name of an image or group", g.name);
+            }
+            if g.images.is_empty() {
+                bail!("group[{i}] ({}).images: names no image", g.name);
+            }
+            for n in &g.images {
+                let Some(img) = self.images.iter().find(|img| &img.name == n) else {
+                    bail!("group[{i}] ({}).images: '{n}' is not a configured [[image]] name (glob entries cannot be members)", g.name);
+                };
+                if img.source.is_glob() {
+                    bail!("group[{i}] ({}).images: '{n}' is a glob entry; a group names single images", g.name);
+                }
+                if img.source.fixed_snapshot().is_some() {
+                    bail!("group[{i}] ({}).images: '{n}' is a fixed snapshot; a group snapshots its images", g.name);
+                }
+                if let Some(other) = in_group.insert(n.clone(), g.name.clone()) {
+                    bail!("group[{i}] ({}).images: '{n}' is already in group '{other}'", g.name);
+                }
+            }
+            if let Some(s) = &g.schedule {
+                crate::schedule::parse(s).map_err(|e| anyhow::anyhow!("group[{i}] ({}).schedule: {e}", g.name))?;
+            }
+        }
+        let d = &self.defaults;
+        check_hygiene("defaults", &d.pre_snapshot, &d.post_snapshot, d.hook_timeout, d.read_iops)?;
         Ok(())
     }
 
@@ -525,10 +660,63 @@ impl ImageConfig {
 }
 
 impl Config {
+    /// The configured group called `name`.
+    pub fn group(&self, name: &str) -> Option<&GroupConfig> {
+        self.groups.iter().find(|g| g.name == name)
+    }
+
+    /// The group a configured image belongs to.
+    pub fn group_of(&self, image: &str) -> Option<&GroupConfig> {
+        self.groups.iter().find(|g| g.images.iter().any(|i| i == image))
+    }
+
     /// The config entry an image of the catalog belongs to: the entry of
     /// that name, else a glob entry whose name template matches it.
     pub fn entry_for(&self, name: &str) -> Option<&ImageConfig> {
         self.images.iter().find(|i| i.name == name).or_else(|| self.images.iter().find(|i| i.matches_name(name)))
+    }
+}
+
+/// Checks the hook and throttle keys of one table (issue 16).
+fn check_hygiene(
+    table: &str,
+    pre: &Option<String>,
+    post: &Option<String>,
+    timeout: Option<Duration>,
+    iops: Option<u32>,
+) -> Result<()> {
+    for (key, cmd) in [("pre-snapshot", pre), ("post-snapshot", post)] {
+        if cmd.as_ref().is_some_and(|c| c.trim().is_empty()) {
+            bail!("{table}.{key}: empty command");
+        }
+    }
+    if timeout.is_some_and(|t| t.0.is_zero()) {
+        bail!("{table}.hook-timeout: must be at least 1s");
+    }
+    if iops == Some(0) {
+        bail!("{table}.read-iops: must be at least 1");
+    }
+    Ok(())
+}
+
+/// Snapshot hooks, read throttling and trash release (issue 16): each
+/// image's own key, else `[defaults]`.
+impl ImageConfig {
+    pub fn hooks(&self, defaults: &Defaults) -> crate::hook::Hooks {
+        crate::hook::Hooks {
+            pre: self.pre_snapshot.clone().or_else(|| defaults.pre_snapshot.clone()),
+            post: self.post_snapshot.clone().or_else(|| defaults.post_snapshot.clone()),
+            timeout: self.hook_timeout.or(defaults.hook_timeout).map_or(crate::hook::DEFAULT_TIMEOUT, |d| d.0),
+        }
+    }
+    pub fn throttle(&self, defaults: &Defaults) -> crate::throttle::Limits {
+        crate::throttle::Limits {
+            bytes_per_sec: self.read_bandwidth.or(defaults.read_bandwidth).map(|b| b.0),
+            ops_per_sec: self.read_iops.or(defaults.read_iops),
+        }
+    }
+    pub fn release_trashed(&self, defaults: &Defaults) -> bool {
+        self.release_trashed.or(defaults.release_trashed).unwrap_or(true)
     }
 }
 
@@ -609,6 +797,69 @@ mod tests {
     }
 
     #[test]
+    fn groups() {
+        let base = "[store]\npath = \"/s\"\n[[image]]\nname = \"a\"\nsource = \"rbd:p/a\"\n\
+                    [[image]]\nname = \"b\"\nsource = \"rbd:p/b\"\n[[image]]\nname = \"g-{image}\"\nsource = \"rbd:p/g*\"\n";
+        let c = parse(&format!(
+            "{base}[[group]]\nname = \"vm\"\nimages = [\"a\", \"b\"]\npre-snapshot = \"true\"\nhook-timeout = \"5s\"\nschedule = \"0 * * * * *\"\n"
+        ))
+        .unwrap();
+        let g = c.group("vm").unwrap();
+        assert_eq!(g.images, ["a", "b"]);
+        assert_eq!(g.hook_timeout().as_secs(), 5);
+        assert_eq!(c.group_of("b").unwrap().name, "vm");
+        for (t, why) in [
+            ("[[group]]\nname = \"vm\"\nimages = [\"a\", \"zz\"]\n", "'zz' is not a configured"),
+            ("[[group]]\nname = \"vm\"\nimages = [\"g-{image}\"]\n", "glob"),
+            ("[[group]]\nname = \"a\"\nimages = [\"b\"]\n", "already the name"),
+            ("[[group]]\nname = \"vm\"\nimages = []\n", "names no image"),
+            ("[[group]]\nname = \"x\"\nimages = [\"a\"]\n[[group]]\nname = \"y\"\nimages = [\"a\"]\n", "already in group"),
+            ("[[group]]\nname = \"vm\"\nimages = [\"a\"]\nbogus = 1\n", "bogus"),
+        ] {
+            let e = parse(&format!("{base}{t}")).unwrap_err();
+            assert!(format!("{e:#}").contains(why), "{t}: {e:#}");
+        }
+    }
+
+    #[test]
+    fn hook_and_throttle_keys() {
+        let c = parse(
+            "[store]\npath = \"/s\"\n[defaults]\npre-snapshot = \"fsfreeze -f /m\"\npost-snapshot = \"fsfreeze -u /m\"\n\
+             read-bandwidth = \"200M\"\nrelease-trashed = false\n\
+             [[image]]\nname = \"a\"\nsource = \"file:/a\"\nhook-timeout = \"5s\"\nread-iops = 50\nread-bandwidth = 1000\n\
+             [[image]]\nname = \"b\"\nsource = \"file:/b\"\npre-snapshot = \"true\"\nrelease-trashed = true\n",
+        )
+        .unwrap();
+        let (a, b) = (&c.images[0], &c.images[1]);
+        let ha = a.hooks(&c.defaults);
+        assert_eq!(ha.pre.as_deref(), Some("fsfreeze -f /m"));
+        assert_eq!(ha.post.as_deref(), Some("fsfreeze -u /m"));
+        assert_eq!(ha.timeout.as_secs(), 5);
+        let hb = b.hooks(&c.defaults);
+        assert_eq!(hb.pre.as_deref(), Some("true"));
+        assert_eq!(hb.timeout, crate::hook::DEFAULT_TIMEOUT);
+        assert_eq!(a.throttle(&c.defaults).bytes_per_sec, Some(1000));
+        assert_eq!(a.throttle(&c.defaults).ops_per_sec, Some(50));
+        assert_eq!(b.throttle(&c.defaults).bytes_per_sec, Some(200 << 20));
+        assert_eq!(b.throttle(&c.defaults).ops_per_sec, None);
+        assert!(!a.release_trashed(&c.defaults));
+        assert!(b.release_trashed(&c.defaults));
+        let d = parse("[store]\npath = \"/s\"\n[[image]]\nname = \"a\"\nsource = \"file:/a\"\n").unwrap();
+        assert!(d.images[0].hooks(&d.defaults).is_empty());
+        assert!(d.images[0].release_trashed(&d.defaults));
+        for (t, why) in [
+            ("[defaults]\npre-snapshot = \" \"\n", "defaults.pre-snapshot"),
+            ("[defaults]\nhook-timeout = 0\n", "hook-timeout"),
+            ("[defaults]\nread-iops = 0\n", "read-iops"),
+            ("[defaults]\nread-bandwidth = 0\n", "read-bandwidth"),
+            ("[defaults]\nread-bandwidth = \"fast\"\n", "read-bandwidth"),
+        ] {
+            let e = parse(&format!("[store]\npath = \"/s\"\n{t}")).unwrap_err();
+            assert!(format!("{e:#}").contains(why), "{t}: {e:#}");
+        }
+    }
+
+    #[test]
     fn gc_grace() {
         let c = parse("[store]\npath = \"/s\"\ngc-grace = \"30m\"\n").unwrap();
         assert_eq!(c.store.gc_grace.0.as_secs(), 1800);
@@ -655,8 +906,13 @@ mod tests {
         assert_eq!(Source::parse("file:/x").unwrap(), Source::File("/x".into()));
         assert_eq!(
             Source::parse("rbd:p/ns/i").unwrap(),
-            Source::Rbd { pool: "p".into(), namespace: Some("ns".into()), image: "i".into() }
+            Source::Rbd { pool: "p".into(), namespace: Some("ns".into()), image: "i".into(), snap: None }
         );
+        let s = Source::parse("rbd:p/golden@base").unwrap();
+        assert_eq!(s.fixed_snapshot(), Some("base"));
+        assert_eq!(s.to_string(), "rbd:p/golden@base");
+        assert!(Source::parse("rbd:p/golden@").is_err());
+        assert!(Source::parse("rbd:p/vm-*@s").is_err());
         assert!(Source::parse("rbd:p").is_err());
         assert!(Source::parse("file:x").is_err());
         assert_eq!(Source::parse("rbd:p/i").unwrap().to_string(), "rbd:p/i");

@@ -152,6 +152,7 @@ impl Daemon {
         let cfg = (*self.cfg).clone();
         tokio::task::spawn_blocking(move || -> Result<()> {
             let ctx = Ctx::open(cfg)?;
+            crate::release::release_trashed_logged(&ctx);
             crate::metrics::write_logged(&ctx);
             Ok(())
         })
@@ -225,8 +226,13 @@ impl Daemon {
     fn reschedule(&mut self, now: DateTime<Local>, startup: bool) {
         let mut old = std::mem::take(&mut self.entries);
         let cfg = self.cfg.clone();
-        for img in &cfg.images {
-            let Some(expr) = img.schedule(&cfg.defaults) else {
+        // an image in a group is backed up with its group only; a group is
+        // scheduled under its name, which no image has
+        let groups = cfg.groups.iter().map(|g| (g.name.clone(), g.schedule(&cfg.defaults)));
+        let images = cfg.images.iter().filter(|i| cfg.group_of(&i.name).is_none()).map(|i| (i.name.clone(), i.schedule(&cfg.defaults)));
+        for (name, expr) in images.chain(groups).collect::<Vec<_>>() {
+            let img = Named { name };
+            let Some(expr) = expr else {
                 if startup {
                     warn!(image = %img.name, "no schedule (set `schedule` on the image or in [defaults]): the daemon never backs it up");
                 }
@@ -279,7 +285,10 @@ impl Daemon {
             info!(task = t.as_str(), "maintenance no longer scheduled");
         }
         let entries = &self.entries;
-        self.queue.retain(|img| cfg.entry_for(&img.name).is_some_and(|e| entries.contains_key(&e.name)));
+        self.queue.retain(|img| {
+            let entry = cfg.entry_for(&img.name).map(|e| e.name.as_str()).or(cfg.group(&img.name).map(|g| g.name.as_str()));
+            entry.is_some_and(|e| entries.contains_key(e))
+        });
     }
 
     /// Starts every maintenance task whose time has come, unless it still runs.
@@ -318,6 +327,11 @@ impl Daemon {
             let e = self.entries.get_mut(&name).expect("listed above");
             e.next = e.schedule.after(&now).next();
             e.due = e.next.map(|n| n + delay);
+            if let Some(grp) = self.cfg.group(&name) {
+                let slot = group_slot(&self.cfg, grp);
+                self.enqueue(slot);
+                continue;
+            }
             let Ok(entry) = self.cfg.image(&name).cloned() else { continue };
             if entry.source.is_glob() {
                 self.expand(entry);
@@ -522,8 +536,27 @@ fn run_job(cfg: Config, img: &ImageConfig, cancel: &AtomicBool) -> JobReport {
             return JobReport { ok: false, committed: Vec::new() };
         }
     };
+    if let Some(grp) = ctx.cfg.group(&img.name).cloned() {
+        let out = job::run_group(&mut ctx, &grp, &(), cancel);
+        let committed = out.backups.iter().filter_map(|(_, r)| r.as_ref().ok().map(|m| m.id)).collect();
+        return JobReport { ok: out.ok(), committed };
+    }
     let out = job::run_image(&mut ctx, img, &(), cancel);
     JobReport { ok: out.ok(), committed: out.backup.as_ref().map(|m| vec![m.id]).unwrap_or_default() }
+}
+
+/// The queue entry of a group's job: named as the group (which no image
+/// is: the config checks), so [`run_job`] runs the group's set; the rest
+/// of it is its first image's, unused.
+fn group_slot(cfg: &Config, grp: &crate::config::GroupConfig) -> ImageConfig {
+    let mut slot = cfg.image(&grp.images[0]).cloned().expect("a group's images are configured (checked at load)");
+    slot.name = grp.name.clone();
+    slot
+}
+
+/// A name in the schedule table (an image or a group).
+struct Named {
+    name: String,
 }
 
 #[cfg(test)]

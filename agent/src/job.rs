@@ -76,8 +76,60 @@ pub fn run_image(ctx: &mut Ctx, img: &ImageConfig, progress: &dyn Progress, canc
     } else {
         None
     };
+    // what the kept snapshot now holds on the cluster, and images gone to
+    // the trash that blockvault's snapshots keep from being purged
+    crate::release::measure_logged(ctx, &img.name, &img.source);
+    if !cancel.load(Ordering::Relaxed) {
+        crate::release::release_trashed_logged(ctx);
+    }
     crate::metrics::write_logged(ctx);
     JobOutcome { backup, pruned }
+}
+
+/// What a group's job did.
+pub struct GroupOutcome {
+    /// The set id, when the set was started.
+    pub set: Option<blockvault_store::BackupId>,
+    /// Each image's backup, in the group's order (empty when the set could
+    /// not be started: then `error` says why).
+    pub backups: Vec<(String, Result<Manifest>)>,
+    pub error: Option<anyhow::Error>,
+    /// Backups pruned after it (whole sets).
+    pub pruned: Option<Result<usize>>,
+}
+
+impl GroupOutcome {
+    /// True when every image of the set committed, and the prune if any worked.
+    pub fn ok(&self) -> bool {
+        self.error.is_none()
+            && !self.backups.is_empty()
+            && self.backups.iter().all(|(_, r)| r.is_ok())
+            && !matches!(self.pruned, Some(Err(_)))
+    }
+}
+
+/// Runs one group's job: the set, then the group's prune if
+/// `prune-after-backup`, then the metrics file.
+pub fn run_group(ctx: &mut Ctx, grp: &crate::config::GroupConfig, progress: &dyn Progress, cancel: &AtomicBool) -> GroupOutcome {
+    let (set, backups, error) = match crate::group::backup_group(ctx, grp, progress, cancel) {
+        Ok(o) => (o.set, o.backups, None),
+        Err(e) => {
+            error!(group = %grp.name, error = %format!("{e:#}"), "set failed");
+            (None, Vec::new(), Some(e))
+        }
+    };
+    let all_ok = error.is_none() && backups.iter().all(|(_, r)| r.is_ok());
+    let pruned = if all_ok && grp.prune_after_backup(&ctx.cfg.defaults) && !cancel.load(Ordering::Relaxed) {
+        let res = crate::group::prune_group(ctx, grp, false);
+        if let Err(e) = &res {
+            error!(group = %grp.name, error = %format!("{e:#}"), "prune after backup failed");
+        }
+        Some(res)
+    } else {
+        None
+    };
+    crate::metrics::write_logged(ctx);
+    GroupOutcome { set, backups, error, pruned }
 }
 
 /// The images a config entry stands for: itself, or the RBD images its

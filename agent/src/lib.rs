@@ -22,6 +22,8 @@ pub mod daemon;
 pub mod diffstream;
 pub mod error;
 pub mod gc;
+pub mod group;
+pub mod hook;
 pub mod job;
 pub mod keys;
 pub mod logging;
@@ -34,11 +36,13 @@ pub mod progress;
 pub mod prune;
 pub mod rbd;
 pub mod rebuild;
+pub mod release;
 pub mod restore;
 pub mod retention;
 pub mod schedule;
 pub mod serve;
 pub mod source;
+pub mod throttle;
 pub mod verify;
 
 // issue 14 (operator polish, part 2)

@@ -185,6 +185,9 @@ struct ImageMetrics {
     failures: u64,
     backups: u64,
     snapshots: u64,
+    /// Bytes blockvault's snapshots hold on the cluster, as last measured
+    /// (`crate::release::measure`); `None` when never measured.
+    held_bytes: Option<u64>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -231,6 +234,7 @@ fn gather_image(ctx: &Ctx, name: &str) -> Result<ImageMetrics> {
         m.snapshots =
             ctx.catalog.snapshots(img.id)?.iter().filter(|s| s.state == SnapshotState::Present).count() as u64;
     }
+    m.held_bytes = crate::release::recorded(ctx, name)?.map(|h| h.bytes);
     if let Some(v) = ctx.catalog.agent_state(&state_key(name))? {
         if let Ok(rec) = serde_json::from_str::<RowlessFailures>(&v) {
             m.failures += rec.count;
@@ -362,6 +366,14 @@ fn render(images: &[ImageMetrics]) -> String {
         images,
         |m| Some(m.snapshots as f64),
     );
+    family(
+        &mut o,
+        "blockvault_snapshot_held_bytes",
+        "gauge",
+        "Bytes of the objects written since blockvault's oldest kept RBD snapshot of the image (RADOS keeps a copy of each for the snapshot), as measured after the last backup run.",
+        images,
+        |m| m.held_bytes.map(|b| b as f64),
+    );
     o
 }
 
@@ -428,6 +440,7 @@ mod tests {
                 failures: 1,
                 backups: 3,
                 snapshots: 0,
+                held_bytes: Some(8 << 20),
             },
             ImageMetrics { name: "b\"x".into(), ..Default::default() },
         ];
@@ -437,6 +450,8 @@ mod tests {
         assert!(t.contains("blockvault_last_success_timestamp_seconds{image=\"b\\\"x\"} 0\n"), "{t}");
         assert!(t.contains("blockvault_last_run_duration_seconds{image=\"a\"} 1.5\n"), "{t}");
         assert!(t.contains("blockvault_last_backup_written_bytes{image=\"a\"} 4\n"), "{t}");
+        assert!(t.contains("blockvault_snapshot_held_bytes{image=\"a\"} 8388608\n"), "{t}");
+        assert!(!t.contains("blockvault_snapshot_held_bytes{image=\"b"), "{t}");
         // an image never run has no last-run samples
         assert!(!t.contains("blockvault_last_run_success{image=\"b"), "{t}");
         // every family has HELP and TYPE

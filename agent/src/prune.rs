@@ -97,7 +97,7 @@ impl ImagePrune {
 }
 
 /// Local wall time of a catalog timestamp (RFC 3339, UTC).
-fn local_time(created: &str) -> Result<NaiveDateTime> {
+pub(crate) fn local_time(created: &str) -> Result<NaiveDateTime> {
     let t = DateTime::parse_from_rfc3339(created).map_err(|e| anyhow!("'{created}' is not an RFC 3339 time: {e}"))?;
     Ok(t.with_timezone(&Local).naive_local())
 }
@@ -107,7 +107,15 @@ fn local_time(created: &str) -> Result<NaiveDateTime> {
 /// # Errors
 /// Catalog errors, or a backup whose creation time does not parse.
 pub fn plan_image(ctx: &Ctx, image: &str, policy: &RetentionPolicy) -> Result<ImagePrune> {
-    let rows = ctx.catalog.committed_backups(Some(image))?;
+    // the backups a group made are kept or removed with their set (`crate::group::prune_group`)
+    let mut rows = ctx.catalog.committed_backups(Some(image))?;
+    let mut in_sets = Vec::new();
+    for r in &rows {
+        if ctx.catalog.set_of(r.id)?.is_some() {
+            in_sets.push(r.id);
+        }
+    }
+    rows.retain(|r| !in_sets.contains(&r.id));
     let mut infos = Vec::with_capacity(rows.len());
     for r in &rows {
         let time = local_time(&r.created).with_context(|| format!("backup {} of image '{image}'", r.id))?;

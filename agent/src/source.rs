@@ -103,6 +103,18 @@ pub trait Source {
         None
     }
 
+    /// For a clone: its parent snapshot as a source spec
+    /// (`rbd:POOL[/NS]/IMAGE@SNAP`), whose backup, when the store holds
+    /// one, is the base of the clone's first backup (then
+    /// [`Source::changes`] gets that backup as `since`, and reports only
+    /// what the clone itself wrote). `None` when not a clone.
+    ///
+    /// # Errors
+    /// Source errors.
+    fn clone_parent(&mut self) -> Result<Option<String>> {
+        Ok(None)
+    }
+
     /// The snapshot the backup is of, for the manifest.
     fn snapshot(&self) -> Option<String> {
         None
@@ -205,7 +217,7 @@ impl Origins {
     /// gone, the cluster fails.
     pub fn open(&self, m: &Manifest) -> Result<Box<dyn ImageSource + '_>> {
         let Some(snap) = &m.snapshot else { bail!("not read from an RBD snapshot") };
-        let Ok(config::Source::Rbd { pool, namespace, image }) = config::Source::parse(&m.source) else {
+        let Ok(config::Source::Rbd { pool, namespace, image, .. }) = config::Source::parse(&m.source) else {
             bail!("source {} is not RBD", m.source)
         };
         let Some(opener) = &self.rbd else { bail!("not connected to the Ceph cluster") };

@@ -592,6 +592,7 @@ impl Catalog {
                 ],
             )?;
             insert_stats(tx, m.id, &m.stats)?;
+            insert_set_member(tx, m)?;
             Ok(())
         })
     }
@@ -778,6 +779,7 @@ impl Catalog {
                 ],
             )?;
             insert_stats(tx, m.id, &m.stats)?;
+            insert_set_member(tx, m)?;
             Ok(())
         })
     }
@@ -901,6 +903,95 @@ impl Catalog {
     }
 }
 
+/// Records the set a manifest names, if any (same transaction as its row).
+fn insert_set_member(tx: &rusqlite::Connection, m: &Manifest) -> rusqlite::Result<usize> {
+    let Some(set) = &m.set else { return Ok(0) };
+    tx.execute(
+        "INSERT OR REPLACE INTO set_members (backup_id, grp, set_id, images) VALUES (?1, ?2, ?3, ?4)",
+        params![m.id.0 as i64, set.group, set.id.0 as i64, set.images.join("\n")],
+    )
+}
+
+/// One set: the committed backups of a group's images, taken between one
+/// pre-snapshot and one post-snapshot hook.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SetRow {
+    pub group: String,
+    /// The set id (the first backup id allocated for it).
+    pub id: BackupId,
+    /// The group's images when the set was taken, in its order.
+    pub images: Vec<String>,
+    /// The committed backups of the set, in the order of `images`.
+    pub members: Vec<BackupRow>,
+}
+
+impl SetRow {
+    /// True when every image of the set has a committed backup in it.
+    pub fn is_complete(&self) -> bool {
+        self.images.iter().all(|i| self.members.iter().any(|m| &m.image == i))
+    }
+
+    /// When the set was taken: the earliest start of its backups.
+    pub fn created(&self) -> &str {
+        self.members.iter().map(|m| m.created.as_str()).min().unwrap_or("")
+    }
+
+    /// The images of the set that have no committed backup in it.
+    pub fn missing(&self) -> Vec<&str> {
+        self.images.iter().filter(|i| !self.members.iter().any(|m| &&m.image == i)).map(String::as_str).collect()
+    }
+}
+
+impl Catalog {
+    /// The sets with at least one committed backup, of one group or of
+    /// all, oldest first.
+    ///
+    /// # Errors
+    /// `Sqlite`.
+    pub fn sets(&self, group: Option<&str>) -> Result<Vec<SetRow>> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT s.backup_id, s.grp, s.set_id, s.images FROM set_members s JOIN backups b ON b.id = s.backup_id
+                 WHERE b.state = 'committed' AND (?1 IS NULL OR s.grp = ?1) ORDER BY s.set_id, s.backup_id",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows: Vec<(i64, String, i64, String)> = st
+            .query_map([group], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .map_err(|e| self.err(e))?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(|e| self.err(e))?;
+        let mut out: Vec<SetRow> = Vec::new();
+        for (backup, grp, set_id, images) in rows {
+            let Some(row) = self.backup(BackupId(backup as u64))? else { continue };
+            let id = BackupId(set_id as u64);
+            if !out.last().is_some_and(|s| s.id == id && s.group == grp) {
+                let images = images.split('\n').filter(|s| !s.is_empty()).map(String::from).collect();
+                out.push(SetRow { group: grp, id, images, members: Vec::new() });
+            }
+            out.last_mut().expect("pushed above").members.push(row);
+        }
+        for s in &mut out {
+            let order = s.images.clone();
+            s.members.sort_by_key(|m| order.iter().position(|i| i == &m.image).unwrap_or(usize::MAX));
+        }
+        Ok(out)
+    }
+
+    /// The set (group, set id) a backup belongs to.
+    ///
+    /// # Errors
+    /// `Sqlite`.
+    pub fn set_of(&self, backup: BackupId) -> Result<Option<(String, BackupId)>> {
+        self.conn
+            .query_row("SELECT grp, set_id FROM set_members WHERE backup_id = ?1", [backup.0 as i64], |r| {
+                Ok((r.get::<_, String>(0)?, BackupId(r.get::<_, i64>(1)? as u64)))
+            })
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+}
+
 fn insert_stats(tx: &rusqlite::Connection, id: BackupId, s: &BackupStats) -> rusqlite::Result<usize> {
     tx.execute(
         "INSERT OR REPLACE INTO backup_stats (backup_id, read_bytes, read_blocks, zero_blocks, inherited_blocks,
@@ -930,6 +1021,7 @@ mod tests {
     fn manifest(id: u64, image: &str, parent: Option<u64>) -> Manifest {
         Manifest {
             format: 1,
+            set: None,
             id: BackupId(id),
             image: image.into(),
             source: format!("file:/{image}"),
@@ -1088,6 +1180,33 @@ mod tests {
         assert!(c.backup(BackupId(5)).unwrap().is_none());
         c.with_write_lock(|c| c.import_manifest(&manifest(5, "vm", None))).unwrap();
         assert!(c.backup(BackupId(5)).unwrap().is_some());
+    }
+
+    #[test]
+    fn sets_from_commits_and_imports() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(&dir.path().join("c.sqlite")).unwrap();
+        let set = |id: u64| blockvault_store::SetRef { group: "vm".into(), id: BackupId(id), images: vec!["a".into(), "b".into()] };
+        let member = |id: u64, image: &str, set_id: u64| Manifest { format: 2, set: Some(set(set_id)), ..manifest(id, image, None) };
+        // set 10: both images committed (one by commit, one by import)
+        let a = c.ensure_image("a", "file:/a", 65536).unwrap();
+        c.begin_backup_as(BackupId(10), a.id, None, 65536, "2026-11-21T10:00:00Z").unwrap();
+        c.commit_backup(&member(10, "a", 10)).unwrap();
+        c.import_manifest(&member(11, "b", 10)).unwrap();
+        // set 12: b's backup failed, only a committed
+        c.import_manifest(&member(12, "a", 12)).unwrap();
+        c.import_manifest(&manifest(14, "a", None)).unwrap();
+        let sets = c.sets(Some("vm")).unwrap();
+        assert_eq!(sets.len(), 2);
+        assert!(sets[0].is_complete());
+        assert_eq!(sets[0].members.iter().map(|m| m.id.0).collect::<Vec<_>>(), [10, 11]);
+        assert!(!sets[1].is_complete());
+        assert_eq!(sets[1].missing(), ["b"]);
+        assert_eq!(c.set_of(BackupId(11)).unwrap(), Some(("vm".to_string(), BackupId(10))));
+        assert_eq!(c.set_of(BackupId(14)).unwrap(), None);
+        assert!(c.sets(Some("other")).unwrap().is_empty());
+        c.delete_backup(BackupId(11)).unwrap();
+        assert!(!c.sets(None).unwrap()[0].is_complete());
     }
 
     impl Catalog {

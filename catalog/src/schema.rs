@@ -64,4 +64,16 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE backup_stats ADD COLUMN patched_blocks INTEGER NOT NULL DEFAULT 0;
     "#,
+    // 2 -> 3: sets (a `[[group]]` backed up at one point in time); a
+    // backup's membership, as its manifest records it (`images` is the
+    // group's image names, newline-separated)
+    r#"
+    CREATE TABLE set_members (
+        backup_id INTEGER PRIMARY KEY REFERENCES backups(id) ON DELETE CASCADE,
+        grp       TEXT NOT NULL,
+        set_id    INTEGER NOT NULL,
+        images    TEXT NOT NULL
+    );
+    CREATE INDEX set_members_set ON set_members(grp, set_id);
+    "#,
 ];

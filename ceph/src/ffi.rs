@@ -85,12 +85,57 @@ struct RbdImageSpec {
     name: *mut c_char,
 }
 
+/// `rbd_trash_image_info_t`
+#[repr(C)]
+struct RbdTrashImageInfo {
+    id: *mut c_char,
+    name: *mut c_char,
+    /// `rbd_trash_image_source_t` (an enum: an int)
+    source: c_int,
+    deletion_time: TimeT,
+    deferment_end_time: TimeT,
+}
+
 /// `rbd_snap_info_t`
 #[repr(C)]
 struct RbdSnapInfo {
     id: u64,
     size: u64,
     name: *const c_char,
+}
+
+/// `rbd_linked_image_spec_t` (laid out for C: not every field is read).
+#[repr(C)]
+#[allow(dead_code)]
+struct RbdLinkedImageSpec {
+    pool_id: i64,
+    pool_name: *mut c_char,
+    pool_namespace: *mut c_char,
+    image_id: *mut c_char,
+    image_name: *mut c_char,
+    trash: bool,
+}
+
+/// `rbd_snap_spec_t` (`namespace_type` is the C enum, an int; not read).
+#[repr(C)]
+#[allow(dead_code)]
+struct RbdSnapSpec {
+    id: u64,
+    namespace_type: c_int,
+    name: *mut c_char,
+}
+
+/// The parent of a clone: `rbd_get_parent`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParentSpec {
+    pub pool: String,
+    /// Empty for the default namespace.
+    pub namespace: String,
+    pub image: String,
+    pub snap: String,
+    pub snap_id: u64,
+    /// The parent image is in the trash.
+    pub trash: bool,
 }
 
 /// `rbd_image_info_t` (`RBD_MAX_BLOCK_NAME_SIZE` 24, `RBD_MAX_IMAGE_NAME_SIZE` 96)
@@ -257,6 +302,13 @@ struct Api {
         ImageOptionsT,
     ) -> c_int,
     rbd_flatten: unsafe extern "C" fn(ImageT) -> c_int,
+    rbd_get_parent: unsafe extern "C" fn(ImageT, *mut RbdLinkedImageSpec, *mut RbdSnapSpec) -> c_int,
+    rbd_linked_image_spec_cleanup: unsafe extern "C" fn(*mut RbdLinkedImageSpec),
+    rbd_snap_spec_cleanup: unsafe extern "C" fn(*mut RbdSnapSpec),
+    rbd_get_overlap: unsafe extern "C" fn(ImageT, *mut u64) -> c_int,
+    rbd_trash_list: unsafe extern "C" fn(IoCtxT, *mut RbdTrashImageInfo, *mut usize) -> c_int,
+    rbd_trash_list_cleanup: unsafe extern "C" fn(*mut RbdTrashImageInfo, usize),
+    rbd_open_by_id: unsafe extern "C" fn(IoCtxT, *const c_char, *mut ImageT, *const c_char) -> c_int,
 }
 
 /// Why librados/librbd could not be used at all.
@@ -406,6 +458,13 @@ impl Api {
             rbd_lock_break: rbd!(rbd_lock_break),
             rbd_clone3: rbd!(rbd_clone3),
             rbd_flatten: rbd!(rbd_flatten),
+            rbd_get_parent: rbd!(rbd_get_parent),
+            rbd_linked_image_spec_cleanup: rbd!(rbd_linked_image_spec_cleanup),
+            rbd_snap_spec_cleanup: rbd!(rbd_snap_spec_cleanup),
+            rbd_get_overlap: rbd!(rbd_get_overlap),
+            rbd_trash_list: rbd!(rbd_trash_list),
+            rbd_trash_list_cleanup: rbd!(rbd_trash_list_cleanup),
+            rbd_open_by_id: rbd!(rbd_open_by_id),
             _rados_lib: rados,
             _rbd_lib: rbd,
         })
@@ -705,6 +764,41 @@ impl IoCtx {
             unsafe { (self.api.rbd_image_spec_list_cleanup)(specs.as_mut_ptr(), n) };
             return Ok(names);
         }
+    }
+
+    /// `rbd_trash_list`: `(id, name)` of every image in the pool's
+    /// (namespace's) trash.
+    pub fn trash_list(&self) -> Result<Vec<(String, String)>, Errno> {
+        let mut cap: usize = 16;
+        loop {
+            let mut entries: Vec<RbdTrashImageInfo> = Vec::with_capacity(cap);
+            let mut n = cap;
+            // SAFETY: entries has room for `n` entries; librbd writes at most n.
+            let r = unsafe { (self.api.rbd_trash_list)(self.h.as_ptr(), entries.as_mut_ptr(), &mut n) };
+            if r == -ERANGE && n > cap {
+                cap = n + 8; // images may be trashed meanwhile
+                continue;
+            }
+            self.check(r)?;
+            let n = n.min(cap);
+            // SAFETY: on success librbd filled the first n entries.
+            unsafe { entries.set_len(n) };
+            // SAFETY: id and name are NUL-terminated strings owned by librbd.
+            let out = entries.iter().map(|e| unsafe { (string_from(e.id), string_from(e.name)) }).collect();
+            // SAFETY: frees exactly the n entries librbd allocated, once.
+            unsafe { (self.api.rbd_trash_list_cleanup)(entries.as_mut_ptr(), n) };
+            return Ok(out);
+        }
+    }
+
+    /// `rbd_open_by_id` of the head, read-write (also works for an image
+    /// in the trash, which has no name in the directory any more).
+    pub fn open_image_by_id(self: &Arc<Self>, id: &CStr) -> Result<Image, Errno> {
+        let mut h: ImageT = ptr::null_mut();
+        // SAFETY: live ioctx, NUL-terminated id, null snapshot (the head), valid out-pointer.
+        self.check(unsafe { (self.api.rbd_open_by_id)(self.h.as_ptr(), id.as_ptr(), &mut h, ptr::null()) })?;
+        let h = NonNull::new(h).ok_or(Errno(EIO))?;
+        Ok(Image { api: self.api, h, _ioctx: Arc::clone(self) })
     }
 
     /// `rbd_create4`: a format-2 image with the given features, object size
@@ -1270,6 +1364,50 @@ impl Image {
     /// `rbd_get_features`.
     pub fn features(&self) -> Result<u64, Errno> {
         self.get_u64(self.api.rbd_get_features)
+    }
+
+    /// `rbd_get_parent`: the parent snapshot of a clone, `None` for an
+    /// image that is not one (ENOENT).
+    pub fn parent(&self) -> Result<Option<ParentSpec>, Errno> {
+        let mut img = RbdLinkedImageSpec {
+            pool_id: 0,
+            pool_name: std::ptr::null_mut(),
+            pool_namespace: std::ptr::null_mut(),
+            image_id: std::ptr::null_mut(),
+            image_name: std::ptr::null_mut(),
+            trash: false,
+        };
+        let mut snap = RbdSnapSpec { id: 0, namespace_type: 0, name: std::ptr::null_mut() };
+        // SAFETY: open image; both out-structs are correctly laid out and
+        // librbd fills their strings (freed below by the cleanup calls).
+        let r = unsafe { (self.api.rbd_get_parent)(self.h.as_ptr(), &mut img, &mut snap) };
+        if r == -ENOENT {
+            return Ok(None);
+        }
+        self.check(r)?;
+        let text = |p: *mut c_char| if p.is_null() { String::new() } else {
+            // SAFETY: a NUL-terminated string librbd allocated.
+            unsafe { string_from(p) }
+        };
+        let out = ParentSpec {
+            pool: text(img.pool_name),
+            namespace: text(img.pool_namespace),
+            image: text(img.image_name),
+            snap: text(snap.name),
+            snap_id: snap.id,
+            trash: img.trash,
+        };
+        // SAFETY: each filled struct is cleaned up once.
+        unsafe {
+            (self.api.rbd_linked_image_spec_cleanup)(&mut img);
+            (self.api.rbd_snap_spec_cleanup)(&mut snap);
+        }
+        Ok(Some(out))
+    }
+
+    /// `rbd_get_overlap`: bytes of a clone that read through to its parent.
+    pub fn overlap(&self) -> Result<u64, Errno> {
+        self.get_u64(self.api.rbd_get_overlap)
     }
 
     /// `rbd_get_flags` (for the open snapshot or head).

@@ -24,6 +24,7 @@ mod keyring;
 mod object;
 
 pub use object::{Locker, ObjectStat};
+pub use ffi::ParentSpec;
 
 /// Largest payload of one object read or write.
 pub const MAX_OBJECT_IO: usize = ffi::MAX_OBJECT_IO;
@@ -525,6 +526,25 @@ impl IoCtx {
             .map_err(|e| RbdError::errno(Op::ListImages, self.prefix.clone(), e))
     }
 
+    /// The images in the pool's (namespace's) RBD trash, as `(id, name)`.
+    pub fn trash_list(&self) -> Result<Vec<(String, String)>> {
+        self.raw
+            .trash_list()
+            .map_err(|e| RbdError::errno(Op::ListImages, format!("{} (trash)", self.prefix), e))
+    }
+
+    /// Opens the head of the image with id `id` for reading and writing;
+    /// `name` is only for messages. Works for an image in the trash.
+    pub fn open_by_id_rw(&self, id: &str, name: &str) -> Result<Image> {
+        let spec = self.image_spec(name, None);
+        let c_id = c_string(Op::OpenImage, &spec, "image id", id)?;
+        let raw = self
+            .raw
+            .open_image_by_id(&c_id)
+            .map_err(|e| RbdError::errno(Op::OpenImage, spec.clone(), e))?;
+        Ok(Image { raw, ioctx: self.clone(), name: name.to_string(), spec, read_only: false })
+    }
+
     /// Creates a format-2 image of `size` bytes with `features` (e.g.
     /// [`FEATURES_DEFAULT`]) and objects of `2^order` bytes (`None`: the
     /// cluster default, normally 22 = 4 MiB).
@@ -791,6 +811,34 @@ impl Image {
         self.raw
             .diff_iterate(c_from.as_deref(), offset, len, true, whole_object, cb)
             .map_err(|e| RbdError::errno(Op::Diff, object, e))
+    }
+
+    /// What a clone itself wrote, without its parent's data: the extents
+    /// of `[offset, offset + len)` in objects that exist in this image
+    /// (`rbd_diff_iterate2` with no from-snapshot and `include_parent`
+    /// off), as `cb(offset, len, exists)`. An object of a clone that
+    /// exists hides the parent entirely within it, so with `whole_object`
+    /// every reported extent is whole objects, to be read from this image;
+    /// everything else reads through to the parent snapshot (up to the
+    /// overlap).
+    pub fn own_extents<F>(&self, offset: u64, len: u64, whole_object: bool, cb: F) -> Result<()>
+    where
+        F: FnMut(u64, u64, bool) -> bool + Send,
+    {
+        self.raw
+            .diff_iterate(None, offset, len, false, whole_object, cb)
+            .map_err(|e| RbdError::errno(Op::Diff, format!("{} (without parent)", self.spec), e))
+    }
+
+    /// The parent snapshot of a clone; `None` for an image that is not one.
+    pub fn parent(&self) -> Result<Option<ParentSpec>> {
+        self.raw.parent().map_err(|e| self.err(Op::Info, e))
+    }
+
+    /// Bytes of a clone that read through to its parent (0 for an image
+    /// that is not a clone).
+    pub fn overlap(&self) -> Result<u64> {
+        self.raw.overlap().map_err(|e| self.err(Op::Info, e))
     }
 
     fn range(&self, off: u64, len: usize) -> String {

@@ -64,6 +64,11 @@ pub const BLOCKMAP_HEADER_LEN: usize = 32;
 
 /// Version of the manifest JSON document.
 pub const MANIFEST_VERSION: u32 = 1;
+/// Version of a manifest that belongs to a set (a `[[group]]` backup): the
+/// document of version 1 plus a `set` record. Only such manifests carry it,
+/// so every other backup stays version 1 and a version-1 reader refuses
+/// (rather than silently drops from its sets) what it cannot group.
+pub const MANIFEST_VERSION_SET: u32 = 2;
 
 /// Version of the store layout (`blockvault-store.json`) of an
 /// unencrypted store.

@@ -189,7 +189,7 @@ pub use blockmap::BlockMap;
 pub use chunk::EncodedChunk;
 pub use error::{Error, Result};
 pub use id::{BackupId, ChunkId};
-pub use manifest::{BackupStats, Manifest, RbdInfo};
+pub use manifest::{BackupStats, Manifest, RbdInfo, SetRef};
 pub use id::ChunkHasher;
 pub use store::{read_meta, InitOptions, NewKey, Store, StoreLock, StoreMeta, Unlock};
 pub use url::StoreUrl;

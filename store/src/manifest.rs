@@ -5,7 +5,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::format::{MAX_MANIFEST_LEN, MANIFEST_VERSION};
+use crate::format::{MAX_MANIFEST_LEN, MANIFEST_VERSION, MANIFEST_VERSION_SET};
 use crate::BackupId;
 
 /// Counters of one backup run.
@@ -67,6 +67,37 @@ pub struct Manifest {
     /// Geometry of an RBD source, so a restore to RBD can recreate it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rbd: Option<RbdInfo>,
+    /// The set this backup belongs to (a `[[group]]` of images snapshotted
+    /// at one point in time); only in manifests of format
+    /// [`MANIFEST_VERSION_SET`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set: Option<SetRef>,
+}
+
+/// Membership of a backup in a set: the backups of every image of a group,
+/// taken between one pre-snapshot and one post-snapshot hook.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetRef {
+    /// The group's name.
+    pub group: String,
+    /// The set's id: the id of the backup allocated first for it (unique in
+    /// the store, like every backup id).
+    pub id: BackupId,
+    /// Every image of the set, in the group's order: the set is complete
+    /// when each has a committed backup with this set id.
+    pub images: Vec<String>,
+}
+
+impl Manifest {
+    /// The format version a manifest with these fields is written as:
+    /// [`MANIFEST_VERSION_SET`] with a set, else [`MANIFEST_VERSION`].
+    pub fn version_for(set: Option<&SetRef>) -> u32 {
+        if set.is_some() {
+            MANIFEST_VERSION_SET
+        } else {
+            MANIFEST_VERSION
+        }
+    }
 }
 
 /// What a restore to RBD needs to recreate the source image.
@@ -86,6 +117,7 @@ impl Manifest {
     pub fn new(id: BackupId, image: &str, source: &str, block_size: u32) -> Manifest {
         Manifest {
             format: MANIFEST_VERSION,
+            set: None,
             id,
             image: image.into(),
             source: source.into(),
@@ -124,8 +156,21 @@ impl Manifest {
         }
         let m: Manifest = serde_json::from_slice(bytes)
             .map_err(|e| Error::CorruptFile { path: path.to_path_buf(), reason: e.to_string() })?;
-        if m.format != MANIFEST_VERSION {
-            return Err(Error::UnsupportedVersion { path: path.to_path_buf(), found: m.format, supported: MANIFEST_VERSION });
+        // version 1 (no set) is still read; a version-2 document must carry
+        // its set and a version-1 one must not
+        let ok = match m.format {
+            MANIFEST_VERSION => m.set.is_none(),
+            MANIFEST_VERSION_SET => m.set.is_some(),
+            _ => false,
+        };
+        if !ok {
+            if m.format == MANIFEST_VERSION || m.format == MANIFEST_VERSION_SET {
+                return Err(Error::CorruptFile {
+                    path: path.to_path_buf(),
+                    reason: format!("manifest format {} with{} a set record", m.format, if m.set.is_some() { "" } else { "out" }),
+                });
+            }
+            return Err(Error::UnsupportedVersion { path: path.to_path_buf(), found: m.format, supported: MANIFEST_VERSION_SET });
         }
         Ok(m)
     }
@@ -169,6 +214,18 @@ impl Manifest {
         if self.source.is_empty() || self.source.len() > 4096 || self.source.chars().any(char::is_control) {
             return Err(format!("source '{}' is empty, too long or holds control characters", self.source.escape_debug()));
         }
+        if let Some(set) = &self.set {
+            check_image_name(&set.group).map_err(|e| format!("group name {e}"))?;
+            if set.images.is_empty() || set.images.len() > 1024 {
+                return Err(format!("set {} of group '{}' names {} images", set.id, set.group, set.images.len()));
+            }
+            for i in &set.images {
+                check_image_name(i).map_err(|e| format!("set member {e}"))?;
+            }
+            if !set.images.contains(&self.image) {
+                return Err(format!("set {} of group '{}' does not name the manifest's image", set.id, set.group));
+            }
+        }
         for (what, t) in [("created", &self.created), ("finished", &self.finished)] {
             if chrono::DateTime::parse_from_rfc3339(t).is_err() {
                 return Err(format!("{what} time '{}' is not an RFC 3339 time", t.escape_debug()));
@@ -181,6 +238,36 @@ impl Manifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn set_members_are_format_2_and_format_1_is_still_read() {
+        let p = Path::new("backups/000000000009.json");
+        let base = r#""id": 9, "image": "a", "source": "rbd:p/a", "created": "2026-12-01T10:00:00Z",
+            "finished": "2026-12-01T10:00:01Z", "parent": null, "image_size": 4096, "block_size": 65536,
+            "blockmap_blake3": "", "snapshot": "blockvault-x""#;
+        let set = r#", "set": {"group": "vm", "id": 9, "images": ["a", "b"]}"#;
+        let v1 = Manifest::parse(p, format!("{{\"format\": 1, {base}}}").as_bytes()).unwrap();
+        assert!(v1.set.is_none());
+        assert_eq!(Manifest::version_for(v1.set.as_ref()), 1);
+        let v2 = Manifest::parse(p, format!("{{\"format\": 2, {base}{set}}}").as_bytes()).unwrap();
+        assert_eq!(v2.set.as_ref().unwrap().images, ["a", "b"]);
+        assert_eq!(Manifest::version_for(v2.set.as_ref()), MANIFEST_VERSION_SET);
+        assert!(v2.check().is_ok());
+        // a round trip keeps the set; a version-1 document never carries one
+        let again = Manifest::parse(p, &serde_json::to_vec(&v2).unwrap()).unwrap();
+        assert_eq!(again, v2);
+        assert!(serde_json::to_string(&v1).unwrap().find("\"set\"").is_none());
+        for bad in [format!("{{\"format\": 1, {base}{set}}}"), format!("{{\"format\": 2, {base}}}")] {
+            let e = Manifest::parse(p, bad.as_bytes()).unwrap_err().to_string();
+            assert!(e.contains("set record"), "{e}");
+        }
+        let e = Manifest::parse(p, format!("{{\"format\": 3, {base}{set}}}").as_bytes()).unwrap_err();
+        assert!(matches!(e, Error::UnsupportedVersion { found: 3, .. }), "{e}");
+        // a set that does not name the manifest's image is refused
+        let other = r#", "set": {"group": "vm", "id": 9, "images": ["b"]}"#;
+        let m = Manifest::parse(p, format!("{{\"format\": 2, {base}{other}}}").as_bytes()).unwrap();
+        assert!(m.check().unwrap_err().contains("does not name"));
+    }
 
     #[test]
     fn oversized_manifest_is_refused_before_parsing() {

@@ -72,6 +72,7 @@ fn image(f: impl Fn(usize) -> Option<Vec<u8>>) -> Vec<u8> {
 fn manifest(id: u64, image: &str, parent: Option<u64>) -> Manifest {
     Manifest {
         format: MANIFEST_VERSION,
+        set: None,
         id: BackupId(id),
         image: image.into(),
         source: format!("file:/{image}"),

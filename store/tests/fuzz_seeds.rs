@@ -37,6 +37,7 @@ fn write_fuzz_seeds() {
     let d = corpus("manifest");
     let mut man = Manifest {
         format: 1,
+        set: None,
         id: BackupId(7),
         image: "vm-100-disk-0".into(),
         source: "rbd:rbd/vm-100-disk-0".into(),

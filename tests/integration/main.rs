@@ -3,6 +3,7 @@
 
 mod common;
 mod compat;
+mod clones;
 mod crash;
 mod daemon;
 mod encryption;
@@ -10,6 +11,8 @@ mod errors;
 mod exportdiff;
 mod fs_safety;
 mod gc_verify;
+mod groups;
+mod hooks;
 mod lost_chunk;
 mod operator;
 mod polish;

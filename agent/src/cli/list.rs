@@ -11,9 +11,9 @@ use crate::logging::printable;
 
 #[derive(Args, Debug)]
 pub struct ListArgs {
-    /// Only this image.
+    /// Only this image; or a group (`[[group]]`): its sets.
     pub image: Option<String>,
-    /// JSON output: an array of backups.
+    /// JSON output: an array of backups (of a group: an array of sets).
     #[arg(long)]
     pub json: bool,
     /// Only backups with this label, KEY=VALUE (repeatable: all must match).
@@ -55,7 +55,11 @@ pub fn backup_json(b: &BackupRow) -> serde_json::Value {
 pub fn run(g: &GlobalArgs, a: ListArgs) -> Result<ExitCode> {
     let cfg = load_config(g)?;
     let ctx = Ctx::open(cfg)?;
-    if let Some(name) = &a.image {
+    let group = match &a.image {
+        Some(name) if ctx.catalog.image(name)?.is_none() && crate::group::is_group(&ctx, name)? => Some(name.clone()),
+        _ => None,
+    };
+    if let (Some(name), None) = (&a.image, &group) {
         if ctx.catalog.image(name)?.is_none() && ctx.cfg.image(name).is_err() {
             anyhow::bail!("image '{name}' is neither configured nor in the catalog");
         }
@@ -70,6 +74,16 @@ pub fn run(g: &GlobalArgs, a: ListArgs) -> Result<ExitCode> {
     }
     for (id, why) in &rec.unreadable {
         eprintln!("warning: backup {id} in the store cannot be read ({why}); `blockvault forget @{id}` removes it");
+    }
+    if let Some(grp) = &group {
+        let sets = ctx.catalog.sets(Some(grp))?;
+        if a.json {
+            let v: Vec<_> = sets.iter().map(set_json).collect();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            print_sets(&sets);
+        }
+        return Ok(ExitCode::SUCCESS);
     }
     let want: Vec<(String, String)> = a.label.iter().map(|l| crate::annotate::parse_label(l)).collect::<Result<_>>()?;
     let mut rows = Vec::new();
@@ -140,7 +154,36 @@ pub fn run(g: &GlobalArgs, a: ListArgs) -> Result<ExitCode> {
             println!("{:>6}  note: {}", "", printable(n));
         }
     }
+    if a.image.is_none() {
+        let sets = ctx.catalog.sets(None)?;
+        if !sets.is_empty() {
+            println!();
+            print_sets(&sets);
+        }
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The JSON form of a set.
+pub fn set_json(s: &blockvault_catalog::SetRow) -> serde_json::Value {
+    json!({
+        "group": s.group,
+        "set": s.id.0,
+        "created": s.created(),
+        "complete": s.is_complete(),
+        "images": s.images,
+        "missing": s.missing(),
+        "backups": s.members.iter().map(|m| json!({"image": m.image, "id": m.id.0, "snapshot": m.snapshot, "size": m.image_size})).collect::<Vec<_>>(),
+    })
+}
+
+fn print_sets(sets: &[blockvault_catalog::SetRow]) {
+    println!("{:<28} {:<21} {:<10} BACKUPS", "SET", "CREATED", "STATE");
+    for s in sets {
+        let members: Vec<String> = s.members.iter().map(|m| format!("{}@{}", printable(&m.image), m.id.0)).collect();
+        let state = if s.is_complete() { "complete".to_string() } else { format!("incomplete (no {})", s.missing().join(", ")) };
+        println!("{:<28} {:<21} {:<10} {}", format!("{}@{}", printable(&s.group), s.id.0), printable(s.created()), state, members.join(" "));
+    }
 }
 
 pub fn human(n: u64) -> String {

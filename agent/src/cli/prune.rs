@@ -11,7 +11,8 @@ use crate::retention::render_plan;
 
 #[derive(Args, Debug)]
 pub struct PruneArgs {
-    /// Only this image (every image in the catalog by default).
+    /// Only this image or group (every image in the catalog and every
+    /// configured group by default; a group's sets are kept or removed whole).
     pub image: Option<String>,
     /// Show what would be kept and removed; remove nothing.
     #[arg(long, short = 'n')]
@@ -29,7 +30,15 @@ pub fn run(g: &GlobalArgs, a: PruneArgs) -> Result<ExitCode> {
     let ctx = Ctx::open(cfg)?;
     // the store is the truth: a backup only the store holds is pruned too
     crate::rebuild::reconcile(&ctx.store, &ctx.catalog)?;
+    let groups: Vec<crate::config::GroupConfig> = match &a.image {
+        Some(name) => ctx.cfg.group(name).cloned().into_iter().collect(),
+        None => ctx.cfg.groups.clone(),
+    };
     let images: Vec<String> = match &a.image {
+        Some(name) if !groups.is_empty() => {
+            let _ = name;
+            Vec::new()
+        }
         Some(name) => {
             if ctx.catalog.image(name)?.is_none() && ctx.cfg.image(name).is_err() {
                 bail!("image '{name}' is neither configured nor in the catalog");
@@ -64,6 +73,25 @@ pub fn run(g: &GlobalArgs, a: PruneArgs) -> Result<ExitCode> {
                 Err(e) => println!("removal failed: {}", printable(&format!("{e:#}"))),
             }
             println!();
+        }
+        if let Err(e) = removed {
+            first_err.get_or_insert(e);
+        }
+    }
+    for grp in &groups {
+        let policy = grp.retention(&ctx.cfg.defaults).unwrap_or_default();
+        let removed = crate::group::prune_group(&ctx, grp, a.dry_run);
+        if a.json {
+            json.push(serde_json::json!({
+                "group": grp.name, "policy": policy.to_string(), "dry_run": a.dry_run,
+                "removed": removed.as_ref().ok(), "error": removed.as_ref().err().map(|e| format!("{e:#}")),
+            }));
+        } else {
+            match &removed {
+                Ok(n) if a.dry_run => println!("group '{}': {policy}: dry run: would remove {n} backups (whole sets)", printable(&grp.name)),
+                Ok(n) => println!("group '{}': {policy}: removed {n} backups (whole sets)", printable(&grp.name)),
+                Err(e) => println!("group '{}': removal failed: {}", printable(&grp.name), printable(&format!("{e:#}"))),
+            }
         }
         if let Err(e) = removed {
             first_err.get_or_insert(e);

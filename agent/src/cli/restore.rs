@@ -13,10 +13,12 @@ use crate::restore::{OpenBackup, RestoreOptions, TargetSpec};
 
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
-    /// IMAGE or IMAGE@BACKUP_ID (the latest backup by default).
+    /// IMAGE or IMAGE@BACKUP_ID (the latest backup by default); or
+    /// GROUP or GROUP@SET: every image of a set (the newest complete set by default).
     pub backup: String,
     /// Target: a file path, a block device (needs --force), rbd:POOL/IMAGE,
-    /// or qcow2:PATH.
+    /// or qcow2:PATH. For a set: rbd:POOL/{image} (`{image}` becomes each
+    /// image's name) or a directory DIR/ (one file per image).
     #[arg(long)]
     pub to: String,
     /// Overwrite an existing, non-empty target.
@@ -62,6 +64,9 @@ pub fn run(g: &GlobalArgs, a: RestoreArgs) -> Result<ExitCode> {
     let cfg = load_config(g)?;
     let ctx = Ctx::open(cfg)?;
     let spec = BackupRef::parse(&a.backup)?;
+    if ctx.catalog.image(&spec.image)?.is_none() && crate::group::is_group(&ctx, &spec.image)? {
+        return restore_set(&ctx, g, &a, &spec);
+    }
     let to = TargetSpec::parse(&a.to)?;
     let backup = OpenBackup::open(&ctx, &spec)?;
     if let Some(mode) = a.clone {
@@ -95,6 +100,47 @@ pub fn run(g: &GlobalArgs, a: RestoreArgs) -> Result<ExitCode> {
     bar.finish();
     res?;
     println!("restored backup {} of image '{}' ({} bytes) to {}", backup.row.id, spec.image, backup.size(), a.to);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `restore GROUP[@SET] --to rbd:POOL/{image}|DIR/`: every backup of a
+/// complete set, each to its own target, in the group's order.
+fn restore_set(ctx: &Ctx, g: &GlobalArgs, a: &RestoreArgs, spec: &BackupRef) -> Result<ExitCode> {
+    if a.clone.is_some() || a.chain {
+        anyhow::bail!("--clone and --chain restore one image, not a set of group '{}'", spec.image);
+    }
+    let set = crate::group::find_set(ctx, &spec.image, spec.id)?;
+    let target_of = |image: &str| -> Result<String> {
+        if a.to.contains("{image}") {
+            Ok(a.to.replace("{image}", image))
+        } else if a.to.ends_with('/') && !a.to.starts_with("rbd:") && !a.to.starts_with("qcow2:") {
+            Ok(format!("{}{image}", a.to))
+        } else {
+            anyhow::bail!("a set restores several images: name the targets with {{image}} (rbd:POOL/{{image}}) or a directory ending in '/', not {}", a.to)
+        }
+    };
+    let targets: Vec<(String, TargetSpec)> = set
+        .members
+        .iter()
+        .map(|m| {
+            let t = target_of(&m.image)?;
+            Ok((t.clone(), TargetSpec::parse(&t)?))
+        })
+        .collect::<Result<_>>()?;
+    if let Some(dir) = a.to.strip_suffix('/').filter(|_| !a.to.contains("{image}")) {
+        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("creating directory {dir}: {e}"))?;
+    }
+    let never = AtomicBool::new(false);
+    let opts = RestoreOptions { force: a.force, mode: a.mode, threads: ctx.cfg.workers() * 2, cancel: &never };
+    for (m, (t, to)) in set.members.iter().zip(&targets) {
+        let backup = OpenBackup::open(ctx, &BackupRef { image: m.image.clone(), id: Some(m.id) })?;
+        let bar = Bar::new(backup.size(), &m.image, !g.no_progress);
+        let res = backup.restore_to(ctx, to, &opts, &bar);
+        bar.finish();
+        res.map_err(|e| e.context(format!("restoring image '{}' of set {} of group '{}'", m.image, set.id, set.group)))?;
+        println!("restored backup {} of image '{}' ({} bytes) to {t}", m.id, m.image, backup.size());
+    }
+    println!("restored set {} of group '{}' ({} images)", set.id, set.group, set.members.len());
     Ok(ExitCode::SUCCESS)
 }
 

@@ -12,10 +12,12 @@ use crate::progress::Bar;
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// Images to back up (names from the config; for a glob entry, its
-    /// name template or one expanded name).
+    /// Images or groups to back up (names from the config; for a glob
+    /// entry, its name template or one expanded name; a `[[group]]` name
+    /// backs up its images as one set).
     pub images: Vec<String>,
-    /// Every configured image.
+    /// Every configured image and group (an image in a group is backed up
+    /// with its group only).
     #[arg(long, conflicts_with = "images")]
     pub all: bool,
 }
@@ -27,7 +29,16 @@ pub struct RunArgs {
 /// failed, nothing of it is committed) and skips the images not started.
 pub fn run(g: &GlobalArgs, a: RunArgs) -> Result<ExitCode> {
     let cfg = load_config(g)?;
-    let requested: Vec<String> = if a.all { cfg.images.iter().map(|i| i.name.clone()).collect() } else { a.images.clone() };
+    let requested: Vec<String> = if a.all {
+        cfg.images
+            .iter()
+            .filter(|i| cfg.group_of(&i.name).is_none())
+            .map(|i| i.name.clone())
+            .chain(cfg.groups.iter().map(|g| g.name.clone()))
+            .collect()
+    } else {
+        a.images.clone()
+    };
     if requested.is_empty() {
         if a.all {
             bail!("config {} has no [[image]]", cfg.path.display());
@@ -36,7 +47,7 @@ pub fn run(g: &GlobalArgs, a: RunArgs) -> Result<ExitCode> {
     }
     // a typo is a config error: refuse before any work
     for n in &requested {
-        if cfg.entry_for(n).is_none() {
+        if cfg.entry_for(n).is_none() && cfg.group(n).is_none() {
             cfg.image(n)?;
         }
     }
@@ -45,6 +56,29 @@ pub fn run(g: &GlobalArgs, a: RunArgs) -> Result<ExitCode> {
     let mut failed: Vec<String> = Vec::new();
     let mut total = 0;
     for n in &requested {
+        if let Some(grp) = ctx.cfg.group(n).cloned() {
+            total += 1;
+            if cancel.load(Ordering::Relaxed) {
+                warn!(group = %grp.name, "stopping: not started");
+                failed.push(grp.name.clone());
+                continue;
+            }
+            let bar = Bar::for_plan(&grp.name, !g.no_progress);
+            let out = crate::job::run_group(&mut ctx, &grp, &bar, &cancel);
+            bar.finish();
+            if let Some(set) = out.set {
+                for (img, res) in &out.backups {
+                    match res {
+                        Ok(m) => println!("{}@{set}: {img}: {}", grp.name, crate::progress::summary(m)),
+                        Err(e) => println!("{}@{set}: {img}: failed: {e:#}", grp.name),
+                    }
+                }
+            }
+            if !out.ok() {
+                failed.push(grp.name.clone());
+            }
+            continue;
+        }
         let images = match targets(&ctx, n) {
             Ok(v) => v,
             Err(e) => {
@@ -80,7 +114,7 @@ pub fn run(g: &GlobalArgs, a: RunArgs) -> Result<ExitCode> {
         }
     }
     if !failed.is_empty() {
-        bail!("{} of {total} images failed: {}", failed.len(), failed.join(", "));
+        bail!("{} of {total} images or groups failed: {}", failed.len(), failed.join(", "));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -59,7 +59,8 @@ impl TargetSpec {
                 bail!("restore target {to} must name one image");
             }
             return match src {
-                Source::Rbd { pool, namespace, image } => Ok(TargetSpec::Rbd { pool, namespace, image }),
+                Source::Rbd { snap: Some(_), .. } => bail!("restore target {to} must name an image, not a snapshot"),
+                Source::Rbd { pool, namespace, image, snap: None } => Ok(TargetSpec::Rbd { pool, namespace, image }),
                 Source::File(_) => bail!("restore target {to}: not an RBD image spec"),
             };
         }

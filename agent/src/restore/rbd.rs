@@ -129,7 +129,7 @@ pub fn restore_clone(ctx: &Ctx, m: &Manifest, (pool, ns, name): (&str, Option<&s
         Some(ns) => format!("rbd:{pool}/{ns}/{name}"),
         None => format!("rbd:{pool}/{name}"),
     };
-    let Ok(crate::config::Source::Rbd { pool: spool, namespace: sns, image: simg }) = crate::config::Source::parse(&m.source) else {
+    let Ok(crate::config::Source::Rbd { pool: spool, namespace: sns, image: simg, .. }) = crate::config::Source::parse(&m.source) else {
         return Ok(CloneOutcome::NoSnapshot(format!(
             "backup {} is of {}, not of an RBD image: there is no snapshot to clone",
             m.id, m.source

@@ -71,7 +71,7 @@ pub fn connect(cfg: &Config) -> Result<Arc<Cluster>> {
 /// Splits an RBD source.
 pub(crate) fn rbd_parts(src: &config::Source) -> (&str, Option<&str>, &str) {
     match src {
-        config::Source::Rbd { pool, namespace, image } => (pool, namespace.as_deref(), image),
+        config::Source::Rbd { pool, namespace, image, .. } => (pool, namespace.as_deref(), image),
         config::Source::File(_) => unreachable!("not an RBD source"),
     }
 }
@@ -100,6 +100,8 @@ pub struct RbdSource {
     /// `rbd:POOL[/NS]/IMAGE`, as configured.
     spec: String,
     name: String,
+    /// The configured image name (the catalog's).
+    image_name: String,
     ioctx: IoCtx,
     head: Image,
     features: u64,
@@ -117,6 +119,13 @@ pub struct RbdSource {
     /// The base snapshot of an incremental plan.
     base: Option<String>,
     patcher: Option<Patcher>,
+    /// `rbd:POOL/IMAGE@SNAP`: this fixed snapshot is the source; no
+    /// snapshot is created or removed.
+    fixed: Option<String>,
+    /// The clone's parent, when the image is a clone.
+    clone_of: Option<rbd::ParentSpec>,
+    /// The plan's base is the backup of the clone's parent snapshot.
+    clone_base: bool,
 }
 
 impl RbdSource {
@@ -129,12 +138,20 @@ impl RbdSource {
         let (pool, ns, name) = rbd_parts(&img.source);
         let cluster = connect(cfg)?;
         let ioctx = open_pool(&cluster, pool, ns)?;
-        let head = ioctx.open_rw(name).with_context(|| format!("opening RBD image {}", img.source))?;
+        let fixed = img.source.fixed_snapshot().map(String::from);
+        let head = match &fixed {
+            // nothing is written to an image whose fixed snapshot is the source
+            Some(snap) => ioctx.open(name, Some(snap)),
+            None => ioctx.open_rw(name),
+        }
+        .with_context(|| format!("opening RBD image {}", img.source))?;
         let features = head.features()?;
         let object_size = head.object_size()?;
+        let clone_of = head.parent().with_context(|| format!("reading the parent of RBD image {}", img.source))?;
         Ok(RbdSource {
             spec: img.source.to_string(),
             name: name.to_string(),
+            image_name: img.name.clone(),
             ioctx,
             head,
             features,
@@ -142,12 +159,57 @@ impl RbdSource {
             block_size: 0,
             keep: img.keep_snapshots(&cfg.defaults),
             present: Vec::new(),
-            snap: snapshot_name(),
             snap_row: None,
             frozen: None,
             base: None,
             patcher: None,
+            snap: fixed.clone().unwrap_or_else(snapshot_name),
+            fixed,
+            clone_of,
+            clone_base: false,
         })
+    }
+
+    /// What a clone wrote itself, as changes against the backup of its
+    /// parent snapshot, or why that backup cannot be the base.
+    ///
+    /// Every object the clone has (written, copied up, or discarded over
+    /// parent data: librbd then keeps the object, zeroed or truncated) is
+    /// reported as whole objects and read from the clone, so the parent
+    /// never shows through an object the clone holds; every other block
+    /// reads through to the parent snapshot, which the parent backup holds.
+    /// That is only true when the clone reads the whole parent: same size,
+    /// overlap covering it, same block size; otherwise a full read.
+    fn clone_changes(&self, f: &Frozen, parent: &Parent) -> Result<Result<Vec<Extent>, FullReason>> {
+        let first = Err(FullReason::FirstBackup);
+        let Some(cp) = &self.clone_of else { return Ok(first) };
+        let image = if cp.namespace.is_empty() { format!("rbd:{}/{}", cp.pool, cp.image) } else { format!("rbd:{}/{}/{}", cp.pool, cp.namespace, cp.image) };
+        let m = &parent.manifest;
+        let same_snapshot = m.snapshot.as_deref() == Some(cp.snap.as_str()) && (m.source == image || m.source == format!("{image}@{}", cp.snap));
+        let overlap = f.image.overlap()?;
+        if !same_snapshot || m.image_size != f.size || overlap != f.size || parent.map.block_size() != self.block_size {
+            warn!(image = %self.spec, parent_backup = m.id.0, overlap, size = f.size,
+                "the clone's parent backup does not cover the clone as it is (resized, or another snapshot): reading every allocated extent");
+            return Ok(first);
+        }
+        if self.features & rbd::FEATURE_OBJECT_MAP != 0 && !f.fast_diff_ok {
+            return Ok(Err(FullReason::MapInvalid));
+        }
+        let mut extents = Vec::new();
+        f.image.own_extents(0, f.size, true, |off, len, exists| {
+            extents.push(if exists { Extent::changed(off, len) } else { Extent::gone(off, len) });
+            true
+        })?;
+        // whole objects: widen each to its objects (librbd reports whole
+        // objects here; this keeps it true if a version did not)
+        let os = self.object_size.max(1);
+        for e in &mut extents {
+            let start = e.off / os * os;
+            let end = (e.off + e.len).div_ceil(os).saturating_mul(os).min(f.size);
+            e.len = end - start;
+            e.off = start;
+        }
+        Ok(Ok(extents))
     }
 
     fn frozen(&self) -> Result<&Frozen> {
@@ -200,6 +262,10 @@ impl Source for RbdSource {
     }
 
     fn recover(&mut self, store: &Store, catalog: &Catalog, job: &Job) -> Result<()> {
+        if self.fixed.is_some() {
+            // no snapshot of ours, no lock taken: nothing to recover
+            return Ok(());
+        }
         // a store object (a file of a directory store), so it works for stores without a directory
         let record = format!("locks/{}.rbd-client", job.image_lock);
         break_lock_of_dead_run(&self.head, store, &record, &job.image);
@@ -217,6 +283,13 @@ impl Source for RbdSource {
 
     fn freeze(&mut self, catalog: &Catalog, job: &Job, backup: BackupId) -> Result<u64> {
         self.block_size = job.block_size;
+        if let Some(snap) = &self.fixed {
+            let image = self.ioctx.open(&self.name, Some(snap)).with_context(|| format!("opening {}", self.spec))?;
+            let size = image.size()?;
+            let fast_diff_ok = fast_diff_usable(&image, self.features)?;
+            self.frozen = Some(Frozen { image, size, fast_diff_ok });
+            return Ok(size);
+        }
         let row = catalog.snapshot_intent(job.image_id, &self.snap, backup)?;
         self.snap_row = Some(row);
         self.head
@@ -232,9 +305,23 @@ impl Source for RbdSource {
 
     fn changes(&mut self, since: Option<&Parent>) -> Result<Changes> {
         self.base = None;
+        self.clone_base = false;
         let f = self.frozen()?;
         let full = |reason| -> Result<Changes> { Ok(Changes::Full { extents: self.allocated(f)?, reason }) };
         let Some(parent) = since else { return full(FullReason::FirstBackup) };
+        if self.fixed.is_some() {
+            return full(FullReason::FirstBackup);
+        }
+        if parent.manifest.image != self.image_name {
+            // the base is the backup of the clone's parent snapshot
+            return match self.clone_changes(f, parent)? {
+                Ok(extents) => {
+                    self.clone_base = true;
+                    Ok(Changes::Since { extents })
+                }
+                Err(reason) => full(reason),
+            };
+        }
         let block_size = self.block_size;
         let base = match self.base_for(parent, block_size)? {
             Ok(b) => b,
@@ -259,6 +346,13 @@ impl Source for RbdSource {
     fn check(&mut self, store: &Store, parent: &Parent, plan: &Plan) -> Result<()> {
         self.patcher = None;
         let f = self.frozen()?;
+        if self.clone_base {
+            // inherited blocks read through to the parent snapshot: sample them
+            if let Some(block) = sample_check(store, &f.image, parent, plan)? {
+                return Err(BackupError::UntrustedDiff { image: self.spec.clone(), block, parent: parent.manifest.id }.into());
+            }
+            return Ok(());
+        }
         let Some(base) = &self.base else { return Ok(()) };
         if let Some(block) = sample_check(store, &f.image, parent, plan)? {
             return Err(BackupError::UntrustedDiff { image: self.spec.clone(), block, parent: parent.manifest.id }.into());
@@ -277,6 +371,16 @@ impl Source for RbdSource {
         Some(self.present.clone())
     }
 
+    fn clone_parent(&mut self) -> Result<Option<String>> {
+        Ok(self.clone_of.as_ref().filter(|_| self.fixed.is_none()).map(|cp| {
+            if cp.namespace.is_empty() {
+                format!("rbd:{}/{}@{}", cp.pool, cp.image, cp.snap)
+            } else {
+                format!("rbd:{}/{}/{}@{}", cp.pool, cp.namespace, cp.image, cp.snap)
+            }
+        }))
+    }
+
     fn snapshot(&self) -> Option<String> {
         Some(self.snap.clone())
     }
@@ -286,6 +390,9 @@ impl Source for RbdSource {
     }
 
     fn finish(&mut self, catalog: &Catalog, job: &Job, outcome: Outcome) -> Result<()> {
+        if self.fixed.is_some() {
+            return Ok(()); // not our snapshot: never demoted or removed
+        }
         match outcome {
             Outcome::Committed => {
                 if let Err(e) = demote(catalog, &self.head, job.image_id, self.keep) {
@@ -604,7 +711,7 @@ pub fn expand_images(cfg: &Config) -> Result<Vec<ImageConfig>> {
                 warn!(pattern = %img.name, rbd_image = %n.escape_debug(), "skipping an RBD image whose name makes no valid image name: {why}");
                 continue;
             }
-            c.source = config::Source::Rbd { pool: pool.into(), namespace: ns.map(Into::into), image: n };
+            c.source = config::Source::Rbd { pool: pool.into(), namespace: ns.map(Into::into), image: n, snap: None };
             out.push(c);
         }
     }
