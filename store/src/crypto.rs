@@ -142,16 +142,27 @@ impl Sealer {
     pub fn seal(&self, ad: &[u8], plain: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(plain.len() + SEAL_OVERHEAD);
         out.extend_from_slice(plain);
+        self.seal_in_place(ad, &mut out);
+        out
+    }
+
+    /// Seals the plaintext in `buf` in place for the name `ad`, under a
+    /// fresh random nonce: `buf` then holds the sealed object (the same
+    /// bytes [`Sealer::seal`] returns). Nothing is copied; when `buf` has
+    /// [`SEAL_OVERHEAD`] bytes of spare capacity, nothing is reallocated
+    /// either (a 4 MiB chunk would otherwise be moved for its 45-byte
+    /// trailer).
+    pub fn seal_in_place(&self, ad: &[u8], buf: &mut Vec<u8>) {
         let nonce: [u8; NONCE_LEN] = random();
         let tag = self
             .aead
-            .encrypt_in_place_detached(XNonce::from_slice(&nonce), ad, &mut out)
+            .encrypt_in_place_detached(XNonce::from_slice(&nonce), ad, buf)
             .expect("XChaCha20-Poly1305 seals any length an object can have");
-        out.extend_from_slice(&tag);
-        out.extend_from_slice(&nonce);
-        out.push(SEAL_VERSION);
-        out.extend_from_slice(&SEAL_MAGIC);
-        out
+        buf.reserve_exact(SEAL_OVERHEAD);
+        buf.extend_from_slice(&tag);
+        buf.extend_from_slice(&nonce);
+        buf.push(SEAL_VERSION);
+        buf.extend_from_slice(&SEAL_MAGIC);
     }
 
     /// Opens a sealed object in place: `buf` then holds the plaintext.
@@ -510,6 +521,30 @@ mod tests {
         assert!(DataKey::generate().sealer().open_in_place(b"name-a", &mut b).is_err());
         // two seals of the same bytes differ (fresh nonce)
         assert_ne!(s.seal(b"name-a", &plain), sealed);
+    }
+
+    #[test]
+    fn seal_in_place_opens_like_seal_and_does_not_reallocate() {
+        let s = DataKey::generate().sealer();
+        let plain: Vec<u8> = (0..100_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        let mut buf = Vec::with_capacity(plain.len() + SEAL_OVERHEAD);
+        buf.extend_from_slice(&plain);
+        let before = buf.as_ptr();
+        s.seal_in_place(b"chunk 1", &mut buf);
+        assert_eq!(buf.as_ptr(), before, "sealing within the spare capacity moved the buffer");
+        assert_eq!(buf.len(), plain.len() + SEAL_OVERHEAD);
+        assert_ne!(&buf[..plain.len()], &plain[..]);
+        // opens with the same code path as a sealed copy, for its name only
+        let mut other = buf.clone();
+        assert!(s.open_in_place(b"chunk 2", &mut other).is_err());
+        s.open_in_place(b"chunk 1", &mut buf).unwrap();
+        assert_eq!(buf, plain);
+        // without spare capacity it still seals (one reallocation)
+        let mut tight = plain.clone();
+        tight.shrink_to_fit();
+        s.seal_in_place(b"x", &mut tight);
+        s.open_in_place(b"x", &mut tight).unwrap();
+        assert_eq!(tight, plain);
     }
 
     #[test]

@@ -186,6 +186,6 @@ pub use error::{Error, Result};
 pub use id::{BackupId, ChunkId};
 pub use manifest::{BackupStats, Manifest, RbdInfo};
 pub use id::ChunkHasher;
-pub use store::{read_meta, InitOptions, NewKey, Store, StoreLock, StoreMeta, Unlock};
+pub use store::{read_meta, InitOptions, NewKey, ReadyChunk, Store, StoreLock, StoreMeta, Unlock};
 pub use url::StoreUrl;
 pub use verify_mark::{VerifyMark, VerifyResult};

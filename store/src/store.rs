@@ -99,10 +99,34 @@ pub struct Store {
     backend: Box<dyn Backend>,
     /// The backend as it is (sealed bytes in an encrypted store).
     raw: Arc<dyn Backend>,
+    /// The sealing view `backend` is, in an encrypted store: for chunks
+    /// sealed by the caller's thread ([`Store::prepare_chunk`]).
+    sealed: Option<Arc<SealedBackend>>,
     meta: StoreMeta,
     hasher: ChunkHasher,
     data_key: Option<DataKey>,
     poisoned: AtomicBool,
+}
+
+/// A chunk in the form its store keeps it ([`Store::prepare_chunk`]):
+/// sealed in an encrypted store, the encoded chunk itself otherwise.
+#[derive(Debug)]
+pub struct ReadyChunk {
+    pub id: ChunkId,
+    /// Length of the block it holds.
+    pub plain_len: usize,
+    /// Length of the encoded chunk (header and payload) before any sealing,
+    /// as [`EncodedChunk::bytes`] had it.
+    pub encoded_len: usize,
+    bytes: Vec<u8>,
+    sealed: bool,
+}
+
+impl ReadyChunk {
+    /// The bytes as stored.
+    pub fn stored_len(&self) -> usize {
+        self.bytes.len()
+    }
 }
 
 /// Key of the store meta object.
@@ -256,14 +280,14 @@ impl Store {
     }
 
     fn from_parts(raw: Arc<dyn Backend>, meta: StoreMeta, data_key: Option<DataKey>) -> Store {
-        let (backend, hasher): (Box<dyn Backend>, ChunkHasher) = match &data_key {
-            None => (Box::new(raw.clone()), ChunkHasher::Plain),
-            Some(dk) => (
-                Box::new(SealedBackend::new(raw.clone(), dk.sealer(), PLAIN_OBJECTS)),
-                ChunkHasher::Keyed(dk.chunk_id_key()),
-            ),
+        let (backend, sealed, hasher): (Box<dyn Backend>, _, ChunkHasher) = match &data_key {
+            None => (Box::new(raw.clone()), None, ChunkHasher::Plain),
+            Some(dk) => {
+                let sealed = Arc::new(SealedBackend::new(raw.clone(), dk.sealer(), PLAIN_OBJECTS));
+                (Box::new(sealed.clone()), Some(sealed), ChunkHasher::Keyed(dk.chunk_id_key()))
+            }
         };
-        Store { backend, raw, meta, hasher, data_key, poisoned: AtomicBool::new(false) }
+        Store { backend, raw, sealed, meta, hasher, data_key, poisoned: AtomicBool::new(false) }
     }
 
     /// Opens the existing store in directory `path`.
@@ -583,6 +607,45 @@ impl Store {
             return Err(Error::Poisoned);
         }
         let res = self.backend.put_chunk(&chunk.id, &chunk.bytes);
+        if res.is_err() {
+            self.poisoned.store(true, Ordering::Relaxed);
+        }
+        res
+    }
+
+    /// Turns an encoded chunk into the bytes the store keeps: sealed in
+    /// place in an encrypted store, as they are otherwise. CPU work (the
+    /// whole chunk is encrypted), so call it from a worker thread; then
+    /// [`Store::put_ready_chunk`] only writes.
+    pub fn prepare_chunk(&self, chunk: EncodedChunk) -> ReadyChunk {
+        let EncodedChunk { id, plain_len, mut bytes } = chunk;
+        let encoded_len = bytes.len();
+        if let Some(s) = &self.sealed {
+            s.seal_chunk(&id, &mut bytes);
+        }
+        ReadyChunk { id, plain_len, encoded_len, bytes, sealed: self.sealed.is_some() }
+    }
+
+    /// [`Store::put_chunk`] of a chunk [`Store::prepare_chunk`] made.
+    ///
+    /// # Errors
+    /// As [`Store::put_chunk`]; `InvalidSetting` for a chunk prepared by a
+    /// store of the other kind (encrypted or not).
+    pub fn put_ready_chunk(&self, chunk: &ReadyChunk) -> Result<bool> {
+        if self.poisoned.load(Ordering::Relaxed) {
+            return Err(Error::Poisoned);
+        }
+        // never store plaintext in an encrypted store, nor sealed bytes in a plain one
+        if chunk.sealed != self.sealed.is_some() {
+            return Err(Error::InvalidSetting {
+                key: "chunk",
+                reason: format!("chunk {} was prepared for a store that is{} encrypted", chunk.id, if chunk.sealed { "" } else { " not" }),
+            });
+        }
+        let res = match &self.sealed {
+            Some(s) => s.put_sealed_chunk(&chunk.id, &chunk.bytes),
+            None => self.backend.put_chunk(&chunk.id, &chunk.bytes),
+        };
         if res.is_err() {
             self.poisoned.store(true, Ordering::Relaxed);
         }
@@ -1048,6 +1111,57 @@ mod encryption_tests {
         mem.put_object(META_KEY, &serde_json::to_vec(&meta).unwrap()).unwrap();
         let e = open(&a, "two").err().unwrap();
         assert!(e.to_string().contains("altered"), "{e}");
+    }
+
+    #[test]
+    fn prepared_chunks_store_as_put_chunk_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = b"a block of an image ".repeat(5000);
+        let other = b"another block".repeat(7000);
+        // unencrypted: the stored bytes are the encoded chunk itself
+        let mem = Arc::new(MemoryBackend::new());
+        let s = Store::init_with_backend(Box::new(mem.clone()), &InitOptions::default()).unwrap();
+        let enc = chunk::encode(&data, s.chunk_id(&data), 3, None).unwrap();
+        let expect = enc.bytes.clone();
+        let ready = s.prepare_chunk(enc);
+        assert_eq!((ready.encoded_len, ready.stored_len()), (expect.len(), expect.len()));
+        assert!(s.put_ready_chunk(&ready).unwrap());
+        s.sync().unwrap();
+        let mut raw = Vec::new();
+        mem.get_chunk(&ready.id, &mut raw).unwrap();
+        assert_eq!(raw, expect);
+        let plain_ready = ready;
+
+        // encrypted: sealed, opens through the store, not below it
+        let kf = dir.path().join("key");
+        let emem = Arc::new(MemoryBackend::new());
+        let e = Store::init_encrypted_with_backend(Box::new(emem.clone()), &InitOptions::default(), &NewKey { key_file: &kf, passphrase: None })
+            .unwrap();
+        let id = e.chunk_id(&data);
+        let ready = e.prepare_chunk(chunk::encode(&data, id, 0, None).unwrap());
+        assert_eq!(ready.stored_len(), ready.encoded_len + crypto::SEAL_OVERHEAD);
+        assert!(e.put_ready_chunk(&ready).unwrap());
+        e.sync().unwrap();
+        assert!(!e.put_ready_chunk(&ready).unwrap(), "never rewritten");
+        // and one through the old path, side by side
+        let oid = e.chunk_id(&other);
+        e.put_chunk(&chunk::encode(&other, oid, 0, None).unwrap()).unwrap();
+        e.sync().unwrap();
+        let (mut scratch, mut out) = (Vec::new(), Vec::new());
+        e.load_chunk(&id, &mut scratch, &mut out).unwrap();
+        assert_eq!(out, data);
+        e.load_chunk(&oid, &mut scratch, &mut out).unwrap();
+        assert_eq!(out, other);
+        emem.get_chunk(&id, &mut raw).unwrap();
+        assert!(!raw.windows(19).any(|w| w == b"a block of an image"), "plaintext below the seal");
+        assert!(chunk::check_frame(&id, &raw).is_err());
+
+        // a chunk prepared by the other kind of store is refused, nothing written
+        let err = e.put_ready_chunk(&plain_ready).unwrap_err().to_string();
+        assert!(err.contains("not encrypted"), "{err}");
+        assert!(!emem.chunk_exists(&plain_ready.id).unwrap());
+        let err = s.put_ready_chunk(&ready).unwrap_err().to_string();
+        assert!(err.contains("is encrypted"), "{err}");
     }
 
     #[test]
