@@ -16,8 +16,8 @@ use crate::blockmap::BlockMap;
 use crate::chunk::{self, EncodedChunk};
 use crate::error::{Error, Result};
 use crate::backend::sealed::SealedBackend;
-use crate::crypto::{self, DataKey, EncryptionMeta, KeyFile, KeySlot, AEAD_NAME, KEYED_HASH_NAME};
-use crate::format::{self, STORE_MARKER, STORE_VERSION, STORE_VERSION_ENCRYPTED};
+use crate::crypto::{self, DataKey, EncryptionMeta, KeyFile, KeySlot, AEAD_AES_NAME, AEAD_NAME, KEYED_HASH_NAME};
+use crate::format::{self, STORE_MARKER, STORE_VERSION, STORE_VERSION_ENCRYPTED, STORE_VERSION_ENCRYPTED_AES};
 use crate::id::ChunkHasher;
 use zeroize::Zeroizing;
 use crate::manifest::Manifest;
@@ -152,12 +152,12 @@ pub fn read_meta(backend: &dyn Backend) -> Result<StoreMeta> {
     let meta: StoreMeta =
         serde_json::from_slice(&bytes).map_err(|e| Error::CorruptFile { path: marker.clone(), reason: e.to_string() })?;
     match (meta.format, &meta.encryption) {
-        (STORE_VERSION, None) | (STORE_VERSION_ENCRYPTED, Some(_)) => Ok(meta),
-        (STORE_VERSION, Some(_)) | (STORE_VERSION_ENCRYPTED, None) => Err(Error::CorruptFile {
+        (STORE_VERSION, None) | (STORE_VERSION_ENCRYPTED | STORE_VERSION_ENCRYPTED_AES, Some(_)) => Ok(meta),
+        (STORE_VERSION, Some(_)) | (STORE_VERSION_ENCRYPTED | STORE_VERSION_ENCRYPTED_AES, None) => Err(Error::CorruptFile {
             path: marker,
             reason: format!("format {} with{} encryption settings", meta.format, if meta.encryption.is_some() { "" } else { "out" }),
         }),
-        (found, _) => Err(Error::UnsupportedVersion { path: marker, found, supported: STORE_VERSION_ENCRYPTED }),
+        (found, _) => Err(Error::UnsupportedVersion { path: marker, found, supported: STORE_VERSION_ENCRYPTED_AES }),
     }
 }
 
@@ -181,7 +181,11 @@ fn authenticate_meta(marker: &Path, meta: &StoreMeta, dk: &DataKey) -> Result<()
     if dk.meta_mac(&mac_input(meta)) != enc.mac {
         return Err(bad("the store meta was altered: its MAC does not match"));
     }
-    if meta.hash != KEYED_HASH_NAME || enc.aead != AEAD_NAME {
+    let aead_of_format = match meta.format {
+        STORE_VERSION_ENCRYPTED => AEAD_NAME,
+        _ => AEAD_AES_NAME,
+    };
+    if meta.hash != KEYED_HASH_NAME || enc.aead != aead_of_format {
         return Err(bad(&format!("unsupported hash '{}' or cipher '{}'", meta.hash, enc.aead)));
     }
     Ok(())
@@ -254,6 +258,18 @@ impl Store {
     /// `AlreadyExists`; `KeyFile` when the key file exists or cannot be
     /// written (the store is then not created); `Io`.
     pub fn init_encrypted_with_backend(backend: Box<dyn Backend>, opts: &InitOptions, key: &NewKey<'_>) -> Result<Store> {
+        Store::init_encrypted_format(backend, opts, key, STORE_VERSION_ENCRYPTED_AES)
+    }
+
+    /// As [`Store::init_encrypted_with_backend`], but a store of format 2
+    /// (XChaCha20-Poly1305), as blockvault wrote before format 3: for the
+    /// tests that check such stores still open, read and take backups.
+    #[doc(hidden)]
+    pub fn init_encrypted_format2_with_backend(backend: Box<dyn Backend>, opts: &InitOptions, key: &NewKey<'_>) -> Result<Store> {
+        Store::init_encrypted_format(backend, opts, key, STORE_VERSION_ENCRYPTED)
+    }
+
+    fn init_encrypted_format(backend: Box<dyn Backend>, opts: &InitOptions, key: &NewKey<'_>, format: u32) -> Result<Store> {
         format::check_block_size(opts.default_block_size)?;
         if backend.object_exists(META_KEY)? {
             return Err(Error::AlreadyExists { path: backend.location().to_path_buf() });
@@ -264,13 +280,15 @@ impl Store {
         let slot = crypto::make_slot(&uuid, &dk, &kf, key.passphrase)?;
         kf.write_new()?;
         let mut meta = StoreMeta {
-            format: STORE_VERSION_ENCRYPTED,
+            format,
             uuid,
             created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             hash: KEYED_HASH_NAME.into(),
             codec: "zstd".into(),
             default_block_size: opts.default_block_size,
-            encryption: Some(EncryptionMeta { aead: AEAD_NAME.into(), key_check: dk.key_check(), slots: vec![slot], mac: String::new() }),
+            encryption: Some(EncryptionMeta {
+                aead: if format == STORE_VERSION_ENCRYPTED { AEAD_NAME } else { AEAD_AES_NAME }.into(),
+                key_check: dk.key_check(), slots: vec![slot], mac: String::new() }),
         };
         let mac = dk.meta_mac(&mac_input(&meta));
         meta.encryption.as_mut().expect("just set").mac = mac;
@@ -283,7 +301,10 @@ impl Store {
         let (backend, sealed, hasher): (Box<dyn Backend>, _, ChunkHasher) = match &data_key {
             None => (Box::new(raw.clone()), None, ChunkHasher::Plain),
             Some(dk) => {
-                let sealed = Arc::new(SealedBackend::new(raw.clone(), dk.sealer(), PLAIN_OBJECTS));
+                let aead = meta.encryption.as_ref().map_or("", |e| e.aead.as_str());
+                // checked by authenticate_meta (or just written by init)
+                let sealer = dk.sealer_for(aead).expect("a known cipher");
+                let sealed = Arc::new(SealedBackend::new(raw.clone(), sealer, PLAIN_OBJECTS));
                 (Box::new(sealed.clone()), Some(sealed), ChunkHasher::Keyed(dk.chunk_id_key()))
             }
         };
@@ -1162,6 +1183,51 @@ mod encryption_tests {
         assert!(!emem.chunk_exists(&plain_ready.id).unwrap());
         let err = s.put_ready_chunk(&ready).unwrap_err().to_string();
         assert!(err.contains("is encrypted"), "{err}");
+    }
+
+    #[test]
+    fn new_stores_are_aes_format3_and_format2_stores_still_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = b"block of format two ".repeat(3000);
+        for (n, format2) in [(0, false), (1, true)] {
+            let kf = dir.path().join(format!("key{n}"));
+            let mem = Arc::new(MemoryBackend::new());
+            let key = NewKey { key_file: &kf, passphrase: None };
+            let s = if format2 {
+                Store::init_encrypted_format2_with_backend(Box::new(mem.clone()), &InitOptions::default(), &key)
+            } else {
+                Store::init_encrypted_with_backend(Box::new(mem.clone()), &InitOptions::default(), &key)
+            }
+            .unwrap();
+            let (format, aead, version) =
+                if format2 { (2, AEAD_NAME, crypto::SEAL_VERSION) } else { (3, AEAD_AES_NAME, crypto::SEAL_VERSION_AES) };
+            assert_eq!(s.meta().format, format);
+            assert_eq!(s.meta().encryption.as_ref().unwrap().aead, aead);
+            let id = s.chunk_id(&data);
+            s.put_ready_chunk(&s.prepare_chunk(chunk::encode(&data, id, 3, None).unwrap())).unwrap();
+            s.backend().put_object("backups/x.verify", b"{}").unwrap();
+            s.sync().unwrap();
+            drop(s);
+            // the objects below carry the format's seal version
+            let mut raw = Vec::new();
+            mem.get_chunk(&id, &mut raw).unwrap();
+            assert_eq!(raw[raw.len() - 5], version);
+            let obj = mem.get_object("backups/x.verify", 1000).unwrap().unwrap();
+            assert_eq!(obj[obj.len() - 5], version);
+            // reopened: reads what it wrote, and a meta claiming the other cipher is refused
+            let unlock = Unlock { key_file: Some(&kf), passphrase: &pass("") };
+            let s = Store::with_backend_unlocked(Box::new(mem.clone()), &unlock).unwrap();
+            let (mut scratch, mut out) = (Vec::new(), Vec::new());
+            s.load_chunk(&id, &mut scratch, &mut out).unwrap();
+            assert_eq!(out, data);
+            assert_eq!(s.backend().get_object("backups/x.verify", 1000).unwrap().unwrap(), b"{}");
+            drop(s);
+            let mut meta = read_meta(&*mem).unwrap();
+            meta.format = if format2 { 3 } else { 2 };
+            mem.put_object(META_KEY, &serde_json::to_vec(&meta).unwrap()).unwrap();
+            let e = Store::with_backend_unlocked(Box::new(mem.clone()), &unlock).err().unwrap();
+            assert!(e.is_corruption(), "{e}");
+        }
     }
 
     #[test]
