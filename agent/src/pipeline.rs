@@ -1,8 +1,13 @@
 //! The backup pipeline:
 //!
 //! ```text
-//! plan ─▶ read ×R ─▶ zero-check + hash + compress ×N ─▶ chunk write ─▶ collector (block map)
+//! plan ─▶ read ×R ─▶ zero-check + hash + compress (+ seal) ×N ─▶ chunk write ─▶ collector (block map)
 //! ```
+//!
+//! In an encrypted store the hash workers also seal each new chunk
+//! ([`Store::prepare_chunk`]), in place, so the CPU-heavy encryption runs
+//! on all N workers and the single writer thread only writes (it used to
+//! seal inside `put_chunk`, serialising the cipher with the writes).
 //!
 //! Stages are threads joined by bounded channels, so memory stays bounded
 //! whatever the image size: at most `buffers` plaintext blocks plus the
@@ -16,7 +21,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Mutex;
 
 use anyhow::{Context, Result};
-use blockvault_store::{chunk, BackupStats, BlockMap, ChunkId, EncodedChunk, Store};
+use blockvault_store::{chunk, BackupStats, BlockMap, ChunkId, ReadyChunk, Store};
 use crossbeam_channel::{bounded, Sender};
 
 use crate::plan::BlockAction;
@@ -52,11 +57,11 @@ struct Work {
     read: BlockRead,
 }
 
-/// A new chunk for the writer.
+/// A new chunk for the writer, sealed already in an encrypted store.
 struct Write {
     block: usize,
     read: BlockRead,
-    enc: EncodedChunk,
+    enc: ReadyChunk,
 }
 
 /// A finished block, for the collector.
@@ -161,12 +166,13 @@ pub fn run(
             WorkerPool::spawn(s, &stop, "chunk writer", 1, workers * WRITE_QUEUE_PER_WORKER, || (), move |_, w: Write| {
                 let Write { block, read, enc } = w;
                 let written = store
-                    .put_chunk(&enc)
+                    .put_ready_chunk(&enc)
                     .with_context(|| format!("writing chunk {} (block {block}) to store {}", enc.id, store.root().display()))?;
                 // per chunk, so trace only (the macro checks the level first)
-                tracing::trace!(block, chunk = %enc.id, bytes = enc.bytes.len(), written, "chunk write");
+                tracing::trace!(block, chunk = %enc.id, bytes = enc.stored_len(), written, "chunk write");
                 let outcome = if written {
-                    Outcome::New { id: enc.id, stored: enc.bytes.len() as u64, plain: enc.plain_len as u64 }
+                    // the encoded length, as before sealing: stats mean the same in both kinds of store
+                    Outcome::New { id: enc.id, stored: enc.encoded_len as u64, plain: enc.plain_len as u64 }
                 } else {
                     Outcome::Dedup(enc.id)
                 };
@@ -289,7 +295,7 @@ enum Step {
     /// Nothing to write: report straight to the collector.
     Report(Outcome),
     /// A new chunk for the writer.
-    Write(EncodedChunk),
+    Write(ReadyChunk),
 }
 
 fn process(
@@ -312,5 +318,6 @@ fn process(
         return Ok(Step::Report(Outcome::Dedup(id)));
     }
     let enc = chunk::encode(buf, id, level, compressor).with_context(|| format!("encoding block {block}"))?;
-    Ok(Step::Write(enc))
+    // sealed here, on this worker, not in the single writer thread
+    Ok(Step::Write(store.prepare_chunk(enc)))
 }

@@ -43,6 +43,9 @@ pub fn encode(plain: &[u8], id: ChunkId, level: i32, compressor: Option<&mut zst
             reason: format!("{} bytes is more than a chunk can hold ({MAX_CHUNK_PLAIN_LEN})", plain.len()),
         });
     }
+    // The spare 64 bytes leave room for the seal trailer of an encrypted
+    // store (crate::crypto::SEAL_OVERHEAD), so sealing in place
+    // (Store::prepare_chunk) never reallocates a raw 4 MiB chunk.
     let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + plain.len() + 64);
     out.resize(CHUNK_HEADER_LEN, 0);
     let mut codec = CODEC_RAW;

@@ -10,8 +10,9 @@
 //! blake3's `derive_key` makes every key the store uses, each with its own
 //! context string, so no key serves two purposes:
 //!
-//! * the **seal key** of XChaCha20-Poly1305, which seals every chunk and
-//!   every metadata object but the store meta ([`Sealer`]);
+//! * the **seal key**, which seals every chunk and every metadata object
+//!   but the store meta ([`Sealer`]): AES-256-GCM in a store of format 3
+//!   (every new one), XChaCha20-Poly1305 in one of format 2;
 //! * the **chunk id key**: chunk ids are blake3 keyed with it
 //!   ([`crate::id::ChunkHasher`]), so equal data in two stores gets
 //!   different ids and nobody without the key can test whether the store
@@ -28,6 +29,18 @@
 //! chunk id, or the object key), so an object copied over another one fails
 //! to open. The trailer is at the end so that a chunk read into a buffer
 //! opens in place without moving 4 MiB.
+//!
+//! The version byte names the cipher, one per store (its meta's `aead`):
+//! * **1**, `xchacha20poly1305` (store format 2): XChaCha20-Poly1305 with
+//!   the seal key and the 24-byte nonce.
+//! * **2**, `aes256gcm-subkey` (store format 3): AES-256-GCM under a key of
+//!   its own per object, `blake3::keyed_hash(seal key, nonce)`, with the
+//!   nonce's last 12 bytes as the GCM nonce. A fresh key per object lifts
+//!   GCM's limit of 2^32 random 96-bit nonces per key, as XChaCha's 192-bit
+//!   nonce does. Chosen for speed: on AES-NI/VAES hardware it seals about
+//!   8 times as fast as the portable XChaCha20-Poly1305 (`bench/crypt.sh`
+//!   and the README's figures), which made encrypted backups of
+//!   incompressible data 1.5 times as slow as plain ones.
 
 use std::fmt;
 use std::io::Write as _;
@@ -43,15 +56,20 @@ use crate::error::{Error, Result};
 
 /// Magic at the end of a sealed object.
 pub const SEAL_MAGIC: [u8; 4] = *b"BVSL";
-/// Version of the sealed object layout.
+/// Version of the sealed object layout of an XChaCha20-Poly1305 store
+/// (format 2).
 pub const SEAL_VERSION: u8 = 1;
+/// Version of the sealed object layout of an AES-256-GCM store (format 3).
+pub const SEAL_VERSION_AES: u8 = 2;
 const TAG_LEN: usize = 16;
 const NONCE_LEN: usize = 24;
 /// Bytes a sealed object has beyond its plaintext.
 pub const SEAL_OVERHEAD: usize = TAG_LEN + NONCE_LEN + 1 + SEAL_MAGIC.len();
 
-/// Name of the AEAD in the store meta.
+/// Name of the AEAD of a format-2 store in the store meta.
 pub const AEAD_NAME: &str = "xchacha20poly1305";
+/// Name of the AEAD of a format-3 store (every new one) in the store meta.
+pub const AEAD_AES_NAME: &str = "aes256gcm-subkey";
 /// Name of the chunk hash of an encrypted store in the store meta.
 pub const KEYED_HASH_NAME: &str = "blake3-keyed";
 
@@ -101,9 +119,19 @@ impl DataKey {
         Zeroizing::new(blake3::derive_key(ctx, &*self.key))
     }
 
-    /// The sealer of every object of the store.
+    /// The XChaCha20-Poly1305 sealer of the store's objects (format 2).
     pub fn sealer(&self) -> Sealer {
         Sealer::new(&self.derive(CTX_SEAL))
+    }
+
+    /// The sealer of the store's objects for the meta's `aead` name
+    /// ([`AEAD_NAME`] or [`AEAD_AES_NAME`]); `None` for another name.
+    pub fn sealer_for(&self, aead: &str) -> Option<Sealer> {
+        match aead {
+            AEAD_NAME => Some(self.sealer()),
+            AEAD_AES_NAME => Some(Sealer::new_aes(&self.derive(CTX_SEAL))),
+            _ => None,
+        }
     }
 
     /// The key chunk ids are hashed with.
@@ -122,9 +150,27 @@ impl DataKey {
     }
 }
 
-/// Seals and opens objects with XChaCha20-Poly1305 (layout in the module docs).
+/// Seals and opens objects with one store's cipher (layout in the module docs).
 pub struct Sealer {
-    aead: XChaCha20Poly1305,
+    cipher: Cipher,
+}
+
+enum Cipher {
+    XChaCha(XChaCha20Poly1305),
+    /// The seal key: each object's AES key is derived from it and its nonce.
+    Aes(Zeroizing<[u8; 32]>),
+}
+
+fn aes_key(seal_key: &[u8; 32], nonce: &[u8; NONCE_LEN]) -> ring::aead::LessSafeKey {
+    let k = Zeroizing::new(*blake3::keyed_hash(seal_key, nonce).as_bytes());
+    let unbound = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &*k).expect("a 32-byte key is an AES-256 key");
+    ring::aead::LessSafeKey::new(unbound)
+}
+
+fn gcm_nonce(nonce: &[u8; NONCE_LEN]) -> ring::aead::Nonce {
+    let n: [u8; 12] = nonce[NONCE_LEN - 12..].try_into().expect("12 bytes");
+    // unique: the object's key is derived from the whole 24-byte nonce
+    ring::aead::Nonce::assume_unique_for_key(n)
 }
 
 impl fmt::Debug for Sealer {
@@ -135,23 +181,54 @@ impl fmt::Debug for Sealer {
 
 impl Sealer {
     fn new(key: &[u8; 32]) -> Sealer {
-        Sealer { aead: XChaCha20Poly1305::new(key.into()) }
+        Sealer { cipher: Cipher::XChaCha(XChaCha20Poly1305::new(key.into())) }
+    }
+
+    fn new_aes(key: &[u8; 32]) -> Sealer {
+        Sealer { cipher: Cipher::Aes(Zeroizing::new(*key)) }
+    }
+
+    /// The version byte of the objects this sealer writes and opens.
+    pub fn version(&self) -> u8 {
+        match self.cipher {
+            Cipher::XChaCha(_) => SEAL_VERSION,
+            Cipher::Aes(_) => SEAL_VERSION_AES,
+        }
     }
 
     /// Seals `plain` for the name `ad`, under a fresh random nonce.
     pub fn seal(&self, ad: &[u8], plain: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(plain.len() + SEAL_OVERHEAD);
         out.extend_from_slice(plain);
-        let nonce: [u8; NONCE_LEN] = random();
-        let tag = self
-            .aead
-            .encrypt_in_place_detached(XNonce::from_slice(&nonce), ad, &mut out)
-            .expect("XChaCha20-Poly1305 seals any length an object can have");
-        out.extend_from_slice(&tag);
-        out.extend_from_slice(&nonce);
-        out.push(SEAL_VERSION);
-        out.extend_from_slice(&SEAL_MAGIC);
+        self.seal_in_place(ad, &mut out);
         out
+    }
+
+    /// Seals the plaintext in `buf` in place for the name `ad`, under a
+    /// fresh random nonce: `buf` then holds the sealed object (the same
+    /// bytes [`Sealer::seal`] returns). Nothing is copied; when `buf` has
+    /// [`SEAL_OVERHEAD`] bytes of spare capacity, nothing is reallocated
+    /// either (a 4 MiB chunk would otherwise be moved for its 45-byte
+    /// trailer).
+    pub fn seal_in_place(&self, ad: &[u8], buf: &mut Vec<u8>) {
+        let nonce: [u8; NONCE_LEN] = random();
+        let tag: [u8; TAG_LEN] = match &self.cipher {
+            Cipher::XChaCha(aead) => aead
+                .encrypt_in_place_detached(XNonce::from_slice(&nonce), ad, buf)
+                .expect("XChaCha20-Poly1305 seals any length an object can have")
+                .into(),
+            Cipher::Aes(key) => {
+                let t = aes_key(key, &nonce)
+                    .seal_in_place_separate_tag(gcm_nonce(&nonce), ring::aead::Aad::from(ad), buf)
+                    .expect("AES-256-GCM seals any length an object can have");
+                t.as_ref().try_into().expect("a 16-byte tag")
+            }
+        };
+        buf.reserve_exact(SEAL_OVERHEAD);
+        buf.extend_from_slice(&tag);
+        buf.extend_from_slice(&nonce);
+        buf.push(self.version());
+        buf.extend_from_slice(&SEAL_MAGIC);
     }
 
     /// Opens a sealed object in place: `buf` then holds the plaintext.
@@ -168,15 +245,28 @@ impl Sealer {
         if buf[n - 4..] != SEAL_MAGIC {
             return Err("authentication failed: no seal trailer (truncated, or not written sealed)".into());
         }
-        if buf[n - 5] != SEAL_VERSION {
-            return Err(format!("authentication failed: unknown sealed object version {} (truncated?)", buf[n - 5]));
+        if buf[n - 5] != self.version() {
+            return Err(format!(
+                "authentication failed: sealed object version {}, this store's objects are version {} (truncated, or another store's?)",
+                buf[n - 5],
+                self.version()
+            ));
         }
         let body = n - SEAL_OVERHEAD;
-        let tag = Tag::clone_from_slice(&buf[body..body + TAG_LEN]);
-        let nonce = XNonce::clone_from_slice(&buf[body + TAG_LEN..body + TAG_LEN + NONCE_LEN]);
-        self.aead
-            .decrypt_in_place_detached(&nonce, ad, &mut buf[..body], &tag)
-            .map_err(|_| "authentication failed: the object was altered, truncated, or is another object's".to_string())?;
+        let failed = || "authentication failed: the object was altered, truncated, or is another object's".to_string();
+        let nonce: [u8; NONCE_LEN] = buf[body + TAG_LEN..body + TAG_LEN + NONCE_LEN].try_into().expect("24 bytes");
+        match &self.cipher {
+            Cipher::XChaCha(aead) => {
+                let tag = Tag::clone_from_slice(&buf[body..body + TAG_LEN]);
+                aead.decrypt_in_place_detached(XNonce::from_slice(&nonce), ad, &mut buf[..body], &tag).map_err(|_| failed())?;
+            }
+            Cipher::Aes(key) => {
+                // ring opens `ciphertext | tag` in place
+                aes_key(key, &nonce)
+                    .open_in_place(gcm_nonce(&nonce), ring::aead::Aad::from(ad), &mut buf[..body + TAG_LEN])
+                    .map_err(|_| failed())?;
+            }
+        }
         buf.truncate(body);
         Ok(())
     }
@@ -483,7 +573,21 @@ mod tests {
 
     #[test]
     fn seal_roundtrip_and_every_tamper_fails() {
-        let s = DataKey::generate().sealer();
+        let dk = DataKey::generate();
+        for s in [dk.sealer(), dk.sealer_for(AEAD_AES_NAME).unwrap()] {
+            tamper_checks(&s);
+        }
+        // one store's cipher never opens the other's objects
+        let sealed = dk.sealer().seal(b"n", b"object");
+        let e = dk.sealer_for(AEAD_AES_NAME).unwrap().open_in_place(b"n", &mut sealed.clone()).unwrap_err();
+        assert!(e.contains("version 1"), "{e}");
+        let sealed = dk.sealer_for(AEAD_AES_NAME).unwrap().seal(b"n", b"object");
+        assert_eq!(sealed[sealed.len() - 5], SEAL_VERSION_AES);
+        assert!(dk.sealer().open_in_place(b"n", &mut sealed.clone()).is_err());
+        assert!(dk.sealer_for("rot13").is_none());
+    }
+
+    fn tamper_checks(s: &Sealer) {
         let plain = b"the manifest of backup 12".to_vec();
         let sealed = s.seal(b"name-a", &plain);
         assert_eq!(sealed.len(), plain.len() + SEAL_OVERHEAD);
@@ -507,9 +611,40 @@ mod tests {
         }
         // another key
         let mut b = sealed.clone();
-        assert!(DataKey::generate().sealer().open_in_place(b"name-a", &mut b).is_err());
+        let name = if s.version() == SEAL_VERSION_AES { AEAD_AES_NAME } else { AEAD_NAME };
+        assert!(DataKey::generate().sealer_for(name).unwrap().open_in_place(b"name-a", &mut b).is_err());
         // two seals of the same bytes differ (fresh nonce)
         assert_ne!(s.seal(b"name-a", &plain), sealed);
+    }
+
+    #[test]
+    fn seal_in_place_opens_like_seal_and_does_not_reallocate() {
+        let dk = DataKey::generate();
+        for s in [dk.sealer(), dk.sealer_for(AEAD_AES_NAME).unwrap()] {
+            in_place_checks(&s);
+        }
+    }
+
+    fn in_place_checks(s: &Sealer) {
+        let plain: Vec<u8> = (0..100_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        let mut buf = Vec::with_capacity(plain.len() + SEAL_OVERHEAD);
+        buf.extend_from_slice(&plain);
+        let before = buf.as_ptr();
+        s.seal_in_place(b"chunk 1", &mut buf);
+        assert_eq!(buf.as_ptr(), before, "sealing within the spare capacity moved the buffer");
+        assert_eq!(buf.len(), plain.len() + SEAL_OVERHEAD);
+        assert_ne!(&buf[..plain.len()], &plain[..]);
+        // opens with the same code path as a sealed copy, for its name only
+        let mut other = buf.clone();
+        assert!(s.open_in_place(b"chunk 2", &mut other).is_err());
+        s.open_in_place(b"chunk 1", &mut buf).unwrap();
+        assert_eq!(buf, plain);
+        // without spare capacity it still seals (one reallocation)
+        let mut tight = plain.clone();
+        tight.shrink_to_fit();
+        s.seal_in_place(b"x", &mut tight);
+        s.open_in_place(b"x", &mut tight).unwrap();
+        assert_eq!(tight, plain);
     }
 
     #[test]

@@ -78,6 +78,12 @@ pub const STORE_VERSION: u32 = 1;
 /// keyed blake3, and an `encryption` record in the meta. A format-1 reader
 /// refuses it on the version alone.
 pub const STORE_VERSION_ENCRYPTED: u32 = 2;
+/// Version of an encrypted store whose objects are sealed with AES-256-GCM
+/// (sealed object version 2, [`crate::crypto`]) instead of format 2's
+/// XChaCha20-Poly1305; otherwise format 2. Every new encrypted store. A
+/// format-2 reader refuses it on the version alone; format-2 stores are
+/// still read and written, with their own cipher.
+pub const STORE_VERSION_ENCRYPTED_AES: u32 = 3;
 /// Name of the file that marks a directory as a store.
 pub const STORE_MARKER: &str = "blockvault-store.json";
 

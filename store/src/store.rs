@@ -16,8 +16,8 @@ use crate::blockmap::BlockMap;
 use crate::chunk::{self, EncodedChunk};
 use crate::error::{Error, Result};
 use crate::backend::sealed::SealedBackend;
-use crate::crypto::{self, DataKey, EncryptionMeta, KeyFile, KeySlot, AEAD_NAME, KEYED_HASH_NAME};
-use crate::format::{self, STORE_MARKER, STORE_VERSION, STORE_VERSION_ENCRYPTED};
+use crate::crypto::{self, DataKey, EncryptionMeta, KeyFile, KeySlot, AEAD_AES_NAME, AEAD_NAME, KEYED_HASH_NAME};
+use crate::format::{self, STORE_MARKER, STORE_VERSION, STORE_VERSION_ENCRYPTED, STORE_VERSION_ENCRYPTED_AES};
 use crate::id::ChunkHasher;
 use zeroize::Zeroizing;
 use crate::manifest::Manifest;
@@ -99,10 +99,34 @@ pub struct Store {
     backend: Box<dyn Backend>,
     /// The backend as it is (sealed bytes in an encrypted store).
     raw: Arc<dyn Backend>,
+    /// The sealing view `backend` is, in an encrypted store: for chunks
+    /// sealed by the caller's thread ([`Store::prepare_chunk`]).
+    sealed: Option<Arc<SealedBackend>>,
     meta: StoreMeta,
     hasher: ChunkHasher,
     data_key: Option<DataKey>,
     poisoned: AtomicBool,
+}
+
+/// A chunk in the form its store keeps it ([`Store::prepare_chunk`]):
+/// sealed in an encrypted store, the encoded chunk itself otherwise.
+#[derive(Debug)]
+pub struct ReadyChunk {
+    pub id: ChunkId,
+    /// Length of the block it holds.
+    pub plain_len: usize,
+    /// Length of the encoded chunk (header and payload) before any sealing,
+    /// as [`EncodedChunk::bytes`] had it.
+    pub encoded_len: usize,
+    bytes: Vec<u8>,
+    sealed: bool,
+}
+
+impl ReadyChunk {
+    /// The bytes as stored.
+    pub fn stored_len(&self) -> usize {
+        self.bytes.len()
+    }
 }
 
 /// Key of the store meta object.
@@ -132,12 +156,12 @@ pub fn read_meta(backend: &dyn Backend) -> Result<StoreMeta> {
     let meta: StoreMeta =
         serde_json::from_slice(&bytes).map_err(|e| Error::CorruptFile { path: marker.clone(), reason: e.to_string() })?;
     match (meta.format, &meta.encryption) {
-        (STORE_VERSION, None) | (STORE_VERSION_ENCRYPTED, Some(_)) => Ok(meta),
-        (STORE_VERSION, Some(_)) | (STORE_VERSION_ENCRYPTED, None) => Err(Error::CorruptFile {
+        (STORE_VERSION, None) | (STORE_VERSION_ENCRYPTED | STORE_VERSION_ENCRYPTED_AES, Some(_)) => Ok(meta),
+        (STORE_VERSION, Some(_)) | (STORE_VERSION_ENCRYPTED | STORE_VERSION_ENCRYPTED_AES, None) => Err(Error::CorruptFile {
             path: marker,
             reason: format!("format {} with{} encryption settings", meta.format, if meta.encryption.is_some() { "" } else { "out" }),
         }),
-        (found, _) => Err(Error::UnsupportedVersion { path: marker, found, supported: STORE_VERSION_ENCRYPTED }),
+        (found, _) => Err(Error::UnsupportedVersion { path: marker, found, supported: STORE_VERSION_ENCRYPTED_AES }),
     }
 }
 
@@ -161,7 +185,11 @@ fn authenticate_meta(marker: &Path, meta: &StoreMeta, dk: &DataKey) -> Result<()
     if dk.meta_mac(&mac_input(meta)) != enc.mac {
         return Err(bad("the store meta was altered: its MAC does not match"));
     }
-    if meta.hash != KEYED_HASH_NAME || enc.aead != AEAD_NAME {
+    let aead_of_format = match meta.format {
+        STORE_VERSION_ENCRYPTED => AEAD_NAME,
+        _ => AEAD_AES_NAME,
+    };
+    if meta.hash != KEYED_HASH_NAME || enc.aead != aead_of_format {
         return Err(bad(&format!("unsupported hash '{}' or cipher '{}'", meta.hash, enc.aead)));
     }
     Ok(())
@@ -234,6 +262,18 @@ impl Store {
     /// `AlreadyExists`; `KeyFile` when the key file exists or cannot be
     /// written (the store is then not created); `Io`.
     pub fn init_encrypted_with_backend(backend: Box<dyn Backend>, opts: &InitOptions, key: &NewKey<'_>) -> Result<Store> {
+        Store::init_encrypted_format(backend, opts, key, STORE_VERSION_ENCRYPTED_AES)
+    }
+
+    /// As [`Store::init_encrypted_with_backend`], but a store of format 2
+    /// (XChaCha20-Poly1305), as blockvault wrote before format 3: for the
+    /// tests that check such stores still open, read and take backups.
+    #[doc(hidden)]
+    pub fn init_encrypted_format2_with_backend(backend: Box<dyn Backend>, opts: &InitOptions, key: &NewKey<'_>) -> Result<Store> {
+        Store::init_encrypted_format(backend, opts, key, STORE_VERSION_ENCRYPTED)
+    }
+
+    fn init_encrypted_format(backend: Box<dyn Backend>, opts: &InitOptions, key: &NewKey<'_>, format: u32) -> Result<Store> {
         format::check_block_size(opts.default_block_size)?;
         if backend.object_exists(META_KEY)? {
             return Err(Error::AlreadyExists { path: backend.location().to_path_buf() });
@@ -244,13 +284,15 @@ impl Store {
         let slot = crypto::make_slot(&uuid, &dk, &kf, key.passphrase)?;
         kf.write_new()?;
         let mut meta = StoreMeta {
-            format: STORE_VERSION_ENCRYPTED,
+            format,
             uuid,
             created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             hash: KEYED_HASH_NAME.into(),
             codec: "zstd".into(),
             default_block_size: opts.default_block_size,
-            encryption: Some(EncryptionMeta { aead: AEAD_NAME.into(), key_check: dk.key_check(), slots: vec![slot], mac: String::new() }),
+            encryption: Some(EncryptionMeta {
+                aead: if format == STORE_VERSION_ENCRYPTED { AEAD_NAME } else { AEAD_AES_NAME }.into(),
+                key_check: dk.key_check(), slots: vec![slot], mac: String::new() }),
         };
         let mac = dk.meta_mac(&mac_input(&meta));
         meta.encryption.as_mut().expect("just set").mac = mac;
@@ -260,14 +302,17 @@ impl Store {
     }
 
     fn from_parts(raw: Arc<dyn Backend>, meta: StoreMeta, data_key: Option<DataKey>) -> Store {
-        let (backend, hasher): (Box<dyn Backend>, ChunkHasher) = match &data_key {
-            None => (Box::new(raw.clone()), ChunkHasher::Plain),
-            Some(dk) => (
-                Box::new(SealedBackend::new(raw.clone(), dk.sealer(), PLAIN_OBJECTS)),
-                ChunkHasher::Keyed(dk.chunk_id_key()),
-            ),
+        let (backend, sealed, hasher): (Box<dyn Backend>, _, ChunkHasher) = match &data_key {
+            None => (Box::new(raw.clone()), None, ChunkHasher::Plain),
+            Some(dk) => {
+                let aead = meta.encryption.as_ref().map_or("", |e| e.aead.as_str());
+                // checked by authenticate_meta (or just written by init)
+                let sealer = dk.sealer_for(aead).expect("a known cipher");
+                let sealed = Arc::new(SealedBackend::new(raw.clone(), sealer, PLAIN_OBJECTS));
+                (Box::new(sealed.clone()), Some(sealed), ChunkHasher::Keyed(dk.chunk_id_key()))
+            }
         };
-        Store { backend, raw, meta, hasher, data_key, poisoned: AtomicBool::new(false) }
+        Store { backend, raw, sealed, meta, hasher, data_key, poisoned: AtomicBool::new(false) }
     }
 
     /// Opens the existing store in directory `path`.
@@ -591,6 +636,45 @@ impl Store {
             return Err(Error::Poisoned);
         }
         let res = self.backend.put_chunk(&chunk.id, &chunk.bytes);
+        if res.is_err() {
+            self.poisoned.store(true, Ordering::Relaxed);
+        }
+        res
+    }
+
+    /// Turns an encoded chunk into the bytes the store keeps: sealed in
+    /// place in an encrypted store, as they are otherwise. CPU work (the
+    /// whole chunk is encrypted), so call it from a worker thread; then
+    /// [`Store::put_ready_chunk`] only writes.
+    pub fn prepare_chunk(&self, chunk: EncodedChunk) -> ReadyChunk {
+        let EncodedChunk { id, plain_len, mut bytes } = chunk;
+        let encoded_len = bytes.len();
+        if let Some(s) = &self.sealed {
+            s.seal_chunk(&id, &mut bytes);
+        }
+        ReadyChunk { id, plain_len, encoded_len, bytes, sealed: self.sealed.is_some() }
+    }
+
+    /// [`Store::put_chunk`] of a chunk [`Store::prepare_chunk`] made.
+    ///
+    /// # Errors
+    /// As [`Store::put_chunk`]; `InvalidSetting` for a chunk prepared by a
+    /// store of the other kind (encrypted or not).
+    pub fn put_ready_chunk(&self, chunk: &ReadyChunk) -> Result<bool> {
+        if self.poisoned.load(Ordering::Relaxed) {
+            return Err(Error::Poisoned);
+        }
+        // never store plaintext in an encrypted store, nor sealed bytes in a plain one
+        if chunk.sealed != self.sealed.is_some() {
+            return Err(Error::InvalidSetting {
+                key: "chunk",
+                reason: format!("chunk {} was prepared for a store that is{} encrypted", chunk.id, if chunk.sealed { "" } else { " not" }),
+            });
+        }
+        let res = match &self.sealed {
+            Some(s) => s.put_sealed_chunk(&chunk.id, &chunk.bytes),
+            None => self.backend.put_chunk(&chunk.id, &chunk.bytes),
+        };
         if res.is_err() {
             self.poisoned.store(true, Ordering::Relaxed);
         }
@@ -1113,6 +1197,102 @@ mod encryption_tests {
         mem.put_object(META_KEY, &serde_json::to_vec(&meta).unwrap()).unwrap();
         let e = open(&a, "two").err().unwrap();
         assert!(e.to_string().contains("altered"), "{e}");
+    }
+
+    #[test]
+    fn prepared_chunks_store_as_put_chunk_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = b"a block of an image ".repeat(5000);
+        let other = b"another block".repeat(7000);
+        // unencrypted: the stored bytes are the encoded chunk itself
+        let mem = Arc::new(MemoryBackend::new());
+        let s = Store::init_with_backend(Box::new(mem.clone()), &InitOptions::default()).unwrap();
+        let enc = chunk::encode(&data, s.chunk_id(&data), 3, None).unwrap();
+        let expect = enc.bytes.clone();
+        let ready = s.prepare_chunk(enc);
+        assert_eq!((ready.encoded_len, ready.stored_len()), (expect.len(), expect.len()));
+        assert!(s.put_ready_chunk(&ready).unwrap());
+        s.sync().unwrap();
+        let mut raw = Vec::new();
+        mem.get_chunk(&ready.id, &mut raw).unwrap();
+        assert_eq!(raw, expect);
+        let plain_ready = ready;
+
+        // encrypted: sealed, opens through the store, not below it
+        let kf = dir.path().join("key");
+        let emem = Arc::new(MemoryBackend::new());
+        let e = Store::init_encrypted_with_backend(Box::new(emem.clone()), &InitOptions::default(), &NewKey { key_file: &kf, passphrase: None })
+            .unwrap();
+        let id = e.chunk_id(&data);
+        let ready = e.prepare_chunk(chunk::encode(&data, id, 0, None).unwrap());
+        assert_eq!(ready.stored_len(), ready.encoded_len + crypto::SEAL_OVERHEAD);
+        assert!(e.put_ready_chunk(&ready).unwrap());
+        e.sync().unwrap();
+        assert!(!e.put_ready_chunk(&ready).unwrap(), "never rewritten");
+        // and one through the old path, side by side
+        let oid = e.chunk_id(&other);
+        e.put_chunk(&chunk::encode(&other, oid, 0, None).unwrap()).unwrap();
+        e.sync().unwrap();
+        let (mut scratch, mut out) = (Vec::new(), Vec::new());
+        e.load_chunk(&id, &mut scratch, &mut out).unwrap();
+        assert_eq!(out, data);
+        e.load_chunk(&oid, &mut scratch, &mut out).unwrap();
+        assert_eq!(out, other);
+        emem.get_chunk(&id, &mut raw).unwrap();
+        assert!(!raw.windows(19).any(|w| w == b"a block of an image"), "plaintext below the seal");
+        assert!(chunk::check_frame(&id, &raw).is_err());
+
+        // a chunk prepared by the other kind of store is refused, nothing written
+        let err = e.put_ready_chunk(&plain_ready).unwrap_err().to_string();
+        assert!(err.contains("not encrypted"), "{err}");
+        assert!(!emem.chunk_exists(&plain_ready.id).unwrap());
+        let err = s.put_ready_chunk(&ready).unwrap_err().to_string();
+        assert!(err.contains("is encrypted"), "{err}");
+    }
+
+    #[test]
+    fn new_stores_are_aes_format3_and_format2_stores_still_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = b"block of format two ".repeat(3000);
+        for (n, format2) in [(0, false), (1, true)] {
+            let kf = dir.path().join(format!("key{n}"));
+            let mem = Arc::new(MemoryBackend::new());
+            let key = NewKey { key_file: &kf, passphrase: None };
+            let s = if format2 {
+                Store::init_encrypted_format2_with_backend(Box::new(mem.clone()), &InitOptions::default(), &key)
+            } else {
+                Store::init_encrypted_with_backend(Box::new(mem.clone()), &InitOptions::default(), &key)
+            }
+            .unwrap();
+            let (format, aead, version) =
+                if format2 { (2, AEAD_NAME, crypto::SEAL_VERSION) } else { (3, AEAD_AES_NAME, crypto::SEAL_VERSION_AES) };
+            assert_eq!(s.meta().format, format);
+            assert_eq!(s.meta().encryption.as_ref().unwrap().aead, aead);
+            let id = s.chunk_id(&data);
+            s.put_ready_chunk(&s.prepare_chunk(chunk::encode(&data, id, 3, None).unwrap())).unwrap();
+            s.backend().put_object("backups/x.verify", b"{}").unwrap();
+            s.sync().unwrap();
+            drop(s);
+            // the objects below carry the format's seal version
+            let mut raw = Vec::new();
+            mem.get_chunk(&id, &mut raw).unwrap();
+            assert_eq!(raw[raw.len() - 5], version);
+            let obj = mem.get_object("backups/x.verify", 1000).unwrap().unwrap();
+            assert_eq!(obj[obj.len() - 5], version);
+            // reopened: reads what it wrote, and a meta claiming the other cipher is refused
+            let unlock = Unlock { key_file: Some(&kf), passphrase: &pass("") };
+            let s = Store::with_backend_unlocked(Box::new(mem.clone()), &unlock).unwrap();
+            let (mut scratch, mut out) = (Vec::new(), Vec::new());
+            s.load_chunk(&id, &mut scratch, &mut out).unwrap();
+            assert_eq!(out, data);
+            assert_eq!(s.backend().get_object("backups/x.verify", 1000).unwrap().unwrap(), b"{}");
+            drop(s);
+            let mut meta = read_meta(&*mem).unwrap();
+            meta.format = if format2 { 3 } else { 2 };
+            mem.put_object(META_KEY, &serde_json::to_vec(&meta).unwrap()).unwrap();
+            let e = Store::with_backend_unlocked(Box::new(mem.clone()), &unlock).err().unwrap();
+            assert!(e.is_corruption(), "{e}");
+        }
     }
 
     #[test]

@@ -119,7 +119,8 @@ fn marker_is_in_no_file_of_the_store() {
     assert!(found.is_empty(), "marker runs in {found:?}");
     // the meta is plain JSON and says the store is encrypted, never a key
     let meta = fs::read_to_string(env.store().join("blockvault-store.json")).unwrap();
-    assert!(meta.contains("\"format\": 2") && meta.contains("xchacha20poly1305"), "{meta}");
+    // format 3: AES-256-GCM (format-2 XChaCha20-Poly1305 stores still open: store unit tests)
+    assert!(meta.contains("\"format\": 3") && meta.contains("aes256gcm-subkey"), "{meta}");
 
     let plain = Env::new(&[], "");
     plain.write_config(&[("img", &format!("file:{}", img.display()))], "", "[defaults]\nblock-size = \"64K\"\n");
