@@ -1,7 +1,10 @@
 //! Block maps: one chunk id (or "zero") per fixed-size block of an image.
 
 use crate::error::{Error, Result};
-use crate::format::{check_block_size, BLOCKMAP_HEADER_LEN, BLOCKMAP_MAGIC, BLOCKMAP_VERSION, MAX_IMAGE_SIZE};
+use crate::format::{
+    check_block_size, BLOCKMAP_HEADER_LEN, BLOCKMAP_INDEXED_HEADER_LEN, BLOCKMAP_MAGIC, BLOCKMAP_VERSION,
+    BLOCKMAP_VERSION_INDEXED, INDEX_GROUP_BYTES, MAX_IMAGE_SIZE,
+};
 use crate::ChunkId;
 
 /// The block map of one backup, held in memory (32 bytes per block: 512 KiB
@@ -11,6 +14,9 @@ pub struct BlockMap {
     image_size: u64,
     block_size: u32,
     entries: Vec<Option<ChunkId>>,
+    /// The index chunks an indexed (version 2) map was read through; empty
+    /// for a version 1 map and for a map built in memory.
+    index: Vec<ChunkId>,
 }
 
 /// Number of blocks of an image.
@@ -38,7 +44,7 @@ impl BlockMap {
     /// A map of `image_size` bytes in which every block is zero.
     pub fn new_zeroed(image_size: u64, block_size: u32) -> Self {
         let n = block_count(image_size, block_size) as usize;
-        BlockMap { image_size, block_size, entries: vec![None; n] }
+        BlockMap { image_size, block_size, entries: vec![None; n], index: Vec::new() }
     }
 
     /// A map for a new version of the image, inheriting every block from
@@ -79,9 +85,10 @@ impl BlockMap {
         let len = (self.image_size - off).min(self.block_size as u64) as usize;
         (off, len)
     }
-    /// Distinct chunk ids referenced by this map.
+    /// Chunk ids referenced by this map (not deduplicated): the blocks'
+    /// chunks, then the index chunks it was read through.
     pub fn chunk_ids(&self) -> impl Iterator<Item = &ChunkId> {
-        self.entries.iter().flatten()
+        self.entries.iter().flatten().chain(self.index.iter())
     }
 
     /// Serialises the map (see `format` for the layout).
@@ -146,7 +153,183 @@ impl BlockMap {
                 (id != [0u8; 32]).then_some(ChunkId(id))
             })
             .collect();
-        Ok(BlockMap { image_size, block_size, entries })
+        Ok(BlockMap { image_size, block_size, entries, index: Vec::new() })
+    }
+
+    /// Blocks per index chunk when this map is written indexed, `None` when
+    /// it is written flat (version 1: blocks of [`INDEX_GROUP_BYTES`]).
+    pub fn index_fanout(&self) -> Option<u32> {
+        index_fanout(self.block_size)
+    }
+
+    /// The groups of entries an indexed map puts in one index chunk each.
+    pub fn index_groups(&self, fanout: u32) -> std::slice::Chunks<'_, Option<ChunkId>> {
+        self.entries.chunks(fanout as usize)
+    }
+
+    /// Index chunks this map was read through (version 2), for GC and verify.
+    pub fn index_chunks(&self) -> &[ChunkId] {
+        &self.index
+    }
+
+    /// Serialises an indexed map (version 2): `groups` holds the index
+    /// chunk id of each group of [`BlockMap::index_groups`] (`None`: every
+    /// block of it is zero).
+    pub fn encode_indexed(&self, fanout: u32, groups: &[Option<ChunkId>]) -> Vec<u8> {
+        assert_eq!(groups.len(), self.entries.len().div_ceil(fanout as usize), "one index chunk per group");
+        let mut out = Vec::with_capacity(BLOCKMAP_INDEXED_HEADER_LEN + groups.len() * 32 + 32);
+        out.extend_from_slice(&BLOCKMAP_MAGIC);
+        out.extend_from_slice(&BLOCKMAP_VERSION_INDEXED.to_le_bytes());
+        out.extend_from_slice(&self.block_size.to_le_bytes());
+        out.extend_from_slice(&self.image_size.to_le_bytes());
+        out.extend_from_slice(&(self.entries.len() as u64).to_le_bytes());
+        out.extend_from_slice(&fanout.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        for g in groups {
+            out.extend_from_slice(g.as_ref().map_or(&[0u8; 32], |id| id.as_bytes()));
+        }
+        let sum = blake3::hash(&out);
+        out.extend_from_slice(sum.as_bytes());
+        out
+    }
+
+    /// Parses and checks a serialised map of either version. `what` names
+    /// it in errors.
+    ///
+    /// # Errors
+    /// `CorruptFile` on a bad magic, version, size or checksum.
+    pub fn decode_any(what: &std::path::Path, bytes: &[u8]) -> Result<Decoded> {
+        let corrupt = |reason: String| Error::CorruptFile { path: what.to_path_buf(), reason };
+        if bytes.len() >= 12 && bytes[0..8] == BLOCKMAP_MAGIC {
+            let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
+            if version == BLOCKMAP_VERSION_INDEXED {
+                return IndexedMap::decode(what, bytes).map(Decoded::Indexed);
+            }
+        }
+        BlockMap::decode(what, bytes).map(Decoded::Flat).map_err(|e| match e {
+            Error::CorruptFile { reason, .. } => corrupt(reason),
+            e => e,
+        })
+    }
+}
+
+/// Blocks per index chunk for `block_size`, `None` for a flat map.
+pub fn index_fanout(block_size: u32) -> Option<u32> {
+    (block_size > 0 && block_size < INDEX_GROUP_BYTES).then(|| INDEX_GROUP_BYTES / block_size)
+}
+
+/// Largest encoded length of a map of this geometry, of either version (a
+/// read limit).
+///
+/// # Errors
+/// As [`encoded_len`].
+pub fn max_encoded_len(image_size: u64, block_size: u32) -> std::result::Result<u64, String> {
+    let flat = encoded_len(image_size, block_size)?;
+    let groups = match index_fanout(block_size) {
+        Some(f) => block_count(image_size, block_size).div_ceil(f as u64),
+        None => 0,
+    };
+    Ok(flat.max(BLOCKMAP_INDEXED_HEADER_LEN as u64 + groups * 32 + 32))
+}
+
+/// The plaintext of an index chunk: the group's entries, 32 bytes each.
+pub fn encode_index_chunk(group: &[Option<ChunkId>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(group.len() * 32);
+    for e in group {
+        out.extend_from_slice(e.as_ref().map_or(&[0u8; 32], |id| id.as_bytes()));
+    }
+    out
+}
+
+/// A block map as read from the store.
+#[derive(Debug)]
+pub enum Decoded {
+    /// Version 1: every entry in the map.
+    Flat(BlockMap),
+    /// Version 2: the entries are in index chunks, to be loaded.
+    Indexed(IndexedMap),
+}
+
+/// An indexed (version 2) block map before its index chunks are loaded.
+#[derive(Debug)]
+pub struct IndexedMap {
+    pub image_size: u64,
+    pub block_size: u32,
+    pub fanout: u32,
+    /// One index chunk id per group (`None`: every block of it is zero).
+    pub groups: Vec<Option<ChunkId>>,
+}
+
+impl IndexedMap {
+    fn decode(what: &std::path::Path, bytes: &[u8]) -> Result<IndexedMap> {
+        let corrupt = |reason: String| Error::CorruptFile { path: what.to_path_buf(), reason };
+        if bytes.len() < BLOCKMAP_INDEXED_HEADER_LEN + 32 {
+            return Err(corrupt(format!("truncated block map ({} bytes)", bytes.len())));
+        }
+        let (body, sum) = bytes.split_at(bytes.len() - 32);
+        if blake3::hash(body).as_bytes() != sum {
+            return Err(corrupt("block map checksum mismatch".into()));
+        }
+        let block_size = u32::from_le_bytes(body[12..16].try_into().unwrap());
+        let image_size = u64::from_le_bytes(body[16..24].try_into().unwrap());
+        encoded_len(image_size, block_size).map_err(corrupt)?;
+        let count = u64::from_le_bytes(body[24..32].try_into().unwrap());
+        if count != block_count(image_size, block_size) {
+            return Err(corrupt(format!("block count {count} does not match image size {image_size}")));
+        }
+        let fanout = u32::from_le_bytes(body[32..36].try_into().unwrap());
+        if Some(fanout) != index_fanout(block_size) {
+            return Err(corrupt(format!("fanout {fanout} does not fit block size {block_size}")));
+        }
+        if body[36..40] != [0u8; 4] {
+            return Err(corrupt("reserved header bytes are not zero".into()));
+        }
+        let groups = count.div_ceil(fanout as u64);
+        if (body.len() - BLOCKMAP_INDEXED_HEADER_LEN) as u64 != groups * 32 {
+            return Err(corrupt(format!("{} index bytes for {groups} groups", body.len() - BLOCKMAP_INDEXED_HEADER_LEN)));
+        }
+        let groups = body[BLOCKMAP_INDEXED_HEADER_LEN..]
+            .chunks_exact(32)
+            .map(|e| {
+                let id: [u8; 32] = e.try_into().unwrap();
+                (id != [0u8; 32]).then_some(ChunkId(id))
+            })
+            .collect();
+        Ok(IndexedMap { image_size, block_size, fanout, groups })
+    }
+
+    /// Entries in group `g`.
+    pub fn group_len(&self, g: usize) -> usize {
+        let count = block_count(self.image_size, self.block_size) as usize;
+        (count - g * self.fanout as usize).min(self.fanout as usize)
+    }
+
+    /// The full map, each index chunk's plaintext given by `load` (checked
+    /// against its id by the caller's store).
+    ///
+    /// # Errors
+    /// What `load` returns; `CorruptFile` (naming `what`) when an index
+    /// chunk holds the wrong number of bytes.
+    pub fn expand(self, what: &std::path::Path, mut load: impl FnMut(&ChunkId) -> Result<Vec<u8>>) -> Result<BlockMap> {
+        let mut map = BlockMap::new_zeroed(self.image_size, self.block_size);
+        for (g, id) in self.groups.iter().enumerate() {
+            let Some(id) = id else { continue };
+            let n = self.group_len(g);
+            let plain = load(id)?;
+            if plain.len() != n * 32 {
+                return Err(Error::CorruptFile {
+                    path: what.to_path_buf(),
+                    reason: format!("index chunk {id} of group {g} holds {} bytes, not {}", plain.len(), n * 32),
+                });
+            }
+            let first = g * self.fanout as usize;
+            for (i, e) in plain.chunks_exact(32).enumerate() {
+                let e: [u8; 32] = e.try_into().unwrap();
+                map.entries[first + i] = (e != [0u8; 32]).then_some(ChunkId(e));
+            }
+            map.index.push(*id);
+        }
+        Ok(map)
     }
 }
 

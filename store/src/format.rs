@@ -40,6 +40,31 @@
 //!
 //! The last block may be shorter than the block size; its chunk then holds
 //! only the bytes inside the image.
+//!
+//! Indexed block map (block map format version 2, written for block sizes
+//! below [`INDEX_GROUP_BYTES`]; version 1 maps stay readable): the blocks
+//! are taken in groups of `fanout` = `INDEX_GROUP_BYTES / block size`
+//! (64 blocks of 64 KiB), and each group's ids live in an *index chunk*,
+//! an ordinary chunk object (the layout above, id = hash of its plaintext)
+//! whose plaintext is the group's 32-byte entries (the last group may be
+//! shorter). The map itself holds one index chunk id per group: 32 bytes
+//! per 4 MiB of image whatever the block size, and an unchanged group
+//! keeps its index chunk, deduplicated like any chunk. Every backup still
+//! has a complete map: its own groups name every block through chunks the
+//! store holds. GC, verify and copy count the index chunks as chunks of the
+//! backup ([`crate::BlockMap::chunk_ids`]).
+//!
+//! | bytes          | field                                        |
+//! |----------------|----------------------------------------------|
+//! | 0..8           | magic `BVBLKMAP`                             |
+//! | 8..12          | block map format version (2)                 |
+//! | 12..16         | block size in bytes (u32, power of two)      |
+//! | 16..24         | image size in bytes (u64)                    |
+//! | 24..32         | block count (u64) = ceil(image size / block) |
+//! | 32..36         | fanout (u32) = INDEX_GROUP_BYTES / block size |
+//! | 36..40         | reserved, zero                               |
+//! | 40..40+32g     | one index chunk id per group, g = ceil(count / fanout); 32 zero bytes mean every block of the group is zero |
+//! | last 32 bytes  | blake3 of every byte before it               |
 
 use crate::error::{Error, Result};
 use crate::ChunkId;
@@ -61,6 +86,13 @@ pub const BLOCKMAP_MAGIC: [u8; 8] = *b"BVBLKMAP";
 pub const BLOCKMAP_VERSION: u32 = 1;
 /// Size of the block map header.
 pub const BLOCKMAP_HEADER_LEN: usize = 32;
+/// Version of the indexed block map layout (groups of blocks in index chunks).
+pub const BLOCKMAP_VERSION_INDEXED: u32 = 2;
+/// Size of the indexed block map header.
+pub const BLOCKMAP_INDEXED_HEADER_LEN: usize = 40;
+/// Bytes of image per index chunk of an indexed block map (RBD's default
+/// object size): maps of smaller blocks are written indexed.
+pub const INDEX_GROUP_BYTES: u32 = 4 * 1024 * 1024;
 
 /// Version of the manifest JSON document.
 pub const MANIFEST_VERSION: u32 = 1;

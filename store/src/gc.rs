@@ -428,7 +428,8 @@ mod tests {
         backup(&s, 1, &[live, live]);
         let plan = plan(&s, LiveSet::from_store(&s).unwrap(), &opts()).unwrap();
         assert_eq!(plan.garbage().iter().map(|g| g.0).collect::<Vec<_>>(), vec![old]);
-        assert_eq!((plan.stats.live_chunks, plan.stats.recent_chunks, plan.stats.missing_chunks), (1, 1, 0));
+        // live: `live` and the index chunk of backup 1's (indexed, 64 KiB blocks) map
+        assert_eq!((plan.stats.live_chunks, plan.stats.recent_chunks, plan.stats.missing_chunks), (2, 1, 0));
         let r = apply(&s, plan).unwrap();
         assert_eq!((r.removed_chunks, r.rescued_chunks), (1, 0));
         assert!(s.has_chunk(&live).unwrap() && s.has_chunk(&recent).unwrap());

@@ -791,14 +791,63 @@ impl Store {
         if self.backend.object_exists(&mkey)? {
             return Err(Error::BackupExists { id: manifest.id.0 });
         }
-        self.sync()?;
-        let enc = map.encode();
+        let enc = match map.index_fanout() {
+            None => {
+                self.sync()?;
+                map.encode()
+            }
+            Some(fanout) => {
+                let groups = self.put_index_chunks(map, fanout)?;
+                self.sync()?;
+                map.encode_indexed(fanout, &groups)
+            }
+        };
         manifest.blockmap_blake3 = blake3::hash(&enc).to_hex().to_string();
         manifest.image_size = map.image_size();
         manifest.block_size = map.block_size();
         self.backend.put_object(&backup_key(manifest.id, "blockmap"), &enc)?;
         let json = serde_json::to_vec_pretty(manifest).expect("manifest serialises");
         self.backend.put_object(&mkey, &json)
+    }
+
+    /// Stores the index chunks of an indexed block map (those the store
+    /// lacks; an unchanged group's chunk is already there) and returns their
+    /// ids, one per group. Durable after the next [`Store::sync`].
+    fn put_index_chunks(&self, map: &BlockMap, fanout: u32) -> Result<Vec<Option<ChunkId>>> {
+        let mut groups = Vec::with_capacity(map.len().div_ceil(fanout as usize));
+        for group in map.index_groups(fanout) {
+            if group.iter().all(Option::is_none) {
+                groups.push(None);
+                continue;
+            }
+            let plain = crate::blockmap::encode_index_chunk(group);
+            let id = self.chunk_id(&plain);
+            if !self.has_chunk(&id)? {
+                // ids are random bytes: stored raw
+                self.put_chunk(&chunk::encode(&plain, id, 0, None)?)?;
+            }
+            groups.push(Some(id));
+        }
+        Ok(groups)
+    }
+
+    /// Decodes a block map of either version, loading the index chunks of an
+    /// indexed one (each checked against its id).
+    fn decode_blockmap(&self, p: &Path, bytes: &[u8]) -> Result<BlockMap> {
+        match BlockMap::decode_any(p, bytes)? {
+            crate::blockmap::Decoded::Flat(m) => Ok(m),
+            crate::blockmap::Decoded::Indexed(ix) => {
+                let (mut raw, mut plain) = (Vec::new(), Vec::new());
+                ix.expand(p, |id| {
+                    self.load_chunk(id, &mut raw, &mut plain).map_err(|e| match e {
+                        // an I/O error stays one (it names the chunk object and the cause)
+                        e @ Error::Io { .. } => e,
+                        e => Error::CorruptFile { path: p.to_path_buf(), reason: format!("index chunk {id} does not load: {e}") },
+                    })?;
+                    Ok(std::mem::take(&mut plain))
+                })
+            }
+        }
     }
 
     /// Allocates the id of a new backup in the store: the lowest id above
@@ -913,14 +962,14 @@ impl Store {
     pub fn read_blockmap(&self, manifest: &Manifest) -> Result<BlockMap> {
         let key = backup_key(manifest.id, "blockmap");
         // the manifest's geometry bounds the read (checked against the map below)
-        let len = crate::blockmap::encoded_len(manifest.image_size, manifest.block_size)
+        let len = crate::blockmap::max_encoded_len(manifest.image_size, manifest.block_size)
             .map_err(|reason| Error::CorruptFile { path: self.backend.object_name(&backup_key(manifest.id, "json")), reason })?;
         let Some(bytes) = self.backend.get_object(&key, len)? else { return Err(Error::BackupMissing { id: manifest.id.0 }) };
         let p = self.backend.object_name(&key);
         if blake3::hash(&bytes).to_hex().as_str() != manifest.blockmap_blake3 {
             return Err(Error::CorruptFile { path: p, reason: "block map does not match its manifest's checksum".into() });
         }
-        let map = BlockMap::decode(&p, &bytes)?;
+        let map = self.decode_blockmap(&p, &bytes)?;
         if map.image_size() != manifest.image_size || map.block_size() != manifest.block_size {
             return Err(Error::CorruptFile { path: p, reason: "block map geometry differs from its manifest".into() });
         }
@@ -1077,10 +1126,10 @@ impl Store {
         let key = backup_key(id, "blockmap");
         let p = self.backend.object_name(&key);
         // the catalog's geometry bounds the read (checked against the map below)
-        let len = crate::blockmap::encoded_len(image_size, block_size)
+        let len = crate::blockmap::max_encoded_len(image_size, block_size)
             .map_err(|reason| Error::CorruptFile { path: p.clone(), reason })?;
         let Some(bytes) = self.backend.get_object(&key, len)? else { return Err(Error::BackupMissing { id: id.0 }) };
-        let map = BlockMap::decode(&p, &bytes)?;
+        let map = self.decode_blockmap(&p, &bytes)?;
         if map.image_size() != image_size || map.block_size() != block_size {
             return Err(Error::CorruptFile {
                 path: p,

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# bench/rbd-incr.sh IMAGE_GIB CHANGE_MIB REPS [fill|sparse] -- issue 13: one RBD incremental
+# of CHANGE_MIB of random 64 KiB writes (random data, so nothing deduplicates or
+# compresses) against the home-grown script flow, interleaved in each repetition:
+#   script: rbd snap create; rbd export-diff --from-snap PREV ... > /dev/null; rbd snap rm PREV
+#   zstd:   the same, piped to zstd -1 > file
+#   bv-4M:  blockvault backup, 4 MiB blocks (default)
+#   bv-64K: blockvault backup, block-size = "64K" (indexed block map)
+# Needs CEPH_CONF (tests/ceph/start-cluster.sh DIR) and BV (the blockvault binary,
+# default target/release/blockvault). Prints wall seconds and MiB read from the OSD
+# (osd.op_r_out_bytes of `ceph daemon osd.0 perf dump`) per step and repetition.
+set -euo pipefail
+GIB=${1:?usage: rbd-incr.sh IMAGE_GIB CHANGE_MIB REPS [fill|sparse]}; MIB=${2:?}; REPS=${3:?}; MODE=${4:-fill}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+BV=${BV:-$HERE/../target/release/blockvault}
+W=$(mktemp -d /var/tmp/bv-rbdincr.XXXXXX)
+IMG=bvincr-$$
+cleanup() { rbd snap purge rbd/$IMG >/dev/null 2>&1 || true; rbd rm --no-progress rbd/$IMG >/dev/null 2>&1 || true; rm -rf "$W"; }
+trap cleanup EXIT
+osd_read() { ceph daemon osd.0 perf dump | python3 -c 'import json,sys; print(json.load(sys.stdin)["osd"]["op_r_out_bytes"])'; }
+F="--image-feature layering,exclusive-lock,object-map,fast-diff"
+if [[ $MODE == fill ]]; then
+  head -c $((GIB << 30)) /dev/urandom | rbd import --no-progress $F - rbd/$IMG >/dev/null
+else
+  rbd create --size ${GIB}G $F rbd/$IMG
+fi
+for bs in 4M 64K; do
+  mkdir -p "$W/$bs"
+  printf '[store]\npath = "%s/%s/store"\n[catalog]\npath = "%s/%s/cat.sqlite"\n[[image]]\nname = "d"\nsource = "rbd:rbd/%s"\nblock-size = "%s"\n' \
+    "$W" "$bs" "$W" "$bs" "$IMG" "$bs" > "$W/$bs/c.toml"
+  "$BV" --config "$W/$bs/c.toml" -q init >/dev/null
+  "$BV" --config "$W/$bs/c.toml" -q --no-progress backup d >/dev/null
+done
+rbd snap create rbd/$IMG@s0; rbd snap create rbd/$IMG@z0
+step() { # name command...
+  local r0 r1 t0 t1; r0=$(osd_read); t0=$(date +%s.%N); "${@:2}" >/dev/null 2>&1; t1=$(date +%s.%N); r1=$(osd_read)
+  printf '%s rep %d %-7s wall %6.2f s  read %7.1f MiB\n' "$GIB GiB/$MIB MiB" "$rep" "$1" "$(echo "$t1 - $t0" | bc)" "$(echo "($r1 - $r0) / 1048576" | bc -l)"
+}
+for rep in $(seq 1 "$REPS"); do
+  /usr/bin/python3 -c "
+import os,random,rados,rbd
+c=rados.Rados(conffile=os.environ['CEPH_CONF']); c.connect(); io=c.open_ioctx('rbd'); im=rbd.Image(io,'$IMG')
+n=$MIB*16; blocks=($GIB<<30)//65536
+for b in random.sample(range(blocks), n): im.write(os.urandom(65536), b*65536)
+im.flush(); im.close(); io.close(); c.shutdown()"
+  p=$((rep - 1))
+  step script bash -c "rbd snap create rbd/$IMG@s$rep && rbd export-diff --no-progress --from-snap s$p rbd/$IMG@s$rep - > /dev/null && rbd snap rm --no-progress rbd/$IMG@s$p"
+  step bv-4M "$BV" --config "$W/4M/c.toml" -q --no-progress backup d
+  step zstd bash -c "rbd snap create rbd/$IMG@z$rep && rbd export-diff --no-progress --from-snap z$p rbd/$IMG@z$rep - | zstd -1 -q > $W/diff.zst && rbd snap rm --no-progress rbd/$IMG@z$p"
+  step bv-64K "$BV" --config "$W/64K/c.toml" -q --no-progress backup d
+done
+echo "load: $(uptime)"
