@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use blockvault_store::format::{BLOCKMAP_VERSION, BLOCKMAP_VERSION_INDEXED};
 use blockvault_store::gc::{self, GcOptions, LiveSet};
-use blockvault_store::{chunk, format, BackupId, BlockMap, ChunkId, InitOptions, Manifest, Store};
+use blockvault_store::{chunk, BackupId, BlockMap, ChunkId, InitOptions, Manifest, Store};
 
 const BS: u32 = 65536;
 
@@ -24,21 +24,7 @@ fn put(s: &Store, data: &[u8]) -> ChunkId {
 }
 
 fn commit(s: &Store, id: u64, map: &BlockMap) -> Manifest {
-    let mut m = Manifest {
-        format: format::MANIFEST_VERSION,
-        id: BackupId(id),
-        image: "vm".into(),
-        source: "file:/vm".into(),
-        created: "2026-01-01T00:00:00Z".into(),
-        finished: "2026-01-01T00:00:01Z".into(),
-        parent: None,
-        image_size: 0,
-        block_size: map.block_size(),
-        blockmap_blake3: String::new(),
-        snapshot: None,
-        stats: Default::default(),
-        rbd: None,
-    };
+    let mut m = Manifest::new(BackupId(id), "vm", "file:/vm", map.block_size()).at("2026-01-01T00:00:00Z");
     s.write_backup(&mut m, map).unwrap();
     m
 }
