@@ -258,11 +258,19 @@ mod tests {
         backup(&src, 3, "b", &[b"four"]);
         let target = MemoryBackend::new();
         let dst = open_target(&src, Box::new(target.reopen())).unwrap();
+        // 64 KiB blocks: each block map is indexed (format 2), and its index
+        // chunk is a chunk to copy like the blocks' own: backup 1 brings
+        // one, two and its index; backup 2 three and its index
         let r = copy(&src, &dst, &CopyOptions { images: vec!["a".into()] }).unwrap();
-        assert_eq!((r.backups_copied, r.chunks_copied, r.chunks_present), (2, 3, 0));
+        assert_eq!((r.backups_copied, r.chunks_copied, r.chunks_present), (2, 5, 0));
+        for id in [1, 2] {
+            // the indexed map reads on the target: its index chunks came along
+            let m = dst.read_manifest(BackupId(id)).unwrap();
+            assert_eq!(dst.read_blockmap(&m).unwrap(), src.read_blockmap(&src.read_manifest(BackupId(id)).unwrap()).unwrap());
+        }
         assert!(!dst.has_backup(BackupId(3)));
         let r = copy(&src, &dst, &CopyOptions::default()).unwrap();
-        assert_eq!((r.backups_copied, r.backups_present, r.chunks_copied), (1, 2, 1));
+        assert_eq!((r.backups_copied, r.backups_present, r.chunks_copied), (1, 2, 2));
         let r = copy(&src, &dst, &CopyOptions::default()).unwrap();
         assert_eq!((r.backups_copied, r.chunks_copied, r.objects_copied), (0, 0, 0));
         // an interrupted copy: chunks there, no manifest; the rerun writes no chunk
@@ -274,7 +282,7 @@ mod tests {
         }
         dst2.backend().sync().unwrap();
         let r = copy(&src, &dst2, &CopyOptions { images: vec!["a".into()] }).unwrap();
-        assert_eq!((r.chunks_copied, r.chunks_present), (1, 2));
+        assert_eq!((r.chunks_copied, r.chunks_present), (2, 3));
         // another store is refused
         let other = Store::init_with_backend(Box::new(MemoryBackend::new()), &InitOptions::default()).unwrap();
         let Err(e) = open_target(&other, Box::new(target.reopen())) else { panic!("another store was accepted") };
