@@ -282,12 +282,22 @@ pub(crate) fn prepare(ctx: &mut Ctx, img: &ImageConfig, given: Option<Box<dyn So
     // lock: temp files of crashed writers go first, while no one else writes
     ctx.store.clean_tmp()?;
     let store_lock = ctx.store.lock_shared()?;
-    let Some(image_lock) = ctx.store.try_lock_named(&image_lock_name(&img.name))? else {
+    let lock_name = image_lock_name(&img.name);
+    let mut image_lock = ctx.store.try_lock_named(&lock_name)?;
+    let mut holder = None;
+    if image_lock.is_none() {
+        // a shared store names the holder (host, pid): it may be another
+        // host. No live holder: its lease ran out since the try; once more
+        holder = ctx.store.backend().lock_holder(&lock_name).ok().flatten();
+        if holder.is_none() {
+            image_lock = ctx.store.try_lock_named(&lock_name)?;
+        }
+    }
+    let Some(image_lock) = image_lock else {
         let err = anyhow::Error::from(BackupError::Locked { image: img.name.clone() });
-        // a shared store names the holder (host, pid): it may be another host
-        return Err(match ctx.store.backend().lock_holder(&image_lock_name(&img.name)) {
-            Ok(Some(who)) => err.context(format!("the image lock is held by {who}")),
-            _ => err,
+        return Err(match holder {
+            Some(who) => err.context(format!("the image lock is held by {who}")),
+            None => err,
         });
     };
 

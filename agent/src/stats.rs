@@ -12,6 +12,9 @@
 //!   plaintext bytes and stored bytes (compressed, maybe sealed, with headers);
 //! * dedup ratio = logical / referenced plaintext; compression ratio =
 //!   referenced plaintext / referenced stored;
+//! * index chunks: the chunks an indexed (format 2) block map keeps its
+//!   entries in; referenced, stored, but no image data, so they are counted
+//!   apart and left out of the ratios and of the per-image figures;
 //! * per image, `unique` is the stored bytes of chunks no other image's
 //!   backups use (what forgetting every backup of the image and a gc would
 //!   free), `shared` the stored bytes of its chunks other images use too.
@@ -54,6 +57,10 @@ pub struct StoreStats {
     pub referenced_chunks: u64,
     pub referenced_plain_bytes: u64,
     pub referenced_stored_bytes: u64,
+    /// Index chunks of the backups' block maps (in `chunks`, not in
+    /// `referenced_chunks`), and their stored bytes.
+    pub index_chunks: u64,
+    pub index_stored_bytes: u64,
     /// Chunks no backup references (gc frees them after the grace period).
     pub unreferenced_chunks: u64,
     pub unreferenced_bytes: u64,
@@ -113,6 +120,7 @@ pub fn gather(ctx: &Ctx, images: &[String]) -> Result<Stats> {
     let mut users: HashMap<ChunkId, (u32, Users)> = HashMap::new();
     let mut per: Vec<ImageStats> = Vec::new();
     let mut own_sets: Vec<HashSet<ChunkId>> = Vec::new();
+    let mut index: HashSet<ChunkId> = HashSet::new();
     for (name, rows) in &by_image {
         let mut is = ImageStats { image: name.clone(), ..Default::default() };
         let mut mine: HashSet<ChunkId> = HashSet::new();
@@ -125,6 +133,7 @@ pub fn gather(ctx: &Ctx, images: &[String]) -> Result<Stats> {
                     continue;
                 }
             };
+            index.extend(map.index_chunks().iter().copied());
             is.backups += 1;
             is.size = r.image_size; // rows are in id order: the newest last
             is.oldest = is.oldest.clone().or_else(|| Some(r.created.clone()));
@@ -182,8 +191,17 @@ pub fn gather(ctx: &Ctx, images: &[String]) -> Result<Stats> {
             None => st.missing_chunks += 1,
         }
     }
+    for id in &index {
+        match stored.get(id) {
+            Some(s) => {
+                st.index_chunks += 1;
+                st.index_stored_bytes += s;
+            }
+            None => st.missing_chunks += 1,
+        }
+    }
     for (id, s) in &stored {
-        if !users.contains_key(id) {
+        if !users.contains_key(id) && !index.contains(id) {
             st.unreferenced_chunks += 1;
             st.unreferenced_bytes += s;
         }

@@ -91,6 +91,12 @@ impl BlockMap {
         self.entries.iter().flatten().chain(self.index.iter())
     }
 
+    /// The blocks' chunk ids only (not deduplicated), without the index
+    /// chunks: what the image's data is made of.
+    pub fn block_chunk_ids(&self) -> impl Iterator<Item = &ChunkId> {
+        self.entries.iter().flatten()
+    }
+
     /// Serialises the map (see `format` for the layout).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(BLOCKMAP_HEADER_LEN + self.entries.len() * 32 + 32);

@@ -144,8 +144,9 @@ fn keyed_chunk_names() {
     b.ok(&["backup", "img"]);
     assert_same(&img, &img_b);
     let (na, nb) = (chunk_names(&a), chunk_names(&b));
-    assert_eq!(na.len(), 32);
-    assert_eq!(nb.len(), 32);
+    // 32 blocks and the block map's one index chunk (format 2)
+    assert_eq!(na.len(), 33);
+    assert_eq!(nb.len(), 33);
     assert!(na.is_disjoint(&nb), "shared chunk names: {:?}", na.intersection(&nb).collect::<Vec<_>>());
 
     let plain = Env::new(&[], "");
@@ -153,7 +154,10 @@ fn keyed_chunk_names() {
     plain.ok(&["init"]);
     plain.ok(&["backup", "img"]);
     let data = fs::read(&img).unwrap();
-    let want: HashSet<String> = data.chunks(BS).map(|b| blake3::hash(b).to_hex().to_string()).collect();
+    let mut want: HashSet<String> = data.chunks(BS).map(|b| blake3::hash(b).to_hex().to_string()).collect();
+    // the index chunk: the 32 block ids, named by its plain blake3 too
+    let index: Vec<u8> = data.chunks(BS).flat_map(|b| *blake3::hash(b).as_bytes()).collect();
+    want.insert(blake3::hash(&index).to_hex().to_string());
     assert_eq!(chunk_names(&plain), want);
     assert!(na.is_disjoint(&want));
 }

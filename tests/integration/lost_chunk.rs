@@ -26,7 +26,7 @@ const DEFAULTS: &str = "[defaults]\nblock-size = \"64K\"\n";
 fn chunks_of(env: &Env, id: u64) -> Vec<ChunkId> {
     let s = Store::open(&env.store()).unwrap();
     let m = s.read_manifest(BackupId(id)).unwrap();
-    s.read_blockmap(&m).unwrap().chunk_ids().copied().collect()
+    s.read_blockmap(&m).unwrap().block_chunk_ids().copied().collect()
 }
 
 fn chunk_path(env: &Env, id: &ChunkId) -> std::path::PathBuf {
@@ -111,16 +111,17 @@ fn parent_with_a_missing_chunk_is_never_a_base() {
     let b3 = backup_row(&env, 3);
     assert_eq!(b3["parent"], 1, "backup 3 must build on backup 1, the newest valid one: {b3}");
     assert_eq!(num(&b3, "new_chunks"), 1, "{b3}");
+    assert_eq!(backup_row(&env, 2)["valid"], false, "backup 2 was not marked invalid");
 
-    // Backup 2's chunk is back, so a plain verify finds nothing wrong with it,
-    // yet it stays invalid: the mark the backup set (a plain verify never
-    // lifts an earlier `invalid`; only --deep does).
-    let (_, v) = verify_json(&env, &["verify", "disk@2"]);
+    // Backup 2's chunk is back (backup 3 wrote it again), so a plain verify
+    // finds nothing wrong with it and clears the mark it checked (issue 14
+    // item 7: the check that finds nothing wrong clears what it checked)
+    let (ok, v) = verify_json(&env, &["verify", "disk@2"]);
+    assert!(ok, "{v}");
     assert_eq!(v["findings"].as_array().map(Vec::len), Some(0), "{v}");
-    assert_eq!(v["backups"][0]["state"], "invalid", "backup 2 was not marked invalid: {v}");
+    assert_eq!(v["backups"][0]["state"], "ok", "backup 2's stale mark was not cleared: {v}");
 
     assert_same(&env.restore("disk@3"), &img);
-    // the chunk is back, so a deep verify clears backup 2 and all is clean
     let (ok, v) = verify_json(&env, &["verify", "--deep"]);
     assert!(ok, "{v}");
     assert_same(&env.restore("disk@2"), &img);

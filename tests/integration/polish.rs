@@ -42,7 +42,14 @@ fn chunk_size(env: &Env, id: &ChunkId) -> u64 {
 fn chunks_of(env: &Env, id: u64) -> BTreeSet<ChunkId> {
     let s = Store::open(&env.store()).unwrap();
     let m = s.read_manifest(BackupId(id)).unwrap();
-    s.read_blockmap(&m).unwrap().chunk_ids().copied().collect()
+    s.read_blockmap(&m).unwrap().block_chunk_ids().copied().collect()
+}
+
+/// The index chunks of a backup's block map (64 KiB blocks: format 2).
+fn index_of(env: &Env, id: u64) -> BTreeSet<ChunkId> {
+    let s = Store::open(&env.store()).unwrap();
+    let m = s.read_manifest(BackupId(id)).unwrap();
+    s.read_blockmap(&m).unwrap().index_chunks().iter().copied().collect()
 }
 
 /// Issue 14 item 15: `stats` on a store whose content is known block by
@@ -74,10 +81,17 @@ fn stats_match_a_store_of_known_content() {
     let all: u64 = env.chunk_files().iter().map(|p| fs::metadata(p).unwrap().len()).sum();
     let sum = |s: &BTreeSet<ChunkId>| s.iter().map(|c| chunk_size(&env, c)).sum::<u64>();
     let bs = BS as u64;
+    // one index chunk per map of 16 blocks; a's two maps are the same
+    let (ia, ib) = (index_of(&env, crate::common::num(&list[0], "id")), index_of(&env, crate::common::num(&list[2], "id")));
+    assert_eq!((ia.len(), ib.len()), (1, 1));
+    assert_eq!(ia, index_of(&env, crate::common::num(&list[1], "id")));
+    let index_bytes = sum(&ia) + sum(&ib);
     assert_eq!(num(&v, "backups"), 3, "{v}");
     assert_eq!(num(&v, "images"), 2);
-    assert_eq!(num(&v, "chunks"), 20);
+    assert_eq!(num(&v, "chunks"), 22);
     assert_eq!(num(&v, "referenced_chunks"), 20);
+    assert_eq!(num(&v, "index_chunks"), 2);
+    assert_eq!(num(&v, "index_stored_bytes"), index_bytes);
     assert_eq!(num(&v, "unreferenced_chunks"), 0);
     assert_eq!(num(&v, "missing_chunks"), 0);
     assert_eq!(num(&v, "stored_bytes"), all);
@@ -85,7 +99,7 @@ fn stats_match_a_store_of_known_content() {
     assert_eq!(num(&v, "logical_bytes"), (2 * 16 + 12) * bs);
     assert!((v["dedup_ratio"].as_f64().unwrap() - 44.0 / 20.0).abs() < 1e-9, "{v}");
     let compr = v["compression_ratio"].as_f64().unwrap();
-    assert!((compr - (20 * bs) as f64 / all as f64).abs() < 1e-9, "{v}");
+    assert!((compr - (20 * bs) as f64 / (all - index_bytes) as f64).abs() < 1e-9, "{v}");
     assert!(v["oldest"].as_str().unwrap() <= v["newest"].as_str().unwrap());
 
     let per = v["per_image"].as_array().unwrap();
@@ -107,18 +121,18 @@ fn stats_match_a_store_of_known_content() {
     assert_eq!(pa["oldest"], list[0]["created"]);
     assert_eq!(pa["newest"], list[1]["created"]);
 
-    // forgetting b leaves its 4 own chunks unreferenced
+    // forgetting b leaves its 4 own chunks and its index chunk unreferenced
     let idb = num(&list[2], "id");
     env.ok(&["forget", &format!("b@{idb}")]);
     let (_, v, _) = json_of(&env, &["stats", "--json", "a"]);
-    assert_eq!(num(&v, "unreferenced_chunks"), 4);
-    assert_eq!(num(&v, "unreferenced_bytes"), sum(&cb) - sum(&shared));
+    assert_eq!(num(&v, "unreferenced_chunks"), 5);
+    assert_eq!(num(&v, "unreferenced_bytes"), sum(&cb) - sum(&shared) + sum(&ib));
     assert_eq!(v["per_image"].as_array().unwrap().len(), 1);
     assert_eq!(num(&v["per_image"][0], "unique_stored_bytes"), sum(&ca), "a alone: every chunk is its own");
     // the text form names the figures
     let out = env.ok(&["stats"]);
     assert!(out.contains("dedup 2.00x"), "{out}");
-    assert!(out.contains("4 chunks") && out.contains("gc frees them"), "{out}");
+    assert!(out.contains("5 chunks") && out.contains("gc frees them"), "{out}");
     env.fails(&["stats", "nosuch"]);
 }
 

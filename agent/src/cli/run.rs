@@ -55,9 +55,11 @@ pub fn run(g: &GlobalArgs, a: RunArgs) -> Result<ExitCode> {
     let cancel = crate::cancel::on_signals();
     let mut failed: Vec<String> = Vec::new();
     let mut total = 0;
+    let mut groups = 0;
     for n in &requested {
         if let Some(grp) = ctx.cfg.group(n).cloned() {
             total += 1;
+            groups += 1;
             if cancel.load(Ordering::Relaxed) {
                 warn!(group = %grp.name, "stopping: not started");
                 failed.push(grp.name.clone());
@@ -114,7 +116,8 @@ pub fn run(g: &GlobalArgs, a: RunArgs) -> Result<ExitCode> {
         }
     }
     if !failed.is_empty() {
-        bail!("{} of {total} images or groups failed: {}", failed.len(), failed.join(", "));
+        let what = if groups == 0 { "images" } else { "images or groups" };
+        bail!("{} of {total} {what} failed: {}", failed.len(), failed.join(", "));
     }
     Ok(ExitCode::SUCCESS)
 }

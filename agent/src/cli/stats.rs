@@ -29,6 +29,9 @@ pub fn run(g: &GlobalArgs, a: StatsArgs) -> Result<ExitCode> {
     let t = &s.store;
     println!("store {}: {} backups of {} images", printable(&t.store), t.backups, t.images);
     println!("  chunks: {} ({} stored), {} referenced ({} plain, {} stored)", t.chunks, human(t.stored_bytes), t.referenced_chunks, human(t.referenced_plain_bytes), human(t.referenced_stored_bytes));
+    if t.index_chunks > 0 {
+        println!("  {} index chunks of block maps ({} stored)", t.index_chunks, human(t.index_stored_bytes));
+    }
     if t.unreferenced_chunks > 0 {
         println!("  {} chunks ({}) no backup references: gc frees them after the grace period", t.unreferenced_chunks, human(t.unreferenced_bytes));
     }
