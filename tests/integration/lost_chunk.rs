@@ -78,6 +78,43 @@ fn lost_chunk_is_rewritten_by_next_backup() {
     assert_same(&env.restore("disk@1"), &img);
 }
 
+/// The index chunk of a (format 2) block map lost: verify names it and
+/// marks the backup invalid, the next backup is a full read that writes
+/// the index chunk again (the same blocks give the same index), and then
+/// the old backup restores bit-identically and verifies clean.
+#[test]
+fn lost_index_chunk_is_named_by_verify_and_rewritten_by_next_backup() {
+    let env = Env::new(&[], "");
+    let img = env.path("disk.img");
+    make_image(&img, 94);
+    env.write_config(&[("disk", &format!("file:{}", img.display()))], "", DEFAULTS);
+    env.ok(&["init"]);
+    env.ok(&["backup", "disk"]);
+    let index: Vec<ChunkId> = {
+        let s = Store::open(&env.store()).unwrap();
+        let m = s.read_manifest(BackupId(1)).unwrap();
+        s.read_blockmap(&m).unwrap().index_chunks().to_vec()
+    };
+    assert_eq!(index.len(), 1, "24 blocks of 64 KiB: one index chunk");
+    let lost_path = chunk_path(&env, &index[0]);
+    fs::remove_file(&lost_path).unwrap();
+
+    let v = env.run(&["verify"]);
+    let out = String::from_utf8_lossy(&v.stdout);
+    assert!(!v.status.success(), "verify passed with an index chunk missing: {out}");
+    assert!(out.contains(&index[0].to_hex().to_string()) && out.contains("missing"), "verify does not name the index chunk: {out}");
+    assert_eq!(backup_row(&env, 1)["valid"], false);
+
+    env.ok(&["backup", "disk"]);
+    let b2 = backup_row(&env, 2);
+    assert!(b2["parent"].is_null(), "an unreadable backup was a base: {b2}");
+    assert!(lost_path.exists(), "the next backup did not write the index chunk again");
+    let v = env.run(&["verify", "--deep"]);
+    assert!(v.status.success(), "verify --deep after the healing backup: {}", String::from_utf8_lossy(&v.stdout));
+    assert_same(&env.restore("disk@1"), &img);
+    assert_same(&env.restore("disk@2"), &img);
+}
+
 /// A parent that references a missing chunk is never the base of an
 /// incremental: the backup warns naming it, marks it invalid, builds on the
 /// next valid backup instead, and restores bit-identically.
