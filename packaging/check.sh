@@ -106,7 +106,8 @@ verify_units "source units" --root="$VROOT" "${VERIFY_UNITS[@]}"
 step "2. cargo build --release, man pages, cargo deb -p blockvault --fast"
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 cargo build --release --locked -p blockvault --bin blockvault || fail "cargo build --release -p blockvault"
-# agent/Cargo.toml ships target/release/man/*.1 (cargo-deb gzips them)
+# agent/Cargo.toml ships target/release/man/*.1.gz: gzipped here, since
+# whether cargo-deb compresses man pages depends on its version and flags
 MAN_DIR=$TARGET_DIR/release/man
 rm -rf "$MAN_DIR"
 "$TARGET_DIR/release/blockvault" man --out "$MAN_DIR" >/dev/null || fail "blockvault man (generating the man pages)"
@@ -114,6 +115,7 @@ rm -rf "$MAN_DIR"
 command -v man >/dev/null || apt_install man-db
 man -l "$MAN_DIR/blockvault.1" >"$WORK/man.txt" 2>"$WORK/man.err" || { cat "$WORK/man.err" >&2; fail "man -l blockvault.1"; }
 grep -q 'blockvault-backup' "$WORK/man.txt" || fail "man -l blockvault.1: no subcommand listed"
+gzip -9n "$MAN_DIR"/*.1 || fail "gzip of the man pages"
 if ! cargo deb -p blockvault --no-build --fast >"$WORK/cargo-deb.out" 2>"$WORK/cargo-deb.err"; then
     tail -n 40 "$WORK/cargo-deb.err" >&2
     fail "cargo deb -p blockvault (build)"
