@@ -96,15 +96,7 @@ impl Env {
 
     /// Runs blockvault and panics with its stderr unless it succeeded.
     pub fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "blockvault {args:?} failed ({}):\nstdout: {}\nstderr: {}",
-            o.status,
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8(o.stdout).unwrap()
+        stdout_of_success(&format!("blockvault {args:?}"), self.run(args))
     }
 
     /// Runs blockvault, expects failure, returns stderr.
@@ -172,4 +164,29 @@ pub fn random_changes(path: &Path, size: u64, n: usize, rng: &mut impl Rng) {
 
 pub fn num(v: &serde_json::Value, key: &str) -> u64 {
     v[key].as_u64().unwrap_or_else(|| panic!("no numeric {key} in {v}"))
+}
+
+/// The stdout of a command that must have succeeded; else a panic naming
+/// `what`, the exit status, stdout and stderr.
+pub fn stdout_of_success(what: &str, o: std::process::Output) -> String {
+    assert!(
+        o.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// A restored image holds one known version: its first 8 bytes are the
+/// round number of a reference copy in `refs`, and it equals that copy.
+/// The restored file is removed.
+pub fn assert_restored_round(out: &Path, refs: &std::collections::BTreeMap<u64, PathBuf>, id: u64) {
+    let mut round = [0u8; 8];
+    fs::File::open(out).unwrap().read_exact_at(&mut round, 0).unwrap();
+    let round = u64::from_le_bytes(round);
+    let reference = refs.get(&round).unwrap_or_else(|| panic!("backup {id} holds no known version ({round})"));
+    assert_same(reference, out);
+    fs::remove_file(out).unwrap();
 }

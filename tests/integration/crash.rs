@@ -66,12 +66,6 @@ fn kill_dash_nine_during_backups() {
     assert!(list.len() >= 2, "too few committed backups: {}", list.len());
     for b in &list {
         let id = num(b, "id");
-        let out = env.restore(&format!("img@{id}"));
-        let mut round = [0u8; 8];
-        fs::File::open(&out).unwrap().read_exact_at(&mut round, 0).unwrap();
-        let round = u64::from_le_bytes(round);
-        let reference = refs.get(&round).unwrap_or_else(|| panic!("backup {id} holds no known version ({round})"));
-        assert_same(reference, &out);
-        fs::remove_file(out).unwrap();
+        assert_restored_round(&env.restore(&format!("img@{id}")), &refs, id);
     }
 }

@@ -318,7 +318,9 @@ fn the_daemon_runs_scheduled_verify_and_gc() {
     env.ok(&["backup", "b"]);
     // b's chunks become garbage, a chunk of a goes missing
     let list = env.list();
-    let freed: u64 = chunks_of(&env, num(&list[1], "id")).iter().map(|c| chunk_size(&env, c)).sum();
+    // gc frees b's block chunks and its map's index chunk
+    let idb = num(&list[1], "id");
+    let freed: u64 = chunks_of(&env, idb).union(&index_of(&env, idb)).map(|c| chunk_size(&env, c)).sum();
     env.ok(&["forget", "b", "--all"]);
     let lost = *chunks_of(&env, num(&list[0], "id")).iter().next().unwrap();
     fs::remove_file(chunk_path(&env, &lost)).unwrap();

@@ -20,14 +20,7 @@ const KIB: u64 = 1024;
 
 fn qemu_img(args: &[&str]) -> String {
     let o = Command::new("qemu-img").args(args).output().expect("qemu-img (package qemu-utils) must be installed");
-    assert!(
-        o.status.success(),
-        "qemu-img {args:?} failed ({}):\nstdout: {}\nstderr: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
+    stdout_of_success(&format!("qemu-img {args:?}"), o)
 }
 
 fn qemu_json(args: &[&str]) -> serde_json::Value {

@@ -97,15 +97,7 @@ fn run(cmd: &str, args: &[&str]) -> Output {
 }
 
 fn ok(cmd: &str, args: &[&str]) -> String {
-    let o = run(cmd, args);
-    assert!(
-        o.status.success(),
-        "{cmd} {args:?} failed ({}):\n{}{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
+    stdout_of_success(&format!("{cmd} {args:?}"), run(cmd, args))
 }
 
 /// `qemu-img compare` of an export against a raw file: its exit code

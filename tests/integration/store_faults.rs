@@ -61,15 +61,7 @@ impl Agent {
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "blockvault {args:?} failed ({}):\nstdout: {}\nstderr: {}",
-            o.status,
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8(o.stdout).unwrap()
+        common::stdout_of_success(&format!("blockvault {args:?}"), self.run(args))
     }
 
     fn ids(&self) -> BTreeSet<u64> {
@@ -208,13 +200,7 @@ fn kill_dash_nine_suite(
     assert_eq!(fresh.ids(), committed, "a catalog rebuilt from the store");
     // every committed backup restores bit-identically to its version
     for id in &committed {
-        let out = fresh.restore(&format!("img@{id}"));
-        let mut round = [0u8; 8];
-        fs::File::open(&out).unwrap().read_exact_at(&mut round, 0).unwrap();
-        let round = u64::from_le_bytes(round);
-        let reference = refs.get(&round).unwrap_or_else(|| panic!("backup {id} holds no known version ({round})"));
-        assert_same(reference, &out);
-        fs::remove_file(out).unwrap();
+        common::assert_restored_round(&fresh.restore(&format!("img@{id}")), &refs, *id);
     }
     // no committed block map references a missing chunk, no chunk is bad
     let v = agent.run(&["verify", "--deep"]);
