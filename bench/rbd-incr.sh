@@ -4,8 +4,8 @@
 # compresses) against the home-grown script flow, interleaved in each repetition:
 #   script: rbd snap create; rbd export-diff --from-snap PREV ... > /dev/null; rbd snap rm PREV
 #   zstd:   the same, piped to zstd -1 > file
-#   bv-4M:  blockvault backup, 4 MiB blocks (default)
-#   bv-64K: blockvault backup, block-size = "64K" (indexed block map)
+#   bv-SIZE: blockvault backup at each block size of BLOCK_SIZES (default
+#            "4M 64K"; below 4M the block map is indexed)
 # Needs CEPH_CONF (tests/ceph/start-cluster.sh DIR) and BV (the blockvault binary,
 # default target/release/blockvault). Prints wall seconds and MiB read from the OSD
 # (osd.op_r_out_bytes of `ceph daemon osd.0 perf dump`) per step and repetition.
@@ -24,7 +24,8 @@ if [[ $MODE == fill ]]; then
 else
   rbd create --size ${GIB}G $F rbd/$IMG
 fi
-for bs in 4M 64K; do
+BLOCK_SIZES=${BLOCK_SIZES:-4M 64K}
+for bs in $BLOCK_SIZES; do
   mkdir -p "$W/$bs"
   printf '[store]\npath = "%s/%s/store"\n[catalog]\npath = "%s/%s/cat.sqlite"\n[[image]]\nname = "d"\nsource = "rbd:rbd/%s"\nblock-size = "%s"\n' \
     "$W" "$bs" "$W" "$bs" "$IMG" "$bs" > "$W/$bs/c.toml"
@@ -45,8 +46,7 @@ for b in random.sample(range(blocks), n): im.write(os.urandom(65536), b*65536)
 im.flush(); im.close(); io.close(); c.shutdown()"
   p=$((rep - 1))
   step script bash -c "rbd snap create rbd/$IMG@s$rep && rbd export-diff --no-progress --from-snap s$p rbd/$IMG@s$rep - > /dev/null && rbd snap rm --no-progress rbd/$IMG@s$p"
-  step bv-4M "$BV" --config "$W/4M/c.toml" -q --no-progress backup d
+  for bs in $BLOCK_SIZES; do step "bv-$bs" "$BV" --config "$W/$bs/c.toml" -q --no-progress backup d; done
   step zstd bash -c "rbd snap create rbd/$IMG@z$rep && rbd export-diff --no-progress --from-snap z$p rbd/$IMG@z$rep - | zstd -1 -q > $W/diff.zst && rbd snap rm --no-progress rbd/$IMG@z$p"
-  step bv-64K "$BV" --config "$W/64K/c.toml" -q --no-progress backup d
 done
 echo "load: $(uptime)"
