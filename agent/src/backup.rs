@@ -488,8 +488,14 @@ fn to_commit(
     held: &[&blockvault_store::StoreLock],
 ) -> Result<Manifest> {
 
-    // what changed, and the plan
+    // what changed, and the plan; -v logs how long each step took
+    let step = Instant::now();
     let changes = source.changes(parent)?;
+    debug!(
+        extents = match &changes { Changes::Full { extents, .. } | Changes::Since { extents } => extents.len() },
+        ms = step.elapsed().as_millis() as u64,
+        "source reported its changes"
+    );
     if let Changes::Full { reason, .. } = &changes {
         log_full_read(&job.image, reason);
     }
@@ -513,12 +519,14 @@ fn to_commit(
     }
     info!(image = %job.image, snapshot = source.snapshot().as_deref(), full_read = plan.full_read, blocks = plan.actions.len(),
         read_blocks = plan.count(BlockAction::Read), "plan ready");
+    debug!(ms = step.elapsed().as_millis() as u64, "plan and trust checks done");
+    let step = Instant::now();
 
     // pipeline; every id of a parent from `load_parent` was found in the store
     let known: HashSet<_> = parent.map(|p| p.map.chunk_ids().copied().collect()).unwrap_or_default();
     let opts = PipelineOptions {
         workers: ctx.cfg.workers(),
-        readers: ctx.cfg.store.readers,
+        readers: ctx.cfg.store.readers.unwrap_or_else(|| source.default_readers(job.block_size)),
         compression_level: ctx.cfg.store.compression_level,
     };
     let mut map = plan.map;
@@ -536,6 +544,8 @@ fn to_commit(
             stats?
         }
     };
+    debug!(ms = step.elapsed().as_millis() as u64, readers = opts.readers, "pipeline done");
+    let step = Instant::now();
     stats.full_read = plan.full_read;
     stats.duration_ms = started.elapsed().as_millis() as u64;
 
@@ -566,6 +576,7 @@ fn to_commit(
         .write_backup(&mut manifest, &map)
         .with_context(|| format!("writing backup {id} to store {}", ctx.store.root().display()))?;
     ctx.catalog.commit_backup(&manifest)?;
+    debug!(ms = step.elapsed().as_millis() as u64, "committed to store and catalog");
     Ok(manifest)
 }
 

@@ -65,9 +65,10 @@ pub struct StoreConfig {
     /// Hash + compress worker threads; 0 means one per core.
     #[serde(default)]
     pub workers: usize,
-    /// Parallel source reads.
-    #[serde(default = "default_readers")]
-    pub readers: usize,
+    /// Parallel source reads; unset: 2 for files and block devices, 4 to
+    /// 16 for RBD (about 32 MiB in flight).
+    #[serde(default)]
+    pub readers: Option<usize>,
     /// `gc` keeps unreferenced chunks younger than this (`"24h"`, `"30m"`,
     /// or seconds), e.g. the new chunks of an interrupted backup, for its
     /// retry to reuse. Safety against running backups does not depend on it.
@@ -89,9 +90,6 @@ fn default_gc_grace() -> Duration {
 
 fn default_level() -> i32 {
     3
-}
-fn default_readers() -> usize {
-    2
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

@@ -51,6 +51,10 @@ pub enum Outcome {
     Failed,
 }
 
+/// Parallel reads of a local file or block device: more only queue up on
+/// the same disk.
+pub const DEFAULT_READERS: usize = 2;
+
 /// One kind of image a backup reads. The caller holds the store lock and
 /// the image lock for the whole life of a `Source`.
 pub trait Source {
@@ -129,6 +133,12 @@ pub trait Source {
     /// What a restore to RBD needs to recreate the image, for the manifest.
     fn rbd_info(&self) -> Option<RbdInfo> {
         None
+    }
+
+    /// Parallel reads the pipeline runs when `[store] readers` is not set:
+    /// enough to hide one read's latency at this block size.
+    fn default_readers(&self, _block_size: u32) -> usize {
+        DEFAULT_READERS
     }
 
     /// Ends the run on the source side (RBD: demotes older snapshots after a

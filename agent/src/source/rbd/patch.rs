@@ -27,7 +27,7 @@ use blockvault_store::{BlockMap, ChunkId, Store};
 use rand::seq::SliceRandom;
 use tracing::warn;
 
-use crate::plan::BlockAction;
+use crate::plan::{BlockAction, Extent};
 use crate::rbd::Image;
 
 /// A block is patched when its changed extents cover at most this share of it
@@ -56,51 +56,97 @@ impl Patch {
 /// Finds, among the blocks `actions` marks for reading, those that changed
 /// only in part, from an exact diff of their ranges against `base`.
 ///
+/// `exact` is the whole image's exact diff against `base` when the plan was
+/// made from one (block size below the object size): it is used as it is,
+/// instead of diffing every run of changed blocks again (one round trip to
+/// an OSD per object).
+///
 /// Only blocks that are whole in both the parent and the new version are
 /// considered (a resize edge is always read whole).
 ///
 /// # Errors
 /// When the diff fails.
-pub fn plan_patches(at: &Image, base: &str, parent: &BlockMap, actions: &[BlockAction], size: u64) -> Result<HashMap<usize, Patch>> {
+pub fn plan_patches(
+    at: &Image,
+    base: &str,
+    parent: &BlockMap,
+    actions: &[BlockAction],
+    size: u64,
+    exact: Option<&[Extent]>,
+) -> Result<HashMap<usize, Patch>> {
     let bs = parent.block_size() as u64;
     let whole_blocks = (parent.image_size().min(size) / bs) as usize;
-    let mut patches = HashMap::new();
-    let mut b = 0;
-    while b < whole_blocks.min(actions.len()) {
-        if actions[b] != BlockAction::Read {
-            b += 1;
-            continue;
-        }
-        let first = b;
-        while b < whole_blocks && actions[b] == BlockAction::Read {
-            b += 1;
-        }
-        // blocks first..b are a run to read: diff it exactly
-        let mut extents: Vec<Vec<(u32, u32)>> = vec![Vec::new(); b - first];
-        let run_off = first as u64 * bs;
-        at.diff_iterate(Some(base), run_off, (b - first) as u64 * bs, false, |off, len, _exists| {
+    let mut changed = ChangedExtents { bs, whole_blocks, actions, blocks: HashMap::new() };
+    match exact {
+        Some(extents) => {
             // gone or not, a changed extent is read from the snapshot: it reads as
             // whatever the snapshot holds there (zeros for a discarded range)
-            let end = off + len;
-            let mut pos = off.max(run_off);
-            while pos < end.min(b as u64 * bs) {
-                let blk = (pos / bs) as usize;
-                let bend = (blk as u64 + 1) * bs;
-                let n = end.min(bend) - pos;
-                extents[blk - first].push(((pos % bs) as u32, n as u32));
-                pos += n;
+            for e in extents {
+                changed.add(e.off, e.len);
             }
-            true
-        })?;
-        for (i, mut ex) in extents.into_iter().enumerate() {
-            ex.sort_unstable();
-            let p = Patch { parent: parent.get(first + i), extents: coalesce(ex) };
-            if p.changed_bytes() * 8 <= bs * MAX_CHANGED_EIGHTHS {
-                patches.insert(first + i, p);
+        }
+        None => {
+            let mut b = 0;
+            while b < whole_blocks.min(actions.len()) {
+                if actions[b] != BlockAction::Read {
+                    b += 1;
+                    continue;
+                }
+                let first = b;
+                while b < whole_blocks && actions[b] == BlockAction::Read {
+                    b += 1;
+                }
+                // blocks first..b are a run to read: diff it exactly
+                let (run_off, run_end) = (first as u64 * bs, b as u64 * bs);
+                at.diff_iterate(Some(base), run_off, run_end - run_off, false, |off, len, _exists| {
+                    let start = off.max(run_off);
+                    changed.add(start, (off + len).min(run_end).saturating_sub(start));
+                    true
+                })?;
             }
         }
     }
-    Ok(patches)
+    Ok(changed.patches(parent))
+}
+
+/// The changed extents of each whole block marked for reading.
+struct ChangedExtents<'a> {
+    bs: u64,
+    whole_blocks: usize,
+    actions: &'a [BlockAction],
+    blocks: HashMap<usize, Vec<(u32, u32)>>,
+}
+
+impl ChangedExtents<'_> {
+    fn add(&mut self, off: u64, len: u64) {
+        let end = off.saturating_add(len).min(self.whole_blocks as u64 * self.bs);
+        let mut pos = off;
+        while pos < end {
+            let blk = (pos / self.bs) as usize;
+            let bend = (blk as u64 + 1) * self.bs;
+            let n = end.min(bend) - pos;
+            if self.actions.get(blk) == Some(&BlockAction::Read) {
+                self.blocks.entry(blk).or_default().push(((pos % self.bs) as u32, n as u32));
+            }
+            pos += n;
+        }
+    }
+
+    /// Every block marked for reading that is whole and changed in at most
+    /// [`MAX_CHANGED_EIGHTHS`] of its bytes.
+    fn patches(self, parent: &BlockMap) -> HashMap<usize, Patch> {
+        let mut patches = HashMap::new();
+        let limit = self.bs * MAX_CHANGED_EIGHTHS;
+        for b in (0..self.whole_blocks.min(self.actions.len())).filter(|&b| self.actions[b] == BlockAction::Read) {
+            let mut ex = self.blocks.get(&b).cloned().unwrap_or_default();
+            ex.sort_unstable();
+            let p = Patch { parent: parent.get(b), extents: coalesce(ex) };
+            if p.changed_bytes() * 8 <= limit {
+                patches.insert(b, p);
+            }
+        }
+        patches
+    }
 }
 
 /// Merges overlapping and touching extents (sorted by offset).
@@ -217,5 +263,40 @@ mod tests {
         assert_eq!(coalesce(vec![(0, 10), (10, 5), (20, 5), (22, 10)]), vec![(0, 15), (20, 12)]);
         assert_eq!(coalesce(vec![(0, 100), (10, 5)]), vec![(0, 100)]);
         assert_eq!(coalesce(vec![]), vec![]);
+    }
+
+    /// The whole-image exact diff, split per block: only whole blocks marked
+    /// for reading count, extents crossing a block edge are cut there, and a
+    /// block changed in more than half its bytes is read whole.
+    #[test]
+    fn exact_extents_become_patches() {
+        const BS: u64 = 64 << 10;
+        let size = 5 * BS + 100; // block 5 is a short tail
+        let mut parent = BlockMap::new_zeroed(size, BS as u32);
+        for b in 0..6 {
+            parent.set(b, Some(ChunkId::of(&[b as u8])));
+        }
+        use BlockAction::{Inherit, Read};
+        let actions = [Read, Inherit, Read, Read, Read, Read];
+        let mut changed = ChangedExtents { bs: BS, whole_blocks: 5, actions: &actions, blocks: HashMap::new() };
+        changed.add(500, 2000); // block 0, given out of order and overlapping
+        changed.add(100, 1000);
+        changed.add(BS + 10, 10); // block 1 inherits: ignored
+        changed.add(2 * BS, BS / 2 + 1); // block 2: just over half changed
+        changed.add(4 * BS - 8, 16); // crosses from block 3 into block 4
+        changed.add(5 * BS + 10, 10); // the tail is never patched
+        let patches = changed.patches(&parent);
+
+        let want = |b: usize, extents: Vec<(u32, u32)>| Patch { parent: Some(ChunkId::of(&[b as u8])), extents };
+        assert_eq!(patches.len(), 3, "{patches:?}");
+        assert_eq!(patches[&0], want(0, vec![(100, 2400)]));
+        assert_eq!(patches[&3], want(3, vec![(BS as u32 - 8, 8)]));
+        assert_eq!(patches[&4], want(4, vec![(0, 8)]));
+        assert!(!patches.contains_key(&1) && !patches.contains_key(&2) && !patches.contains_key(&5));
+
+        // exactly half changed is still patched
+        let mut half = ChangedExtents { bs: BS, whole_blocks: 5, actions: &actions, blocks: HashMap::new() };
+        half.add(2 * BS, BS / 2);
+        assert_eq!(half.patches(&parent)[&2], want(2, vec![(0, BS as u32 / 2)]));
     }
 }
