@@ -9,6 +9,8 @@
 # Needs CEPH_CONF (tests/ceph/start-cluster.sh DIR) and BV (the blockvault binary,
 # default target/release/blockvault). Prints wall seconds and MiB read from the OSD
 # (osd.op_r_out_bytes of `ceph daemon osd.0 perf dump`) per step and repetition.
+# Rep 0 is each block size's first (full) backup; rep REPS+1 (rst-SIZE) restores
+# its last backup to a file after dropping the page cache (root).
 set -euo pipefail
 GIB=${1:?usage: rbd-incr.sh IMAGE_GIB CHANGE_MIB REPS [fill|sparse]}; MIB=${2:?}; REPS=${3:?}; MODE=${4:-fill}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -25,18 +27,19 @@ else
   rbd create --size ${GIB}G $F rbd/$IMG
 fi
 BLOCK_SIZES=${BLOCK_SIZES:-4M 64K}
+step() { # name command...
+  local r0 r1 t0 t1; r0=$(osd_read); t0=$(date +%s.%N); "${@:2}" >/dev/null 2>&1; t1=$(date +%s.%N); r1=$(osd_read)
+  printf '%s rep %d %-7s wall %6.2f s  read %7.1f MiB\n' "$GIB GiB/$MIB MiB" "$rep" "$1" "$(echo "$t1 - $t0" | bc)" "$(echo "($r1 - $r0) / 1048576" | bc -l)"
+}
+rep=0 # the first (full) backups
 for bs in $BLOCK_SIZES; do
   mkdir -p "$W/$bs"
   printf '[store]\npath = "%s/%s/store"\n[catalog]\npath = "%s/%s/cat.sqlite"\n[[image]]\nname = "d"\nsource = "rbd:rbd/%s"\nblock-size = "%s"\n' \
     "$W" "$bs" "$W" "$bs" "$IMG" "$bs" > "$W/$bs/c.toml"
   "$BV" --config "$W/$bs/c.toml" -q init >/dev/null
-  "$BV" --config "$W/$bs/c.toml" -q --no-progress backup d >/dev/null
+  step "bv-$bs" "$BV" --config "$W/$bs/c.toml" -q --no-progress backup d
 done
 rbd snap create rbd/$IMG@s0; rbd snap create rbd/$IMG@z0
-step() { # name command...
-  local r0 r1 t0 t1; r0=$(osd_read); t0=$(date +%s.%N); "${@:2}" >/dev/null 2>&1; t1=$(date +%s.%N); r1=$(osd_read)
-  printf '%s rep %d %-7s wall %6.2f s  read %7.1f MiB\n' "$GIB GiB/$MIB MiB" "$rep" "$1" "$(echo "$t1 - $t0" | bc)" "$(echo "($r1 - $r0) / 1048576" | bc -l)"
-}
 for rep in $(seq 1 "$REPS"); do
   /usr/bin/python3 -c "
 import os,random,rados,rbd
@@ -48,5 +51,12 @@ im.flush(); im.close(); io.close(); c.shutdown()"
   step script bash -c "rbd snap create rbd/$IMG@s$rep && rbd export-diff --no-progress --from-snap s$p rbd/$IMG@s$rep - > /dev/null && rbd snap rm --no-progress rbd/$IMG@s$p"
   for bs in $BLOCK_SIZES; do step "bv-$bs" "$BV" --config "$W/$bs/c.toml" -q --no-progress backup d; done
   step zstd bash -c "rbd snap create rbd/$IMG@z$rep && rbd export-diff --no-progress --from-snap z$p rbd/$IMG@z$rep - | zstd -1 -q > $W/diff.zst && rbd snap rm --no-progress rbd/$IMG@z$p"
+done
+# restore the last backup of each block size to a file (page cache dropped first)
+rep=$((REPS + 1))
+for bs in $BLOCK_SIZES; do
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  step "rst-$bs" "$BV" --config "$W/$bs/c.toml" -q --no-progress restore d --to "$W/restored.img" --force
+  rm -f "$W/restored.img"
 done
 echo "load: $(uptime)"
