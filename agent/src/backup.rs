@@ -496,6 +496,7 @@ fn to_commit(
         ms = step.elapsed().as_millis() as u64,
         "source reported its changes"
     );
+    let step = Instant::now();
     if let Changes::Full { reason, .. } = &changes {
         log_full_read(&job.image, reason);
     }

@@ -401,7 +401,7 @@ impl Source for RbdSource {
     /// (8 reads of 4 MiB, 16 of 1 MiB or less), as `rbd export-diff` keeps
     /// several object reads in flight.
     fn default_readers(&self, block_size: u32) -> usize {
-        rbd_readers(block_size)
+        ((32 << 20) / block_size.max(1) as usize).clamp(4, 16)
     }
 
     fn finish(&mut self, catalog: &Catalog, job: &Job, outcome: Outcome) -> Result<()> {
@@ -439,11 +439,6 @@ impl Source for RbdSource {
         }
         Ok(())
     }
-}
-
-/// Parallel reads of an RBD backup at `block_size`.
-pub(crate) fn rbd_readers(block_size: u32) -> usize {
-    ((32 << 20) / block_size.max(1) as usize).clamp(4, 16)
 }
 
 /// A snapshot opened read-only, as a pipeline source; partly changed

@@ -134,11 +134,11 @@ impl ChangedExtents<'_> {
 
     /// Every block marked for reading that is whole and changed in at most
     /// [`MAX_CHANGED_EIGHTHS`] of its bytes.
-    fn patches(self, parent: &BlockMap) -> HashMap<usize, Patch> {
+    fn patches(mut self, parent: &BlockMap) -> HashMap<usize, Patch> {
         let mut patches = HashMap::new();
         let limit = self.bs * MAX_CHANGED_EIGHTHS;
         for b in (0..self.whole_blocks.min(self.actions.len())).filter(|&b| self.actions[b] == BlockAction::Read) {
-            let mut ex = self.blocks.get(&b).cloned().unwrap_or_default();
+            let mut ex = self.blocks.remove(&b).unwrap_or_default();
             ex.sort_unstable();
             let p = Patch { parent: parent.get(b), extents: coalesce(ex) };
             if p.changed_bytes() * 8 <= limit {
