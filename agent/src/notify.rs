@@ -145,8 +145,19 @@ mod tests {
         let o = run_hook(&cmd, Job::Gc, "", "x", std::path::Path::new("/c"), Duration::from_millis(500));
         assert_eq!(o, HookOutcome::TimedOut);
         // the background child was killed too (gone, or a zombie until reaped)
+        // SIGKILL is delivered asynchronously: the child may still show as
+        // running for a moment after the group was killed, so give it a few
+        // seconds (a child that was not killed sleeps for 300).
         let pid = std::fs::read_to_string(&pid).unwrap();
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
-        assert!(stat.is_empty() || stat.contains(") Z "), "the hook's child still runs: {stat}");
+        let dead = |stat: &str| stat.is_empty() || stat.contains(") Z ") || stat.contains(") X ");
+        let mut stat = String::new();
+        for _ in 0..100 {
+            stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
+            if dead(&stat) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(dead(&stat), "the hook's child still runs: {stat}");
     }
 }
