@@ -10,6 +10,7 @@
 #   bench/fleet.sh [--images N] [--backups N] [--size MIB] [--block-size S]
 #                  [--reps N] [--idle SECONDS] [--dir DIR] [--out FILE] [--keep]
 #                  [--measure-only]   (a store built before in DIR, kept with --keep)
+#                  [--build-only]     (build the store in DIR and keep it, measure nothing)
 #
 # Defaults: 100 images x 10 backups, 64 MiB images with 1M blocks, 3
 # repetitions of every read-only command (the median is reported), 60 s of
@@ -21,7 +22,7 @@
 # target/debug/blockvault, built if missing).
 set -euo pipefail
 
-IMAGES=100 BACKUPS=10 SIZE_MIB=64 BLOCK_SIZE=1M REPS=3 IDLE=60 DIR="" OUT="" KEEP=0 MEASURE_ONLY=0
+IMAGES=100 BACKUPS=10 SIZE_MIB=64 BLOCK_SIZE=1M REPS=3 IDLE=60 DIR="" OUT="" KEEP=0 MEASURE_ONLY=0 BUILD_ONLY=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --images) IMAGES=$2; shift 2 ;;
@@ -34,7 +35,8 @@ while [ $# -gt 0 ]; do
         --out) OUT=$2; shift 2 ;;
         --keep) KEEP=1; shift ;;
         --measure-only) MEASURE_ONLY=1; KEEP=1; shift ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        --build-only) BUILD_ONLY=1; KEEP=1; shift ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -150,6 +152,10 @@ done
 BUILD1=$(now)
 NBACKUPS=$(bv list --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
 [ "$MEASURE_ONLY" = 1 ] || [ "$NBACKUPS" = $(( IMAGES * BACKUPS )) ] || { echo "expected $(( IMAGES * BACKUPS )) backups, list shows $NBACKUPS" >&2; exit 1; }
+if [ "$BUILD_ONLY" = 1 ]; then
+    printf 'built %d backups in %.1f s; measure with --measure-only --dir %s\n' "$NBACKUPS" "$(echo "$BUILD1 - $BUILD0" | bc -l)" "$DIR"
+    exit 0
+fi
 
 # ---- metadata bytes per backup --------------------------------------------
 sz() { find "$STORE/backups" -maxdepth 1 -name "*.$1" -printf '%s\n' | awk '{s+=$1} END {print s+0}'; }
