@@ -7,7 +7,7 @@
 # empty store and a restore (wall seconds, MiB/s of the image), interleaved
 # with `rados bench` 4 MiB writes (16 in flight, what a backup's chunk writes
 # are) on the same pool, the limit to compare the RADOS store's chunk writes
-# with, and the RADOS backend's own chunk writes (store/examples/chunk-writes.rs:
+# with, and the RADOS backend's own chunk writes (agent/examples/chunk-writes.rs:
 # the same 4 MiB writes, 16 in flight, with no image to read and nothing to
 # hash; built when missing). Each store is removed after its round (disk).
 # Needs root (drops the page cache), Ceph and radosgw (tests/ceph/install-deps.sh).
@@ -17,7 +17,7 @@ BIN=$(readlink -f "${2:-$(dirname "$0")/../target/release/blockvault}")
 ROUNDS=${3:-1}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 CW=${CHUNK_WRITES:-$HERE/target/release/examples/chunk-writes}
-[ -x "$CW" ] || (cd "$HERE" && cargo build --release -p blockvault-store --features rados --example chunk-writes)
+[ -x "$CW" ] || (cd "$HERE" && cargo build --release -p blockvault --example chunk-writes)
 W=$(mktemp -d /var/tmp/bv-store-bench.XXXXXX)
 cleanup() { "$HERE/tests/ceph/stop-cluster.sh" "$W/ceph" >/dev/null 2>&1 || true; rm -rf "$W"; }
 trap cleanup EXIT
@@ -63,6 +63,6 @@ conf = \"$CONF\"";;
   # rados bench cleans up its objects at the end, chunk-writes too
   rados -c "$CONF" -p rbd bench "$secs" write -b 4194304 -t 16 2>/dev/null \
     | grep -E "^(Bandwidth \(MB/sec\)|Total time run)" | sed "s/^/round $round rados bench write 4M x16: /"
-  CEPH_CONF=$CONF "$CW" "rados:rbd/cw$round" "$(( SIZE / 4 ))" | sed "s/^/round $round RADOS backend chunk writes: /"
+  "$CW" "$W/rados/config.toml" "rados:rbd/cw$round" "$(( SIZE / 4 ))" | sed "s/^/round $round RADOS backend chunk writes: /"
 done
 echo "($(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), image $SIZE MiB, $(basename "$BIN") $("$BIN" --version 2>/dev/null | head -1))"
