@@ -35,7 +35,7 @@ use std::sync::Arc;
 use blockvault::config::Config;
 use blockvault::context::Ctx;
 use blockvault::lookup::BackupRef;
-use blockvault::restore::{OpenBackup, RestoreOptions, TargetSpec};
+use blockvault::restore::{OpenBackup, RestoreOptions, TargetSpec, DEFAULT_SPARSE_SIZE};
 use blockvault::verify::{self, VerifyOptions};
 use blockvault_catalog::Catalog;
 use blockvault_store::backend::dir::DirBackend;
@@ -126,7 +126,7 @@ fn run_op(op: Op, ctx: &mut Ctx, out: &Path) -> anyhow::Result<()> {
         Op::Prune => blockvault::prune::prune_image(ctx, IMAGE).map(drop),
         Op::Gc => blockvault::gc::run(&ctx.cfg, &ctx.store, false).map(drop),
         Op::Verify => {
-            let opts = VerifyOptions { deep: true, deep_percent: 0.0, source: false, threads: 2, progress: false, cancel: &never };
+            let opts = VerifyOptions { deep: true, deep_percent: 0.0, source: false, threads: 2, progress: false, cancel: &never, sparse_size: DEFAULT_SPARSE_SIZE };
             let r = verify::run(ctx, None, &opts)?;
             // with a fault, findings are expected (an EIO reads as an
             // unreadable chunk); they must name the chunk
@@ -139,7 +139,7 @@ fn run_op(op: Op, ctx: &mut Ctx, out: &Path) -> anyhow::Result<()> {
         Op::Restore => {
             let b = OpenBackup::open(ctx, &BackupRef::parse(IMAGE)?)?;
             let to = TargetSpec::Path(out.join("restored.img"));
-            let opts = RestoreOptions { force: true, mode: None, threads: 2, cancel: &never };
+            let opts = RestoreOptions { force: true, mode: None, threads: 2, cancel: &never, sparse_size: DEFAULT_SPARSE_SIZE };
             b.restore_to(ctx, &to, &opts, &())
         }
     }
@@ -205,7 +205,7 @@ fn check_after(base: &Base, op: Op, trial: &Path) -> Result<(), String> {
         let out = trial.join(format!("check-{}.img", r.id));
         let b = OpenBackup::open(&ctx, &BackupRef::parse(&format!("{IMAGE}@{}", r.id)).unwrap())
             .map_err(|e| format!("backup {} does not open: {e:#}", r.id))?;
-        let opts = RestoreOptions { force: true, mode: None, threads: 2, cancel: &never };
+        let opts = RestoreOptions { force: true, mode: None, threads: 2, cancel: &never, sparse_size: DEFAULT_SPARSE_SIZE };
         b.restore_to(&ctx, &TargetSpec::Path(out.clone()), &opts, &())
             .map_err(|e| format!("backup {} does not restore: {e:#}", r.id))?;
         drop(b);
@@ -213,7 +213,7 @@ fn check_after(base: &Base, op: Op, trial: &Path) -> Result<(), String> {
             return Err(format!("backup {} restores to different bytes", r.id));
         }
     }
-    let opts = VerifyOptions { deep: true, deep_percent: 0.0, source: false, threads: 2, progress: false, cancel: &never };
+    let opts = VerifyOptions { deep: true, deep_percent: 0.0, source: false, threads: 2, progress: false, cancel: &never, sparse_size: DEFAULT_SPARSE_SIZE };
     let report = verify::run(&ctx, None, &opts).map_err(|e| format!("verify --deep failed: {e:#}"))?;
     if !report.is_clean() {
         let f: Vec<String> = report.findings.iter().map(ToString::to_string).collect();

@@ -420,6 +420,18 @@ fn restore_to_rbd() {
     rbd_io(&target, json!([["write", 20 * MIB, 6 * MIB, 9], ["write", 0, 100, 10]]));
     env.ok(&["restore", "img", "--to", &to, "--force"]);
     assert_eq!(export_hash(&target), want);
+    // --sparse-size 1M: the zero MiBs of block 1 (5-8 MiB) are one piece
+    // each; written over on the target, they are zeroed again
+    rbd_io(&target, json!([["write", 6 * MIB + 512 * 1024, 4096, 11], ["write", 33 * MIB - 4096, 8192, 12]]));
+    assert_ne!(export_hash(&target), want);
+    env.ok(&["restore", "img", "--to", &to, "--force", "--sparse-size", "1M"]);
+    assert_eq!(export_hash(&target), want);
+    rbd_cli(&["rm", "--no-progress", &format!("{POOL}/{target}")]);
+    // and into a new image, with 64 KiB pieces
+    env.ok(&["restore", "img", "--to", &to, "--sparse-size", "64K"]);
+    assert_eq!(export_hash(&target), want);
+    let err = env.fails(&["restore", "img", "--to", &format!("rbd:{POOL}/{target}-x"), "--sparse-size", "3000"]);
+    assert!(err.contains("power of two"), "{err}");
     rbd_cli(&["rm", "--no-progress", &format!("{POOL}/{target}")]);
 }
 

@@ -9,7 +9,7 @@ use super::{load_config, GlobalArgs};
 use crate::context::Ctx;
 use crate::lookup::BackupRef;
 use crate::progress::Bar;
-use crate::restore::{OpenBackup, RestoreOptions, TargetSpec};
+use crate::restore::{parse_sparse_size, OpenBackup, RestoreOptions, TargetSpec, DEFAULT_SPARSE_SIZE};
 
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
@@ -43,6 +43,12 @@ pub struct RestoreArgs {
     /// With --clone: copy the parent's data into the clone and detach it.
     #[arg(long, requires = "clone")]
     pub flatten: bool,
+    /// Holes inside a block: aligned pieces of this size that are all
+    /// zeros are not written (as `rbd import --sparse-size`). A power of two
+    /// from 4K to 64M; larger means fewer, larger writes (to RBD, fewer OSD
+    /// ops) and a less sparse target.
+    #[arg(long, value_name = "BYTES", value_parser = parse_sparse_size, default_value_t = DEFAULT_SPARSE_SIZE)]
+    pub sparse_size: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -88,7 +94,7 @@ pub fn run(g: &GlobalArgs, a: RestoreArgs) -> Result<ExitCode> {
         }
     }
     let never = AtomicBool::new(false);
-    let opts = RestoreOptions { force: a.force, mode: a.mode, threads: ctx.cfg.workers() * 2, cancel: &never };
+    let opts = RestoreOptions { force: a.force, mode: a.mode, threads: ctx.cfg.workers() * 2, cancel: &never, sparse_size: a.sparse_size };
     if let TargetSpec::Qcow2(path) = &to {
         return restore_qcow2(&ctx, g, &a, &backup.manifest, path, &opts);
     }
@@ -131,7 +137,7 @@ fn restore_set(ctx: &Ctx, g: &GlobalArgs, a: &RestoreArgs, spec: &BackupRef) -> 
         std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("creating directory {dir}: {e}"))?;
     }
     let never = AtomicBool::new(false);
-    let opts = RestoreOptions { force: a.force, mode: a.mode, threads: ctx.cfg.workers() * 2, cancel: &never };
+    let opts = RestoreOptions { force: a.force, mode: a.mode, threads: ctx.cfg.workers() * 2, cancel: &never, sparse_size: a.sparse_size };
     for (m, (t, to)) in set.members.iter().zip(&targets) {
         let backup = OpenBackup::open(ctx, &BackupRef { image: m.image.clone(), id: Some(m.id) })?;
         let bar = Bar::new(backup.size(), &m.image, !g.no_progress);

@@ -103,6 +103,29 @@ pub struct RestoreOptions<'a> {
     /// Checked between blocks: set, the restore stops with
     /// [`Error::Cancelled`] and leaves no complete-looking target.
     pub cancel: &'a AtomicBool,
+    /// Granularity of the holes left inside a block (`--sparse-size`, as
+    /// `rbd import`'s): every aligned piece of this size that is all zeros
+    /// is skipped on a fresh target (zeroed on an overwritten one), and the
+    /// runs between them are written one call each. A power of two of at
+    /// least [`DEFAULT_SPARSE_SIZE`]. Larger pieces mean fewer, larger
+    /// writes (an RBD write is one OSD op) and a less sparse target.
+    pub sparse_size: usize,
+}
+
+/// The default `--sparse-size`: a 4 KiB page, what `rbd import` uses and
+/// what filesystems and bluestore allocate in.
+pub const DEFAULT_SPARSE_SIZE: usize = 4096;
+
+/// Parses a `--sparse-size` (`4096`, `64K`, `1M`).
+///
+/// # Errors
+/// Not a size, or not a power of two between 4 KiB and 64 MiB.
+pub fn parse_sparse_size(s: &str) -> std::result::Result<usize, String> {
+    let n = crate::config::parse_size(s)?;
+    if !n.is_power_of_two() || !(DEFAULT_SPARSE_SIZE as u64..=64 << 20).contains(&n) {
+        return Err(format!("sparse size {s} must be a power of two from 4K to 64M"));
+    }
+    Ok(n as usize)
 }
 
 /// One committed backup opened for restore: its catalog row and its
@@ -178,9 +201,6 @@ pub fn restore_to(ctx: &Ctx, manifest: &Manifest, to: &TargetSpec, opts: &Restor
     }
 }
 
-/// Granularity of holes punched inside a restored block.
-const PAGE: usize = 4096;
-
 /// Where restored bytes go.
 pub trait RestoreTarget: Sync {
     /// Writes `data` at `offset`.
@@ -198,15 +218,17 @@ pub trait RestoreTarget: Sync {
     fn block_done(&self, _offset: u64, _len: u64) {}
 }
 
-/// Writes the non-zero pages of `data` (a block at `offset`), and zeroes the
-/// zero pages unless the target is fresh.
-fn write_sparse(t: &dyn RestoreTarget, offset: u64, data: &[u8]) -> std::io::Result<()> {
+/// Writes the non-zero `piece`-sized pieces of `data` (a block at
+/// `offset`, aligned to `piece`), one call per run of them, and zeroes the
+/// zero pieces (a target that starts out zeroed does nothing for them).
+fn write_sparse(t: &dyn RestoreTarget, offset: u64, data: &[u8], piece: usize) -> std::io::Result<()> {
+    let piece = piece.max(1);
     let mut i = 0;
     while i < data.len() {
-        let zero = chunk::is_zero(&data[i..(i + PAGE).min(data.len())]);
+        let zero = chunk::is_zero(&data[i..(i + piece).min(data.len())]);
         let mut j = i;
-        while j < data.len() && chunk::is_zero(&data[j..(j + PAGE).min(data.len())]) == zero {
-            j = (j + PAGE).min(data.len());
+        while j < data.len() && chunk::is_zero(&data[j..(j + piece).min(data.len())]) == zero {
+            j = (j + piece).min(data.len());
         }
         if zero {
             t.zero(offset + i as u64, (j - i) as u64)?;
@@ -243,7 +265,7 @@ pub fn restore_map(
             None => target.zero(off, len as u64).with_context(|| format!("{what}: zeroing block {b} at offset {off}"))?,
             Some(id) => {
                 reader::load_block(store, &what, map, b, &id, raw, plain)?;
-                write_sparse(target, off, plain).with_context(|| format!("{what}: writing block {b} at offset {off}"))?;
+                write_sparse(target, off, plain, opts.sparse_size).with_context(|| format!("{what}: writing block {b} at offset {off}"))?;
                 target.block_done(off, len as u64);
             }
         }
@@ -296,6 +318,95 @@ mod tests {
         assert!(e.contains("'alpha'") && e.contains("'beta'") && e.contains("backup 7"), "{e}");
         let e = format!("{:#}", check_manifest(&manifest(8, "alpha"), "alpha", BackupId(7)).unwrap_err());
         assert!(e.contains("backup 7") && e.contains("backup 8"), "{e}");
+    }
+
+    /// Records what a restore asks of its target.
+    #[derive(Default)]
+    struct Recorder {
+        fresh: bool,
+        calls: std::sync::Mutex<Vec<(&'static str, u64, u64)>>,
+    }
+
+    impl RestoreTarget for Recorder {
+        fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.calls.lock().unwrap().push(("write", offset, data.len() as u64));
+            Ok(())
+        }
+        fn zero(&self, offset: u64, len: u64) -> std::io::Result<()> {
+            if !self.fresh {
+                self.calls.lock().unwrap().push(("zero", offset, len));
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn write_sparse_skips_zero_pieces_of_the_given_size() {
+        // a 256 KiB block at 1 MiB: data in pages 0-1, 3 and 20, and the
+        // last page; zeros elsewhere
+        let mut block = vec![0u8; 256 << 10];
+        for page in [0usize, 1, 3, 20, 63] {
+            block[page * 4096 + 100] = 1;
+        }
+        let calls = |piece: usize, fresh: bool| {
+            let t = Recorder { fresh, ..Recorder::default() };
+            write_sparse(&t, 1 << 20, &block, piece).unwrap();
+            t.calls.into_inner().unwrap()
+        };
+        let m = 1u64 << 20;
+        assert_eq!(
+            calls(4096, true),
+            [("write", m, 8192), ("write", m + 3 * 4096, 4096), ("write", m + 20 * 4096, 4096), ("write", m + 63 * 4096, 4096)]
+        );
+        assert_eq!(
+            calls(4096, false),
+            [
+                ("write", m, 8192),
+                ("zero", m + 8192, 4096),
+                ("write", m + 3 * 4096, 4096),
+                ("zero", m + 4 * 4096, 16 * 4096),
+                ("write", m + 20 * 4096, 4096),
+                ("zero", m + 21 * 4096, 42 * 4096),
+                ("write", m + 63 * 4096, 4096),
+            ]
+        );
+        // 64 KiB pieces: pages 0-15 and 16-31 hold data, 32-47 are zero,
+        // 48-63 hold data
+        assert_eq!(calls(64 << 10, true), [("write", m, 128 << 10), ("write", m + (192 << 10), 64 << 10)]);
+        assert_eq!(
+            calls(64 << 10, false),
+            [("write", m, 128 << 10), ("zero", m + (128 << 10), 64 << 10), ("write", m + (192 << 10), 64 << 10)]
+        );
+        // pieces larger than the block: one write of the whole block
+        assert_eq!(calls(1 << 20, true), [("write", m, 256 << 10)]);
+        // the whole block is written back byte for byte
+        let mut out = vec![0u8; block.len()];
+        struct Into<'a>(std::sync::Mutex<&'a mut [u8]>);
+        impl RestoreTarget for Into<'_> {
+            fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+                let o = offset as usize - (1 << 20);
+                self.0.lock().unwrap()[o..o + data.len()].copy_from_slice(data);
+                Ok(())
+            }
+            fn zero(&self, _: u64, _: u64) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        for piece in [4096, 16 << 10, 64 << 10] {
+            out.fill(0);
+            write_sparse(&Into(std::sync::Mutex::new(&mut out)), 1 << 20, &block, piece).unwrap();
+            assert_eq!(out, block, "piece {piece}");
+        }
+    }
+
+    #[test]
+    fn sparse_size_is_a_power_of_two_from_4k_to_64m() {
+        assert_eq!(parse_sparse_size("4096"), Ok(4096));
+        assert_eq!(parse_sparse_size("64K"), Ok(65536));
+        assert_eq!(parse_sparse_size("4M"), Ok(4 << 20));
+        for bad in ["0", "2048", "3000", "96K", "128M", "x"] {
+            assert!(parse_sparse_size(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
