@@ -126,7 +126,7 @@ fn run_op(op: Op, ctx: &mut Ctx, out: &Path) -> anyhow::Result<()> {
         Op::Prune => blockvault::prune::prune_image(ctx, IMAGE).map(drop),
         Op::Gc => blockvault::gc::run(&ctx.cfg, &ctx.store, false).map(drop),
         Op::Verify => {
-            let opts = VerifyOptions { deep: true, deep_percent: 0.0, source: false, threads: 2, progress: false, cancel: &never, sparse_size: DEFAULT_SPARSE_SIZE };
+            let opts = VerifyOptions { deep: true, deep_percent: 0.0, source: false, threads: 2, progress: false, cancel: &never };
             let r = verify::run(ctx, None, &opts)?;
             // with a fault, findings are expected (an EIO reads as an
             // unreadable chunk); they must name the chunk
@@ -213,7 +213,7 @@ fn check_after(base: &Base, op: Op, trial: &Path) -> Result<(), String> {
             return Err(format!("backup {} restores to different bytes", r.id));
         }
     }
-    let opts = VerifyOptions { deep: true, deep_percent: 0.0, source: false, threads: 2, progress: false, cancel: &never, sparse_size: DEFAULT_SPARSE_SIZE };
+    let opts = VerifyOptions { deep: true, deep_percent: 0.0, source: false, threads: 2, progress: false, cancel: &never };
     let report = verify::run(&ctx, None, &opts).map_err(|e| format!("verify --deep failed: {e:#}"))?;
     if !report.is_clean() {
         let f: Vec<String> = report.findings.iter().map(ToString::to_string).collect();
