@@ -100,7 +100,9 @@ pub fn load_parent(ctx: &Ctx, image_id: i64, held: Option<&[String]>) -> Result<
                 }
             }
         }
+        let step = Instant::now();
         let loaded = ctx.store.read_manifest(row.id).and_then(|m| ctx.store.read_blockmap(&m).map(|map| (m, map)));
+        debug!(parent = row.id.0, ms = step.elapsed().as_millis() as u64, "parent's manifest and block map read");
         let (manifest, map) = match loaded {
             Ok(l) => l,
             Err(e) => {
@@ -108,8 +110,10 @@ pub fn load_parent(ctx: &Ctx, image_id: i64, held: Option<&[String]>) -> Result<
                 return Ok(None);
             }
         };
+        let step = Instant::now();
         let missing = missing_chunks(&ctx.store, &map, ctx.cfg.workers())
             .with_context(|| format!("checking the chunks of parent backup {} of image '{}'", row.id, row.image))?;
+        debug!(parent = row.id.0, ms = step.elapsed().as_millis() as u64, "parent's chunks checked");
         if missing.is_empty() {
             debug!(parent = row.id.0, blocks = map.len(), verify_state = row.verify_state.as_str(), "parent chosen: the newest valid committed backup");
             return Ok(Some(Parent { manifest, map }));
@@ -147,7 +151,9 @@ fn missing_chunks(store: &Store, map: &BlockMap, threads: usize) -> Result<Vec<C
     /// Ids per work item: one channel message per `stat` would cost more
     /// than the `stat` of a cached inode.
     const IDS_PER_ITEM: usize = 256;
-    let ids: Vec<ChunkId> = map.chunk_ids().copied().collect::<HashSet<_>>().into_iter().collect();
+    // the blocks' chunks: the index chunks of an indexed map are checked,
+    // and rewritten when missing, by the commit of the map that reuses them
+    let ids: Vec<ChunkId> = map.block_chunk_ids().copied().collect::<HashSet<_>>().into_iter().collect();
     let missing = Mutex::new(Vec::new());
     let never = AtomicBool::new(false);
     pool::for_each(&never, "chunk check", threads, threads * 2, ids.chunks(IDS_PER_ITEM), || (), |_, part: &[ChunkId]| {

@@ -797,8 +797,11 @@ impl Store {
                 map.encode()
             }
             Some(fanout) => {
+                let t = std::time::Instant::now();
                 let groups = self.put_index_chunks(map, fanout)?;
+                let put_ms = t.elapsed().as_millis() as u64;
                 self.sync()?;
+                tracing::debug!(groups = groups.len(), put_ms, sync_ms = t.elapsed().as_millis() as u64 - put_ms, "index chunks stored, pending chunks durable");
                 map.encode_indexed(fanout, &groups)
             }
         };

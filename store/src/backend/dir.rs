@@ -166,11 +166,7 @@ impl DirBackend {
         if self.chunk_exists(id)? {
             return Ok(false);
         }
-        let dir = dest.parent().unwrap();
-        if !dir.exists() {
-            // made durable by the syncfs of the next flush
-            create_private_dir(dir).map_err(|e| Error::io("create directory", dir, e))?;
-        }
+        // the shard directory is made when the flush's rename finds it missing
         let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
         let tmp = self.root.join("tmp").join(format!("{}-{}-{}", std::process::id(), seq, id));
         let mut f = create_new_private(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
@@ -221,7 +217,16 @@ impl DirBackend {
         for (tmp, dest) in &files {
             // NOREPLACE: a chunk written meanwhile by another process (another
             // image's backup with the same block) is never replaced.
-            match rustix::fs::renameat_with(rustix::fs::CWD, tmp, rustix::fs::CWD, dest, rustix::fs::RenameFlags::NOREPLACE) {
+            let rename = || rustix::fs::renameat_with(rustix::fs::CWD, tmp, rustix::fs::CWD, dest, rustix::fs::RenameFlags::NOREPLACE);
+            let mut res = rename();
+            if res == Err(rustix::io::Errno::NOENT) && tmp.exists() {
+                // the chunk's shard directory is new (made durable by the
+                // syncfs below, with the renames)
+                let dir = dest.parent().unwrap_or(dest);
+                create_private_dir(dir).map_err(|e| Error::io("create directory", dir, e))?;
+                res = rename();
+            }
+            match res {
                 Ok(()) => {}
                 Err(rustix::io::Errno::EXIST) => fs::remove_file(tmp).map_err(|e| Error::io("remove", tmp, e))?,
                 Err(e) => return Err(Error::io("rename", dest, e.into())),
@@ -266,10 +271,12 @@ impl Backend for DirBackend {
 
     fn chunk_exists(&self, id: &ChunkId) -> Result<bool> {
         let p = self.chunk_path(id);
-        match fs::symlink_metadata(&p) {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(Error::io("stat", &p, e)),
+        // faccessat: a path lookup without filling a stat buffer (the parent
+        // check of an incremental at small blocks makes one per block)
+        match rustix::fs::accessat(rustix::fs::CWD, &p, rustix::fs::Access::EXISTS, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(()) => Ok(true),
+            Err(rustix::io::Errno::NOENT) => Ok(false),
+            Err(e) => Err(Error::io("stat", &p, e.into())),
         }
     }
 
