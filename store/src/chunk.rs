@@ -164,25 +164,6 @@ pub fn decode_into(id: &ChunkId, bytes: &[u8], out: &mut Vec<u8>) -> Result<()> 
     decode_with(&ChunkHasher::Plain, id, bytes, out)
 }
 
-thread_local! {
-    /// One zstd decompression context per thread, kept between chunks
-    /// (creating one costs a few hundred KiB of allocation and zeroing).
-    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-/// Decompresses one zstd frame into `out` (empty, with the capacity the
-/// frame may fill) with this thread's context.
-fn decompress(payload: &[u8], out: &mut Vec<u8>) -> std::io::Result<usize> {
-    DECOMPRESSOR.with(|d| {
-        let mut d = d.borrow_mut();
-        if d.is_none() {
-            *d = Some(zstd::bulk::Decompressor::new()?);
-        }
-        d.as_mut().map_or(Ok(0), |d| d.decompress_to_buffer(payload, out))
-    })
-}
-
 /// Decodes a stored chunk into `out` (cleared first) and verifies that the
 /// plaintext hashes to `id` under the store's `hasher`. Never returns
 /// unverified data.
@@ -200,7 +181,7 @@ pub fn decode_with(hasher: &ChunkHasher, id: &ChunkId, bytes: &[u8], out: &mut V
             // overwritten at once; a frame that decodes to more than
             // `plain_len` fails here or at the length check below
             out.reserve(h.plain_len as usize);
-            decompress(payload, out).map_err(|e| Error::CorruptChunk {
+            zstd::bulk::Decompressor::new().and_then(|mut d| d.decompress_to_buffer(payload, out)).map_err(|e| Error::CorruptChunk {
                 id: *id,
                 reason: format!("zstd decompression failed: {e}"),
             })?;

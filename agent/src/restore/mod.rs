@@ -223,11 +223,19 @@ pub trait RestoreTarget: Sync {
 /// zero pieces (a target that starts out zeroed does nothing for them).
 fn write_sparse(t: &dyn RestoreTarget, offset: u64, data: &[u8], piece: usize) -> std::io::Result<()> {
     let piece = piece.max(1);
+    let zero_at = |k: usize| chunk::is_zero(&data[k..(k + piece).min(data.len())]);
     let mut i = 0;
+    let mut zero = zero_at(0);
     while i < data.len() {
-        let zero = chunk::is_zero(&data[i..(i + piece).min(data.len())]);
-        let mut j = i;
-        while j < data.len() && chunk::is_zero(&data[j..(j + piece).min(data.len())]) == zero {
+        // extend the run; the piece that ends it is scanned once, and
+        // starts the next run
+        let mut j = (i + piece).min(data.len());
+        let mut next = zero;
+        while j < data.len() {
+            next = zero_at(j);
+            if next != zero {
+                break;
+            }
             j = (j + piece).min(data.len());
         }
         if zero {
@@ -236,6 +244,7 @@ fn write_sparse(t: &dyn RestoreTarget, offset: u64, data: &[u8], piece: usize) -
             t.write_at(offset + i as u64, &data[i..j])?;
         }
         i = j;
+        zero = next;
     }
     Ok(())
 }
