@@ -163,6 +163,25 @@ pub trait Backend: Send + Sync {
     /// `ChunkMissing` when it is not visible, `Io` otherwise.
     fn get_chunk(&self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()>;
 
+    /// [`Backend::put_chunk`] of a chunk that will be read again soon (an
+    /// index chunk of a block map: the image's next backup reads it): a
+    /// backend with a cache keeps it there.
+    ///
+    /// # Errors
+    /// As [`Backend::put_chunk`].
+    fn put_chunk_hot(&self, id: &ChunkId, bytes: &[u8]) -> Result<bool> {
+        self.put_chunk(id, bytes)
+    }
+
+    /// [`Backend::get_chunk`] of a chunk that will be read again soon (see
+    /// [`Backend::put_chunk_hot`]).
+    ///
+    /// # Errors
+    /// As [`Backend::get_chunk`].
+    fn get_chunk_hot(&self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
+        self.get_chunk(id, out)
+    }
+
     /// Every visible chunk.
     ///
     /// # Errors
@@ -335,6 +354,12 @@ impl<B: Backend + ?Sized> Backend for $ptr<B> {
     }
     fn get_chunk(&self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
         (**self).get_chunk(id, out)
+    }
+    fn put_chunk_hot(&self, id: &ChunkId, bytes: &[u8]) -> Result<bool> {
+        (**self).put_chunk_hot(id, bytes)
+    }
+    fn get_chunk_hot(&self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
+        (**self).get_chunk_hot(id, out)
     }
     fn list_chunks(&self) -> Result<Vec<ChunkEntry>> {
         (**self).list_chunks()

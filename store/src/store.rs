@@ -632,10 +632,16 @@ impl Store {
     /// # Errors
     /// `Io` on a failed write, fsync or rename; `Poisoned` after one.
     pub fn put_chunk(&self, chunk: &EncodedChunk) -> Result<bool> {
+        self.put_chunk_as(chunk, false)
+    }
+
+    /// [`Store::put_chunk`]; a `hot` chunk (an index chunk, which the
+    /// image's next backup reads) is kept in the backend's cache.
+    fn put_chunk_as(&self, chunk: &EncodedChunk, hot: bool) -> Result<bool> {
         if self.poisoned.load(Ordering::Relaxed) {
             return Err(Error::Poisoned);
         }
-        let res = self.backend.put_chunk(&chunk.id, &chunk.bytes);
+        let res = if hot { self.backend.put_chunk_hot(&chunk.id, &chunk.bytes) } else { self.backend.put_chunk(&chunk.id, &chunk.bytes) };
         if res.is_err() {
             self.poisoned.store(true, Ordering::Relaxed);
         }
@@ -827,7 +833,7 @@ impl Store {
             let id = self.chunk_id(&plain);
             if !self.has_chunk(&id)? {
                 // ids are random bytes: stored raw
-                self.put_chunk(&chunk::encode(&plain, id, 0, None)?)?;
+                self.put_chunk_as(&chunk::encode(&plain, id, 0, None)?, true)?;
             }
             groups.push(Some(id));
         }
@@ -842,7 +848,8 @@ impl Store {
             crate::blockmap::Decoded::Indexed(ix) => {
                 let (mut raw, mut plain) = (Vec::new(), Vec::new());
                 ix.expand(p, |id| {
-                    self.load_chunk(id, &mut raw, &mut plain).map_err(|e| match e {
+                    // kept in the backend's cache: the next backup reads it again
+                    self.backend.get_chunk_hot(id, &mut raw).and_then(|()| self.decode_chunk(id, &raw, &mut plain)).map_err(|e| match e {
                         // an I/O error stays one (it names the chunk object and the cause)
                         e @ Error::Io { .. } => e,
                         e => Error::CorruptFile { path: p.to_path_buf(), reason: format!("index chunk {id} does not load: {e}") },

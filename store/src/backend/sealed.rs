@@ -104,6 +104,15 @@ impl Backend for SealedBackend {
     fn discard_pending(&self) {
         self.inner.discard_pending()
     }
+    fn put_chunk_hot(&self, id: &ChunkId, bytes: &[u8]) -> Result<bool> {
+        self.inner.put_chunk_hot(id, &self.sealer.seal(&chunk_ad(id), bytes))
+    }
+    fn get_chunk_hot(&self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
+        self.inner.get_chunk_hot(id, out)?;
+        self.sealer
+            .open_in_place(&chunk_ad(id), out)
+            .map_err(|reason| Error::CorruptChunk { id: *id, reason })
+    }
     fn get_chunk(&self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
         // The inner read is bounded by the largest chunk object; a sealed
         // chunk is its encoded chunk (at most header + one raw block, well
