@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use blockvault_catalog::{now_rfc3339, BackupState};
-use blockvault_store::{BackupId, BlockMap, ChunkId, Manifest, SetRef, Store};
+use blockvault_store::{BackupId, BlockMap, ChunkChecker, ChunkId, Manifest, SetRef};
 use tracing::{debug, info, info_span, warn};
 
 use crate::config::{self, ImageConfig};
@@ -86,50 +86,110 @@ pub fn load_parent(ctx: &Ctx, image_id: i64, held: Option<&[String]>) -> Result<
     // Each round either returns or marks one more backup invalid, which
     // `latest_valid_backup` then skips: the loop ends.
     loop {
-        let Some(mut row) = ctx.catalog.latest_valid_backup(image_id)? else {
-            debug!(image_id, "no valid committed backup: no parent, every block is read");
-            return Ok(None);
-        };
-        if let Some(held) = held {
-            if !row.snapshot.as_ref().is_some_and(|s| held.contains(s)) {
-                if let Some(older) = newest_valid_with_held_snapshot(ctx, image_id, held)? {
-                    info!(image = %row.image, newest = row.id.0, base = older.id.0,
-                        snapshot = %older.snapshot.as_deref().unwrap_or_default(),
-                        "the newest backup's snapshot is gone: an older backup whose snapshot is still held is the base");
-                    row = older;
-                }
-            }
-        }
+        let Some((row, parent)) = read_parent(ctx, image_id, held)? else { return Ok(None) };
         let step = Instant::now();
-        let loaded = ctx.store.read_manifest(row.id).and_then(|m| ctx.store.read_blockmap(&m).map(|map| (m, map)));
-        debug!(parent = row.id.0, ms = step.elapsed().as_millis() as u64, "parent's manifest and block map read");
-        let (manifest, map) = match loaded {
-            Ok(l) => l,
-            Err(e) => {
-                warn!(backup = row.id.0, error = %crate::logging::Chain(&e), "parent backup does not read back from the store; not using it as a base");
-                return Ok(None);
-            }
-        };
-        let step = Instant::now();
-        let missing = missing_chunks(&ctx.store, &map, ctx.cfg.workers())
+        let missing = missing_chunks(&ctx.store.chunk_checker(), &parent.map, ctx.cfg.workers())
             .with_context(|| format!("checking the chunks of parent backup {} of image '{}'", row.id, row.image))?;
         debug!(parent = row.id.0, ms = step.elapsed().as_millis() as u64, "parent's chunks checked");
         if missing.is_empty() {
-            debug!(parent = row.id.0, blocks = map.len(), verify_state = row.verify_state.as_str(), "parent chosen: the newest valid committed backup");
-            return Ok(Some(Parent { manifest, map }));
+            debug!(parent = row.id.0, blocks = parent.map.len(), verify_state = row.verify_state.as_str(), "parent chosen: the newest valid committed backup");
+            return Ok(Some(parent));
         }
-        warn!(
-            backup = row.id.0,
-            image = %row.image,
-            missing_chunks = missing.len(),
-            first_missing = %missing[0],
-            "parent backup references chunks missing from the store: marking it invalid and not using it as a base \
-             (this backup rewrites the chunks whose data it reads; run `blockvault verify --deep`)"
-        );
-        // in the store first (a rebuilt catalog keeps it), then the catalog
-        let reason = format!("references {} chunks missing from the store, e.g. {}", missing.len(), missing[0]);
-        crate::verify::mark(ctx, row.id, blockvault_catalog::VerifyState::Invalid, Some(reason))?;
+        reject_parent(ctx, &row, &missing)?;
     }
+}
+
+/// [`load_parent`] with the chunk check left running on its own threads
+/// (it makes a `stat` per block: 65,536 of them for 4 GiB at 64 KiB blocks),
+/// so the snapshot and the diff proceed meanwhile. The parent must not be
+/// trusted until [`ParentCheck::finish`] says so.
+///
+/// # Errors
+/// Catalog errors.
+fn load_parent_checking(ctx: &Ctx, image_id: i64, held: Option<&[String]>) -> Result<Option<(Parent, ParentCheck)>> {
+    let Some((row, parent)) = read_parent(ctx, image_id, held)? else { return Ok(None) };
+    let (checker, threads) = (ctx.store.chunk_checker(), ctx.cfg.workers());
+    let map = parent.map.clone();
+    let what = format!("checking the chunks of parent backup {} of image '{}'", row.id, row.image);
+    let handle = std::thread::Builder::new()
+        .name("parent check".into())
+        .spawn(move || {
+            let step = Instant::now();
+            let missing = missing_chunks(&checker, &map, threads).context(what);
+            debug!(parent = row.id.0, ms = step.elapsed().as_millis() as u64, "parent's chunks checked (while the backup went on)");
+            missing.map(|m| (row, m))
+        })
+        .context("starting the parent's chunk check")?;
+    Ok(Some((parent, ParentCheck { handle })))
+}
+
+/// The chunk check of a parent from [`load_parent_checking`], running.
+pub(crate) struct ParentCheck {
+    handle: std::thread::JoinHandle<Result<(blockvault_catalog::BackupRow, Vec<ChunkId>)>>,
+}
+
+impl ParentCheck {
+    /// Waits for the check. True when every chunk of the parent is in the
+    /// store; otherwise the parent is marked invalid (loudly) and must not
+    /// be used.
+    ///
+    /// # Errors
+    /// Catalog errors, or a store error other than "not found" while checking.
+    fn finish(self, ctx: &Ctx) -> Result<bool> {
+        let (row, missing) = self.handle.join().map_err(|_| anyhow::anyhow!("the parent's chunk check panicked"))??;
+        if missing.is_empty() {
+            debug!(parent = row.id.0, verify_state = row.verify_state.as_str(), "parent chosen: the newest valid committed backup");
+            return Ok(true);
+        }
+        reject_parent(ctx, &row, &missing)?;
+        Ok(false)
+    }
+}
+
+/// The newest valid committed backup of an image and its manifest and block
+/// map, read back; `None` when there is none, or when it does not read back
+/// (with a warning: a full read follows).
+fn read_parent(ctx: &Ctx, image_id: i64, held: Option<&[String]>) -> Result<Option<(blockvault_catalog::BackupRow, Parent)>> {
+    let Some(mut row) = ctx.catalog.latest_valid_backup(image_id)? else {
+        debug!(image_id, "no valid committed backup: no parent, every block is read");
+        return Ok(None);
+    };
+    if let Some(held) = held {
+        if !row.snapshot.as_ref().is_some_and(|s| held.contains(s)) {
+            if let Some(older) = newest_valid_with_held_snapshot(ctx, image_id, held)? {
+                info!(image = %row.image, newest = row.id.0, base = older.id.0,
+                    snapshot = %older.snapshot.as_deref().unwrap_or_default(),
+                    "the newest backup's snapshot is gone: an older backup whose snapshot is still held is the base");
+                row = older;
+            }
+        }
+    }
+    let step = Instant::now();
+    let loaded = ctx.store.read_manifest(row.id).and_then(|m| ctx.store.read_blockmap(&m).map(|map| (m, map)));
+    debug!(parent = row.id.0, ms = step.elapsed().as_millis() as u64, "parent's manifest and block map read");
+    match loaded {
+        Ok((manifest, map)) => Ok(Some((row, Parent { manifest, map }))),
+        Err(e) => {
+            warn!(backup = row.id.0, error = %crate::logging::Chain(&e), "parent backup does not read back from the store; not using it as a base");
+            Ok(None)
+        }
+    }
+}
+
+/// A parent whose chunks are not all in the store: warned about and marked
+/// invalid, in the store first (a rebuilt catalog keeps the mark), then in
+/// the catalog, so it is never a base.
+fn reject_parent(ctx: &Ctx, row: &blockvault_catalog::BackupRow, missing: &[ChunkId]) -> Result<()> {
+    warn!(
+        backup = row.id.0,
+        image = %row.image,
+        missing_chunks = missing.len(),
+        first_missing = %missing[0],
+        "parent backup references chunks missing from the store: marking it invalid and not using it as a base \
+         (this backup rewrites the chunks whose data it reads; run `blockvault verify --deep`)"
+    );
+    let reason = format!("references {} chunks missing from the store, e.g. {}", missing.len(), missing[0]);
+    crate::verify::mark(ctx, row.id, blockvault_catalog::VerifyState::Invalid, Some(reason))
 }
 
 /// The newest committed backup not marked invalid whose snapshot is in
@@ -147,7 +207,7 @@ fn newest_valid_with_held_snapshot(ctx: &Ctx, image_id: i64, held: &[String]) ->
 /// Distinct chunk ids of `map` that the store does not hold, checked by
 /// `threads` threads (a `stat` each: cheap, but a large map of small
 /// blocks has many).
-fn missing_chunks(store: &Store, map: &BlockMap, threads: usize) -> Result<Vec<ChunkId>> {
+fn missing_chunks(store: &ChunkChecker, map: &BlockMap, threads: usize) -> Result<Vec<ChunkId>> {
     /// Ids per work item: one channel message per `stat` would cost more
     /// than the `stat` of a cached inode.
     const IDS_PER_ITEM: usize = 256;
@@ -272,6 +332,8 @@ pub(crate) struct Prepared {
     source: Box<dyn Source>,
     job: Job,
     parent: Option<Parent>,
+    /// The parent's chunk check, still running.
+    parent_check: Option<ParentCheck>,
     id: BackupId,
     created: String,
     started: Instant,
@@ -325,14 +387,15 @@ pub(crate) fn prepare(ctx: &mut Ctx, img: &ImageConfig, given: Option<Box<dyn So
 
     // an RBD source diffs from a snapshot it still holds: with
     // keep-snapshots > 1, an older one when the newest was deleted by hand
+    // (its chunk check runs on while the snapshot is made and the diff
+    // computed: `to_commit` waits for it before trusting the parent)
     let held = source.held_snapshots();
-    let mut parent = load_parent(ctx, job.image_id, held.as_deref())?;
+    let (mut parent, parent_check) = match load_parent_checking(ctx, job.image_id, held.as_deref())? {
+        Some((p, c)) => (Some(p), Some(c)),
+        None => (None, None),
+    };
     if parent.is_none() {
-        // a clone's first backup: the backup of its parent snapshot, if the
-        // store holds one, is the base of what the clone did not write
-        if let Some(spec) = source.clone_parent()? {
-            parent = load_clone_parent(ctx, &spec)?;
-        }
+        parent = load_clone_parent_of(ctx, &mut *source)?;
     }
 
     // allocate the backup
@@ -342,7 +405,16 @@ pub(crate) fn prepare(ctx: &mut Ctx, img: &ImageConfig, given: Option<Box<dyn So
     // above this catalog's own ids too, so an older catalog's rows never clash
     let id = ctx.store.claim_backup_id(ctx.catalog.max_backup_id()? + 1)?;
     ctx.catalog.begin_backup_as(id, job.image_id, parent.as_ref().map(|p| p.manifest.id), job.block_size, &created)?;
-    Ok(Prepared { img: img.clone(), store_lock, image_lock, source, job, parent, id, created, started, size: None })
+    Ok(Prepared { img: img.clone(), store_lock, image_lock, source, job, parent, parent_check, id, created, started, size: None })
+}
+
+/// A clone's first backup: the backup of its parent snapshot, if the store
+/// holds one, is the base of what the clone did not write.
+fn load_clone_parent_of(ctx: &Ctx, source: &mut dyn Source) -> Result<Option<Parent>> {
+    match source.clone_parent()? {
+        Some(spec) => load_clone_parent(ctx, &spec),
+        None => Ok(None),
+    }
 }
 
 /// The committed backup of a clone's parent snapshot (`rbd:POOL/IMAGE@SNAP`),
@@ -369,7 +441,7 @@ fn load_clone_parent(ctx: &Ctx, spec: &str) -> Result<Option<Parent>> {
                 continue;
             }
         };
-        let missing = missing_chunks(&ctx.store, &map, ctx.cfg.workers())?;
+        let missing = missing_chunks(&ctx.store.chunk_checker(), &map, ctx.cfg.workers())?;
         if !missing.is_empty() {
             warn!(backup = row.id.0, missing_chunks = missing.len(), "backup of the clone's parent references missing chunks; not using it");
             continue;
@@ -443,6 +515,7 @@ impl Prepared {
             id,
             size,
             self.parent.as_ref(),
+            self.parent_check.take(),
             &self.created,
             self.started,
             set,
@@ -486,6 +559,7 @@ fn to_commit(
     id: BackupId,
     size: u64,
     parent: Option<&crate::source::Parent>,
+    parent_check: Option<ParentCheck>,
     created: &str,
     started: Instant,
     set: Option<SetRef>,
@@ -496,12 +570,29 @@ fn to_commit(
 
     // what changed, and the plan; -v logs how long each step took
     let step = Instant::now();
-    let changes = source.changes(parent)?;
+    let mut changes = source.changes(parent)?;
     debug!(
         extents = match &changes { Changes::Full { extents, .. } | Changes::Since { extents } => extents.len() },
         ms = step.elapsed().as_millis() as u64,
         "source reported its changes"
     );
+    // the parent's chunk check ran meanwhile: a parent with missing chunks
+    // is never the base, the next valid backup is (checked now)
+    let (mut replaced, mut replacement) = (false, None);
+    if let Some(check) = parent_check {
+        if !check.finish(ctx)? {
+            let held = source.held_snapshots();
+            replacement = match load_parent(ctx, job.image_id, held.as_deref())? {
+                Some(p) => Some(p),
+                None => load_clone_parent_of(ctx, source)?,
+            };
+            replaced = true;
+        }
+    }
+    let parent = if replaced { replacement.as_ref() } else { parent };
+    if replaced {
+        changes = source.changes(parent)?;
+    }
     let step = Instant::now();
     if let Changes::Full { reason, .. } = &changes {
         log_full_read(&job.image, reason);

@@ -108,6 +108,22 @@ pub struct Store {
     poisoned: AtomicBool,
 }
 
+/// [`Store::has_chunk`] of a store, owned: see [`Store::chunk_checker`].
+#[derive(Clone)]
+pub struct ChunkChecker {
+    backend: Arc<dyn Backend>,
+}
+
+impl ChunkChecker {
+    /// True when the store holds the chunk.
+    ///
+    /// # Errors
+    /// `Io` on anything but "not found".
+    pub fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
+        self.backend.chunk_exists(id)
+    }
+}
+
 /// A chunk in the form its store keeps it ([`Store::prepare_chunk`]):
 /// sealed in an encrypted store, the encoded chunk itself otherwise.
 #[derive(Debug)]
@@ -620,6 +636,12 @@ impl Store {
     /// `Io` on anything but "not found".
     pub fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
         self.backend.chunk_exists(id)
+    }
+
+    /// A handle that answers [`Store::has_chunk`] from any thread, for as
+    /// long as it lives (a check that runs while the caller goes on).
+    pub fn chunk_checker(&self) -> ChunkChecker {
+        ChunkChecker { backend: self.raw.clone() }
     }
 
     /// Stores a chunk durably unless the store already has it; an existing
