@@ -698,18 +698,42 @@ fn sample_check(store: &Store, at: &Image, parent: &Parent, plan: &Plan) -> Resu
         .collect();
     let want = (inherited.len() * SAMPLE_PER_MILLE / 1000).max(MIN_SAMPLES).min(inherited.len());
     inherited.shuffle(&mut rand::thread_rng());
-    let mut buf = Vec::new();
-    for &b in &inherited[..want] {
-        let (off, len) = plan.map.block_range(b);
-        buf.resize(len, 0);
-        at.read_at(off, &mut buf).with_context(|| format!("reading sample block {b}"))?;
-        let id = (!blockvault_store::chunk::is_zero(&buf)).then(|| store.chunk_id(&buf));
-        if id != parent.map.get(b) {
-            return Ok(Some(b));
-        }
+    // each read is a round trip to an OSD: a few threads keep several in flight
+    let samples = &inherited[..want];
+    if samples.is_empty() {
+        return Ok(None);
     }
-    Ok(None)
+    let per = samples.len().div_ceil(SAMPLE_THREADS);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = samples
+            .chunks(per)
+            .map(|part| {
+                s.spawn(move || -> Result<Option<usize>> {
+                    let mut buf = Vec::new();
+                    for &b in part {
+                        let (off, len) = plan.map.block_range(b);
+                        buf.resize(len, 0);
+                        at.read_at(off, &mut buf).with_context(|| format!("reading sample block {b}"))?;
+                        let id = (!blockvault_store::chunk::is_zero(&buf)).then(|| store.chunk_id(&buf));
+                        if id != parent.map.get(b) {
+                            return Ok(Some(b));
+                        }
+                    }
+                    Ok(None)
+                })
+            })
+            .collect();
+        let mut found = None;
+        for p in parts {
+            let r = p.join().map_err(|_| anyhow::anyhow!("a sample check thread panicked"))??;
+            found = found.or(r);
+        }
+        Ok(found)
+    })
 }
+
+/// Threads of [`sample_check`].
+const SAMPLE_THREADS: usize = 8;
 
 fn remove_snap_if_present(head: &Image, snap: &str) -> Result<()> {
     match head.remove_snap(snap) {
