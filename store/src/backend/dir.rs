@@ -229,7 +229,18 @@ impl DirBackend {
         if self.chunk_exists(id)? {
             return Ok(false);
         }
-        // the shard directory is made when the flush's rename finds it missing
+        // The chunk's shard directory, made now, in the writer thread, while
+        // the pipeline still reads (one mkdir per new chunk; an existing one
+        // answers EEXIST): made at flush time instead, when a rename found
+        // it missing, the mkdirs of a small store's new shards took ~100 µs
+        // each on the commit's path (68-103 ms for 880 chunks of a 1 GiB
+        // image). Durable with the renames, by the flush's last syncfs.
+        let chunks_dir = self.chunks_fd().map_err(|e| Error::io("open directory", &self.root.join("chunks"), e.into()))?;
+        let dest = ChunkName::new(id);
+        match rustix::fs::mkdirat(chunks_dir, dest.shard(), Mode::from_raw_mode(DIR_MODE)) {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(e) => return Err(Error::io("create directory", &self.root.join("chunks").join(dest.shard()), e.into())),
+        }
         let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
         let name = CString::new(format!("{}-{}-{}", std::process::id(), seq, id.to_hex())).expect("no NUL in a temp name");
         let tmp_path = || self.root.join("tmp").join(name.to_string_lossy().as_ref());
@@ -281,7 +292,9 @@ impl DirBackend {
             return Ok(());
         }
         let root = File::open(&self.root).map_err(|e| Error::io("open", &self.root, e))?;
+        let t0 = std::time::Instant::now();
         rustix::fs::syncfs(&root).map_err(|e| Error::io("syncfs", &self.root, e.into()))?;
+        let sync1 = t0.elapsed().as_millis() as u64;
         let tmp_dir = self.tmp_fd().map_err(|e| Error::io("open directory", &self.root.join("tmp"), e.into()))?;
         let chunks_dir = self.chunks_fd().map_err(|e| Error::io("open directory", &self.root.join("chunks"), e.into()))?;
         for c in files.iter().filter(|c| !c.hot) {
@@ -298,8 +311,8 @@ impl DirBackend {
             let rename = || rustix::fs::renameat_with(tmp_dir, c.tmp.as_c_str(), chunks_dir, dest.path(), rustix::fs::RenameFlags::NOREPLACE);
             let mut res = rename();
             if res == Err(Errno::NOENT) && rustix::fs::accessat(tmp_dir, c.tmp.as_c_str(), rustix::fs::Access::EXISTS, AtFlags::SYMLINK_NOFOLLOW).is_ok() {
-                // the chunk's shard directory is new (made durable by the
-                // syncfs below, with the renames)
+                // the chunk's shard directory went missing since the put
+                // (made durable by the syncfs below, with the renames)
                 match rustix::fs::mkdirat(chunks_dir, dest.shard(), Mode::from_raw_mode(DIR_MODE)) {
                     Ok(()) | Err(Errno::EXIST) => {}
                     Err(e) => return Err(Error::io("create directory", &self.root.join("chunks").join(dest.shard()), e.into())),
@@ -313,8 +326,10 @@ impl DirBackend {
                 Err(e) => return Err(Error::io("rename", &self.chunk_path(&c.id), e.into())),
             }
         }
+        let renamed = t0.elapsed().as_millis() as u64;
         rustix::fs::syncfs(&root).map_err(|e| Error::io("syncfs", &self.root, e.into()))?;
-        tracing::debug!(chunks = files.len(), "flush: new chunks durable and moved into chunks/");
+        let ms = t0.elapsed().as_millis() as u64;
+        tracing::debug!(chunks = files.len(), sync1_ms = sync1, rename_ms = renamed - sync1, sync2_ms = ms - renamed, "flush: new chunks durable and moved into chunks/");
         Ok(())
     }
 
