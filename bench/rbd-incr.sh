@@ -10,7 +10,7 @@
 # default target/release/blockvault). Prints wall seconds and MiB read from the OSD
 # (osd.op_r_out_bytes of `ceph daemon osd.0 perf dump`) per step and repetition.
 # Rep 0 is each block size's first (full) backup; rep REPS+1 (rst-SIZE) restores
-# its last backup to a file after dropping the page cache (root).
+# its last backup to a file after dropping the page cache (root; RESTORE=0 skips it).
 set -euo pipefail
 GIB=${1:?usage: rbd-incr.sh IMAGE_GIB CHANGE_MIB REPS [fill|sparse]}; MIB=${2:?}; REPS=${3:?}; MODE=${4:-fill}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -54,6 +54,7 @@ im.flush(); im.close(); io.close(); c.shutdown()"
 done
 # restore the last backup of each block size to a file (page cache dropped first)
 rep=$((REPS + 1))
+[[ ${RESTORE:-1} == 0 ]] && BLOCK_SIZES=
 for bs in $BLOCK_SIZES; do
   sync; echo 3 > /proc/sys/vm/drop_caches
   step "rst-$bs" "$BV" --config "$W/$bs/c.toml" -q --no-progress restore d --to "$W/restored.img" --force
