@@ -134,7 +134,6 @@ pub(crate) struct ParentCheck {
 }
 
 impl ParentCheck {
-
     /// Waits for the check. True when every chunk of the parent is in the
     /// store; otherwise the parent is marked invalid (loudly) and must not
     /// be used.
