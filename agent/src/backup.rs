@@ -8,9 +8,7 @@
 //!
 //! Each step calls down into the next one's modules; nothing calls back.
 
-use std::collections::HashSet;
 use std::sync::atomic::AtomicBool;
-use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -21,9 +19,9 @@ use tracing::{debug, info, info_span, warn};
 use crate::config::{self, ImageConfig};
 use crate::context::Ctx;
 use crate::error::BackupError;
-use crate::pipeline::{self, PipelineOptions, Progress};
+use crate::parent_check::{self, Memo};
+use crate::pipeline::{self, KnownChunks, PipelineOptions, Progress};
 use crate::plan::{self, BlockAction, Changes, FullReason};
-use crate::pool;
 use crate::source::file::FileSource;
 use crate::source::rbd::RbdSource;
 use crate::source::{Job, Outcome, Source};
@@ -111,6 +109,9 @@ fn load_parent_checking(ctx: &Ctx, image_id: i64, held: Option<&[String]>) -> Re
     let (checker, threads) = (ctx.store.chunk_checker(), ctx.cfg.workers());
     let map = parent.map.clone();
     let what = format!("checking the chunks of parent backup {} of image '{}'", row.id, row.image);
+    let memo_path = (!ctx.catalog_in_memory).then(|| Memo::path(&ctx.cfg.catalog_path(), image_id));
+    let store_uuid = ctx.store.meta().uuid.clone();
+    let memo_at = memo_path.clone();
     let handle = std::thread::Builder::new()
         .name("parent check".into())
         .spawn(move || {
@@ -120,34 +121,52 @@ fn load_parent_checking(ctx: &Ctx, image_id: i64, held: Option<&[String]>) -> Re
             // with an OSD, at nice 0 it made the diff twice as slow)
             let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19);
             let step = Instant::now();
-            let missing = missing_chunks(&checker, &map, threads).context(what);
-            debug!(parent = row.id.0, ms = step.elapsed().as_millis() as u64, "parent's chunks checked (while the backup went on)");
-            missing.map(|m| (row, m))
+            let memo = memo_at.as_deref().and_then(|p| Memo::load_for(p, &store_uuid, image_id, row.id));
+            let checked = parent_check::check(&checker, &map, threads, memo.as_deref()).context(what);
+            if let Ok(c) = &checked {
+                debug!(parent = row.id.0, ms = step.elapsed().as_millis() as u64, chunks = c.known.len(),
+                    unchanged_groups = c.vouched, looked_up = c.known.len() - c.vouched,
+                    "parent's chunks checked (while the backup went on)");
+            }
+            checked.map(|c| (row, c))
         })
         .context("starting the parent's chunk check")?;
-    Ok(Some((parent, ParentCheck { handle })))
+    Ok(Some((parent, ParentCheck { handle, memo_path })))
 }
 
 /// The chunk check of a parent from [`load_parent_checking`], running.
 pub(crate) struct ParentCheck {
-    handle: std::thread::JoinHandle<Result<(blockvault_catalog::BackupRow, Vec<ChunkId>)>>,
+    handle: std::thread::JoinHandle<Result<(blockvault_catalog::BackupRow, parent_check::Checked)>>,
+    /// Where the check's memo is kept (`None`: a catalog in memory).
+    memo_path: Option<std::path::PathBuf>,
+}
+
+/// A passed parent check: the parent's chunk ids, and the memo to keep
+/// once the backup is committed.
+struct Passed {
+    known: KnownChunks,
+    memo: Option<(std::path::PathBuf, Memo)>,
 }
 
 impl ParentCheck {
-    /// Waits for the check. True when every chunk of the parent is in the
-    /// store; otherwise the parent is marked invalid (loudly) and must not
-    /// be used.
+    /// Waits for the check. When every chunk of the parent is in the store,
+    /// its chunk ids (the pipeline's `known`); otherwise the parent is
+    /// marked invalid (loudly) and must not be used: `None`.
     ///
     /// # Errors
     /// Catalog errors, or a store error other than "not found" while checking.
-    fn finish(self, ctx: &Ctx) -> Result<bool> {
-        let (row, missing) = self.handle.join().map_err(|_| anyhow::anyhow!("the parent's chunk check panicked"))??;
-        if missing.is_empty() {
+    fn finish(self, ctx: &Ctx, id: BackupId) -> Result<Option<Passed>> {
+        let (row, checked) = self.handle.join().map_err(|_| anyhow::anyhow!("the parent's chunk check panicked"))??;
+        if checked.missing.is_empty() {
             debug!(parent = row.id.0, verify_state = row.verify_state.as_str(), "parent chosen: the newest valid committed backup");
-            return Ok(true);
+            let memo = self.memo_path.map(|p| {
+                let memo = Memo { store: ctx.store.meta().uuid.clone(), image_id: row.image_id, made_by: id, checked: row.id, stamps: checked.stamps };
+                (p, memo)
+            });
+            return Ok(Some(Passed { known: checked.known, memo }));
         }
-        reject_parent(ctx, &row, &missing)?;
-        Ok(false)
+        reject_parent(ctx, &row, &checked.missing)?;
+        Ok(None)
     }
 }
 
@@ -209,29 +228,9 @@ fn newest_valid_with_held_snapshot(ctx: &Ctx, image_id: i64, held: &[String]) ->
         .max_by_key(|b| b.id.0))
 }
 
-/// Distinct chunk ids of `map` that the store does not hold, checked by
-/// `threads` threads (a `stat` each: cheap, but a large map of small
-/// blocks has many).
+/// Distinct chunk ids of `map` that the store does not hold, each looked up.
 fn missing_chunks(store: &ChunkChecker, map: &BlockMap, threads: usize) -> Result<Vec<ChunkId>> {
-    /// Ids per work item: one channel message per `stat` would cost more
-    /// than the `stat` of a cached inode.
-    const IDS_PER_ITEM: usize = 256;
-    // the blocks' chunks: the index chunks of an indexed map are checked,
-    // and rewritten when missing, by the commit of the map that reuses them
-    let ids: Vec<ChunkId> = map.block_chunk_ids().copied().collect::<HashSet<_>>().into_iter().collect();
-    let missing = Mutex::new(Vec::new());
-    let never = AtomicBool::new(false);
-    pool::for_each(&never, "chunk check", threads, threads * 2, ids.chunks(IDS_PER_ITEM), || (), |_, part: &[ChunkId]| {
-        for id in part {
-            if !store.has_chunk(id)? {
-                missing.lock().unwrap_or_else(|p| p.into_inner()).push(*id);
-            }
-        }
-        Ok(())
-    })?;
-    let mut missing = missing.into_inner().unwrap_or_else(|p| p.into_inner());
-    missing.sort();
-    Ok(missing)
+    Ok(parent_check::check(store, map, threads, None)?.missing)
 }
 
 /// Opens the source a configured image names.
@@ -583,9 +582,10 @@ fn to_commit(
     );
     // the parent's chunk check ran meanwhile: a parent with missing chunks
     // is never the base, the next valid backup is (checked now)
-    let (mut replaced, mut replacement) = (false, None);
+    let (mut replaced, mut replacement, mut checked) = (false, None, None);
     if let Some(check) = parent_check {
-        if !check.finish(ctx)? {
+        checked = check.finish(ctx, id)?;
+        if checked.is_none() {
             let held = source.held_snapshots();
             replacement = match load_parent(ctx, job.image_id, held.as_deref())? {
                 Some(p) => Some(p),
@@ -625,8 +625,13 @@ fn to_commit(
     debug!(ms = step.elapsed().as_millis() as u64, "plan and trust checks done");
     let step = Instant::now();
 
-    // pipeline; every id of a parent from `load_parent` was found in the store
-    let known: HashSet<_> = parent.map(|p| p.map.chunk_ids().copied().collect()).unwrap_or_default();
+    // pipeline; every id of a parent from `load_parent` was found in the
+    // store, and the background check hands its sorted ids over
+    let (known, memo) = match (checked, parent) {
+        (Some(passed), _) => (passed.known, passed.memo),
+        (None, Some(p)) => (KnownChunks::of_map(&p.map), None),
+        (None, None) => (KnownChunks::default(), None),
+    };
     let opts = PipelineOptions {
         workers: ctx.cfg.workers(),
         readers: ctx.cfg.store.readers.unwrap_or_else(|| source.default_readers(job.block_size)),
@@ -680,6 +685,12 @@ fn to_commit(
         .with_context(|| format!("writing backup {id} to store {}", ctx.store.root().display()))?;
     ctx.catalog.commit_backup(&manifest)?;
     debug!(ms = step.elapsed().as_millis() as u64, "committed to store and catalog");
+    // the next backup's parent check skips the groups unchanged since
+    if let Some((path, memo)) = memo {
+        if let Err(e) = memo.save(&path) {
+            debug!(memo = %path.display(), error = %e, "parent check memo not written (the next check looks every chunk up)");
+        }
+    }
     Ok(manifest)
 }
 

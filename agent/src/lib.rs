@@ -29,6 +29,7 @@ pub mod keys;
 pub mod logging;
 pub mod lookup;
 pub mod metrics;
+pub mod parent_check;
 pub mod pipeline;
 pub mod plan;
 pub mod pool;

@@ -83,6 +83,40 @@ impl Progress for () {
     fn advance(&self, _: u64) {}
 }
 
+/// Chunk ids found in the store, sorted and without repeats: the parent's,
+/// as its chunk check left them (a sorted `Vec` costs a fraction of a
+/// `HashSet` of 262,144 ids, a 16 GiB image at 64 KiB blocks, and the
+/// pipeline only looks up the few blocks it reads).
+#[derive(Debug, Default)]
+pub struct KnownChunks(Vec<ChunkId>);
+
+impl KnownChunks {
+    /// The distinct block chunk ids of `map` (not its index chunks).
+    pub fn of_map(map: &BlockMap) -> KnownChunks {
+        let mut ids: Vec<ChunkId> = map.block_chunk_ids().copied().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        KnownChunks(ids)
+    }
+
+    /// The ids, sorted and distinct.
+    pub fn ids(&self) -> &[ChunkId] {
+        &self.0
+    }
+
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.0.binary_search(id).is_ok()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// Runs the plan against `source`, filling `map` (which must already hold the
 /// inherited entries) and writing new chunks to `store`.
 ///
@@ -101,7 +135,7 @@ pub fn run(
     source: &dyn ImageSource,
     actions: &[BlockAction],
     map: &mut BlockMap,
-    known: &HashSet<ChunkId>,
+    known: &KnownChunks,
     opts: &PipelineOptions,
     progress: &dyn Progress,
     cancel: &AtomicBool,
@@ -300,7 +334,7 @@ enum Step {
 
 fn process(
     store: &Store,
-    known: &HashSet<ChunkId>,
+    known: &KnownChunks,
     claimed: &Mutex<HashSet<ChunkId>>,
     level: i32,
     compressor: Option<&mut zstd::bulk::Compressor<'static>>,

@@ -137,6 +137,23 @@ pub trait Backend: Send + Sync {
     /// `Io` on anything but "not found".
     fn chunk_exists(&self, id: &ChunkId) -> Result<bool>;
 
+    /// A stamp of the chunk group `prefix` (the chunks whose ids begin
+    /// with these two bytes, big-endian) that changes whenever a chunk of
+    /// the group is added or removed: two equal stamps, taken at two
+    /// instants, mean the group held the same chunks in between. Never 0.
+    ///
+    /// `None` when the backend keeps no such stamp, when the group is
+    /// empty, or when it changed too recently for the stamp to be trusted
+    /// (a filesystem's timestamps are only as fine as its clock's tick):
+    /// the caller then looks each chunk up. The default is `None`.
+    ///
+    /// # Errors
+    /// `Io` on anything but "not found".
+    fn chunk_group_stamp(&self, prefix: u16) -> Result<Option<u128>> {
+        let _ = prefix;
+        Ok(None)
+    }
+
     /// Stores a chunk unless it is already visible; never overwrites one.
     /// The chunk may be staged until [`Backend::sync`]. Returns true when
     /// it was written (staged).
@@ -342,6 +359,9 @@ impl<B: Backend + ?Sized> Backend for $ptr<B> {
     }
     fn chunk_exists(&self, id: &ChunkId) -> Result<bool> {
         (**self).chunk_exists(id)
+    }
+    fn chunk_group_stamp(&self, prefix: u16) -> Result<Option<u128>> {
+        (**self).chunk_group_stamp(prefix)
     }
     fn put_chunk(&self, id: &ChunkId, bytes: &[u8]) -> Result<bool> {
         (**self).put_chunk(id, bytes)

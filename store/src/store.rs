@@ -122,6 +122,14 @@ impl ChunkChecker {
     pub fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
         self.backend.chunk_exists(id)
     }
+
+    /// The stamp of a chunk group: see [`Backend::chunk_group_stamp`].
+    ///
+    /// # Errors
+    /// `Io` on anything but "not found".
+    pub fn group_stamp(&self, prefix: u16) -> Result<Option<u128>> {
+        self.backend.chunk_group_stamp(prefix)
+    }
 }
 
 /// A chunk in the form its store keeps it ([`Store::prepare_chunk`]):

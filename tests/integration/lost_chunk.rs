@@ -172,3 +172,70 @@ fn verify_json(env: &Env, args: &[&str]) -> (bool, Value) {
         .unwrap_or_else(|e| panic!("{a:?}: not JSON ({e}): {}", String::from_utf8_lossy(&o.stderr)));
     (o.status.success(), v)
 }
+
+/// The parent check's memo (issue 13): a check skips the chunk groups
+/// (shard directories) unchanged since the previous check found all their
+/// chunks. A chunk removed after that check is still found missing, whether
+/// its directory changed a moment ago (too recent to be trusted) or long
+/// enough ago to have a settled, different stamp.
+#[test]
+fn chunk_lost_after_a_memoized_check_is_still_found() {
+    // a directory's stamp is trusted once its last change is 2 s old
+    let settle = || std::thread::sleep(std::time::Duration::from_millis(2300));
+    let env = Env::new(&[], "");
+    let img = env.path("disk.img");
+    make_image(&img, 95);
+    env.write_config(&[("disk", &format!("file:{}", img.display()))], "", DEFAULTS);
+    env.ok(&["init"]);
+    env.ok(&["backup", "disk"]); // 1
+    settle();
+    let checked = |o: &std::process::Output| -> (u64, u64) {
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "backup failed: {stderr}");
+        let line = stderr.lines().find(|l| l.contains("parent's chunks checked")).unwrap_or_else(|| panic!("no check logged:\n{stderr}"));
+        let field = |k: &str| -> u64 {
+            let at = line.find(&format!("{k}=")).unwrap_or_else(|| panic!("no {k} in: {line}")) + k.len() + 1;
+            line[at..].split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+        };
+        (field("unchanged_groups"), field("looked_up"))
+    };
+    // 2: no memo yet, every chunk looked up; the memo is kept
+    let chunks = chunks_of(&env, 1).into_iter().collect::<std::collections::HashSet<_>>().len() as u64;
+    assert_eq!(checked(&env.run(&["-v", "backup", "disk"])), (0, chunks));
+    settle();
+    // 3: nothing changed since: no chunk looked up
+    assert_eq!(checked(&env.run(&["-v", "backup", "disk"])), (chunks, 0), "the memo was not used");
+    let memo = env.path("catalog.sqlite.memo");
+    assert!(memo.is_dir(), "no memo beside the catalog");
+
+    // a chunk removed just now: its directory's stamp is too recent to trust
+    let lost = chunks_of(&env, 3)[2];
+    fs::remove_file(chunk_path(&env, &lost)).unwrap();
+    let o = env.run(&["-v", "backup", "disk"]); // 4
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("parent backup references chunks missing from the store") && stderr.contains("backup=3"), "{stderr}");
+    assert_eq!(backup_row(&env, 3)["valid"], false);
+    assert!(chunk_path(&env, &lost).exists(), "the backup did not write the lost chunk again");
+    settle();
+    env.ok(&["backup", "disk"]); // 5: checks 4 in full, keeps a memo
+    settle();
+    let (unchanged, _) = checked(&env.run(&["-v", "backup", "disk"])); // 6: with the memo
+    assert_eq!(unchanged, chunks, "the memo was not used");
+
+    // a chunk removed, then its directory left alone until its new stamp is settled
+    let lost = chunks_of(&env, 6)[7];
+    fs::remove_file(chunk_path(&env, &lost)).unwrap();
+    settle();
+    let o = env.run(&["-v", "backup", "disk"]); // 7
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "backup failed: {stderr}");
+    assert!(
+        stderr.contains("parent backup references chunks missing from the store") && stderr.contains("backup=6") && stderr.contains("missing_chunks=1"),
+        "the chunk removed after the memo was not found missing:\n{stderr}"
+    );
+    assert_eq!(backup_row(&env, 6)["valid"], false);
+    assert!(chunk_path(&env, &lost).exists(), "the backup did not write the lost chunk again");
+    assert_same(&env.restore("disk@7"), &img);
+    let (ok, v) = verify_json(&env, &["verify", "--deep"]);
+    assert!(ok, "{v}");
+}

@@ -84,6 +84,11 @@ impl ChunkName {
     }
 }
 
+/// How long a shard directory's ctime must lie in the past before
+/// [`DirBackend::chunk_group_stamp`] vouches for it: far more than a
+/// filesystem clock's tick (1–10 ms), and than a small clock adjustment.
+const STAMP_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Mode of every directory the store creates: private whatever the umask
 /// (a store holds every byte of every image it backs up).
 pub(crate) const DIR_MODE: u32 = 0o700;
@@ -395,6 +400,43 @@ impl Backend for DirBackend {
         rustix::fs::statvfs(&self.root).is_ok_and(|s| s.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
     }
 
+    /// The shard directory `chunks/<4 hex>` is the group: its inode and
+    /// ctime, hashed. A directory's ctime moves on every entry added,
+    /// removed or renamed over, and cannot be set back by `utimes`; a
+    /// recreated directory is another inode. A ctime within
+    /// [`STAMP_SETTLE`] of now (or ahead of it) is not trusted: a change in
+    /// the same clock tick as a read would leave it equal.
+    fn chunk_group_stamp(&self, prefix: u16) -> Result<Option<u128>> {
+        let dir = match self.chunks_fd() {
+            Ok(d) => d,
+            Err(Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(Error::io("open directory", &self.root.join("chunks"), e.into())),
+        };
+        let mut name = [0u8; 5];
+        for (i, c) in name[..4].iter_mut().enumerate() {
+            *c = b"0123456789abcdef"[usize::from(prefix >> (12 - 4 * i)) & 0xf];
+        }
+        let name = CStr::from_bytes_with_nul(&name).expect("one NUL, at the end");
+        let st = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(Error::io("stat", &self.root.join("chunks").join(format!("{prefix:04x}")), e.into())),
+        };
+        if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::Directory {
+            return Ok(None);
+        }
+        let ctime = std::time::UNIX_EPOCH + std::time::Duration::new(st.st_ctime as u64, st.st_ctime_nsec as u32);
+        if st.st_ctime < 0 || ctime + STAMP_SETTLE > SystemTime::now() {
+            return Ok(None);
+        }
+        let mut h = blake3::Hasher::new();
+        for v in [st.st_dev as u64, st.st_ino as u64, st.st_ctime as u64, st.st_ctime_nsec as u64, st.st_mtime as u64, st.st_mtime_nsec as u64] {
+            h.update(&v.to_le_bytes());
+        }
+        let stamp = u128::from_le_bytes(h.finalize().as_bytes()[..16].try_into().expect("16 bytes"));
+        Ok(Some(stamp.max(1)))
+    }
+
     fn chunk_exists(&self, id: &ChunkId) -> Result<bool> {
         let dir = match self.chunks_fd() {
             Ok(d) => d,
@@ -633,5 +675,51 @@ impl Backend for DirBackend {
             Err(e) => e,
             Ok(()) => super::injected(self.root.join(key), "write", rustix::io::Errno::NOSPC),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(first: [u8; 2], last: u8) -> ChunkId {
+        let mut b = [0u8; 32];
+        b[..2].copy_from_slice(&first);
+        b[31] = last;
+        ChunkId(b)
+    }
+
+    /// A shard's stamp: none while it is missing or freshly changed, then
+    /// steady while nothing changes, and different after a chunk is added
+    /// or removed (once settled again).
+    #[test]
+    fn group_stamp_changes_with_the_shards_chunks_and_waits_to_settle() {
+        let settle = || std::thread::sleep(STAMP_SETTLE + std::time::Duration::from_millis(300));
+        let dir = tempfile::tempdir().unwrap();
+        let b = DirBackend::new(dir.path());
+        b.create_layout().unwrap();
+        assert_eq!(b.chunk_group_stamp(0xab01).unwrap(), None, "no shard yet");
+        b.put_chunk(&id([0xab, 0x01], 1), b"one").unwrap();
+        b.sync().unwrap();
+        assert_eq!(b.chunk_group_stamp(0xab01).unwrap(), None, "a shard changed just now is not vouched for");
+        settle();
+        let first = b.chunk_group_stamp(0xab01).unwrap().expect("a settled shard has a stamp");
+        assert_eq!(b.chunk_group_stamp(0xab01).unwrap(), Some(first));
+        // another shard's chunk leaves this one alone
+        b.put_chunk(&id([0xab, 0x02], 1), b"other").unwrap();
+        b.sync().unwrap();
+        assert_eq!(b.chunk_group_stamp(0xab01).unwrap(), Some(first));
+
+        b.put_chunk(&id([0xab, 0x01], 2), b"two").unwrap();
+        b.sync().unwrap();
+        assert_eq!(b.chunk_group_stamp(0xab01).unwrap(), None);
+        settle();
+        let second = b.chunk_group_stamp(0xab01).unwrap().expect("settled");
+        assert_ne!(second, first, "an added chunk must change the stamp");
+
+        fs::remove_file(dir.path().join("chunks/ab01").join(id([0xab, 0x01], 1).to_hex().to_string())).unwrap();
+        settle();
+        let third = b.chunk_group_stamp(0xab01).unwrap().expect("settled");
+        assert!(third != second && third != first, "a removed chunk must change the stamp");
     }
 }

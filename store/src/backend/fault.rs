@@ -192,6 +192,11 @@ impl<B: Backend> Backend for FaultBackend<B> {
         self.inner.chunk_exists(id)
     }
 
+    fn chunk_group_stamp(&self, prefix: u16) -> Result<Option<u128>> {
+        self.gate("stamp", || self.inner.location().join("chunks").join(format!("{prefix:04x}")))?;
+        self.inner.chunk_group_stamp(prefix)
+    }
+
     fn put_chunk(&self, id: &ChunkId, bytes: &[u8]) -> Result<bool> {
         match self.control.decide("put chunk", true) {
             Decision::Pass => self.inner.put_chunk(id, bytes),

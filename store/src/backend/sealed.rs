@@ -95,6 +95,9 @@ impl Backend for SealedBackend {
     fn chunk_exists(&self, id: &ChunkId) -> Result<bool> {
         self.inner.chunk_exists(id)
     }
+    fn chunk_group_stamp(&self, prefix: u16) -> Result<Option<u128>> {
+        self.inner.chunk_group_stamp(prefix)
+    }
     fn put_chunk(&self, id: &ChunkId, bytes: &[u8]) -> Result<bool> {
         self.inner.put_chunk(id, &self.sealer.seal(&chunk_ad(id), bytes))
     }
