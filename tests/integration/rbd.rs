@@ -296,6 +296,44 @@ fn lost_chunk_of_an_unchanged_rbd_block_is_not_inherited() {
     rbd_cli(&["rm", "--no-progress", &format!("{POOL}/{img}")]);
 }
 
+/// An object map that lies: every data object rewritten behind librbd's
+/// back (`rados put`, no snapshot context, no object map update), so the
+/// fast-diff calls them unchanged while their content differs from the
+/// parent backup. The trust check's samples (taken from those objects
+/// while the exact diff runs) must catch it: a full read, with a warning,
+/// that restores as the snapshot reads.
+#[test]
+fn object_map_that_lies_is_caught_by_the_trust_check() {
+    let img = unique("lies");
+    rbd_io(&img, json!([["create", 32 * MIB, 0, FEATURES, 0, 0], ["write", 0, 32 * MIB, 11]]));
+    let env = rbd_env(&[("l", &img)], "[defaults]\nblock-size = \"64K\"\n");
+    env.ok(&["backup", "l"]);
+    let info: Value = serde_json::from_str(&rbd_cli(&["info", "--format", "json", &format!("{POOL}/{img}")])).unwrap();
+    let prefix = info["block_name_prefix"].as_str().unwrap().to_string();
+    let junk = env.path("junk");
+    let mut r = rng(12);
+    for obj in 1..8u64 {
+        write_random(&junk, 0, (4 * MIB) as usize, &mut r);
+        let o = Command::new("rados")
+            .args(["-p", POOL, "put", &format!("{prefix}.{obj:016x}"), junk.to_str().unwrap()])
+            .env("CEPH_CONF", ceph_conf())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "rados put: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    rbd_io(&img, json!([["write", 0, 65536, 13]])); // a change the diff does report
+
+    let o = env.run(&["backup", "l"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("content differs from the parent backup: falling back to a full read"), "the lie was not caught: {err}");
+    let l = latest(&env, "l");
+    assert_eq!(l["full_read"], true, "{l}");
+    restore_equals_snapshot(&env, "l", &img, &l);
+    rbd_cli(&["snap", "purge", &format!("{POOL}/{img}")]);
+    rbd_cli(&["rm", "--no-progress", &format!("{POOL}/{img}")]);
+}
+
 /// The base snapshot deleted by hand: the next backup reads everything,
 /// says so, writes only what the store lacks, and restores correctly.
 #[test]
