@@ -431,15 +431,20 @@ impl Source for RbdSource {
         let f = self.frozen()?;
         if self.clone_base {
             // inherited blocks read through to the parent snapshot: sample them
-            if let Some(block) = sample_check(store, &f.image, parent, plan)? {
+            if let Some(block) = sample_check(store, &f.image, parent, plan, None)? {
                 return Err(BackupError::UntrustedDiff { image: self.spec.clone(), block, parent: parent.manifest.id }.into());
             }
             return Ok(());
         }
         let Some(base) = &self.base else { return Ok(()) };
         let bad = match early {
-            Some(samples) => first_mismatch(&samples, parent, plan),
-            None => sample_check(store, &f.image, parent, plan)?,
+            // a diff that touched nearly every object leaves few untouched
+            // blocks: the rest of the samples come from the plan's
+            Some(samples) => match first_mismatch(&samples, parent, plan) {
+                None if samples.len() < MIN_SAMPLES => sample_check(store, &f.image, parent, plan, Some(MIN_SAMPLES - samples.len()))?,
+                bad => bad,
+            },
+            None => sample_check(store, &f.image, parent, plan, None)?,
         };
         if let Some(block) = bad {
             return Err(BackupError::UntrustedDiff { image: self.spec.clone(), block, parent: parent.manifest.id }.into());
@@ -725,16 +730,17 @@ fn diff_pieces(objects: &[Extent], max: u64) -> Vec<(u64, u64)> {
     pieces
 }
 
-/// Reads a random sample of the blocks the plan inherits and checks them
-/// against the parent's block map. Returns the first mismatching block.
-fn sample_check(store: &Store, at: &Image, parent: &Parent, plan: &Plan) -> Result<Option<usize>> {
+/// Reads a random sample of the blocks the plan inherits (`count` of them,
+/// or [`sample_count`]'s) and checks them against the parent's block map.
+/// Returns the first mismatching block.
+fn sample_check(store: &Store, at: &Image, parent: &Parent, plan: &Plan, count: Option<usize>) -> Result<Option<usize>> {
     let mut inherited: Vec<usize> = plan
         .actions
         .iter()
         .enumerate()
         .filter_map(|(b, a)| (*a == BlockAction::Inherit).then_some(b))
         .collect();
-    let want = sample_count(inherited.len());
+    let want = count.unwrap_or_else(|| sample_count(inherited.len())).min(inherited.len());
     inherited.shuffle(&mut rand::thread_rng());
     // each read is a round trip to an OSD: a few threads keep several in flight
     let samples = &inherited[..want];
@@ -797,30 +803,24 @@ fn early_samples(
     parent: &Parent,
 ) -> Result<Vec<(usize, Option<ChunkId>)>> {
     let bs = u64::from(block_size.max(1));
-    let blocks = size.div_ceil(bs) as usize;
-    let untouched = |b: usize| {
-        let (start, end) = (b as u64 * bs, (b as u64 * bs + bs).min(size));
-        // the first changed range ending after the block's start
-        let i = changed.partition_point(|&(_, e)| e <= start);
-        b < parent.map.len() && changed.get(i).is_none_or(|&(s, _)| s >= end)
-    };
-    let changed_bytes: u64 = changed.iter().map(|(s, e)| e - s).sum();
-    let approx_inherited = size.saturating_sub(changed_bytes).div_ceil(bs).min(parent.map.len() as u64) as usize;
-    let want = sample_count(approx_inherited);
-    let mut rng = rand::thread_rng();
-    let mut picked = std::collections::BTreeSet::new();
-    // rejection sampling: most blocks are untouched when the diff is small;
-    // a diff that touched nearly every object yields fewer samples
-    for _ in 0..want.saturating_mul(8) {
-        if picked.len() == want {
-            break;
-        }
-        let b = rand::Rng::gen_range(&mut rng, 0..blocks.max(1));
-        if untouched(b) {
-            picked.insert(b);
-        }
+    let runs = untouched_blocks(size, bs, changed, parent.map.len());
+    let total: usize = runs.iter().map(|r| r.1).sum();
+    let want = sample_count(total);
+    // the n-th untouched block, through the runs' running sums
+    let mut ends = Vec::with_capacity(runs.len());
+    let mut sum = 0;
+    for r in &runs {
+        sum += r.1;
+        ends.push(sum);
     }
-    let picked: Vec<usize> = picked.into_iter().collect();
+    let mut picked: Vec<usize> = rand::seq::index::sample(&mut rand::thread_rng(), total, want)
+        .into_iter()
+        .map(|n| {
+            let i = ends.partition_point(|&e| e <= n);
+            runs[i].0 + (n - (ends[i] - runs[i].1))
+        })
+        .collect();
+    picked.sort_unstable();
     if picked.is_empty() {
         return Ok(Vec::new());
     }
@@ -848,6 +848,33 @@ fn early_samples(
         }
         Ok(all)
     })
+}
+
+/// The blocks of `bs` bytes lying wholly outside the sorted `[start, end)`
+/// ranges `changed` of an image of `size` bytes, below block `limit`: runs
+/// of `(first block, count)`.
+fn untouched_blocks(size: u64, bs: u64, changed: &[(u64, u64)], limit: usize) -> Vec<(usize, usize)> {
+    let mut runs = Vec::new();
+    let blocks = (size.div_ceil(bs) as usize).min(limit);
+    let mut push = |from: u64, to: u64| {
+        // blocks whose every byte lies in [from, to)
+        let first = from.div_ceil(bs) as usize;
+        let end = if to >= size { blocks } else { ((to / bs) as usize).min(blocks) };
+        if first < end {
+            runs.push((first, end - first));
+        }
+    };
+    let mut at = 0;
+    for &(s, e) in changed {
+        if s > at {
+            push(at, s);
+        }
+        at = at.max(e);
+    }
+    if at < size {
+        push(at, size);
+    }
+    runs
 }
 
 /// The first sample the plan inherits whose id is not the parent's.
@@ -1031,6 +1058,22 @@ mod tests {
     use super::*;
 
     const M: u64 = 4 << 20;
+
+    #[test]
+    fn untouched_blocks_lie_wholly_outside_the_changed_objects() {
+        const K: u64 = 64 << 10;
+        // 16 MiB: objects 1 and 3 changed
+        let changed = [(M, 2 * M), (3 * M, 4 * M)];
+        assert_eq!(untouched_blocks(4 * M, K, &changed, usize::MAX), vec![(0, 64), (128, 64)]);
+        // nothing changed; the parent's map is shorter (the image grew)
+        assert_eq!(untouched_blocks(4 * M, K, &[], 100), vec![(0, 100)]);
+        // everything changed
+        assert_eq!(untouched_blocks(2 * M, K, &[(0, M), (M, 2 * M)], usize::MAX), vec![]);
+        // a partial last block counts when nothing past it changed
+        assert_eq!(untouched_blocks(M + 100, K, &[(0, M)], usize::MAX), vec![(64, 1)]);
+        // a block straddling a changed range's edge is not untouched
+        assert_eq!(untouched_blocks(M, K, &[(K + 1, 2 * K)], usize::MAX), vec![(0, 1), (2, 62)]);
+    }
 
     #[test]
     fn diff_pieces_join_adjacent_objects_and_cut_long_runs() {
