@@ -125,7 +125,7 @@ fn load_parent_checking(ctx: &Ctx, image_id: i64, held: Option<&[String]>) -> Re
             let checked = parent_check::check(&checker, &map, threads, memo.as_deref()).context(what);
             if let Ok(c) = &checked {
                 debug!(parent = row.id.0, ms = step.elapsed().as_millis() as u64, chunks = c.known.len(),
-                    unchanged_groups = c.vouched, looked_up = c.known.len() - c.vouched,
+                    in_unchanged_shards = c.vouched, looked_up = c.known.len() - c.vouched,
                     "parent's chunks checked (while the backup went on)");
             }
             checked.map(|c| (row, c))

@@ -197,7 +197,7 @@ fn chunk_lost_after_a_memoized_check_is_still_found() {
             let at = line.find(&format!("{k}=")).unwrap_or_else(|| panic!("no {k} in: {line}")) + k.len() + 1;
             line[at..].split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
         };
-        (field("unchanged_groups"), field("looked_up"))
+        (field("in_unchanged_shards"), field("looked_up"))
     };
     // 2: no memo yet, every chunk looked up; the memo is kept
     let chunks = chunks_of(&env, 1).into_iter().collect::<std::collections::HashSet<_>>().len() as u64;
