@@ -44,6 +44,9 @@ pub struct DirBackend {
     /// an incremental's CPU time).
     chunks_dir: OnceLock<OwnedFd>,
     tmp_dir: OnceLock<OwnedFd>,
+    /// `chunks/` is on a filesystem whose directory ctimes the chunk group
+    /// stamps can rely on (see [`stamps_trusted_on`]); asked once.
+    stamps_trusted: OnceLock<bool>,
 }
 
 /// Chunk files written to `tmp/`, waiting for the next flush.
@@ -88,6 +91,14 @@ impl ChunkName {
 /// [`DirBackend::chunk_group_stamp`] vouches for it: far more than a
 /// filesystem clock's tick (1–10 ms), and than a small clock adjustment.
 const STAMP_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Filesystems (`statfs` magic) whose directory ctime moves with every
+/// entry added or removed, as seen by every process of the host: ext2/3/4,
+/// XFS, Btrfs, tmpfs, ZFS, F2FS. Elsewhere (NFS with its attribute cache,
+/// FUSE filesystems, overlays) the stamps are not used.
+fn stamps_trusted_on(fs_type: i64) -> bool {
+    matches!(fs_type, 0xEF53 | 0x5846_5342 | 0x9123_683E | 0x0102_1994 | 0x2FC1_2FC1 | 0xF2F5_2010)
+}
 
 /// Mode of every directory the store creates: private whatever the umask
 /// (a store holds every byte of every image it backs up).
@@ -176,6 +187,7 @@ impl DirBackend {
             tmp_seq: AtomicU64::new(0),
             chunks_dir: OnceLock::new(),
             tmp_dir: OnceLock::new(),
+            stamps_trusted: OnceLock::new(),
         }
     }
 
@@ -407,6 +419,19 @@ impl Backend for DirBackend {
     /// [`STAMP_SETTLE`] of now (or ahead of it) is not trusted: a change in
     /// the same clock tick as a read would leave it equal.
     fn chunk_group_stamp(&self, prefix: u16) -> Result<Option<u128>> {
+        let trusted = *self.stamps_trusted.get_or_init(|| {
+            let chunks = self.root.join("chunks");
+            let fs_type = rustix::fs::statfs(&chunks).map(|s| s.f_type as i64).ok();
+            let trusted = fs_type.is_some_and(stamps_trusted_on);
+            if !trusted {
+                tracing::debug!(store = %self.root.display(), fs_type = ?fs_type.map(|t| format!("{t:#x}")),
+                    "chunk shard stamps not used on this filesystem: every chunk is looked up");
+            }
+            trusted
+        });
+        if !trusted {
+            return Ok(None);
+        }
         let dir = match self.chunks_fd() {
             Ok(d) => d,
             Err(Errno::NOENT) => return Ok(None),
@@ -687,6 +712,12 @@ mod tests {
         b[..2].copy_from_slice(&first);
         b[31] = last;
         ChunkId(b)
+    }
+
+    #[test]
+    fn stamps_only_on_local_filesystems() {
+        assert!(stamps_trusted_on(0xEF53) && stamps_trusted_on(0x5846_5342), "ext4, XFS");
+        assert!(!stamps_trusted_on(0x6969) && !stamps_trusted_on(0x6573_5546) && !stamps_trusted_on(0x794C_7630), "NFS, FUSE, overlayfs");
     }
 
     /// A shard's stamp: none while it is missing or freshly changed, then
