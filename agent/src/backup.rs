@@ -122,7 +122,7 @@ fn load_parent_checking(ctx: &Ctx, image_id: i64, held: Option<&[String]>) -> Re
             let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19);
             let step = Instant::now();
             let memo = memo_at.as_deref().and_then(|p| Memo::load_for(p, &store_uuid, image_id, row.id));
-            let checked = parent_check::check(&checker, &map, threads, memo.as_deref()).context(what);
+            let checked = parent_check::check(&checker, &map, threads, memo.as_deref(), memo_at.is_some()).context(what);
             if let Ok(c) = &checked {
                 debug!(parent = row.id.0, ms = step.elapsed().as_millis() as u64, chunks = c.known.len(),
                     in_unchanged_shards = c.vouched, looked_up = c.known.len() - c.vouched,
@@ -230,7 +230,7 @@ fn newest_valid_with_held_snapshot(ctx: &Ctx, image_id: i64, held: &[String]) ->
 
 /// Distinct chunk ids of `map` that the store does not hold, each looked up.
 fn missing_chunks(store: &ChunkChecker, map: &BlockMap, threads: usize) -> Result<Vec<ChunkId>> {
-    Ok(parent_check::check(store, map, threads, None)?.missing)
+    Ok(parent_check::check(store, map, threads, None, false)?.missing)
 }
 
 /// Opens the source a configured image names.

@@ -53,11 +53,12 @@ pub struct Checked {
 
 /// The map's distinct block chunk ids (see [`KnownChunks`]), checked on
 /// `threads` threads, group by group. `memo`: stamps of a memo that vouches
-/// for this map (see the module's text).
+/// for this map (see the module's text). Without `stamp`, no group stamp
+/// is taken (nothing will keep them): every chunk is looked up.
 ///
 /// # Errors
 /// A store error other than "not found".
-pub fn check(store: &ChunkChecker, map: &BlockMap, threads: usize, memo: Option<&[u128]>) -> Result<Checked> {
+pub fn check(store: &ChunkChecker, map: &BlockMap, threads: usize, memo: Option<&[u128]>, stamp: bool) -> Result<Checked> {
     /// Groups per work item: one channel message per group would cost
     /// more than the lookups of a small group.
     const GROUPS_PER_ITEM: usize = 64;
@@ -80,7 +81,7 @@ pub fn check(store: &ChunkChecker, map: &BlockMap, threads: usize, memo: Option<
         let (mut missing, mut stamps, mut vouched) = (Vec::new(), Vec::new(), 0);
         for &(prefix, ids) in part {
             // the stamp first: a chunk removed after it changes it
-            let stamp = store.group_stamp(prefix)?;
+            let stamp = if stamp || memo.is_some() { store.group_stamp(prefix)? } else { None };
             if let (Some(s), Some(m)) = (stamp, memo) {
                 if m[prefix as usize] == s {
                     vouched += ids.len();

@@ -742,41 +742,12 @@ fn sample_check(store: &Store, at: &Image, parent: &Parent, plan: &Plan, count: 
         .collect();
     let want = count.unwrap_or_else(|| sample_count(inherited.len())).min(inherited.len());
     inherited.shuffle(&mut rand::thread_rng());
-    // each read is a round trip to an OSD: a few threads keep several in flight
     let samples = &inherited[..want];
-    if samples.is_empty() {
-        return Ok(None);
-    }
-    let per = samples.len().div_ceil(SAMPLE_THREADS);
-    std::thread::scope(|s| {
-        let parts: Vec<_> = samples
-            .chunks(per)
-            .map(|part| {
-                s.spawn(move || -> Result<Option<usize>> {
-                    let mut buf = Vec::new();
-                    for &b in part {
-                        let (off, len) = plan.map.block_range(b);
-                        buf.resize(len, 0);
-                        at.read_at(off, &mut buf).with_context(|| format!("reading sample block {b}"))?;
-                        let id = (!blockvault_store::chunk::is_zero(&buf)).then(|| store.chunk_id(&buf));
-                        if id != parent.map.get(b) {
-                            return Ok(Some(b));
-                        }
-                    }
-                    Ok(None)
-                })
-            })
-            .collect();
-        let mut found = None;
-        for p in parts {
-            let r = p.join().map_err(|_| anyhow::anyhow!("a sample check thread panicked"))??;
-            found = found.or(r);
-        }
-        Ok(found)
-    })
+    let ids = read_samples(at, store.hasher(), samples, plan.map.image_size(), u64::from(plan.map.block_size()))?;
+    Ok(first_mismatch(&ids, parent, plan))
 }
 
-/// Threads of [`sample_check`].
+/// Threads of [`read_samples`].
 const SAMPLE_THREADS: usize = 8;
 
 /// How many inherited blocks the trust check samples out of `inherited`.
@@ -821,12 +792,19 @@ fn early_samples(
         })
         .collect();
     picked.sort_unstable();
-    if picked.is_empty() {
+    read_samples(at, hasher, &picked, size, bs)
+}
+
+/// Reads `blocks` (of `bs` bytes, the last one cut at `size`) from the
+/// snapshot on [`SAMPLE_THREADS`] threads (each read is a round trip to an
+/// OSD) and hashes them: `(block, id)`, `None` for a zero block.
+fn read_samples(at: &Image, hasher: &ChunkHasher, blocks: &[usize], size: u64, bs: u64) -> Result<Vec<(usize, Option<ChunkId>)>> {
+    if blocks.is_empty() {
         return Ok(Vec::new());
     }
-    let per = picked.len().div_ceil(SAMPLE_THREADS);
+    let per = blocks.len().div_ceil(SAMPLE_THREADS);
     std::thread::scope(|s| {
-        let parts: Vec<_> = picked
+        let parts: Vec<_> = blocks
             .chunks(per)
             .map(|part| {
                 s.spawn(move || -> Result<Vec<(usize, Option<ChunkId>)>> {
@@ -842,7 +820,7 @@ fn early_samples(
                 })
             })
             .collect();
-        let mut all = Vec::with_capacity(picked.len());
+        let mut all = Vec::with_capacity(blocks.len());
         for p in parts {
             all.extend(p.join().map_err(|_| anyhow::anyhow!("a sample thread panicked"))??);
         }
@@ -882,7 +860,7 @@ fn first_mismatch(samples: &[(usize, Option<ChunkId>)], parent: &Parent, plan: &
     let checked = samples.iter().filter(|(b, _)| plan.actions.get(*b) == Some(&BlockAction::Inherit));
     let mut n = 0;
     let bad = checked.inspect(|_| n += 1).find(|(b, id)| *id != parent.map.get(*b)).map(|(b, _)| *b);
-    tracing::debug!(samples = samples.len(), checked = n, "trust check: samples read with the diff");
+    tracing::debug!(samples = samples.len(), checked = n, "trust check: samples compared with the parent");
     bad
 }
 
