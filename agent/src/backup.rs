@@ -638,16 +638,17 @@ fn to_commit(
         compression_level: ctx.cfg.store.compression_level,
     };
     let mut map = plan.map;
+    let mut ahead = blockvault_store::IndexAhead::default();
     let limits = img.throttle(&ctx.cfg.defaults);
     let mut stats = {
         let reader = source.reader(&ctx.store)?;
         if limits.is_unlimited() {
-            pipeline::run(&ctx.store, &*reader, &plan.actions, &mut map, &known, &opts, progress, cancel)?
+            pipeline::run(&ctx.store, &*reader, &plan.actions, &mut map, &known, &opts, progress, cancel, &mut ahead)?
         } else {
             // one limiter for every reader thread of this backup
             let limiter = crate::throttle::Limiter::new(limits);
             let throttled = crate::throttle::Throttled::new(&*reader, &limiter, cancel);
-            let stats = pipeline::run(&ctx.store, &throttled, &plan.actions, &mut map, &known, &opts, progress, cancel);
+            let stats = pipeline::run(&ctx.store, &throttled, &plan.actions, &mut map, &known, &opts, progress, cancel, &mut ahead);
             limiter.log(&job.image);
             stats?
         }
@@ -681,7 +682,7 @@ fn to_commit(
         l.ensure_held(&format!("of backup {id} of image '{}'", img.name))?;
     }
     ctx.store
-        .write_backup(&mut manifest, &map)
+        .write_backup_ahead(&mut manifest, &map, &ahead)
         .with_context(|| format!("writing backup {id} to store {}", ctx.store.root().display()))?;
     ctx.catalog.commit_backup(&manifest)?;
     debug!(ms = step.elapsed().as_millis() as u64, "committed to store and catalog");

@@ -108,6 +108,12 @@ impl<T> Feed<'_, T> {
         }
         self.tx.send(item).map_err(|_| Stopped)
     }
+
+    /// Queues `item` unless the queue is full (then it is dropped and
+    /// false returned): for a hint that one queued copy already stands for.
+    pub fn offer(&self, item: T) -> bool {
+        !self.stop.is_stopped() && self.tx.try_send(item).is_ok()
+    }
 }
 
 /// `threads` workers over a queue of `queue` items.

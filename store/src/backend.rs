@@ -172,6 +172,25 @@ pub trait Backend: Send + Sync {
     /// backup): nothing references them.
     fn discard_pending(&self);
 
+    /// Bytes of chunks staged by [`Backend::put_chunk`] and not yet made
+    /// durable by [`Backend::sync`], for a writer that syncs early, while
+    /// it still writes, so the sync before its commit has little left to
+    /// do. A backend whose sync gains nothing from that says 0.
+    fn staged_bytes(&self) -> u64 {
+        0
+    }
+
+    /// [`Backend::sync`] while the writer still writes: the staged chunks
+    /// become durable and visible, and what the backend can leave to the
+    /// next sync it may (the directory backend: the durability of the
+    /// renames). Only a [`Backend::sync`] comes before a commit.
+    ///
+    /// # Errors
+    /// As [`Backend::sync`].
+    fn sync_early(&self) -> Result<()> {
+        self.sync()
+    }
+
     /// Reads a visible chunk's stored bytes into `out`, at most
     /// [`crate::format::MAX_CHUNK_OBJECT_LEN`] + 1 of them (the chunk
     /// decoder refuses anything longer).
@@ -371,6 +390,12 @@ impl<B: Backend + ?Sized> Backend for $ptr<B> {
     }
     fn discard_pending(&self) {
         (**self).discard_pending()
+    }
+    fn staged_bytes(&self) -> u64 {
+        (**self).staged_bytes()
+    }
+    fn sync_early(&self) -> Result<()> {
+        (**self).sync_early()
     }
     fn get_chunk(&self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
         (**self).get_chunk(id, out)

@@ -173,6 +173,12 @@ impl BlockMap {
         self.entries.chunks(fanout as usize)
     }
 
+    /// Group `group` of [`BlockMap::index_groups`].
+    pub fn index_group(&self, fanout: u32, group: usize) -> &[Option<ChunkId>] {
+        let start = group * fanout as usize;
+        &self.entries[start..(start + fanout as usize).min(self.entries.len())]
+    }
+
     /// Index chunks this map was read through (version 2), for GC and verify.
     pub fn index_chunks(&self) -> &[ChunkId] {
         &self.index

@@ -191,7 +191,7 @@ pub use error::{Error, Result};
 pub use id::{BackupId, ChunkId};
 pub use manifest::{BackupStats, Manifest, RbdInfo, SetRef};
 pub use id::ChunkHasher;
-pub use store::{read_meta, ChunkChecker, InitOptions, NewKey, ReadyChunk, Store, StoreLock, StoreMeta, Unlock};
+pub use store::{read_meta, ChunkChecker, IndexAhead, InitOptions, NewKey, ReadyChunk, Store, StoreLock, StoreMeta, Unlock};
 pub use url::StoreUrl;
 pub use verify_mark::{Recheck, VerifyMark, VerifyResult};
 pub use annotations::Annotations;

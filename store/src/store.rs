@@ -723,6 +723,30 @@ impl Store {
         self.backend.discard_pending()
     }
 
+    /// Bytes of new chunks written and not yet made durable by
+    /// [`Store::sync`] (0 where an early sync gains nothing).
+    pub fn staged_bytes(&self) -> u64 {
+        self.backend.staged_bytes()
+    }
+
+    /// [`Store::sync`] for a writer that still writes (the pipeline's
+    /// flusher): what the backend can leave to the next sync it leaves
+    /// ([`Backend::sync_early`]). Only [`Store::sync`] comes before a
+    /// block map is written.
+    ///
+    /// # Errors
+    /// As [`Store::sync`]; the store is then poisoned.
+    pub fn sync_early(&self) -> Result<()> {
+        if self.poisoned.load(Ordering::Relaxed) {
+            return Err(Error::Poisoned);
+        }
+        let r = self.backend.sync_early();
+        if r.is_err() {
+            self.poisoned.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+
     /// Makes every chunk written since the last call durable and visible in
     /// `chunks/`. Called before a block map that references them is written.
     ///
@@ -823,6 +847,16 @@ impl Store {
     /// # Errors
     /// `BackupExists` when the id is taken; `Io` on any failed write.
     pub fn write_backup(&self, manifest: &mut Manifest, map: &BlockMap) -> Result<()> {
+        self.write_backup_ahead(manifest, map, &IndexAhead::default())
+    }
+
+    /// [`Store::write_backup`] for a backup that stored some of its index
+    /// chunks while its pipeline ran ([`Store::put_index_group`]): a group
+    /// whose chunk `ahead` names is neither looked up nor stored again.
+    ///
+    /// # Errors
+    /// As [`Store::write_backup`].
+    pub fn write_backup_ahead(&self, manifest: &mut Manifest, map: &BlockMap, ahead: &IndexAhead) -> Result<()> {
         let mkey = backup_key(manifest.id, "json");
         if self.backend.object_exists(&mkey)? {
             return Err(Error::BackupExists { id: manifest.id.0 });
@@ -834,10 +868,10 @@ impl Store {
             }
             Some(fanout) => {
                 let t = std::time::Instant::now();
-                let groups = self.put_index_chunks(map, fanout)?;
+                let (groups, stored_ahead) = self.put_index_chunks(map, fanout, ahead)?;
                 let put_ms = t.elapsed().as_millis() as u64;
                 self.sync()?;
-                tracing::debug!(groups = groups.len(), put_ms, sync_ms = t.elapsed().as_millis() as u64 - put_ms, "index chunks stored, pending chunks durable");
+                tracing::debug!(groups = groups.len(), stored_ahead, put_ms, sync_ms = t.elapsed().as_millis() as u64 - put_ms, "index chunks stored, pending chunks durable");
                 map.encode_indexed(fanout, &groups)
             }
         };
@@ -850,25 +884,56 @@ impl Store {
     }
 
     /// Stores the index chunks of an indexed block map (those the store
-    /// lacks; an unchanged group's chunk is already there) and returns their
-    /// ids, one per group. Durable after the next [`Store::sync`].
-    fn put_index_chunks(&self, map: &BlockMap, fanout: u32) -> Result<Vec<Option<ChunkId>>> {
+    /// lacks; an unchanged group's chunk is already there, and `ahead`
+    /// names those this backup stored already) and returns their ids, one
+    /// per group, and how many `ahead` had. Durable after the next
+    /// [`Store::sync`].
+    fn put_index_chunks(&self, map: &BlockMap, fanout: u32, ahead: &IndexAhead) -> Result<(Vec<Option<ChunkId>>, usize)> {
         let mut groups = Vec::with_capacity(map.len().div_ceil(fanout as usize));
-        for group in map.index_groups(fanout) {
+        let mut stored_ahead = 0;
+        for (g, group) in map.index_groups(fanout).enumerate() {
             if group.iter().all(Option::is_none) {
                 groups.push(None);
                 continue;
             }
             let plain = crate::blockmap::encode_index_chunk(group);
             let id = self.chunk_id(&plain);
-            if !self.has_chunk(&id)? {
-                // ids are random bytes: stored raw; kept in the backend's
-                // cache, as the image's next backup reads it
-                self.put_chunk_as(&chunk::encode(&plain, id, 0, None)?, true)?;
+            if ahead.get(g) == Some(&id) {
+                stored_ahead += 1;
+            } else {
+                self.put_index_plain(&plain, &id)?;
             }
             groups.push(Some(id));
         }
-        Ok(groups)
+        Ok((groups, stored_ahead))
+    }
+
+    /// Stores the index chunk of one group of an indexed block map (a
+    /// [`BlockMap::index_groups`] group whose entries are final) unless the
+    /// store has it, and returns its id (`None`: every block of it is zero,
+    /// there is no chunk). A backup does this while its pipeline runs, so
+    /// its commit has only the last groups left to store; the chunk is
+    /// durable after the next [`Store::sync`], as a data chunk is.
+    ///
+    /// # Errors
+    /// As [`Store::put_chunk`].
+    pub fn put_index_group(&self, group: &[Option<ChunkId>]) -> Result<Option<ChunkId>> {
+        if group.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        let plain = crate::blockmap::encode_index_chunk(group);
+        let id = self.chunk_id(&plain);
+        self.put_index_plain(&plain, &id)?;
+        Ok(Some(id))
+    }
+
+    fn put_index_plain(&self, plain: &[u8], id: &ChunkId) -> Result<()> {
+        if !self.has_chunk(id)? {
+            // ids are random bytes: stored raw; kept in the backend's
+            // cache, as the image's next backup reads it
+            self.put_chunk_as(&chunk::encode(plain, *id, 0, None)?, true)?;
+        }
+        Ok(())
     }
 
     /// Decodes a block map of either version, loading the index chunks of an
@@ -1198,6 +1263,35 @@ impl Store {
             Some(b) => Ok(b),
             None => Err(Error::io("read", self.backend.object_name(rel), std::io::ErrorKind::NotFound.into())),
         }
+    }
+}
+
+/// The index chunks a backup stored while its pipeline ran, by group
+/// ([`Store::put_index_group`]), for [`Store::write_backup_ahead`].
+#[derive(Debug, Default)]
+pub struct IndexAhead(Vec<Option<ChunkId>>);
+
+impl IndexAhead {
+    /// Records that group `group`'s index chunk `id` is stored.
+    pub fn set(&mut self, group: usize, id: ChunkId) {
+        if self.0.len() <= group {
+            self.0.resize(group + 1, None);
+        }
+        self.0[group] = Some(id);
+    }
+
+    /// The stored index chunk of group `group`, if one was recorded.
+    pub fn get(&self, group: usize) -> Option<&ChunkId> {
+        self.0.get(group).and_then(Option::as_ref)
+    }
+
+    /// Groups recorded.
+    pub fn len(&self) -> usize {
+        self.0.iter().filter(|g| g.is_some()).count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 

@@ -47,6 +47,8 @@ pub struct DirBackend {
     /// `chunks/` is on a filesystem whose directory ctimes the chunk group
     /// stamps can rely on (see [`stamps_trusted_on`]); asked once.
     stamps_trusted: OnceLock<bool>,
+    /// syncfs calls made, see [`DirBackend::syncfs_calls`]
+    syncfs_calls: AtomicU64,
 }
 
 /// Chunk files written to `tmp/`, waiting for the next flush.
@@ -188,6 +190,7 @@ impl DirBackend {
             chunks_dir: OnceLock::new(),
             tmp_dir: OnceLock::new(),
             stamps_trusted: OnceLock::new(),
+            syncfs_calls: AtomicU64::new(0),
         }
     }
 
@@ -304,17 +307,37 @@ impl DirBackend {
     /// difference between I/O-bound and fsync-bound backups. A chunk is
     /// visible in `chunks/` only once its bytes are durable.
     fn flush_pending(&self) -> Result<()> {
+        self.flush_pending_as(true)
+    }
+
+    /// [`DirBackend::flush_pending`]; without `rename_durable` (an early
+    /// flush, while the backup still writes), the last syncfs is left out.
+    /// A chunk renamed into `chunks/` whose rename is not durable yet is
+    /// safe to reference: its bytes are durable, and every commit syncs
+    /// the whole filesystem first ([`Backend::sync`] always syncs once,
+    /// even with nothing of its own staged), which makes the rename
+    /// durable before any block map that names the chunk. A crash before
+    /// that leaves the chunk in `tmp/`, referenced by nothing.
+    fn flush_pending_as(&self, rename_durable: bool) -> Result<()> {
         let files = {
             let mut p = self.pending.lock().unwrap();
             p.bytes = 0;
             std::mem::take(&mut p.files)
         };
-        if files.is_empty() {
+        if files.is_empty() && !rename_durable {
             return Ok(());
         }
         let root = File::open(&self.root).map_err(|e| Error::io("open", &self.root, e))?;
+        if files.is_empty() {
+            // Nothing of ours to move, but a sync before a commit still
+            // syncs once: chunks this handle's early flushes, or another
+            // process, made visible may not be durable yet, and the commit
+            // may reference them (the block map's own fsync covers no
+            // other file's rename on every filesystem, btrfs's among them).
+            return self.syncfs(&root);
+        }
         let t0 = std::time::Instant::now();
-        rustix::fs::syncfs(&root).map_err(|e| Error::io("syncfs", &self.root, e.into()))?;
+        self.syncfs(&root)?;
         let sync1 = t0.elapsed().as_millis() as u64;
         let tmp_dir = self.tmp_fd().map_err(|e| Error::io("open directory", &self.root.join("tmp"), e.into()))?;
         let chunks_dir = self.chunks_fd().map_err(|e| Error::io("open directory", &self.root.join("chunks"), e.into()))?;
@@ -348,10 +371,22 @@ impl DirBackend {
             }
         }
         let renamed = t0.elapsed().as_millis() as u64;
-        rustix::fs::syncfs(&root).map_err(|e| Error::io("syncfs", &self.root, e.into()))?;
+        if rename_durable {
+            self.syncfs(&root)?;
+        }
         let ms = t0.elapsed().as_millis() as u64;
-        tracing::debug!(chunks = files.len(), sync1_ms = sync1, rename_ms = renamed - sync1, sync2_ms = ms - renamed, "flush: new chunks durable and moved into chunks/");
+        tracing::debug!(chunks = files.len(), sync1_ms = sync1, rename_ms = renamed - sync1, sync2_ms = ms - renamed, early = !rename_durable, "flush: new chunks durable and moved into chunks/");
         Ok(())
+    }
+
+    fn syncfs(&self, root: &File) -> Result<()> {
+        self.syncfs_calls.fetch_add(1, Ordering::Relaxed);
+        rustix::fs::syncfs(root).map_err(|e| Error::io("syncfs", &self.root, e.into()))
+    }
+
+    /// Filesystem syncs this handle made (for tests and diagnostics).
+    pub fn syncfs_calls(&self) -> u64 {
+        self.syncfs_calls.load(Ordering::Relaxed)
     }
 
     /// Reads a chunk file; unless `hot`, its pages are dropped from the page
@@ -495,6 +530,14 @@ impl Backend for DirBackend {
 
     fn sync(&self) -> Result<()> {
         self.flush_pending()
+    }
+
+    fn staged_bytes(&self) -> u64 {
+        self.pending.lock().unwrap().bytes
+    }
+
+    fn sync_early(&self) -> Result<()> {
+        self.flush_pending_as(false)
     }
 
     fn discard_pending(&self) {
@@ -721,6 +764,35 @@ mod tests {
     }
 
     /// A shard's stamp: none while it is missing or freshly changed, then
+    /// An early sync makes the staged chunks visible and leaves the syncfs
+    /// of their renames to the next sync, which therefore syncs even with
+    /// nothing staged; an early sync with nothing staged does nothing.
+    #[test]
+    fn early_sync_shows_chunks_and_the_next_sync_makes_their_renames_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = DirBackend::new(dir.path());
+        b.create_layout().unwrap();
+        let (one, two) = (id([0x10, 0x01], 1), id([0x20, 0x02], 2));
+        assert!(b.put_chunk(&one, b"one").unwrap());
+        assert!(b.put_chunk(&two, b"two!").unwrap());
+        assert_eq!(b.staged_bytes(), 7);
+        assert!(!b.chunk_exists(&one).unwrap(), "staged, not visible");
+        let before = b.syncfs_calls();
+        b.sync_early().unwrap();
+        assert_eq!(b.syncfs_calls(), before + 1, "one syncfs: the bytes, before the renames");
+        assert_eq!(b.staged_bytes(), 0);
+        assert!(b.chunk_exists(&one).unwrap() && b.chunk_exists(&two).unwrap(), "visible after the early sync");
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "nothing left in tmp/");
+        b.sync_early().unwrap();
+        assert_eq!(b.syncfs_calls(), before + 1, "an early sync with nothing staged does nothing");
+        b.sync().unwrap();
+        assert_eq!(b.syncfs_calls(), before + 2, "the sync before a commit syncs although nothing is staged");
+        // a full flush: bytes, renames, then the renames
+        b.put_chunk(&id([0x30, 0x03], 3), b"three").unwrap();
+        b.sync().unwrap();
+        assert_eq!(b.syncfs_calls(), before + 4);
+    }
+
     /// steady while nothing changes, and different after a chunk is added
     /// or removed (once settled again).
     #[test]

@@ -210,6 +210,15 @@ impl<B: Backend> Backend for FaultBackend<B> {
         self.inner.sync()
     }
 
+    fn staged_bytes(&self) -> u64 {
+        self.inner.staged_bytes()
+    }
+
+    fn sync_early(&self) -> Result<()> {
+        self.gate("sync", || self.inner.location().to_path_buf())?;
+        self.inner.sync_early()
+    }
+
     fn discard_pending(&self) {
         if !self.control.crashed() {
             self.inner.discard_pending()

@@ -104,6 +104,13 @@ impl Backend for SealedBackend {
     fn sync(&self) -> Result<()> {
         self.inner.sync()
     }
+    fn staged_bytes(&self) -> u64 {
+        self.inner.staged_bytes()
+    }
+    fn sync_early(&self) -> Result<()> {
+        self.inner.sync_early()
+    }
+
     fn discard_pending(&self) {
         self.inner.discard_pending()
     }
