@@ -7,7 +7,9 @@
 #   bv-SIZE: blockvault backup at each block size of BLOCK_SIZES (default
 #            "4M 64K"; below 4M the block map is indexed)
 # Needs CEPH_CONF (tests/ceph/start-cluster.sh DIR) and BV (the blockvault binary,
-# default target/release/blockvault). Prints wall seconds and MiB read from the OSD
+# default target/release/blockvault); BVS="old=PATH new=PATH" runs several
+# binaries instead, each into its own stores, one after the other in every
+# repetition (steps old-SIZE, new-SIZE). Prints wall seconds and MiB read from the OSD
 # (osd.op_r_out_bytes of `ceph daemon osd.0 perf dump`) per step and repetition.
 # Rep 0 is each block size's first (full) backup; rep REPS+1 (rst-SIZE) restores
 # its last backup to a file after dropping the page cache (root; RESTORE=0 skips it).
@@ -27,18 +29,19 @@ else
   rbd create --size ${GIB}G $F rbd/$IMG
 fi
 BLOCK_SIZES=${BLOCK_SIZES:-4M 64K}
+BVS=${BVS:-bv=$BV}
 step() { # name command...
   local r0 r1 t0 t1; r0=$(osd_read); t0=$(date +%s.%N); "${@:2}" >/dev/null 2>&1; t1=$(date +%s.%N); r1=$(osd_read)
   printf '%s rep %d %-7s wall %6.2f s  read %7.1f MiB\n' "$GIB GiB/$MIB MiB" "$rep" "$1" "$(echo "$t1 - $t0" | bc)" "$(echo "($r1 - $r0) / 1048576" | bc -l)"
 }
 rep=0 # the first (full) backups
-for bs in $BLOCK_SIZES; do
-  mkdir -p "$W/$bs"
+for nb in $BVS; do for bs in $BLOCK_SIZES; do
+  n=${nb%%=*}; b=${nb#*=}; mkdir -p "$W/$n-$bs"
   printf '[store]\npath = "%s/%s/store"\n[catalog]\npath = "%s/%s/cat.sqlite"\n[[image]]\nname = "d"\nsource = "rbd:rbd/%s"\nblock-size = "%s"\n' \
-    "$W" "$bs" "$W" "$bs" "$IMG" "$bs" > "$W/$bs/c.toml"
-  "$BV" --config "$W/$bs/c.toml" -q init >/dev/null
-  step "bv-$bs" "$BV" --config "$W/$bs/c.toml" -q --no-progress backup d
-done
+    "$W" "$n-$bs" "$W" "$n-$bs" "$IMG" "$bs" > "$W/$n-$bs/c.toml"
+  "$b" --config "$W/$n-$bs/c.toml" -q init >/dev/null
+  step "$n-$bs" "$b" --config "$W/$n-$bs/c.toml" -q --no-progress backup d
+done; done
 rbd snap create rbd/$IMG@s0; rbd snap create rbd/$IMG@z0
 for rep in $(seq 1 "$REPS"); do
   /usr/bin/python3 -c "
@@ -49,15 +52,19 @@ for b in random.sample(range(blocks), n): im.write(os.urandom(65536), b*65536)
 im.flush(); im.close(); io.close(); c.shutdown()"
   p=$((rep - 1))
   step script bash -c "rbd snap create rbd/$IMG@s$rep && rbd export-diff --no-progress --from-snap s$p rbd/$IMG@s$rep - > /dev/null && rbd snap rm --no-progress rbd/$IMG@s$p"
-  for bs in $BLOCK_SIZES; do step "bv-$bs" "$BV" --config "$W/$bs/c.toml" -q --no-progress backup d; done
+  order=$BVS; (( rep % 2 == 0 )) && order=$(printf '%s\n' $BVS | tac | tr '\n' ' ') # alternated: no binary always follows the script
+  for nb in $order; do for bs in $BLOCK_SIZES; do
+    n=${nb%%=*}; b=${nb#*=}; step "$n-$bs" "$b" --config "$W/$n-$bs/c.toml" -q --no-progress backup d
+  done; done
   step zstd bash -c "rbd snap create rbd/$IMG@z$rep && rbd export-diff --no-progress --from-snap z$p rbd/$IMG@z$rep - | zstd -1 -q > $W/diff.zst && rbd snap rm --no-progress rbd/$IMG@z$p"
 done
 # restore the last backup of each block size to a file (page cache dropped first)
 rep=$((REPS + 1))
 [[ ${RESTORE:-1} == 0 ]] && BLOCK_SIZES=
-for bs in $BLOCK_SIZES; do
+for nb in $BVS; do for bs in $BLOCK_SIZES; do
+  n=${nb%%=*}; b=${nb#*=}
   sync; echo 3 > /proc/sys/vm/drop_caches
-  step "rst-$bs" "$BV" --config "$W/$bs/c.toml" -q --no-progress restore d --to "$W/restored.img" --force
+  step "rst-$n-$bs" "$b" --config "$W/$n-$bs/c.toml" -q --no-progress restore d --to "$W/restored.img" --force
   rm -f "$W/restored.img"
-done
+done; done
 echo "load: $(uptime)"
