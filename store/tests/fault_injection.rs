@@ -90,8 +90,10 @@ fn manifest(id: u64, image: &str, parent: Option<u64>) -> Manifest {
 
 /// A backup as the agent does one: the store lock shared for the whole
 /// run, the parent's map inherited for unchanged blocks, each changed
-/// block looked up and written when missing, then the commit. On an
-/// error, what was staged is discarded, as the pipeline does.
+/// block looked up and written when missing (with an early sync halfway,
+/// as the pipeline's flusher makes), the index chunk stored once its
+/// blocks are done, then the commit. On an error, what was staged is
+/// discarded, as the pipeline does.
 fn backup(s: &Store, id: u64, name: &str, parent: Option<u64>, img: &[u8], changed: &[usize]) -> Result<()> {
     let _lock = s.lock_shared()?;
     let mut map = match parent {
@@ -104,7 +106,11 @@ fn backup(s: &Store, id: u64, name: &str, parent: Option<u64>, img: &[u8], chang
     };
     let res = (|| {
         let blocks: Vec<usize> = if parent.is_some() { changed.to_vec() } else { (0..BLOCKS).collect() };
-        for b in blocks {
+        let half = blocks.len() / 2;
+        for (n, b) in blocks.into_iter().enumerate() {
+            if n == half {
+                s.sync_early()?;
+            }
             let data = &img[b * BS..(b + 1) * BS];
             if chunk::is_zero(data) {
                 map.set(b, None);
@@ -116,7 +122,13 @@ fn backup(s: &Store, id: u64, name: &str, parent: Option<u64>, img: &[u8], chang
             }
             map.set(b, Some(cid));
         }
-        s.write_backup(&mut manifest(id, name, parent), &map)
+        // every block is done: the map's one index group (BLOCKS < fanout)
+        let fanout = map.index_fanout().expect("64 KiB blocks: an indexed map");
+        let mut ahead = blockvault_store::IndexAhead::default();
+        if let Some(id) = s.put_index_group(map.index_group(fanout, 0))? {
+            ahead.set(0, id);
+        }
+        s.write_backup_ahead(&mut manifest(id, name, parent), &map, &ahead)
     })();
     if res.is_err() {
         s.discard_pending();
