@@ -49,6 +49,8 @@ pub struct DirBackend {
     stamps_trusted: OnceLock<bool>,
     /// syncfs calls made, see [`DirBackend::syncfs_calls`]
     syncfs_calls: AtomicU64,
+    /// held by the flush in progress
+    flushing: Mutex<()>,
 }
 
 /// Chunk files written to `tmp/`, waiting for the next flush.
@@ -191,6 +193,7 @@ impl DirBackend {
             tmp_dir: OnceLock::new(),
             stamps_trusted: OnceLock::new(),
             syncfs_calls: AtomicU64::new(0),
+            flushing: Mutex::new(()),
         }
     }
 
@@ -319,6 +322,10 @@ impl DirBackend {
     /// durable before any block map that names the chunk. A crash before
     /// that leaves the chunk in `tmp/`, referenced by nothing.
     fn flush_pending_as(&self, rename_durable: bool) -> Result<()> {
+        // one flush at a time: a sync that returns while another thread's
+        // flush still renames the chunks that flush took would let a block
+        // map name chunks not yet in `chunks/`
+        let _one = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
         let files = {
             let mut p = self.pending.lock().unwrap();
             p.bytes = 0;
