@@ -737,14 +737,7 @@ impl Store {
     /// # Errors
     /// As [`Store::sync`]; the store is then poisoned.
     pub fn sync_early(&self) -> Result<()> {
-        if self.poisoned.load(Ordering::Relaxed) {
-            return Err(Error::Poisoned);
-        }
-        let r = self.backend.sync_early();
-        if r.is_err() {
-            self.poisoned.store(true, Ordering::Relaxed);
-        }
-        r
+        self.poisoning(|| self.backend.sync_early())
     }
 
     /// Makes every chunk written since the last call durable and visible in
@@ -753,10 +746,16 @@ impl Store {
     /// # Errors
     /// `Io` when a sync or rename fails; the store is then poisoned.
     pub fn sync(&self) -> Result<()> {
+        self.poisoning(|| self.backend.sync())
+    }
+
+    /// Runs a sync unless the store is poisoned, and poisons it when the
+    /// sync fails: what was staged may be half visible.
+    fn poisoning(&self, sync: impl FnOnce() -> Result<()>) -> Result<()> {
         if self.poisoned.load(Ordering::Relaxed) {
             return Err(Error::Poisoned);
         }
-        let r = self.backend.sync();
+        let r = sync();
         if r.is_err() {
             self.poisoned.store(true, Ordering::Relaxed);
         }
