@@ -1,8 +1,15 @@
 //! The backup pipeline:
 //!
 //! ```text
-//! plan ─▶ read ×R ─▶ zero-check + hash + compress (+ seal) ×N ─▶ chunk write ─▶ collector (block map)
+//! plan ─▶ read ×R ─▶ zero-check + hash + compress (+ seal) ×N ─▶ chunk write ─▶ collector (block map,
+//!                                                                      │          index chunks)
+//!                                                                      └─▶ chunk flush (early syncs)
 //! ```
+//!
+//! The chunk writer stages new chunks in the store; once enough are staged
+//! it asks the flusher to make them durable and visible while the reads go
+//! on, and the collector stores each index group's chunk as soon as the
+//! group's blocks are done, so the commit has only the last few left.
 //!
 //! In an encrypted store the hash workers also seal each new chunk
 //! ([`Store::prepare_chunk`]), in place, so the CPU-heavy encryption runs
