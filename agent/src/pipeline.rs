@@ -24,7 +24,7 @@
 //! returned; nothing is committed by this module.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use anyhow::{Context, Result};
@@ -223,7 +223,7 @@ pub fn run(
         None => Vec::new(),
     };
     // bytes written so far, for the flusher's threshold
-    let written = std::sync::atomic::AtomicU64::new(0);
+    let written = AtomicU64::new(0);
 
     let stop = Stop::new(cancel);
     std::thread::scope(|s| {

@@ -162,7 +162,9 @@ pub trait Backend: Send + Sync {
     /// `Io`; the chunk is then not visible, now or after a sync.
     fn put_chunk(&self, id: &ChunkId, bytes: &[u8]) -> Result<bool>;
 
-    /// Makes every staged chunk durable and visible.
+    /// Makes every staged chunk durable and visible, and every chunk that
+    /// is visible durable (another writer's, or this handle's early syncs'):
+    /// it comes before a commit that may reference any of them.
     ///
     /// # Errors
     /// `Io`; chunks already made visible stay visible and complete.

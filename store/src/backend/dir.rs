@@ -770,7 +770,6 @@ mod tests {
         assert!(!stamps_trusted_on(0x6969) && !stamps_trusted_on(0x6573_5546) && !stamps_trusted_on(0x794C_7630), "NFS, FUSE, overlayfs");
     }
 
-    /// A shard's stamp: none while it is missing or freshly changed, then
     /// An early sync makes the staged chunks visible and leaves the syncfs
     /// of their renames to the next sync, which therefore syncs even with
     /// nothing staged; an early sync with nothing staged does nothing.
@@ -800,6 +799,7 @@ mod tests {
         assert_eq!(b.syncfs_calls(), before + 4);
     }
 
+    /// A shard's stamp: none while it is missing or freshly changed, then
     /// steady while nothing changes, and different after a chunk is added
     /// or removed (once settled again).
     #[test]
