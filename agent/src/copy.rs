@@ -258,7 +258,7 @@ mod tests {
         backup(&src, 3, "b", &[b"four"]);
         let target = MemoryBackend::new();
         let dst = open_target(&src, Box::new(target.reopen())).unwrap();
-        // 64 KiB blocks: each block map is indexed (format 2), and its index
+        // 64 KiB blocks: each block map is indexed (format 3), and its index
         // chunk is a chunk to copy like the blocks' own: backup 1 brings
         // one, two and its index; backup 2 three and its index
         let r = copy(&src, &dst, &CopyOptions { images: vec!["a".into()] }).unwrap();

@@ -12,7 +12,7 @@
 //!   plaintext bytes and stored bytes (compressed, maybe sealed, with headers);
 //! * dedup ratio = logical / referenced plaintext; compression ratio =
 //!   referenced plaintext / referenced stored;
-//! * index chunks: the chunks an indexed (format 2) block map keeps its
+//! * index chunks: the chunks an indexed (format 2 or 3) block map keeps its
 //!   entries in; referenced, stored, but no image data, so they are counted
 //!   apart and left out of the ratios and of the per-image figures;
 //! * per image, `unique` is the stored bytes of chunks no other image's

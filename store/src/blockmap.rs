@@ -3,7 +3,7 @@
 use crate::error::{Error, Result};
 use crate::format::{
     check_block_size, BLOCKMAP_HEADER_LEN, BLOCKMAP_INDEXED_HEADER_LEN, BLOCKMAP_MAGIC, BLOCKMAP_VERSION,
-    BLOCKMAP_VERSION_INDEXED, INDEX_GROUP_BYTES, MAX_IMAGE_SIZE,
+    BLOCKMAP_VERSION_INDEXED, BLOCKMAP_VERSION_INDEXED_WIDE, INDEX_GROUP_BYTES, INDEX_MIN_FANOUT, MAX_IMAGE_SIZE,
 };
 use crate::ChunkId;
 
@@ -14,7 +14,7 @@ pub struct BlockMap {
     image_size: u64,
     block_size: u32,
     entries: Vec<Option<ChunkId>>,
-    /// The index chunks an indexed (version 2) map was read through; empty
+    /// The index chunks an indexed (version 2 or 3) map was read through; empty
     /// for a version 1 map and for a map built in memory.
     index: Vec<ChunkId>,
 }
@@ -162,8 +162,9 @@ impl BlockMap {
         Ok(BlockMap { image_size, block_size, entries, index: Vec::new() })
     }
 
-    /// Blocks per index chunk when this map is written indexed, `None` when
-    /// it is written flat (version 1: blocks of [`INDEX_GROUP_BYTES`]).
+    /// Blocks per index chunk when this map is written indexed (version 3),
+    /// `None` when it is written flat (version 1: blocks of
+    /// [`INDEX_GROUP_BYTES`]).
     pub fn index_fanout(&self) -> Option<u32> {
         index_fanout(self.block_size)
     }
@@ -179,19 +180,28 @@ impl BlockMap {
         &self.entries[start..(start + fanout as usize).min(self.entries.len())]
     }
 
-    /// Index chunks this map was read through (version 2), for GC and verify.
+    /// Index chunks this map was read through (version 2 or 3), for GC and
+    /// verify.
     pub fn index_chunks(&self) -> &[ChunkId] {
         &self.index
     }
 
-    /// Serialises an indexed map (version 2): `groups` holds the index
-    /// chunk id of each group of [`BlockMap::index_groups`] (`None`: every
-    /// block of it is zero).
+    /// Serialises an indexed map (version 3): `groups` holds the index
+    /// chunk id of each group of [`BlockMap::index_groups`] at
+    /// [`BlockMap::index_fanout`] (`None`: every block of it is zero).
     pub fn encode_indexed(&self, fanout: u32, groups: &[Option<ChunkId>]) -> Vec<u8> {
+        self.encode_indexed_as(BLOCKMAP_VERSION_INDEXED_WIDE, fanout, groups)
+    }
+
+    /// [`BlockMap::encode_indexed`] in the given indexed version, whose
+    /// rule `fanout` must follow: tests write version 2 maps with it.
+    #[doc(hidden)]
+    pub fn encode_indexed_as(&self, version: u32, fanout: u32, groups: &[Option<ChunkId>]) -> Vec<u8> {
+        assert_eq!(Some(fanout), indexed_fanout(version, self.block_size), "the fanout of version {version}'s rule");
         assert_eq!(groups.len(), self.entries.len().div_ceil(fanout as usize), "one index chunk per group");
         let mut out = Vec::with_capacity(BLOCKMAP_INDEXED_HEADER_LEN + groups.len() * 32 + 32);
         out.extend_from_slice(&BLOCKMAP_MAGIC);
-        out.extend_from_slice(&BLOCKMAP_VERSION_INDEXED.to_le_bytes());
+        out.extend_from_slice(&version.to_le_bytes());
         out.extend_from_slice(&self.block_size.to_le_bytes());
         out.extend_from_slice(&self.image_size.to_le_bytes());
         out.extend_from_slice(&(self.entries.len() as u64).to_le_bytes());
@@ -205,7 +215,7 @@ impl BlockMap {
         out
     }
 
-    /// Parses and checks a serialised map of either version. `what` names
+    /// Parses and checks a serialised map of any version. `what` names
     /// it in errors.
     ///
     /// # Errors
@@ -214,8 +224,8 @@ impl BlockMap {
         let corrupt = |reason: String| Error::CorruptFile { path: what.to_path_buf(), reason };
         if bytes.len() >= 12 && bytes[0..8] == BLOCKMAP_MAGIC {
             let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
-            if version == BLOCKMAP_VERSION_INDEXED {
-                return IndexedMap::decode(what, bytes).map(Decoded::Indexed);
+            if version == BLOCKMAP_VERSION_INDEXED || version == BLOCKMAP_VERSION_INDEXED_WIDE {
+                return IndexedMap::decode(what, version, bytes).map(Decoded::Indexed);
             }
         }
         BlockMap::decode(what, bytes).map(Decoded::Flat).map_err(|e| match e {
@@ -225,9 +235,23 @@ impl BlockMap {
     }
 }
 
-/// Blocks per index chunk for `block_size`, `None` for a flat map.
+/// Blocks per index chunk of a new map for `block_size` (version 3),
+/// `None` for a flat map.
 pub fn index_fanout(block_size: u32) -> Option<u32> {
-    (block_size > 0 && block_size < INDEX_GROUP_BYTES).then(|| INDEX_GROUP_BYTES / block_size)
+    indexed_fanout(BLOCKMAP_VERSION_INDEXED_WIDE, block_size)
+}
+
+/// Blocks per index chunk of an indexed map of `version` (2 or 3) for
+/// `block_size`, `None` where that version has no indexed maps.
+pub fn indexed_fanout(version: u32, block_size: u32) -> Option<u32> {
+    if block_size == 0 || block_size >= INDEX_GROUP_BYTES {
+        return None;
+    }
+    match version {
+        BLOCKMAP_VERSION_INDEXED => Some(INDEX_GROUP_BYTES / block_size),
+        BLOCKMAP_VERSION_INDEXED_WIDE => Some((INDEX_GROUP_BYTES / block_size).max(INDEX_MIN_FANOUT)),
+        _ => None,
+    }
 }
 
 /// Largest encoded length of a map of this geometry, of either version (a
@@ -237,7 +261,8 @@ pub fn index_fanout(block_size: u32) -> Option<u32> {
 /// As [`encoded_len`].
 pub fn max_encoded_len(image_size: u64, block_size: u32) -> std::result::Result<u64, String> {
     let flat = encoded_len(image_size, block_size)?;
-    let groups = match index_fanout(block_size) {
+    // version 2's groups are the narrower: the more of them
+    let groups = match indexed_fanout(BLOCKMAP_VERSION_INDEXED, block_size) {
         Some(f) => block_count(image_size, block_size).div_ceil(f as u64),
         None => 0,
     };
@@ -258,11 +283,11 @@ pub fn encode_index_chunk(group: &[Option<ChunkId>]) -> Vec<u8> {
 pub enum Decoded {
     /// Version 1: every entry in the map.
     Flat(BlockMap),
-    /// Version 2: the entries are in index chunks, to be loaded.
+    /// Version 2 or 3: the entries are in index chunks, to be loaded.
     Indexed(IndexedMap),
 }
 
-/// An indexed (version 2) block map before its index chunks are loaded.
+/// An indexed (version 2 or 3) block map before its index chunks are loaded.
 #[derive(Debug)]
 pub struct IndexedMap {
     pub image_size: u64,
@@ -273,7 +298,7 @@ pub struct IndexedMap {
 }
 
 impl IndexedMap {
-    fn decode(what: &std::path::Path, bytes: &[u8]) -> Result<IndexedMap> {
+    fn decode(what: &std::path::Path, version: u32, bytes: &[u8]) -> Result<IndexedMap> {
         let corrupt = |reason: String| Error::CorruptFile { path: what.to_path_buf(), reason };
         if bytes.len() < BLOCKMAP_INDEXED_HEADER_LEN + 32 {
             return Err(corrupt(format!("truncated block map ({} bytes)", bytes.len())));
@@ -290,8 +315,8 @@ impl IndexedMap {
             return Err(corrupt(format!("block count {count} does not match image size {image_size}")));
         }
         let fanout = u32::from_le_bytes(body[32..36].try_into().unwrap());
-        if Some(fanout) != index_fanout(block_size) {
-            return Err(corrupt(format!("fanout {fanout} does not fit block size {block_size}")));
+        if Some(fanout) != indexed_fanout(version, block_size) {
+            return Err(corrupt(format!("fanout {fanout} does not fit block size {block_size} in block map format {version}")));
         }
         if body[36..40] != [0u8; 4] {
             return Err(corrupt("reserved header bytes are not zero".into()));

@@ -92,11 +92,11 @@ fn rewriting_a_format_1_backup_through_the_trait_gives_the_same_entries() {
             assert_eq!(std::fs::read(name("protected")).unwrap(), b"");
         }
         // the version 1 encoder is unchanged byte for byte; the store now
-        // writes maps of 64 KiB blocks indexed (version 2, issue 13), which
-        // read back to the same entries
+        // writes maps of 64 KiB blocks indexed (version 3 since 2026-12-07,
+        // issue 13), which read back to the same entries
         assert_eq!(map.encode(), map_bytes, "block map of backup {id}");
         let written = std::fs::read(name("blockmap")).unwrap();
-        assert_eq!(u32::from_le_bytes(written[8..12].try_into().unwrap()), 2, "backup {id}: an indexed map");
+        assert_eq!(u32::from_le_bytes(written[8..12].try_into().unwrap()), 3, "backup {id}: an indexed map");
         let again = s.read_blockmap(&s.read_manifest(BackupId(id)).unwrap()).unwrap();
         assert_eq!(again.entries(), map.entries(), "block map of backup {id}");
         index_chunks.extend(again.index_chunks().iter().map(|c| format!("chunks/{}/{}", &c.to_hex()[..4], c.to_hex())));

@@ -155,3 +155,73 @@ fn fixture_store_v2_encrypted_restores_bit_identically() {
     let v = env.run(&["verify", "--deep"]);
     assert!(v.status.success(), "verify --deep after a new backup: {}", String::from_utf8_lossy(&v.stdout));
 }
+
+/// `tests/fixtures/store-bm2-indexed/`: a store whose block maps are format
+/// 2 (indexed, 64 blocks of 64 KiB per index chunk, with an all-zero group
+/// and a short last one), written by blockvault at c6cbcc3 with
+/// `tests/fixtures/make-store-bm2-indexed.sh`. Today's code writes format 3
+/// (512 blocks per index chunk); it must list, verify and restore the
+/// format-2 maps bit-identically, and take an incremental on one whose own
+/// map is format 3.
+#[test]
+fn fixture_store_bm2_indexed_restores_bit_identically() {
+    let fx = fixtures().join("store-bm2-indexed");
+    let env = Env::new(&[], "");
+    copy_tree(&fx.join("store"), &env.store());
+    fs::create_dir_all(env.store().join("tmp")).unwrap();
+    fs::create_dir_all(env.store().join("locks")).unwrap();
+    let disk = env.path("disk.img");
+    env.write_config(
+        &[("disk", &format!("file:{}", disk.display())), ("other", &format!("file:{}", env.path("other.img").display()))],
+        "gc-grace = 0",
+        "[defaults]\nblock-size = \"64K\"\n",
+    );
+    let map_version = |id: u64| {
+        let b = fs::read(env.store().join(format!("backups/{id:012}.blockmap"))).unwrap();
+        u32::from_le_bytes(b[8..12].try_into().unwrap())
+    };
+    for id in [1, 2, 3] {
+        assert_eq!(map_version(id), 2, "the fixture's backup {id} has a format-2 map");
+    }
+    let expected = vec![
+        (1, "disk".to_string(), None, true),
+        (2, "disk".to_string(), Some(1), false),
+        (3, "other".to_string(), None, false),
+    ];
+    assert_eq!(summary(&env.list()), expected, "listing after the automatic rebuild");
+    env.ok(&["catalog", "rebuild"]);
+    assert_eq!(summary(&env.list()), expected, "listing after `catalog rebuild`");
+    let v = env.run(&["verify", "--deep"]);
+    assert!(v.status.success(), "verify --deep of the block-map-format-2 fixture: {}{}", String::from_utf8_lossy(&v.stdout), String::from_utf8_lossy(&v.stderr));
+
+    let sums: Vec<(String, String)> = fs::read_to_string(fx.join("images.sha256"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once(char::is_whitespace).map(|(h, n)| (n.trim().to_string(), h.to_string())))
+        .collect();
+    let want = |file: &str| sums.iter().find(|(n, _)| n == file).unwrap_or_else(|| panic!("{file} not in images.sha256")).1.clone();
+    for (id, image, file) in [(1, "disk", "disk-1.img"), (2, "disk", "disk-2.img"), (3, "other", "other-1.img")] {
+        let out = env.restore(&format!("{image}@{id}"));
+        assert_eq!(sha256(&out), want(file), "backup {id} ({file}) does not restore bit-identically");
+    }
+
+    // an incremental on backup 2 (a format-2 parent): its map is format 3
+    let two = env.restore("disk@2");
+    fs::copy(&two, &disk).unwrap();
+    let f = fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"changed by today's code", 5 * 65536 + 100).unwrap();
+    env.ok(&["backup", "disk"]);
+    let list = env.list();
+    assert_eq!(list.len(), 4);
+    assert_eq!(list[3]["parent"], 2, "{}", list[3]);
+    assert_eq!(map_version(4), 3, "a new backup's map is format 3");
+    assert_same(&disk, &env.restore("disk@4"));
+    let v = env.run(&["verify", "--deep"]);
+    assert!(v.status.success(), "verify --deep after a new backup: {}", String::from_utf8_lossy(&v.stdout));
+    // the old maps still restore after the new backup and a gc
+    env.ok(&["gc"]);
+    for (id, image, file) in [(1, "disk", "disk-1.img"), (2, "disk", "disk-2.img"), (3, "other", "other-1.img")] {
+        assert_eq!(sha256(&env.restore(&format!("{image}@{id}"))), want(file), "backup {id} after gc");
+    }
+    assert_same(&disk, &env.restore("disk@4"));
+}

@@ -144,7 +144,7 @@ fn keyed_chunk_names() {
     b.ok(&["backup", "img"]);
     assert_same(&img, &img_b);
     let (na, nb) = (chunk_names(&a), chunk_names(&b));
-    // 32 blocks and the block map's one index chunk (format 2)
+    // 32 blocks and the block map's one index chunk (format 3)
     assert_eq!(na.len(), 33);
     assert_eq!(nb.len(), 33);
     assert!(na.is_disjoint(&nb), "shared chunk names: {:?}", na.intersection(&nb).collect::<Vec<_>>());

@@ -78,7 +78,7 @@ fn lost_chunk_is_rewritten_by_next_backup() {
     assert_same(&env.restore("disk@1"), &img);
 }
 
-/// The index chunk of a (format 2) block map lost: verify names it and
+/// The index chunk of a (format 3) block map lost: verify names it and
 /// marks the backup invalid, the next backup is a full read that writes
 /// the index chunk again (the same blocks give the same index), and then
 /// the old backup restores bit-identically and verifies clean.

@@ -45,7 +45,7 @@ fn chunks_of(env: &Env, id: u64) -> BTreeSet<ChunkId> {
     s.read_blockmap(&m).unwrap().block_chunk_ids().copied().collect()
 }
 
-/// The index chunks of a backup's block map (64 KiB blocks: format 2).
+/// The index chunks of a backup's block map (64 KiB blocks: format 3).
 fn index_of(env: &Env, id: u64) -> BTreeSet<ChunkId> {
     let s = Store::open(&env.store()).unwrap();
     let m = s.read_manifest(BackupId(id)).unwrap();
