@@ -74,7 +74,7 @@ fn rados_store_round_trips_dedups_survives_kill_and_detects_bit_flips() {
     let a1 = committed_id(&env.ok(&["backup", "a"]));
     let after_a = chunk_objects(&ns);
     // 48 blocks of data and the block map's one index chunk (format 3; the
-    // hole at the end is in the same group of 64 entries)
+    // hole at the end is in the same group of 512 entries)
     assert_eq!(after_a.len(), 48 + 1, "3 MiB of random data in 64 KiB blocks: {after_a:?}");
     let keep_a1 = scratch.path().join("a1");
     fs::copy(&a, &keep_a1).unwrap();

@@ -108,7 +108,7 @@ fn dedup_unchanged_one_byte_and_across_images() {
     let env = Env::new(&[], "");
     let a = env.path("a.img");
     let b = env.path("b.img");
-    write_random(&a, 0, 8 << 20, &mut rng(5));
+    write_random(&a, 0, 40 << 20, &mut rng(5));
     fs::copy(&a, &b).unwrap();
     env.write_config(
         &[("a", &format!("file:{}", a.display())), ("b", &format!("file:{}", b.display()))],
@@ -118,9 +118,9 @@ fn dedup_unchanged_one_byte_and_across_images() {
     env.ok(&["init"]);
     env.ok(&["backup", "a"]);
     let chunks_after_first = env.chunk_files().len();
-    // 128 blocks, and the 2 index chunks of the block map (format 2: 64
+    // 640 blocks, and the 2 index chunks of the block map (format 3: 512
     // entries each at 64 KiB blocks)
-    assert_eq!(chunks_after_first, 128 + 2);
+    assert_eq!(chunks_after_first, 640 + 2);
 
     // unchanged: zero new chunk bytes
     env.ok(&["backup", "a"]);
@@ -130,7 +130,7 @@ fn dedup_unchanged_one_byte_and_across_images() {
     assert_eq!(env.chunk_files().len(), chunks_after_first);
 
     // one byte changed: exactly one new block chunk, and a new index chunk
-    // for its group of 64 entries (the other group's is unchanged)
+    // for its group of 512 entries (the other group's is unchanged)
     let f = fs::OpenOptions::new().write(true).open(&a).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, &[0x42 ^ 0xff], 3 << 20).unwrap();
     env.ok(&["backup", "a"]);
