@@ -54,6 +54,35 @@ fn summary(list: &[Value]) -> Vec<(u64, String, Option<u64>, bool)> {
         .collect()
 }
 
+/// The three backups every fixture holds (`make-store-*.sh`).
+fn fixture_backups() -> Vec<(u64, String, Option<u64>, bool)> {
+    vec![(1, "disk".to_string(), None, true), (2, "disk".to_string(), Some(1), false), (3, "other".to_string(), None, false)]
+}
+
+/// A copied fixture store (`fx`, with `images.sha256`) lists its three
+/// backups before and after `catalog rebuild`, verifies clean with
+/// `--deep`, and restores each bit-identically. Returns the recorded
+/// sha256 by image file name.
+fn fixture_lists_verifies_and_restores(env: &Env, fx: &Path, what: &str) -> impl Fn(&str) -> String {
+    let expected = fixture_backups();
+    assert_eq!(summary(&env.list()), expected, "{what}: listing after the automatic rebuild");
+    env.ok(&["catalog", "rebuild"]);
+    assert_eq!(summary(&env.list()), expected, "{what}: listing after `catalog rebuild`");
+    let v = env.run(&["verify", "--deep"]);
+    assert!(v.status.success(), "verify --deep of the {what}: {}{}", String::from_utf8_lossy(&v.stdout), String::from_utf8_lossy(&v.stderr));
+    let sums: Vec<(String, String)> = fs::read_to_string(fx.join("images.sha256"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once(char::is_whitespace).map(|(h, n)| (n.trim().to_string(), h.to_string())))
+        .collect();
+    let want = move |file: &str| sums.iter().find(|(n, _)| n == file).unwrap_or_else(|| panic!("{file} not in images.sha256")).1.clone();
+    for (id, image, file) in [(1, "disk", "disk-1.img"), (2, "disk", "disk-2.img"), (3, "other", "other-1.img")] {
+        let out = env.restore(&format!("{image}@{id}"));
+        assert_eq!(sha256(&out), want(file), "{what}: backup {id} ({file}) does not restore bit-identically");
+    }
+    want
+}
+
 #[test]
 fn fixture_store_v1_restores_bit_identically() {
     let env = Env::new(&[], "");
@@ -118,27 +147,7 @@ fn fixture_store_v2_encrypted_restores_bit_identically() {
     let meta = fs::read_to_string(env.store().join("blockvault-store.json")).unwrap();
     assert!(meta.contains("\"format\": 2") && meta.contains("xchacha20poly1305"), "{meta}");
 
-    let expected = vec![
-        (1, "disk".to_string(), None, true),
-        (2, "disk".to_string(), Some(1), false),
-        (3, "other".to_string(), None, false),
-    ];
-    assert_eq!(summary(&env.list()), expected, "listing after the automatic rebuild");
-    env.ok(&["catalog", "rebuild"]);
-    assert_eq!(summary(&env.list()), expected, "listing after `catalog rebuild`");
-    let v = env.run(&["verify", "--deep"]);
-    assert!(v.status.success(), "verify --deep of the format-2 fixture: {}{}", String::from_utf8_lossy(&v.stdout), String::from_utf8_lossy(&v.stderr));
-
-    let sums: Vec<(String, String)> = fs::read_to_string(fx.join("images.sha256"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split_once(char::is_whitespace).map(|(h, n)| (n.trim().to_string(), h.to_string())))
-        .collect();
-    let want = |file: &str| sums.iter().find(|(n, _)| n == file).unwrap_or_else(|| panic!("{file} not in images.sha256")).1.clone();
-    for (id, image, file) in [(1, "disk", "disk-1.img"), (2, "disk", "disk-2.img"), (3, "other", "other-1.img")] {
-        let out = env.restore(&format!("{image}@{id}"));
-        assert_eq!(sha256(&out), want(file), "backup {id} ({file}) does not restore bit-identically");
-    }
+    let _ = fixture_lists_verifies_and_restores(&env, &fx, "format-2 encrypted fixture");
 
     // a new backup into the old store: an incremental on backup 2, then
     // restored; the store stays format 2
@@ -183,27 +192,7 @@ fn fixture_store_bm2_indexed_restores_bit_identically() {
     for id in [1, 2, 3] {
         assert_eq!(map_version(id), 2, "the fixture's backup {id} has a format-2 map");
     }
-    let expected = vec![
-        (1, "disk".to_string(), None, true),
-        (2, "disk".to_string(), Some(1), false),
-        (3, "other".to_string(), None, false),
-    ];
-    assert_eq!(summary(&env.list()), expected, "listing after the automatic rebuild");
-    env.ok(&["catalog", "rebuild"]);
-    assert_eq!(summary(&env.list()), expected, "listing after `catalog rebuild`");
-    let v = env.run(&["verify", "--deep"]);
-    assert!(v.status.success(), "verify --deep of the block-map-format-2 fixture: {}{}", String::from_utf8_lossy(&v.stdout), String::from_utf8_lossy(&v.stderr));
-
-    let sums: Vec<(String, String)> = fs::read_to_string(fx.join("images.sha256"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split_once(char::is_whitespace).map(|(h, n)| (n.trim().to_string(), h.to_string())))
-        .collect();
-    let want = |file: &str| sums.iter().find(|(n, _)| n == file).unwrap_or_else(|| panic!("{file} not in images.sha256")).1.clone();
-    for (id, image, file) in [(1, "disk", "disk-1.img"), (2, "disk", "disk-2.img"), (3, "other", "other-1.img")] {
-        let out = env.restore(&format!("{image}@{id}"));
-        assert_eq!(sha256(&out), want(file), "backup {id} ({file}) does not restore bit-identically");
-    }
+    let want = fixture_lists_verifies_and_restores(&env, &fx, "block-map-format-2 fixture");
 
     // an incremental on backup 2 (a format-2 parent): its map is format 3
     let two = env.restore("disk@2");
