@@ -254,7 +254,7 @@ pub fn indexed_fanout(version: u32, block_size: u32) -> Option<u32> {
     }
 }
 
-/// Largest encoded length of a map of this geometry, of either version (a
+/// Largest encoded length of a map of this geometry, of any version (a
 /// read limit).
 ///
 /// # Errors
