@@ -29,6 +29,14 @@ fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
+/// Copies a committed fixture store into `env`'s store path, with the
+/// empty `tmp/` and `locks/` git does not keep.
+fn copy_fixture_store(env: &Env, store: &Path) {
+    copy_tree(store, &env.store());
+    fs::create_dir_all(env.store().join("tmp")).unwrap();
+    fs::create_dir_all(env.store().join("locks")).unwrap();
+}
+
 fn sha256(p: &Path) -> String {
     let o = Command::new("sha256sum").arg(p).output().expect("sha256sum (coreutils) runs");
     assert!(o.status.success(), "sha256sum {}: {}", p.display(), String::from_utf8_lossy(&o.stderr));
@@ -76,26 +84,24 @@ fn fixture_lists_verifies_and_restores(env: &Env, fx: &Path, what: &str) -> impl
         .filter_map(|l| l.split_once(char::is_whitespace).map(|(h, n)| (n.trim().to_string(), h.to_string())))
         .collect();
     let want = move |file: &str| sums.iter().find(|(n, _)| n == file).unwrap_or_else(|| panic!("{file} not in images.sha256")).1.clone();
+    fixture_backups_restore(env, &want, what);
+    want
+}
+
+/// Each of the fixture's three backups restores to the image `want` names.
+fn fixture_backups_restore(env: &Env, want: &impl Fn(&str) -> String, what: &str) {
     for (id, image, file) in [(1, "disk", "disk-1.img"), (2, "disk", "disk-2.img"), (3, "other", "other-1.img")] {
         let out = env.restore(&format!("{image}@{id}"));
         assert_eq!(sha256(&out), want(file), "{what}: backup {id} ({file}) does not restore bit-identically");
     }
-    want
 }
 
 #[test]
 fn fixture_store_v1_restores_bit_identically() {
     let env = Env::new(&[], "");
-    copy_tree(&fixtures().join("store-v1"), &env.store());
-    // git keeps no empty directories
-    fs::create_dir_all(env.store().join("tmp")).unwrap();
-    fs::create_dir_all(env.store().join("locks")).unwrap();
+    copy_fixture_store(&env, &fixtures().join("store-v1"));
 
-    let expected = vec![
-        (1, "disk".to_string(), None, true),
-        (2, "disk".to_string(), Some(1), false),
-        (3, "other".to_string(), None, false),
-    ];
+    let expected = fixture_backups();
     // no catalog yet: the first command rebuilds it from the store
     assert_eq!(summary(&env.list()), expected, "listing after the automatic rebuild");
     env.ok(&["catalog", "rebuild"]);
@@ -132,9 +138,7 @@ fn fixture_store_v2_encrypted_restores_bit_identically() {
     use std::os::unix::fs::PermissionsExt;
     let fx = fixtures().join("store-v2-encrypted");
     let env = Env::new(&[], "");
-    copy_tree(&fx.join("store"), &env.store());
-    fs::create_dir_all(env.store().join("tmp")).unwrap();
-    fs::create_dir_all(env.store().join("locks")).unwrap();
+    copy_fixture_store(&env, &fx.join("store"));
     let key = env.path("store.key");
     fs::copy(fx.join("store.key"), &key).unwrap();
     fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
@@ -176,9 +180,7 @@ fn fixture_store_v2_encrypted_restores_bit_identically() {
 fn fixture_store_bm2_indexed_restores_bit_identically() {
     let fx = fixtures().join("store-bm2-indexed");
     let env = Env::new(&[], "");
-    copy_tree(&fx.join("store"), &env.store());
-    fs::create_dir_all(env.store().join("tmp")).unwrap();
-    fs::create_dir_all(env.store().join("locks")).unwrap();
+    copy_fixture_store(&env, &fx.join("store"));
     let disk = env.path("disk.img");
     env.write_config(
         &[("disk", &format!("file:{}", disk.display())), ("other", &format!("file:{}", env.path("other.img").display()))],
@@ -209,8 +211,6 @@ fn fixture_store_bm2_indexed_restores_bit_identically() {
     assert!(v.status.success(), "verify --deep after a new backup: {}", String::from_utf8_lossy(&v.stdout));
     // the old maps still restore after the new backup and a gc
     env.ok(&["gc"]);
-    for (id, image, file) in [(1, "disk", "disk-1.img"), (2, "disk", "disk-2.img"), (3, "other", "other-1.img")] {
-        assert_eq!(sha256(&env.restore(&format!("{image}@{id}"))), want(file), "backup {id} after gc");
-    }
+    fixture_backups_restore(&env, &want, "block-map-format-2 fixture after a new backup and gc");
     assert_same(&disk, &env.restore("disk@4"));
 }
