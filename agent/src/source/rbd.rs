@@ -283,7 +283,7 @@ impl RbdSource {
             return Ok((diff_range(&f.image, base, 0, f.size, whole_object)?, None));
         }
         let objects = diff_range(&f.image, base, 0, f.size, true)?;
-        let pieces = diff_pieces(&objects, self.object_size.max(1) * DIFF_PIECE_OBJECTS);
+        let pieces = diff_pieces(&objects, self.object_size.max(1) * std::env::var("BV_DP").ok().and_then(|v| v.parse().ok()).unwrap_or(DIFF_PIECE_OBJECTS));
         let results: Vec<Mutex<Option<Result<Vec<Extent>>>>> = pieces.iter().map(|_| Mutex::new(None)).collect();
         let next = AtomicUsize::new(0);
         let geometry = (f.size, self.block_size);
@@ -291,7 +291,7 @@ impl RbdSource {
         let samples = std::thread::scope(|s| {
             let changed = &changed;
             let samples = self.hasher.as_ref().map(|h| s.spawn(move || early_samples(&f.image, h, geometry, changed, parent)));
-            for _ in 0..DIFF_THREADS.min(pieces.len()) {
+            for _ in 0..std::env::var("BV_DT").ok().and_then(|v| v.parse().ok()).unwrap_or(DIFF_THREADS).min(pieces.len()) {
                 s.spawn(|| loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(&(off, len)) = pieces.get(i) else { break };
