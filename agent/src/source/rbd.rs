@@ -15,10 +15,11 @@
 //! * Only snapshots that this catalog recorded as created by blockvault are
 //!   ever removed.
 
+mod ahead;
 pub mod patch;
 
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
@@ -27,6 +28,7 @@ use blockvault_store::{BackupId, ChunkHasher, ChunkId, RbdInfo, Store};
 use rand::seq::SliceRandom;
 use tracing::{info, warn};
 
+use self::ahead::{covered_blocks, ReadAhead, READ_AHEAD_THREADS};
 use self::patch::{plan_patches, Patcher};
 use super::{BlockRead, ImageSource, Job, Outcome, Parent, Source};
 use crate::config::{self, Config, ImageConfig};
@@ -99,6 +101,8 @@ struct Frozen {
     size: u64,
     /// The object map and fast-diff of the snapshot can be trusted.
     fast_diff_ok: bool,
+    /// Blocks of the snapshot read while the exact diff ran.
+    ahead: ReadAhead,
 }
 
 /// One RBD image, backed up through a snapshot per run.
@@ -288,25 +292,50 @@ impl RbdSource {
         let next = AtomicUsize::new(0);
         let geometry = (f.size, self.block_size);
         let changed = objects_of(&objects);
+        // blocks the diff finds changed whole are read meanwhile (see `ahead`)
+        let (todo_tx, todo) = crossbeam_channel::unbounded::<(u64, usize)>();
+        let diffing_done = AtomicBool::new(false);
+        let bs = u64::from(self.block_size.max(1));
         let samples = std::thread::scope(|s| {
             let changed = &changed;
             let samples = self.hasher.as_ref().map(|h| s.spawn(move || early_samples(&f.image, h, geometry, changed, parent)));
-            for _ in 0..std::env::var("BV_DT").ok().and_then(|v| v.parse().ok()).unwrap_or(DIFF_THREADS).min(pieces.len()) {
-                s.spawn(|| loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(&(off, len)) = pieces.get(i) else { break };
-                    let r = diff_range(&f.image, base, off, len, false);
-                    let failed = r.is_err();
-                    *results[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
-                    if failed {
-                        // the others stop at their next piece
-                        next.store(pieces.len(), Ordering::Relaxed);
-                        break;
-                    }
-                });
+            for _ in 0..READ_AHEAD_THREADS.min(pieces.len()) {
+                s.spawn(|| f.ahead.read_from(&f.image, &todo, &diffing_done));
             }
+            let (next, results, pieces) = (&next, &results, &pieces);
+            let diffing: Vec<_> = (0..DIFF_THREADS.min(pieces.len()))
+                .map(|_| {
+                    let todo_tx = todo_tx.clone();
+                    s.spawn(move || loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(&(off, len)) = pieces.get(i) else { break };
+                        let r = diff_range(&f.image, base, off, len, false);
+                        if let Ok(extents) = &r {
+                            for b in covered_blocks(extents, bs, f.size) {
+                                let _ = todo_tx.send(b);
+                            }
+                        }
+                        let failed = r.is_err();
+                        *results[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+                        if failed {
+                            // the others stop at their next piece
+                            next.store(pieces.len(), Ordering::Relaxed);
+                            break;
+                        }
+                    })
+                })
+                .collect();
+            drop(todo_tx);
+            for d in diffing {
+                // a panic surfaces as the piece it left empty, below
+                let _ = d.join();
+            }
+            // the pipeline reads the rest; each read ahead in flight ends first
+            diffing_done.store(true, Ordering::Relaxed);
             samples.map(|t| t.join().map_err(|_| anyhow::anyhow!("the trust check's sample thread panicked")))
         });
+        let (ahead_bytes, _) = f.ahead.counts();
+        tracing::debug!(bytes = ahead_bytes, "blocks read ahead while the exact diff ran");
         // the first error in image order; pieces skipped after a failure
         // are empty, and that failure is returned whatever its place
         let mut extents = Vec::new();
@@ -363,7 +392,7 @@ impl Source for RbdSource {
             let image = self.ioctx.open(&self.name, Some(snap)).with_context(|| format!("opening {}", self.spec))?;
             let size = image.size()?;
             let fast_diff_ok = fast_diff_usable(&image, self.features)?;
-            self.frozen = Some(Frozen { image, size, fast_diff_ok });
+            self.frozen = Some(Frozen { image, size, fast_diff_ok, ahead: ReadAhead::default() });
             return Ok(size);
         }
         let row = catalog.snapshot_intent(job.image_id, &self.snap, backup)?;
@@ -375,7 +404,7 @@ impl Source for RbdSource {
         let image = self.ioctx.open(&self.name, Some(&self.snap))?;
         let size = image.size()?;
         let fast_diff_ok = fast_diff_usable(&image, self.features)?;
-        self.frozen = Some(Frozen { image, size, fast_diff_ok });
+        self.frozen = Some(Frozen { image, size, fast_diff_ok, ahead: ReadAhead::default() });
         Ok(size)
     }
 
@@ -456,7 +485,7 @@ impl Source for RbdSource {
 
     fn reader<'a>(&'a self, store: &'a Store) -> Result<Box<dyn ImageSource + 'a>> {
         let f = self.frozen()?;
-        Ok(Box::new(RbdReader { image: &f.image, size: f.size, patcher: self.patcher.as_ref(), store }))
+        Ok(Box::new(RbdReader { image: &f.image, size: f.size, patcher: self.patcher.as_ref(), ahead: &f.ahead, store }))
     }
 
     fn held_snapshots(&self) -> Option<Vec<String>> {
@@ -489,6 +518,12 @@ impl Source for RbdSource {
     }
 
     fn finish(&mut self, catalog: &Catalog, job: &Job, outcome: Outcome) -> Result<()> {
+        if let Some(f) = &self.frozen {
+            let (read, taken) = f.ahead.counts();
+            if read > 0 {
+                tracing::debug!(read, taken, "blocks read ahead, and taken by the pipeline");
+            }
+        }
         if self.fixed.is_some() {
             return Ok(()); // not our snapshot: never demoted or removed
         }
@@ -531,6 +566,7 @@ struct RbdReader<'a> {
     image: &'a Image,
     size: u64,
     patcher: Option<&'a Patcher>,
+    ahead: &'a ReadAhead,
     store: &'a Store,
 }
 
@@ -549,6 +585,10 @@ impl ImageSource for RbdReader<'_> {
             if let Some(source_bytes) = p.read_patched(self.store, self.image, offset, buf)? {
                 return Ok(BlockRead::Patched { source_bytes });
             }
+        }
+        if let Some(data) = self.ahead.take(offset, buf.len()) {
+            buf.copy_from_slice(&data);
+            return Ok(BlockRead::Whole);
         }
         self.read_at(offset, buf)?;
         Ok(BlockRead::Whole)
