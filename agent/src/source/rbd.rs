@@ -287,7 +287,7 @@ impl RbdSource {
             return Ok((diff_range(&f.image, base, 0, f.size, whole_object)?, None));
         }
         let objects = diff_range(&f.image, base, 0, f.size, true)?;
-        let pieces = diff_pieces(&objects, self.object_size.max(1) * std::env::var("BV_DP").ok().and_then(|v| v.parse().ok()).unwrap_or(DIFF_PIECE_OBJECTS));
+        let pieces = diff_pieces(&objects, self.object_size.max(1) * DIFF_PIECE_OBJECTS);
         let results: Vec<Mutex<Option<Result<Vec<Extent>>>>> = pieces.iter().map(|_| Mutex::new(None)).collect();
         let next = AtomicUsize::new(0);
         let geometry = (f.size, self.block_size);
@@ -334,8 +334,6 @@ impl RbdSource {
             diffing_done.store(true, Ordering::Relaxed);
             samples.map(|t| t.join().map_err(|_| anyhow::anyhow!("the trust check's sample thread panicked")))
         });
-        let (ahead_bytes, _) = f.ahead.counts();
-        tracing::debug!(bytes = ahead_bytes, "blocks read ahead while the exact diff ran");
         // the first error in image order; pieces skipped after a failure
         // are empty, and that failure is returned whatever its place
         let mut extents = Vec::new();
