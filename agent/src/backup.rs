@@ -572,9 +572,13 @@ fn to_commit(
     held: &[&blockvault_store::StoreLock],
 ) -> Result<Manifest> {
 
-    // what changed, and the plan; -v logs how long each step took
+    // what changed, and the plan; -v logs how long each step took. A source
+    // may store blocks meanwhile, unless the image's reads are throttled
+    let unthrottled = img.throttle(&ctx.cfg.defaults).is_unlimited();
+    let level = ctx.cfg.store.compression_level;
+    let ahead = |store| unthrottled.then_some(crate::source::StoreAhead { store, compression_level: level });
     let step = Instant::now();
-    let mut changes = source.changes(parent)?;
+    let mut changes = source.changes(parent, ahead(&ctx.store).as_ref())?;
     debug!(
         extents = match &changes { Changes::Full { extents, .. } | Changes::Since { extents } => extents.len() },
         ms = step.elapsed().as_millis() as u64,
@@ -596,7 +600,7 @@ fn to_commit(
     }
     let parent = if replaced { replacement.as_ref() } else { parent };
     if replaced {
-        changes = source.changes(parent)?;
+        changes = source.changes(parent, ahead(&ctx.store).as_ref())?;
     }
     let step = Instant::now();
     if let Changes::Full { reason, .. } = &changes {
@@ -614,7 +618,7 @@ fn to_commit(
             let Some(&BackupError::UntrustedDiff { block, parent, .. }) = BackupError::find(&e) else { return Err(e) };
             let reason = FullReason::UntrustedDiff { block, parent };
             log_full_read(&job.image, &reason);
-            let extents = match source.changes(None)? {
+            let extents = match source.changes(None, None)? {
                 Changes::Full { extents, .. } | Changes::Since { extents } => extents,
             };
             plan = plan_of(&Changes::Full { extents, reason })?;

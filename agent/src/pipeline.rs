@@ -56,13 +56,17 @@ pub struct PipelineOptions {
 }
 
 /// What happened to one block.
-enum Outcome {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockOutcome {
     Zero,
     /// The store already had the chunk.
     Dedup(ChunkId),
-    /// A new chunk was written.
+    /// A new chunk was written: `stored` bytes encoded (before any
+    /// sealing), of `plain` bytes of block.
     New { id: ChunkId, stored: u64, plain: u64 },
 }
+
+use BlockOutcome as Outcome;
 
 struct Work {
     block: usize,
@@ -162,10 +166,29 @@ pub fn run(
     assert_eq!(actions.len(), map.len(), "plan and block map disagree");
     progress.start((0..map.len()).map(|i| map.block_range(i).1 as u64).sum());
     let mut stats = BackupStats::default();
+    // blocks the source stored before the pipeline ran: done, if the plan
+    // reads them (a block is what the source holds at its offset, whatever
+    // the plan; any other is left to the store's GC)
+    let geometry = Geometry { image_size: map.image_size(), block_size: map.block_size() };
+    let mut stored: Vec<Option<Outcome>> = Vec::new();
+    let mut claimed_ahead = HashSet::new();
+    for b in source.take_stored() {
+        let block = (b.offset / u64::from(map.block_size())) as usize;
+        if b.offset % u64::from(map.block_size()) != 0 || actions.get(block) != Some(&BlockAction::Read) || geometry.range(block).1 != b.len {
+            continue;
+        }
+        if stored.is_empty() {
+            stored = vec![None; actions.len()];
+        }
+        stored[block] = Some(b.outcome);
+        if let Outcome::New { id, .. } | Outcome::Dedup(id) = b.outcome {
+            claimed_ahead.insert(id);
+        }
+    }
     let to_read: Vec<usize> = actions
         .iter()
         .enumerate()
-        .filter_map(|(i, a)| (*a == BlockAction::Read).then_some(i))
+        .filter_map(|(i, a)| (*a == BlockAction::Read && stored.get(i).is_none_or(Option::is_none)).then_some(i))
         .collect();
     for (i, a) in actions.iter().enumerate() {
         match a {
@@ -178,12 +201,18 @@ pub fn run(
                 stats.inherited_blocks += 1;
                 progress.advance(map.block_range(i).1 as u64);
             }
-            BlockAction::Read => {}
+            BlockAction::Read => {
+                if let Some(&Some(outcome)) = stored.get(i) {
+                    record(map, &mut stats, i, BlockRead::Whole, outcome);
+                    progress.advance(map.block_range(i).1 as u64);
+                }
+            }
         }
     }
     tracing::debug!(
         blocks = actions.len(),
         read = to_read.len(),
+        stored_ahead = stats.read_blocks,
         zero = stats.zero_blocks,
         inherit = stats.inherited_blocks,
         parent_chunks = known.len(),
@@ -196,10 +225,10 @@ pub fn run(
     let workers = opts.workers.max(1);
     let readers = opts.readers.max(1).min(to_read.len());
     let block_size = map.block_size() as usize;
-    let geometry = Geometry { image_size: map.image_size(), block_size: map.block_size() };
     // ids this run has claimed for writing: a block repeated inside the image
-    // is written once, and no chunk file is ever written twice.
-    let claimed: Mutex<HashSet<ChunkId>> = Mutex::new(HashSet::new());
+    // is written once, and no chunk file is ever written twice (those
+    // stored ahead are claimed already).
+    let claimed: Mutex<HashSet<ChunkId>> = Mutex::new(claimed_ahead);
 
     // The buffer pool bounds memory: readers take a buffer, and it comes
     // back when the block is done with (or dropped by a stopping stage).
@@ -333,32 +362,8 @@ pub fn run(
             put_group(map, g);
         }
         for Done { block, read, outcome } in res_rx.iter() {
-            let (_, len) = map.block_range(block);
-            stats.read_blocks += 1;
-            match read {
-                BlockRead::Whole => stats.read_bytes += len as u64,
-                BlockRead::Patched { source_bytes } => {
-                    stats.read_bytes += source_bytes;
-                    stats.patched_blocks += 1;
-                }
-            }
-            match outcome {
-                Outcome::Zero => {
-                    map.set(block, None);
-                    stats.zero_blocks += 1;
-                }
-                Outcome::Dedup(id) => {
-                    map.set(block, Some(id));
-                    stats.dedup_blocks += 1;
-                }
-                Outcome::New { id, stored, plain } => {
-                    map.set(block, Some(id));
-                    stats.new_chunks += 1;
-                    stats.new_bytes += stored;
-                    stats.new_plain_bytes += plain;
-                }
-            }
-            progress.advance(len as u64);
+            record(map, &mut stats, block, read, outcome);
+            progress.advance(map.block_range(block).1 as u64);
             if let Some(f) = fanout {
                 let g = block / f as usize;
                 unread[g] -= 1;
@@ -370,6 +375,35 @@ pub fn run(
     });
     stop.result()?;
     Ok(stats)
+}
+
+/// Puts one finished block into the map and its cost into the stats.
+fn record(map: &mut BlockMap, stats: &mut BackupStats, block: usize, read: BlockRead, outcome: Outcome) {
+    let (_, len) = map.block_range(block);
+    stats.read_blocks += 1;
+    match read {
+        BlockRead::Whole => stats.read_bytes += len as u64,
+        BlockRead::Patched { source_bytes } => {
+            stats.read_bytes += source_bytes;
+            stats.patched_blocks += 1;
+        }
+    }
+    match outcome {
+        Outcome::Zero => {
+            map.set(block, None);
+            stats.zero_blocks += 1;
+        }
+        Outcome::Dedup(id) => {
+            map.set(block, Some(id));
+            stats.dedup_blocks += 1;
+        }
+        Outcome::New { id, stored, plain } => {
+            map.set(block, Some(id));
+            stats.new_chunks += 1;
+            stats.new_bytes += stored;
+            stats.new_plain_bytes += plain;
+        }
+    }
 }
 
 /// The flusher's threshold once `written` bytes of new chunks were
@@ -440,6 +474,36 @@ fn process(
     Ok(Step::Write(store.prepare_chunk(enc)))
 }
 
+/// What the pipeline does with one block it read, done by a source before
+/// the pipeline runs (see [`crate::source::StoreAhead`]): the zero check,
+/// the chunk id, compression at `level` (and sealing), and the write,
+/// unless the store already has the chunk. The chunk is durable and
+/// visible after the store's next sync, as the pipeline's are.
+///
+/// # Errors
+/// The store's write error (the store is then poisoned, as after a failed
+/// write in the pipeline).
+pub fn store_block(store: &Store, level: i32, compressor: Option<&mut zstd::bulk::Compressor<'static>>, buf: &[u8]) -> Result<BlockOutcome> {
+    if chunk::is_zero(buf) {
+        return Ok(Outcome::Zero);
+    }
+    let id = store.chunk_id(buf);
+    // looked up first, as the pipeline does: some backends count a put of
+    // a chunk they have as written
+    if store.has_chunk(&id).with_context(|| format!("looking up chunk {id}"))? {
+        return Ok(Outcome::Dedup(id));
+    }
+    let enc = store.prepare_chunk(chunk::encode(buf, id, level, compressor).context("encoding a block")?);
+    let written = store
+        .put_ready_chunk(&enc)
+        .with_context(|| format!("writing chunk {id} to store {}", store.root().display()))?;
+    Ok(if written {
+        Outcome::New { id, stored: enc.encoded_len as u64, plain: enc.plain_len as u64 }
+    } else {
+        Outcome::Dedup(id)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -459,6 +523,81 @@ mod tests {
             buf.copy_from_slice(&self.0[o..o + buf.len()]);
             Ok(())
         }
+    }
+
+    /// A source that stored some blocks ahead ([`store_block`]) and counts
+    /// the reads of the others.
+    struct Ahead {
+        data: Vec<u8>,
+        stored: Mutex<Vec<crate::source::StoredBlock>>,
+        reads: Mutex<Vec<u64>>,
+    }
+
+    impl ImageSource for Ahead {
+        fn describe(&self) -> String {
+            "memory image with blocks stored ahead".into()
+        }
+        fn size(&self) -> u64 {
+            self.data.len() as u64
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            self.reads.lock().unwrap().push(offset);
+            let o = offset as usize;
+            buf.copy_from_slice(&self.data[o..o + buf.len()]);
+            Ok(())
+        }
+        fn take_stored(&self) -> Vec<crate::source::StoredBlock> {
+            std::mem::take(&mut *self.stored.lock().unwrap())
+        }
+    }
+
+    /// Blocks stored ahead are taken as done and never read again; one the
+    /// plan inherits, one of another length and one off the block grid are
+    /// not used (the first keeps its inherited entry, the others are read).
+    #[test]
+    fn blocks_stored_ahead_are_done_and_only_where_the_plan_reads_them() {
+        use crate::source::StoredBlock;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::init(&dir.path().join("store"), &InitOptions::default()).unwrap();
+        let bs = 64 * 1024usize;
+        let blocks = 8;
+        let mut data = vec![0u8; blocks * bs];
+        for (i, b) in data.chunks_mut(bs).enumerate() {
+            b.fill(i as u8 + 1);
+            b[..8].copy_from_slice(&(i as u64 * 7919).to_le_bytes());
+        }
+        // blocks 1, 2 (inherited by the plan), 3 (stored with a wrong length) and
+        // one at an offset off the grid are stored ahead
+        let mut stored = Vec::new();
+        for (offset, len) in [(bs as u64, bs), (2 * bs as u64, bs), (3 * bs as u64, bs - 1), (4 * bs as u64 + 512, bs)] {
+            let o = offset as usize;
+            let outcome = store_block(&store, 3, None, &data[o..o + len]).unwrap();
+            stored.push(StoredBlock { offset, len, outcome });
+        }
+        assert!(matches!(stored[0].outcome, Outcome::New { .. }));
+        let source = Ahead { data: data.clone(), stored: Mutex::new(stored.clone()), reads: Mutex::new(Vec::new()) };
+        let mut map = BlockMap::new_zeroed(source.size(), bs as u32);
+        let inherited = ChunkId([9; 32]);
+        map.set(2, Some(inherited));
+        let mut actions = vec![BlockAction::Read; blocks];
+        actions[2] = BlockAction::Inherit;
+        let opts = PipelineOptions { workers: 2, readers: 2, compression_level: 3 };
+        let stats = run(&store, &source, &actions, &mut map, &KnownChunks::default(), &opts, &(), &AtomicBool::new(false), &mut IndexAhead::default()).unwrap();
+        let mut reads = source.reads.lock().unwrap().clone();
+        reads.sort_unstable();
+        let expect: Vec<u64> = [0, 3, 4, 5, 6, 7].iter().map(|b| b * bs as u64).collect();
+        assert_eq!(reads, expect, "block 1 was stored ahead: every other read block is read, and only once");
+        assert_eq!(stats.read_blocks, 7);
+        assert_eq!(stats.new_chunks, 7, "block 1 counts as new, written ahead");
+        assert_eq!(map.get(2), Some(inherited), "an inherited block keeps its entry");
+        for b in (0..blocks).filter(|&b| b != 2) {
+            let id = store.chunk_id(&data[b * bs..(b + 1) * bs]);
+            assert_eq!(map.get(b), Some(id), "block {b}");
+        }
+        store.sync().unwrap();
+        let (mut scratch, mut out) = (Vec::new(), Vec::new());
+        store.load_chunk(&map.get(1).unwrap(), &mut scratch, &mut out).unwrap();
+        assert_eq!(out, data[bs..2 * bs], "the chunk stored ahead reads back");
     }
 
     /// 64 KiB blocks in 3 index groups: the first all zeros, the second

@@ -80,9 +80,14 @@ pub trait Source {
     /// What changed in the frozen version since `since`, or everything
     /// (with the reason) when there is no usable base.
     ///
+    /// With `ahead`, a source whose change list takes long to learn (RBD's
+    /// exact diff) may meanwhile read blocks it already knows changed and
+    /// store them ([`StoreAhead`]); the pipeline then takes them from
+    /// [`ImageSource::take_stored`] instead of reading them.
+    ///
     /// # Errors
-    /// Source errors.
-    fn changes(&mut self, since: Option<&Parent>) -> Result<Changes>;
+    /// Source errors, and the first store error of a block stored ahead.
+    fn changes(&mut self, since: Option<&Parent>, ahead: Option<&StoreAhead<'_>>) -> Result<Changes>;
 
     /// Sampled checks that an incremental plan can be trusted. An
     /// untrustworthy diff is [`crate::error::BackupError::UntrustedDiff`]:
@@ -152,6 +157,26 @@ pub trait Source {
     }
 }
 
+/// Where a source may store blocks before the pipeline runs (see
+/// [`Source::changes`]): the backup's store, and how the pipeline would
+/// compress. Not given for a throttled image, whose every read goes
+/// through the pipeline's limiter.
+pub struct StoreAhead<'a> {
+    pub store: &'a Store,
+    pub compression_level: i32,
+}
+
+/// A block of the frozen version that its source already read and handed
+/// to the store ([`crate::pipeline::store_block`]) before the pipeline ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoredBlock {
+    pub offset: u64,
+    pub len: usize,
+    pub outcome: BlockOutcome,
+}
+
+pub use crate::pipeline::BlockOutcome;
+
 /// What reading one block cost.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BlockRead {
@@ -182,6 +207,14 @@ pub trait ImageSource: Sync {
         self.read_at(offset, buf)?;
         Ok(BlockRead::Whole)
     }
+    /// The blocks stored before the pipeline ran (see [`StoreAhead`]), in
+    /// no order; each is handed out once. Each holds what
+    /// [`ImageSource::read_at`] reads at its offset, so the pipeline uses
+    /// those of its blocks to read whose length matches instead of reading
+    /// them.
+    fn take_stored(&self) -> Vec<StoredBlock> {
+        Vec::new()
+    }
 }
 
 impl<T: ImageSource + ?Sized> ImageSource for &T {
@@ -196,6 +229,9 @@ impl<T: ImageSource + ?Sized> ImageSource for &T {
     }
     fn read_block(&self, offset: u64, buf: &mut [u8]) -> io::Result<BlockRead> {
         (**self).read_block(offset, buf)
+    }
+    fn take_stored(&self) -> Vec<StoredBlock> {
+        (**self).take_stored()
     }
 }
 

@@ -173,6 +173,11 @@ impl<S: ImageSource + ?Sized> ImageSource for Throttled<'_, S> {
         self.limiter.charge(cost, self.cancel);
         Ok(r)
     }
+    /// None are stored ahead for a throttled image (see
+    /// [`crate::source::StoreAhead`]); any would already be paid for.
+    fn take_stored(&self) -> Vec<crate::source::StoredBlock> {
+        self.inner.take_stored()
+    }
 }
 
 #[cfg(test)]

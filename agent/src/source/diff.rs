@@ -199,7 +199,7 @@ impl Source for DiffSource {
         self.load().with_context(|| format!("reading the stream {name}"))
     }
 
-    fn changes(&mut self, since: Option<&Parent>) -> Result<Changes> {
+    fn changes(&mut self, since: Option<&Parent>, _ahead: Option<&super::StoreAhead<'_>>) -> Result<Changes> {
         let h = self.header.as_ref().context("changes before freeze")?;
         let extents = |data_only: bool| -> Vec<Extent> {
             self.overlay

@@ -90,7 +90,7 @@ impl Source for FileSource {
         Ok(self.size)
     }
     /// Files have no change tracking: always everything allocated.
-    fn changes(&mut self, _since: Option<&Parent>) -> Result<Changes> {
+    fn changes(&mut self, _since: Option<&Parent>, _ahead: Option<&super::StoreAhead<'_>>) -> Result<Changes> {
         Ok(Changes::Full { extents: self.allocated()?, reason: FullReason::NoChangeTracking })
     }
     fn reader<'a>(&'a self, _store: &'a Store) -> Result<Box<dyn ImageSource + 'a>> {
@@ -135,7 +135,7 @@ mod tests {
         f.flush().unwrap();
         drop(f);
         let mut src = FileSource::open(&p).unwrap();
-        let changes = src.changes(None).unwrap();
+        let changes = src.changes(None, None).unwrap();
         let plan = crate::plan::plan(&changes, src.size, 65536, None).unwrap();
         assert_eq!(plan.actions[3], BlockAction::Read);
         // a filesystem may report a larger data extent than written, but never miss one

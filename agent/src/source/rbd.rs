@@ -30,7 +30,7 @@ use tracing::{info, warn};
 
 use self::ahead::{covered_blocks, ReadAhead, READ_AHEAD_THREADS};
 use self::patch::{plan_patches, Patcher};
-use super::{BlockRead, ImageSource, Job, Outcome, Parent, Source};
+use super::{BlockRead, ImageSource, Job, Outcome, Parent, Source, StoreAhead, StoredBlock};
 use crate::config::{self, Config, ImageConfig};
 use crate::error::BackupError;
 use crate::plan::{BlockAction, Changes, Extent, FullReason, Plan};
@@ -282,7 +282,15 @@ impl RbdSource {
     /// Meanwhile the trust check's samples are read from the objects the
     /// fast-diff reports unchanged (see [`early_samples`]), returned with
     /// the extents when they could be taken.
-    fn diff(&self, f: &Frozen, base: &str, whole_object: bool, parent: &Parent) -> Result<(Vec<Extent>, Option<Vec<(usize, Option<ChunkId>)>>)> {
+    #[allow(clippy::type_complexity)]
+    fn diff(
+        &self,
+        f: &Frozen,
+        base: &str,
+        whole_object: bool,
+        parent: &Parent,
+        ahead: Option<&StoreAhead<'_>>,
+    ) -> Result<(Vec<Extent>, Option<Vec<(usize, Option<ChunkId>)>>)> {
         if whole_object || !f.fast_diff_ok || self.features & rbd::FEATURE_FAST_DIFF == 0 {
             return Ok((diff_range(&f.image, base, 0, f.size, whole_object)?, None));
         }
@@ -292,15 +300,18 @@ impl RbdSource {
         let next = AtomicUsize::new(0);
         let geometry = (f.size, self.block_size);
         let changed = objects_of(&objects);
-        // blocks the diff finds changed whole are read meanwhile (see `ahead`)
+        // blocks the diff finds changed whole are read and stored meanwhile (see `ahead`)
         let (todo_tx, todo) = crossbeam_channel::unbounded::<(u64, usize)>();
+        let todo_tx = ahead.map(|_| todo_tx);
         let diffing_done = AtomicBool::new(false);
         let bs = u64::from(self.block_size.max(1));
         let samples = std::thread::scope(|s| {
             let changed = &changed;
             let samples = self.hasher.as_ref().map(|h| s.spawn(move || early_samples(&f.image, h, geometry, changed, parent)));
-            for _ in 0..READ_AHEAD_THREADS.min(pieces.len()) {
-                s.spawn(|| f.ahead.read_from(&f.image, &todo, &diffing_done));
+            if let Some(to) = ahead {
+                for _ in 0..READ_AHEAD_THREADS.min(pieces.len()) {
+                    s.spawn(|| f.ahead.read_from(&f.image, to, &todo, &diffing_done));
+                }
             }
             let (next, results, pieces) = (&next, &results, &pieces);
             let diffing: Vec<_> = (0..DIFF_THREADS.min(pieces.len()))
@@ -310,9 +321,9 @@ impl RbdSource {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(&(off, len)) = pieces.get(i) else { break };
                         let r = diff_range(&f.image, base, off, len, false);
-                        if let Ok(extents) = &r {
+                        if let (Ok(extents), Some(tx)) = (&r, &todo_tx) {
                             for b in covered_blocks(extents, bs, f.size) {
-                                let _ = todo_tx.send(b);
+                                let _ = tx.send(b);
                             }
                         }
                         let failed = r.is_err();
@@ -330,7 +341,7 @@ impl RbdSource {
                 // a panic surfaces as the piece it left empty, below
                 let _ = d.join();
             }
-            // the pipeline reads the rest; each read ahead in flight ends first
+            // the pipeline reads the rest; each block in flight ends first
             diffing_done.store(true, Ordering::Relaxed);
             samples.map(|t| t.join().map_err(|_| anyhow::anyhow!("the trust check's sample thread panicked")))
         });
@@ -345,6 +356,9 @@ impl RbdSource {
             }
         }
         anyhow::ensure!(!skipped, "internal: a piece of the exact diff was skipped without an error");
+        if let Some(e) = f.ahead.take_error() {
+            return Err(e);
+        }
         tracing::debug!(objects = objects.len(), pieces = pieces.len(), extents = extents.len(), "exact diff of the objects fast-diff reports changed");
         let samples = match samples.transpose()?.transpose() {
             Ok(s) => s,
@@ -406,7 +420,7 @@ impl Source for RbdSource {
         Ok(size)
     }
 
-    fn changes(&mut self, since: Option<&Parent>) -> Result<Changes> {
+    fn changes(&mut self, since: Option<&Parent>, ahead: Option<&StoreAhead<'_>>) -> Result<Changes> {
         self.base = None;
         self.exact = None;
         self.clone_base = false;
@@ -443,7 +457,7 @@ impl Source for RbdSource {
             return full(FullReason::MapInvalid);
         }
         let whole_object = f.fast_diff_ok && block_size as u64 >= self.object_size;
-        let (extents, samples) = self.diff(f, &base, whole_object, parent)?;
+        let (extents, samples) = self.diff(f, &base, whole_object, parent, ahead)?;
         self.samples = samples;
         self.base = Some(base);
         if !whole_object {
@@ -519,7 +533,7 @@ impl Source for RbdSource {
         if let Some(f) = &self.frozen {
             let (read, taken) = f.ahead.counts();
             if read > 0 {
-                tracing::debug!(read, taken, "blocks read ahead, and taken by the pipeline");
+                tracing::debug!(read, taken, "blocks read and stored during the diff, and taken by the pipeline");
             }
         }
         if self.fixed.is_some() {
@@ -584,12 +598,11 @@ impl ImageSource for RbdReader<'_> {
                 return Ok(BlockRead::Patched { source_bytes });
             }
         }
-        if let Some(data) = self.ahead.take(offset, buf.len()) {
-            buf.copy_from_slice(&data);
-            return Ok(BlockRead::Whole);
-        }
         self.read_at(offset, buf)?;
         Ok(BlockRead::Whole)
+    }
+    fn take_stored(&self) -> Vec<StoredBlock> {
+        self.ahead.take_all()
     }
 }
 

@@ -1,18 +1,26 @@
-//! Blocks of an RBD incremental read while the exact diff still runs.
+//! Blocks of an RBD incremental read, hashed and stored while the exact
+//! diff still runs.
 //!
 //! The exact diff of the objects fast-diff reports changed costs one round
-//! trip per object (200-300 ms for 730 objects of a 4 GiB image here), and
+//! trip per object (200-400 ms for 750 objects of a 4 GiB image here), and
 //! the pipeline cannot start before the plan, which needs the whole diff.
-//! Meanwhile the cluster link and the CPU are mostly idle. So each piece of
+//! Meanwhile the cluster link and the CPU are partly idle. So each piece of
 //! the diff, once known, hands the blocks its changed extents cover whole
-//! to a few reader threads, which read them from the snapshot into memory,
-//! up to a budget; the pipeline's readers then take them from here instead
-//! of the cluster.
+//! to a few threads, which read each from the snapshot and do what the
+//! pipeline would do with it ([`crate::pipeline::store_block`]: zero check,
+//! chunk id, compression, the chunk's write), keeping only the outcome; the
+//! pipeline then takes those blocks as done ([`ReadAhead::take_all`]).
+//! The threads also make the staged chunks durable early, as the
+//! pipeline's flusher does, so the commit's sync finds little left.
 //!
-//! Correctness does not rest on the diff: a block read ahead holds what
+//! Correctness does not rest on the diff: a block stored ahead holds what
 //! the frozen snapshot holds at that offset, whatever the plan later does
 //! with it. A block the plan does not read (a trust check that fails,
-//! a patched block) is simply never taken and is freed with the snapshot.
+//! a patched block) is simply never taken; its chunk, if new, is
+//! referenced by nothing and goes at the next GC, or with the staged
+//! chunks of a backup that fails. A read that fails is left for the
+//! pipeline to read again and report; a store write that fails fails the
+//! diff, and so the backup, with that error (the store is poisoned).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,34 +31,35 @@ use tracing::debug;
 
 use crate::plan::{Extent, ExtentKind};
 use crate::rbd::Image;
+use crate::source::{BlockOutcome, StoreAhead, StoredBlock};
 
-/// Bytes read ahead at most, per backup.
-pub const READ_AHEAD_BYTES: u64 = 64 << 20;
-/// Reads in flight while the diff runs.
+/// Threads reading (and storing) while the diff runs: reads in flight.
 pub const READ_AHEAD_THREADS: usize = 8;
+/// Staged bytes at which a thread makes the new chunks durable and visible
+/// (the pipeline's early-sync threshold).
+const EARLY_SYNC_BYTES: u64 = 8 << 20;
 
-/// Blocks read from the frozen snapshot, by offset.
+/// Blocks of the frozen snapshot stored during the diff, by offset.
 #[derive(Default)]
 pub struct ReadAhead {
-    blocks: Mutex<HashMap<u64, Vec<u8>>>,
-    /// Bytes read ahead so far (taken or not).
+    blocks: Mutex<HashMap<u64, (usize, BlockOutcome)>>,
+    /// Bytes read ahead so far.
     read: AtomicU64,
     /// Bytes handed to the pipeline.
     taken: AtomicU64,
+    /// The first store error, which ends the backup.
+    failed: Mutex<Option<anyhow::Error>>,
+    /// One early sync at a time.
+    syncing: AtomicBool,
 }
 
 impl ReadAhead {
-    /// The block at `off` of `len` bytes, if it was read ahead; removed.
-    pub fn take(&self, off: u64, len: usize) -> Option<Vec<u8>> {
-        let mut blocks = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
-        match blocks.get(&off) {
-            Some(v) if v.len() == len => {
-                let v = blocks.remove(&off);
-                self.taken.fetch_add(len as u64, Ordering::Relaxed);
-                v
-            }
-            _ => None,
-        }
+    /// Every block stored so far; removed.
+    pub fn take_all(&self) -> Vec<StoredBlock> {
+        let blocks = std::mem::take(&mut *self.blocks.lock().unwrap_or_else(|p| p.into_inner()));
+        let out: Vec<StoredBlock> = blocks.into_iter().map(|(offset, (len, outcome))| StoredBlock { offset, len, outcome }).collect();
+        self.taken.fetch_add(out.iter().map(|b| b.len as u64).sum(), Ordering::Relaxed);
+        out
     }
 
     /// Bytes read ahead, and of those handed to the pipeline.
@@ -58,32 +67,49 @@ impl ReadAhead {
         (self.read.load(Ordering::Relaxed), self.taken.load(Ordering::Relaxed))
     }
 
-    /// Takes `len` bytes of the budget; false once it is spent.
-    fn reserve(&self, len: u64) -> bool {
-        self.read
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| (r + len <= READ_AHEAD_BYTES).then_some(r + len))
-            .is_ok()
+    /// The first store error of a thread, if any (taken).
+    pub fn take_error(&self) -> Option<anyhow::Error> {
+        self.failed.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
-    /// Reads the blocks `(offset, length)` that arrive on `todo` from `image`
-    /// until `stop` is set or `todo` closes. A failed read is left to the
-    /// pipeline, which reads the block again and reports the error there.
-    pub fn read_from(&self, image: &Image, todo: &Receiver<(u64, usize)>, stop: &AtomicBool) {
+    /// Reads the blocks `(offset, length)` that arrive on `todo` from
+    /// `image` and stores them in `to`, until `stop` is set, `todo` closes
+    /// or a store write fails (then every thread stops).
+    pub fn read_from(&self, image: &Image, to: &StoreAhead<'_>, todo: &Receiver<(u64, usize)>, stop: &AtomicBool) {
+        let mut compressor = (to.compression_level != 0).then(|| zstd::bulk::Compressor::new(to.compression_level).expect("valid zstd level"));
+        let mut buf = Vec::new();
         while let Ok((off, len)) = todo.recv() {
-            if stop.load(Ordering::Relaxed) || !self.reserve(len as u64) {
+            if stop.load(Ordering::Relaxed) {
                 break;
             }
-            let mut buf = vec![0; len];
-            match image.read_at(off, &mut buf) {
-                Ok(()) => {
-                    self.blocks.lock().unwrap_or_else(|p| p.into_inner()).insert(off, buf);
-                }
-                Err(e) => {
-                    self.read.fetch_sub(len as u64, Ordering::Relaxed);
-                    debug!(offset = off, error = %e, "a read ahead failed; the pipeline reads the block");
-                }
+            buf.resize(len, 0);
+            if let Err(e) = image.read_at(off, &mut buf) {
+                debug!(offset = off, error = %e, "a read ahead failed; the pipeline reads the block");
+                continue;
+            }
+            self.read.fetch_add(len as u64, Ordering::Relaxed);
+            let stored = crate::pipeline::store_block(to.store, to.compression_level, compressor.as_mut(), &buf).and_then(|outcome| {
+                self.blocks.lock().unwrap_or_else(|p| p.into_inner()).insert(off, (len, outcome));
+                self.sync_early(to)
+            });
+            if let Err(e) = stored {
+                let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+                failed.get_or_insert(e.context(format!("storing the block at offset {off} read during the diff")));
+                stop.store(true, Ordering::Relaxed);
+                break;
             }
         }
+    }
+
+    /// Makes the staged chunks durable and visible once they reach
+    /// [`EARLY_SYNC_BYTES`], in one thread at a time (the others go on).
+    fn sync_early(&self, to: &StoreAhead<'_>) -> anyhow::Result<()> {
+        if to.store.staged_bytes() < EARLY_SYNC_BYTES || self.syncing.swap(true, Ordering::Acquire) {
+            return Ok(());
+        }
+        let r = to.store.sync_early();
+        self.syncing.store(false, Ordering::Release);
+        Ok(r.map_err(|e| anyhow::Error::new(e).context(format!("making new chunks durable in store {}", to.store.root().display())))?)
     }
 }
 
@@ -152,15 +178,15 @@ mod tests {
     }
 
     #[test]
-    fn the_budget_bounds_what_is_read_and_take_removes() {
+    fn take_all_hands_each_block_out_once() {
         let ra = ReadAhead::default();
-        assert!(ra.reserve(READ_AHEAD_BYTES - 10));
-        assert!(!ra.reserve(11));
-        assert!(ra.reserve(10));
-        ra.blocks.lock().unwrap().insert(0, vec![7; 4]);
-        assert_eq!(ra.take(0, 5), None, "a length that differs is not served");
-        assert_eq!(ra.take(0, 4), Some(vec![7; 4]));
-        assert_eq!(ra.take(0, 4), None);
-        assert_eq!(ra.counts(), (READ_AHEAD_BYTES, 4));
+        let id = blockvault_store::ChunkId([7; 32]);
+        ra.blocks.lock().unwrap().insert(0, (4, BlockOutcome::Dedup(id)));
+        ra.blocks.lock().unwrap().insert(65536, (4, BlockOutcome::Zero));
+        let mut got = ra.take_all();
+        got.sort_by_key(|b| b.offset);
+        assert_eq!(got, vec![StoredBlock { offset: 0, len: 4, outcome: BlockOutcome::Dedup(id) }, StoredBlock { offset: 65536, len: 4, outcome: BlockOutcome::Zero }]);
+        assert_eq!(ra.take_all(), vec![]);
+        assert_eq!(ra.counts(), (0, 8));
     }
 }
