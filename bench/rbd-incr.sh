@@ -9,7 +9,9 @@
 # Needs CEPH_CONF (tests/ceph/start-cluster.sh DIR) and BV (the blockvault binary,
 # default target/release/blockvault); BVS="old=PATH new=PATH" runs several
 # binaries instead, each into its own stores, one after the other in every
-# repetition (steps old-SIZE, new-SIZE). Prints wall seconds and MiB read from the OSD
+# repetition (steps old-SIZE, new-SIZE); an entry NAME=PATH@DIR keeps that
+# step's store and catalog under DIR (e.g. /dev/shm: a tmpfs, to see what
+# writing the chunks to this machine's disk costs). Prints wall seconds and MiB read from the OSD
 # (osd.op_r_out_bytes of `ceph daemon osd.0 perf dump`) per step and repetition.
 # Rep 0 is each block size's first (full) backup; rep REPS+1 (rst-SIZE) restores
 # its last backup to a file after dropping the page cache (root; RESTORE=0 skips it).
@@ -19,7 +21,8 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 BV=${BV:-$HERE/../target/release/blockvault}
 W=$(mktemp -d /var/tmp/bv-rbdincr.XXXXXX)
 IMG=bvincr-$$
-cleanup() { rbd snap purge rbd/$IMG >/dev/null 2>&1 || true; rbd rm --no-progress rbd/$IMG >/dev/null 2>&1 || true; rm -rf "$W"; }
+ELSEWHERE=() # store directories outside $W
+cleanup() { rbd snap purge rbd/$IMG >/dev/null 2>&1 || true; rbd rm --no-progress rbd/$IMG >/dev/null 2>&1 || true; rm -rf "$W" "${ELSEWHERE[@]}"; }
 trap cleanup EXIT
 osd_read() { ceph daemon osd.0 perf dump | python3 -c 'import json,sys; print(json.load(sys.stdin)["osd"]["op_r_out_bytes"])'; }
 F="--image-feature layering,exclusive-lock,object-map,fast-diff"
@@ -36,9 +39,10 @@ step() { # name command...
 }
 rep=0 # the first (full) backups
 for nb in $BVS; do for bs in $BLOCK_SIZES; do
-  n=${nb%%=*}; b=${nb#*=}; mkdir -p "$W/$n-$bs"
+  n=${nb%%=*}; b=${nb#*=}; mkdir -p "$W/$n-$bs"; at=$W
+  if [[ $b == *@* ]]; then at=${b#*@}/bvincr-$$; b=${b%%@*}; mkdir -p "$at/$n-$bs"; ELSEWHERE+=("$at"); fi
   printf '[store]\npath = "%s/%s/store"\n[catalog]\npath = "%s/%s/cat.sqlite"\n[[image]]\nname = "d"\nsource = "rbd:rbd/%s"\nblock-size = "%s"\n' \
-    "$W" "$n-$bs" "$W" "$n-$bs" "$IMG" "$bs" > "$W/$n-$bs/c.toml"
+    "$at" "$n-$bs" "$at" "$n-$bs" "$IMG" "$bs" > "$W/$n-$bs/c.toml"
   "$b" --config "$W/$n-$bs/c.toml" -q init >/dev/null
   step "$n-$bs" "$b" --config "$W/$n-$bs/c.toml" -q --no-progress backup d
 done; done
@@ -54,7 +58,7 @@ im.flush(); im.close(); io.close(); c.shutdown()"
   step script bash -c "rbd snap create rbd/$IMG@s$rep && rbd export-diff --no-progress --from-snap s$p rbd/$IMG@s$rep - > /dev/null && rbd snap rm --no-progress rbd/$IMG@s$p"
   order=$BVS; (( rep % 2 == 0 )) && order=$(printf '%s\n' $BVS | tac | tr '\n' ' ') # alternated: no binary always follows the script
   for nb in $order; do for bs in $BLOCK_SIZES; do
-    n=${nb%%=*}; b=${nb#*=}; step "$n-$bs" "$b" --config "$W/$n-$bs/c.toml" -q --no-progress backup d
+    n=${nb%%=*}; b=${nb#*=}; b=${b%%@*}; step "$n-$bs" "$b" --config "$W/$n-$bs/c.toml" -q --no-progress backup d
   done; done
   step zstd bash -c "rbd snap create rbd/$IMG@z$rep && rbd export-diff --no-progress --from-snap z$p rbd/$IMG@z$rep - | zstd -1 -q > $W/diff.zst && rbd snap rm --no-progress rbd/$IMG@z$p"
 done
@@ -62,7 +66,7 @@ done
 rep=$((REPS + 1))
 [[ ${RESTORE:-1} == 0 ]] && BLOCK_SIZES=
 for nb in $BVS; do for bs in $BLOCK_SIZES; do
-  n=${nb%%=*}; b=${nb#*=}
+  n=${nb%%=*}; b=${nb#*=}; b=${b%%@*}
   sync; echo 3 > /proc/sys/vm/drop_caches
   step "rst-$n-$bs" "$b" --config "$W/$n-$bs/c.toml" -q --no-progress restore d --to "$W/restored.img" --force
   rm -f "$W/restored.img"
