@@ -190,3 +190,34 @@ pub fn assert_restored_round(out: &Path, refs: &std::collections::BTreeMap<u64, 
     assert_same(reference, out);
     fs::remove_file(out).unwrap();
 }
+
+/// A mount made for a test, unmounted when dropped (even when the test
+/// fails), so no test leaves a mount behind.
+pub struct Mount(PathBuf);
+
+impl Mount {
+    pub fn run(args: &[&str]) {
+        let o = Command::new("mount").args(args).output().unwrap();
+        assert!(o.status.success(), "mount {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    /// `src` seen read-only at `at` (a read-only bind mount).
+    pub fn read_only_bind(src: &Path, at: &Path) -> Mount {
+        fs::create_dir_all(at).unwrap();
+        Mount::run(&["--bind", src.to_str().unwrap(), at.to_str().unwrap()]);
+        let m = Mount(at.to_path_buf());
+        Mount::run(&["-o", "remount,bind,ro", at.to_str().unwrap()]);
+        m
+    }
+    /// A tmpfs of `size` at `at`.
+    pub fn tmpfs(at: &Path, size: &str) -> Mount {
+        fs::create_dir_all(at).unwrap();
+        Mount::run(&["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", at.to_str().unwrap()]);
+        Mount(at.to_path_buf())
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}

@@ -20,6 +20,7 @@ mod prune;
 mod rados_store;
 mod qcow2;
 mod rbd;
+mod rbd_ahead;
 mod rbd_scattered;
 mod restore_image;
 mod roundtrip;
