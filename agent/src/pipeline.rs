@@ -46,7 +46,7 @@ const WRITE_QUEUE_PER_WORKER: usize = 2;
 /// the sync before the commit then waits for the last few only. On the
 /// test machine's disk the commit of a 40 MiB incremental waited 66 ms
 /// for its syncfs and 26 ms for its renames, all after the last read.
-const EARLY_SYNC_BYTES: u64 = 8 << 20;
+pub(crate) const EARLY_SYNC_BYTES: u64 = 8 << 20;
 
 #[derive(Clone, Debug)]
 pub struct PipelineOptions {
@@ -300,7 +300,8 @@ pub fn run(
             let init = move || (level != 0).then(|| zstd::bulk::Compressor::new(level).expect("valid zstd level"));
             WorkerPool::spawn(s, &stop, "hash", workers, workers * WORK_QUEUE_PER_WORKER, init, move |compressor, w: Work| {
                 let Work { block, buf, read } = w;
-                match process(store, known, claimed, level, compressor.as_mut(), block, &buf.data)? {
+                let skip = |id: &ChunkId| known.contains(id) || !claimed.lock().unwrap().insert(*id);
+                match process(store, level, compressor.as_mut(), &buf.data, skip).with_context(|| format!("block {block}"))? {
                     Step::Write(enc) => {
                         drop(buf);
                         let _ = to_writer.send(Write { block, read, enc });
@@ -450,26 +451,27 @@ enum Step {
     Write(ReadyChunk),
 }
 
+/// The zero check, the chunk id, then, unless `skip` (an id known or
+/// claimed already) or the store has the chunk, compression at `level`.
 fn process(
     store: &Store,
-    known: &KnownChunks,
-    claimed: &Mutex<HashSet<ChunkId>>,
     level: i32,
     compressor: Option<&mut zstd::bulk::Compressor<'static>>,
-    block: usize,
     buf: &[u8],
+    skip: impl FnOnce(&ChunkId) -> bool,
 ) -> Result<Step> {
     if chunk::is_zero(buf) {
         return Ok(Step::Report(Outcome::Zero));
     }
     let id = store.chunk_id(buf);
-    if known.contains(&id) || !claimed.lock().unwrap().insert(id) {
+    if skip(&id) {
         return Ok(Step::Report(Outcome::Dedup(id)));
     }
+    // looked up first: some backends count a put of a chunk they have as written
     if store.has_chunk(&id).with_context(|| format!("looking up chunk {id}"))? {
         return Ok(Step::Report(Outcome::Dedup(id)));
     }
-    let enc = chunk::encode(buf, id, level, compressor).with_context(|| format!("encoding block {block}"))?;
+    let enc = chunk::encode(buf, id, level, compressor).context("encoding the block")?;
     // sealed here, on this worker, not in the single writer thread
     Ok(Step::Write(store.prepare_chunk(enc)))
 }
@@ -484,23 +486,17 @@ fn process(
 /// The store's write error (the store is then poisoned, as after a failed
 /// write in the pipeline).
 pub fn store_block(store: &Store, level: i32, compressor: Option<&mut zstd::bulk::Compressor<'static>>, buf: &[u8]) -> Result<BlockOutcome> {
-    if chunk::is_zero(buf) {
-        return Ok(Outcome::Zero);
-    }
-    let id = store.chunk_id(buf);
-    // looked up first, as the pipeline does: some backends count a put of
-    // a chunk they have as written
-    if store.has_chunk(&id).with_context(|| format!("looking up chunk {id}"))? {
-        return Ok(Outcome::Dedup(id));
-    }
-    let enc = store.prepare_chunk(chunk::encode(buf, id, level, compressor).context("encoding a block")?);
+    let enc = match process(store, level, compressor, buf, |_| false)? {
+        Step::Report(outcome) => return Ok(outcome),
+        Step::Write(enc) => enc,
+    };
     let written = store
         .put_ready_chunk(&enc)
-        .with_context(|| format!("writing chunk {id} to store {}", store.root().display()))?;
+        .with_context(|| format!("writing chunk {} to store {}", enc.id, store.root().display()))?;
     Ok(if written {
-        Outcome::New { id, stored: enc.encoded_len as u64, plain: enc.plain_len as u64 }
+        Outcome::New { id: enc.id, stored: enc.encoded_len as u64, plain: enc.plain_len as u64 }
     } else {
-        Outcome::Dedup(id)
+        Outcome::Dedup(enc.id)
     })
 }
 

@@ -29,15 +29,13 @@ use std::sync::Mutex;
 use crossbeam_channel::Receiver;
 use tracing::debug;
 
+use crate::pipeline::EARLY_SYNC_BYTES;
 use crate::plan::{Extent, ExtentKind};
 use crate::rbd::Image;
 use crate::source::{BlockOutcome, StoreAhead, StoredBlock};
 
 /// Threads reading (and storing) while the diff runs: reads in flight.
 pub const READ_AHEAD_THREADS: usize = 8;
-/// Staged bytes at which a thread makes the new chunks durable and visible
-/// (the pipeline's early-sync threshold).
-const EARLY_SYNC_BYTES: u64 = 8 << 20;
 
 /// Blocks of the frozen snapshot stored during the diff, by offset.
 #[derive(Default)]
@@ -102,14 +100,14 @@ impl ReadAhead {
     }
 
     /// Makes the staged chunks durable and visible once they reach
-    /// [`EARLY_SYNC_BYTES`], in one thread at a time (the others go on).
+    /// the pipeline's [`EARLY_SYNC_BYTES`], in one thread at a time (the others go on).
     fn sync_early(&self, to: &StoreAhead<'_>) -> anyhow::Result<()> {
         if to.store.staged_bytes() < EARLY_SYNC_BYTES || self.syncing.swap(true, Ordering::Acquire) {
             return Ok(());
         }
         let r = to.store.sync_early();
         self.syncing.store(false, Ordering::Release);
-        Ok(r.map_err(|e| anyhow::Error::new(e).context(format!("making new chunks durable in store {}", to.store.root().display())))?)
+        r.map_err(|e| anyhow::Error::new(e).context(format!("making new chunks durable in store {}", to.store.root().display())))
     }
 }
 
